@@ -1,0 +1,225 @@
+"""Configuration: frozen keyword-only dataclasses and named presets.
+
+Every field maps 1:1 onto a JSON key, so a config file is just ``asdict`` of the dataclass.
+Unknown keys are refused by name rather than silently ignored, because a typo in a table
+config silently changes nothing but the user's expectations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+__all__ = [
+    "EngramConfig",
+    "PRESETS",
+    "preset",
+    "tiny",
+    "demo",
+    "reference_demo",
+    "paper_27b",
+    "table_100b",
+]
+
+# numpy.random.default_rng accepts seeds up to this (and the reference adds 10007 * layer).
+_MAX_SEED = 2**63 - 1
+
+
+def _field_error(cls_name: str, name: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"{cls_name}.{name}={value!r}: expected {expected}")
+
+
+def _int_tuple(cls_name: str, name: str, value: Any) -> tuple[int, ...]:
+    """Accept a list/tuple of ints (JSON gives lists); refuse bools, floats and strings."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise _field_error(cls_name, name, value, "a list of integers")
+    out = tuple(value)
+    for v in out:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise _field_error(cls_name, name, value, "a list of integers")
+    return out
+
+
+def _check_int(cls_name: str, name: str, value: Any, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _field_error(cls_name, name, value, "an integer")
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise _field_error(cls_name, name, value, f"an integer {bound}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngramConfig:
+    """The Engram memory: which n-grams are hashed, into how many rows, of what width.
+
+    Field names and defaults are those of the reference demo (``engram_demo_v1.py``), so a
+    table trained with the reference maps onto the same row ids here.
+    """
+
+    #: Table size per n-gram order (orders 2..N), per head: each head's table is the
+    #: smallest unused prime >= this number.
+    engram_vocab_size: tuple[int, ...] = (129280 * 5, 129280 * 5)
+    #: Largest n-gram order N; orders 2..N are hashed.
+    max_ngram_size: int = 3
+    #: Embedding width per n-gram order, split evenly over its heads.
+    n_embed_per_ngram: int = 512
+    #: Hash heads (and tables) per n-gram order.
+    n_head_per_ngram: int = 8
+    #: Transformer layers that carry an Engram module.
+    layer_ids: tuple[int, ...] = (1, 15)
+    #: Pad token id in the *original* tokenizer's id space (it is compressed like any id).
+    pad_id: int = 2
+    #: Seed of the per-layer hash multipliers.
+    seed: int = 0
+    #: Kernel of the causal ShortConv after the gated value.
+    kernel_size: int = 4
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        # Lists from JSON become tuples so the config stays hashable and immutable.
+        object.__setattr__(self, "engram_vocab_size",
+                           _int_tuple(name, "engram_vocab_size", self.engram_vocab_size))
+        object.__setattr__(self, "layer_ids", _int_tuple(name, "layer_ids", self.layer_ids))
+        _check_int(name, "max_ngram_size", self.max_ngram_size, 2, 16)
+        _check_int(name, "n_head_per_ngram", self.n_head_per_ngram, 1)
+        _check_int(name, "n_embed_per_ngram", self.n_embed_per_ngram, 1)
+        _check_int(name, "pad_id", self.pad_id, 0)
+        _check_int(name, "seed", self.seed, 0, _MAX_SEED - 10007 * 4096)
+        _check_int(name, "kernel_size", self.kernel_size, 1)
+        if len(self.engram_vocab_size) != self.max_ngram_size - 1:
+            raise _field_error(
+                name, "engram_vocab_size", list(self.engram_vocab_size),
+                f"one size per n-gram order 2..{self.max_ngram_size}, i.e. "
+                f"{self.max_ngram_size - 1} entries (max_ngram_size={self.max_ngram_size})")
+        for v in self.engram_vocab_size:
+            if v < 2 or v > 2**40:
+                raise _field_error(name, "engram_vocab_size", list(self.engram_vocab_size),
+                                   "sizes in [2, 2**40]")
+        if self.n_embed_per_ngram % self.n_head_per_ngram:
+            raise _field_error(
+                name, "n_embed_per_ngram", self.n_embed_per_ngram,
+                f"a multiple of n_head_per_ngram={self.n_head_per_ngram}")
+        if not self.layer_ids:
+            raise _field_error(name, "layer_ids", list(self.layer_ids), "at least one layer id")
+        if len(set(self.layer_ids)) != len(self.layer_ids) or min(self.layer_ids) < 0:
+            raise _field_error(name, "layer_ids", list(self.layer_ids),
+                               "distinct non-negative layer ids")
+        if max(self.layer_ids) > 4096:
+            raise _field_error(name, "layer_ids", list(self.layer_ids), "layer ids <= 4096")
+
+    # Derived shapes -------------------------------------------------------------------
+    @property
+    def orders(self) -> range:
+        """The hashed n-gram orders, 2..N."""
+        return range(2, self.max_ngram_size + 1)
+
+    @property
+    def heads_per_layer(self) -> int:
+        """Hash heads per Engram layer: (N-1) orders x K heads."""
+        return (self.max_ngram_size - 1) * self.n_head_per_ngram
+
+    @property
+    def row_dim(self) -> int:
+        """Width of one table row (one head's embedding)."""
+        return self.n_embed_per_ngram // self.n_head_per_ngram
+
+    @property
+    def memory_dim(self) -> int:
+        """Width of the concatenated memory vector per token per layer ("d_mem")."""
+        return self.heads_per_layer * self.row_dim
+
+    # JSON -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "EngramConfig":
+        return _from_dict(cls, data)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path) -> "EngramConfig":
+        """Load from a JSON file path, or from JSON text (anything starting with ``{`` or ``[``)."""
+        text = str(path_or_text)
+        if not text.lstrip().startswith(("{", "[")):
+            text = Path(path_or_text).read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cls.__name__}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+
+def _from_dict(cls: type, data: Mapping[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                         f"known keys are {', '.join(sorted(names))}")
+    return cls(**data)
+
+
+# Presets ------------------------------------------------------------------------------
+
+def reference_demo() -> EngramConfig:
+    """The reference demo's defaults (``engram_demo_v1.py``): 2 layers, orders 2-3, 8 heads."""
+    return EngramConfig()
+
+
+def tiny() -> EngramConfig:
+    """Small enough for unit tests: one thousand-ish rows per head, two layers."""
+    return EngramConfig(engram_vocab_size=(1000, 1000), max_ngram_size=3, n_embed_per_ngram=32,
+                        n_head_per_ngram=2, layer_ids=(1, 2), pad_id=0, seed=0, kernel_size=4)
+
+
+def demo() -> EngramConfig:
+    """The CPU demo: ~640k rows of 32 floats (~82 MB fp32) over two Engram layers."""
+    return EngramConfig(engram_vocab_size=(40_000, 40_000), max_ngram_size=3,
+                        n_embed_per_ngram=128, n_head_per_ngram=4, layer_ids=(1, 3),
+                        pad_id=0, seed=0, kernel_size=4)
+
+
+def paper_27b() -> EngramConfig:
+    """Engram-27B of the paper: vocab 2,262,400 per head, orders 2-3, 8 heads, d_mem 1280,
+    layers [2, 15] -- 5.79B table parameters (rows of 80)."""
+    return EngramConfig(engram_vocab_size=(2_262_400, 2_262_400), max_ngram_size=3,
+                        n_embed_per_ngram=640, n_head_per_ngram=8, layer_ids=(2, 15),
+                        pad_id=2, seed=0, kernel_size=4)
+
+
+def table_100b() -> EngramConfig:
+    """A 100B-parameter table for the offload benchmark (the paper's Table 4 size): the
+    Engram-27B geometry with 39,062,500 rows per head -- 32 heads x 39.06M rows x 80."""
+    return EngramConfig(engram_vocab_size=(39_062_500, 39_062_500), max_ngram_size=3,
+                        n_embed_per_ngram=640, n_head_per_ngram=8, layer_ids=(2, 15),
+                        pad_id=2, seed=0, kernel_size=4)
+
+
+PRESETS: Mapping[str, Callable[[], EngramConfig]] = types.MappingProxyType({
+    "tiny": tiny,
+    "demo": demo,
+    "reference_demo": reference_demo,
+    "paper_27b": paper_27b,
+    "table_100b": table_100b,
+})
+
+
+def preset(name: str) -> EngramConfig:
+    """Return the named preset (``tiny``, ``demo``, ``reference_demo``, ``paper_27b``,
+    ``table_100b``); a ``-`` in the name is accepted for ``_``."""
+    fn = PRESETS.get(name.replace("-", "_"))
+    if fn is None:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return fn()

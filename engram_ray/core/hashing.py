@@ -1,0 +1,209 @@
+"""N-gram hashing: compressed token ids -> per-head row ids, bit-exact with the reference.
+
+For each Engram layer, order n in 2..N and head h (shared/DESIGN.md, "Hashing"):
+
+    mix_n[b, t] = x[b, t]*m0 XOR x[b, t-1]*m1 XOR ... XOR x[b, t-n+1]*m(n-1)   (wrapping int64)
+    id[b, t, (n-2)*K + h] = mix_n[b, t] mod prime[layer][n][h]               (numpy's % on int64)
+
+with x left-padded by the compressed pad id, multipliers drawn from
+``default_rng(seed + 10007*layer)`` and primes found by walking layers, orders and heads in
+order, each the smallest prime above the previous start that no head has taken yet.
+
+The reference loops over heads with ``mix % p``. Here each head is ``mix - (mix // p) * p``
+into a preallocated output: numpy divides by a scalar with libdivide (multiply + shift), which
+is several times faster than its generic int64 ``%``, and gives the same floor-mod result.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from ..config import EngramConfig
+
+__all__ = ["NgramHasher", "head_primes", "layer_multipliers"]
+
+_PRIME_1 = 10007  # the reference's per-layer seed stride
+# Below this many tokens one broadcast % beats per-head calls (Python overhead dominates).
+_SMALL_BATCH_TOKENS = 2048
+
+
+def head_primes(config: EngramConfig) -> dict[int, tuple[tuple[int, ...], ...]]:
+    """Table size of every head: ``{layer_id: ((primes of order 2), (order 3), ...)}``.
+
+    Primes are unique across all layers, orders and heads, found in hashing order.
+    """
+    from sympy import nextprime  # imported here: sympy is slow to import and only needed once
+
+    seen: set[int] = set()
+    out: dict[int, tuple[tuple[int, ...], ...]] = {}
+    for layer_id in config.layer_ids:
+        per_order = []
+        for n in config.orders:
+            start = config.engram_vocab_size[n - 2] - 1
+            heads = []
+            for _ in range(config.n_head_per_ngram):
+                p = int(nextprime(start))  # smallest prime strictly greater than start
+                while p in seen:
+                    p = int(nextprime(p))
+                seen.add(p)
+                heads.append(p)
+                start = p
+            per_order.append(tuple(heads))
+        out[layer_id] = tuple(per_order)
+    return out
+
+
+def layer_multipliers(config: EngramConfig, compressed_vocab_size: int, layer_id: int) -> np.ndarray:
+    """The odd int64 multipliers ``[max_ngram_size]`` of one layer's hash."""
+    half_bound = max(1, (np.iinfo(np.int64).max // compressed_vocab_size) // 2)
+    rng = np.random.default_rng(int(config.seed + _PRIME_1 * int(layer_id)))
+    r = rng.integers(0, half_bound, size=(config.max_ngram_size,), dtype=np.int64)
+    return r * 2 + 1
+
+
+class NgramHasher:
+    """Hashes compressed token ids into per-head row ids for every Engram layer.
+
+    Stateless after construction (multipliers and primes are fixed), so one hasher may be
+    shared by threads; decoding state is the caller's ``history`` array.
+    """
+
+    def __init__(self, config: EngramConfig, compressed_vocab_size: int, compressed_pad_id: int):
+        if isinstance(compressed_vocab_size, bool) or not isinstance(compressed_vocab_size, (int, np.integer)) \
+                or compressed_vocab_size < 1:
+            raise ValueError(f"NgramHasher: compressed_vocab_size={compressed_vocab_size!r}: "
+                             "expected a positive integer")
+        if not 0 <= int(compressed_pad_id) < int(compressed_vocab_size):
+            raise ValueError(f"NgramHasher: compressed_pad_id={compressed_pad_id!r}: expected "
+                             f"an id in [0, {compressed_vocab_size})")
+        self.config = config
+        self.compressed_vocab_size = int(compressed_vocab_size)
+        self.compressed_pad_id = int(compressed_pad_id)
+        self._primes = head_primes(config)
+        self._multipliers = {layer: layer_multipliers(config, self.compressed_vocab_size, layer)
+                             for layer in config.layer_ids}
+        # [L, H] primes in output-column order, as Python ints for the scalar-divisor path.
+        self._primes_lh = np.array([[p for order in self._primes[layer] for p in order]
+                                    for layer in config.layer_ids], dtype=np.int64)
+
+    @classmethod
+    def from_vocab(cls, config: EngramConfig, vocab) -> "NgramHasher":
+        """Build from a :class:`~engram_ray.core.tokens.CompressedVocab`, compressing the pad id."""
+        return cls(config, vocab.size, vocab.compress_id(config.pad_id))
+
+    # Introspection ----------------------------------------------------------------------
+    @property
+    def layer_ids(self) -> tuple[int, ...]:
+        return self.config.layer_ids
+
+    @property
+    def num_heads(self) -> int:
+        """Output columns per layer: (N-1) orders x K heads."""
+        return self.config.heads_per_layer
+
+    @property
+    def history_len(self) -> int:
+        """Tokens of context a decoder must keep per sequence: N-1."""
+        return self.config.max_ngram_size - 1
+
+    def multipliers(self, layer_id: int) -> np.ndarray:
+        """The layer's odd multipliers, ``[max_ngram_size]`` int64 (a copy)."""
+        return self._multipliers[self._check_layer(layer_id)].copy()
+
+    def table_sizes(self, layer_id: int) -> list[list[int]]:
+        """The layer's head primes, one list per n-gram order."""
+        return [list(order) for order in self._primes[self._check_layer(layer_id)]]
+
+    def all_table_sizes(self) -> Mapping[int, tuple[tuple[int, ...], ...]]:
+        return dict(self._primes)
+
+    def _check_layer(self, layer_id: int) -> int:
+        if layer_id not in self._multipliers:
+            raise ValueError(f"NgramHasher: layer_id={layer_id} is not an Engram layer; "
+                             f"Engram layers are {list(self.config.layer_ids)}")
+        return layer_id
+
+    # Hashing ----------------------------------------------------------------------------
+    def hash(self, compressed_ids_bt: np.ndarray) -> dict[int, np.ndarray]:
+        """Row ids of every layer: ``{layer_id: int64 [B, T, (N-1)*K]}`` for ids ``[B, T]``."""
+        x = self._check_ids(compressed_ids_bt)
+        xp = np.empty((x.shape[0], self.history_len + x.shape[1]), dtype=np.int64)
+        xp[:, :self.history_len] = self.compressed_pad_id
+        xp[:, self.history_len:] = x
+        return self._split(self._hash_padded(xp))
+
+    def hash_stacked(self, compressed_ids_bt: np.ndarray) -> np.ndarray:
+        """Like :meth:`hash` but one array ``[L, B, T, (N-1)*K]`` in ``layer_ids`` order."""
+        x = self._check_ids(compressed_ids_bt)
+        xp = np.empty((x.shape[0], self.history_len + x.shape[1]), dtype=np.int64)
+        xp[:, :self.history_len] = self.compressed_pad_id
+        xp[:, self.history_len:] = x
+        return self._hash_padded(xp)
+
+    def new_history(self, batch_size: int) -> np.ndarray:
+        """Decoding state for ``batch_size`` empty sequences: ``[B, N-1]`` pad ids."""
+        return np.full((batch_size, self.history_len), self.compressed_pad_id, dtype=np.int64)
+
+    def hash_step(self, history_bn: np.ndarray, new_ids_bt: np.ndarray
+                  ) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """Hash newly decoded tokens given each sequence's last N-1 compressed ids.
+
+        Returns ``({layer_id: [B, T_new, H]}, new_history [B, N-1])``; the ids equal those of
+        hashing each whole sequence at once (tested), so decoding reads the same rows.
+        """
+        x = self._check_ids(new_ids_bt)
+        hist = np.asarray(history_bn)
+        if hist.shape != (x.shape[0], self.history_len):
+            raise ValueError(f"NgramHasher.hash_step: history shape {hist.shape}; expected "
+                             f"({x.shape[0]}, {self.history_len}) = (batch, max_ngram_size-1)")
+        xp = np.concatenate([hist.astype(np.int64, copy=False), x], axis=1)
+        return self._split(self._hash_padded(xp)), xp[:, -self.history_len:].copy()
+
+    def _split(self, ids_lbth: np.ndarray) -> dict[int, np.ndarray]:
+        return {layer: ids_lbth[i] for i, layer in enumerate(self.config.layer_ids)}
+
+    def _check_ids(self, ids) -> np.ndarray:
+        x = np.asarray(ids)
+        if x.ndim != 2:
+            raise ValueError(f"NgramHasher: compressed ids must be [batch, time], got shape {x.shape}")
+        if x.dtype.kind not in "iu":
+            raise ValueError(f"NgramHasher: compressed ids must be integers, got dtype {x.dtype}")
+        x = x.astype(np.int64, copy=False)
+        if x.size and x.max() >= self.compressed_vocab_size:
+            raise ValueError(
+                f"NgramHasher: id {int(x.max())} >= compressed vocabulary size "
+                f"{self.compressed_vocab_size}; pass ids through CompressedVocab first")
+        return x
+
+    def _hash_padded(self, xp: np.ndarray) -> np.ndarray:
+        """Hash positions ``N-1..`` of ``xp [B, N-1+T]``; returns ``[L, B, T, H]`` int64."""
+        n_hist = self.history_len
+        B, T = xp.shape[0], xp.shape[1] - n_hist
+        K = self.config.n_head_per_ngram
+        L = len(self.config.layer_ids)
+        # Computed head-major ([L, H, B, T]: each head's write is contiguous), then viewed as
+        # [L, B, T, H] and copied once at the end.
+        out = np.empty((L, self.num_heads, B, T), dtype=np.int64)
+        shifted = [xp[:, n_hist - k: n_hist - k + T] for k in range(n_hist + 1)]  # views
+        small = B * T < _SMALL_BATCH_TOKENS
+        tmp = np.empty((B, T), dtype=np.int64)
+        for li, layer in enumerate(self.config.layer_ids):
+            m = self._multipliers[layer]
+            mix = shifted[0] * m[0]
+            for n in self.config.orders:
+                k = n - 1
+                np.multiply(shifted[k], m[k], out=tmp)  # wraps in int64, as the reference
+                np.bitwise_xor(mix, tmp, out=mix)
+                cols = slice((n - 2) * K, (n - 1) * K)
+                primes = self._primes_lh[li, cols]
+                if small:
+                    np.remainder(mix[None], primes[:, None, None], out=out[li, cols])
+                    continue
+                for j, p in enumerate(primes.tolist()):
+                    q = out[li, cols.start + j]
+                    np.floor_divide(mix, p, out=q)   # libdivide: scalar divisor
+                    np.multiply(q, p, out=q)
+                    np.subtract(mix, q, out=q)       # floor-mod: 0 <= q < p, like numpy %
+        return np.ascontiguousarray(out.transpose(0, 2, 3, 1))

@@ -1,0 +1,76 @@
+import dataclasses
+import json
+
+import pytest
+
+from engram_ray import config as C
+from engram_ray.config import EngramConfig
+
+
+def test_defaults_are_the_reference_demo():
+    cfg = EngramConfig()
+    assert cfg.engram_vocab_size == (646400, 646400)
+    assert (cfg.max_ngram_size, cfg.n_embed_per_ngram, cfg.n_head_per_ngram) == (3, 512, 8)
+    assert (cfg.layer_ids, cfg.pad_id, cfg.seed, cfg.kernel_size) == ((1, 15), 2, 0, 4)
+
+
+def test_paper_27b_preset_geometry():
+    cfg = C.paper_27b()
+    assert cfg.engram_vocab_size == (2_262_400, 2_262_400)
+    assert list(cfg.orders) == [2, 3] and cfg.n_head_per_ngram == 8
+    assert cfg.memory_dim == 1280 and cfg.row_dim == 80
+    assert cfg.layer_ids == (2, 15)
+
+
+@pytest.mark.parametrize("name", sorted(C.PRESETS))
+def test_every_preset_builds_and_round_trips_json(name, tmp_path):
+    cfg = C.preset(name)
+    path = tmp_path / "cfg.json"
+    cfg.to_json(path)
+    assert EngramConfig.from_json(path) == cfg
+    assert EngramConfig.from_json(cfg.to_json()) == cfg
+    assert json.loads(path.read_text()) == cfg.to_dict()
+
+
+def test_preset_name_accepts_dashes_and_rejects_unknown():
+    assert C.preset("paper-27b") == C.paper_27b()
+    with pytest.raises(ValueError, match="unknown preset 'gpt5'.*paper_27b"):
+        C.preset("gpt5")
+
+
+def test_config_is_frozen_and_lists_become_tuples():
+    cfg = EngramConfig(layer_ids=[3, 4], engram_vocab_size=[11, 13])
+    assert cfg.layer_ids == (3, 4) and cfg.engram_vocab_size == (11, 13)
+    hash(cfg)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 3  # type: ignore[misc]
+
+
+def test_unknown_json_key_is_refused_by_name():
+    with pytest.raises(ValueError, match="unknown key.*'n_heads'"):
+        EngramConfig.from_dict({"n_heads": 4})
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        EngramConfig.from_json("[1, 2]")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        EngramConfig.from_json("{oops")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("max_ngram_size", 1, "max_ngram_size=1"),
+    ("max_ngram_size", 2.0, "max_ngram_size=2.0: expected an integer"),
+    ("n_head_per_ngram", 0, "n_head_per_ngram=0"),
+    ("n_embed_per_ngram", 30, "n_embed_per_ngram=30: expected a multiple of n_head_per_ngram=8"),
+    ("engram_vocab_size", [100], r"engram_vocab_size=\[100\]: expected one size per n-gram order"),
+    ("engram_vocab_size", [1, 5], "engram_vocab_size.*sizes in"),
+    ("engram_vocab_size", "12", "engram_vocab_size='12': expected a list of integers"),
+    ("layer_ids", [], r"layer_ids=\[\]"),
+    ("layer_ids", [1, 1], "distinct"),
+    ("layer_ids", [-1], "distinct non-negative"),
+    ("layer_ids", [True], "layer_ids"),
+    ("pad_id", -2, "pad_id=-2"),
+    ("seed", -1, "seed=-1"),
+    ("kernel_size", 0, "kernel_size=0"),
+])
+def test_bad_values_name_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        EngramConfig(**{field: value})
