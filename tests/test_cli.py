@@ -1,0 +1,74 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from engram_ray.cli import main
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("demo", "layout", "hash", "train", "serve", "plan", "status", "checkpoint", "bench"):
+        assert cmd in out
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "engram_ray.cli", "--version"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("engram-ray ")
+
+
+def test_layout_json_for_the_paper_preset(capsys):
+    assert main(["layout", "--preset", "paper_27b", "--shards", "4", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["fingerprint"].startswith("engram-")
+    assert 5.78e9 < info["params"] < 5.80e9
+    assert info["bytes"]["bfloat16"] == 2 * info["params"]
+    assert [s["rows"] for s in info["shards"]][-1][1] == info["rows"]
+    assert info["tokenizer"]["compressed"] == 32962
+
+
+def test_layout_text_is_readable(capsys):
+    assert main(["layout", "--preset", "table_100b"]) == 0
+    out = capsys.readouterr().out
+    assert "fingerprint   engram-" in out and "(100.00 B)" in out and "bfloat16" in out
+
+
+def test_layout_from_a_config_file_and_bad_keys(tmp_path, capsys):
+    from engram_ray import config as C
+    good = tmp_path / "c.json"
+    C.tiny().to_json(good)
+    assert main(["layout", "--config", str(good), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layers"] == [1, 2]
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"n_head": 3}')
+    assert main(["layout", "--config", str(bad)]) == 2
+    assert "unknown key(s) 'n_head'" in capsys.readouterr().err
+
+
+def test_hash_shows_row_ids(capsys):
+    assert main(["hash", "the cat sat on the mat", "--preset", "tiny", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == len(out["compressed_ids"]) == 6
+    assert set(out["row_ids"]) == {"1", "2"}
+    assert len(out["row_ids"]["1"][0]) == 4  # 2 orders x 2 heads
+    # "the" and " the" are different GPT-2 tokens but one compressed id, so one row set
+    assert out["tokens"][0] == "the" and out["tokens"][4] == "Ġthe"
+    assert out["token_ids"][0] != out["token_ids"][4]
+    assert out["compressed_ids"][0] == out["compressed_ids"][4]
+
+
+def test_coming_commands_say_so(capsys):
+    assert main(["serve"]) == 2
+    assert "not yet built (issue #3)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_runs_the_foundation(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "50,257 -> 32,962" in out and "M tokens/s" in out
