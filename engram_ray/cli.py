@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from . import __version__
 from .config import PRESETS, EngramConfig, preset
@@ -21,7 +21,6 @@ _COMING = {
     "plan": ("capacity planning: shards, memory nodes, GiB and bandwidth per worker", 6),
     "status": ("per-shard health, rows, RSS, QPS and latency of a running service", 7),
     "checkpoint": ("ask every shard of a running service to save its rows", 7),
-    "bench": ("benchmarks: offload overhead, lookup, latency-vs-size, hash", 5),
 }
 
 
@@ -114,7 +113,8 @@ def _cmd_hash(args: argparse.Namespace) -> int:
     print(f"{source}: {len(enc.ids)} tokens, fingerprint {layout.fingerprint}")
     for li, layer in enumerate(layout.layer_ids):
         print(f"layer {layer}: global row ids (orders 2..{cfg.max_ngram_size} x {cfg.n_head_per_ngram} heads)")
-        for t, (piece, tid, cid) in enumerate(zip(enc.tokens, enc.ids, comp[0].tolist())):
+        for t, (tid, cid) in enumerate(zip(enc.ids, comp[0].tolist())):
+            piece = tok.decode([tid])
             shown = " ".join(str(r) for r in rows[layer][t][: args.max_heads])
             more = " ..." if rows[layer].shape[1] > args.max_heads else ""
             print(f"  {piece!r:>14} {tid:>6} -> {cid:>6} | {shown}{more}")
@@ -159,6 +159,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_hash(args: argparse.Namespace) -> int:
+    from .bench import hash as bench_hash
+    from .bench.common import write_report
+
+    cfg, source = _engram_config(args)
+    report = bench_hash.run(cfg, repeats=args.repeats, progress=True)
+    report["source"] = source
+    write_report(report, args.out)
+    print(f"NgramHasher vs the reference's per-head loop ({source}, {report['layers']} layers x "
+          f"{report['heads_per_layer']} heads; median of {args.repeats}; {report['machine']['cpu']})")
+    print(f"  {'phase':<8} {'batch':>6} {'seq':>6} {'ours tok/s':>14} {'reference tok/s':>16} {'speedup':>8}")
+    for r in report["results"]:
+        print(f"  {r['phase']:<8} {r['batch']:>6} {r['seq_len']:>6} {r['ours_tokens_per_s']:>14,.0f} "
+              f"{r['reference_tokens_per_s']:>16,.0f} {r['speedup']:>7.2f}x")
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _cmd_coming(name: str, issue: int) -> Callable[[argparse.Namespace], int]:
     def run(_args: argparse.Namespace) -> int:
         print(f"engram-ray {name}: not yet built (issue #{issue}).", file=sys.stderr)
@@ -177,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="the main job: runs on a local Ray, no cluster needed",
+    p = sub.add_parser("demo", help="the main job, on one machine with no cluster (today: the "
+                                    "foundation; training through the service lands with issue #4)",
                        description="End-to-end demo on one machine.")
     p.add_argument("--tokenizer", default="gpt2", metavar="gpt2|PATH")
     p.add_argument("--corpus", default="stdlib", metavar="stdlib|shakespeare|PATH",
@@ -200,6 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_cmd_hash)
 
+    p = sub.add_parser("bench", help="benchmarks, JSON out (today: hash; offload, lookup and "
+                                     "latency-vs-size come with issue #5)",
+                       description="Benchmarks. Each writes JSON with --out.")
+    bsub = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    b = bsub.add_parser("hash", help="tokens/s of the n-gram hasher vs the reference's loop",
+                        description="Hashing throughput at prefill and decode shapes, "
+                                    "interleaved with the reference algorithm.")
+    _add_table_args(b, "paper_27b")
+    b.add_argument("--repeats", type=int, default=7, help="timed repetitions, median quoted (default: 7)")
+    b.add_argument("--out", metavar="FILE.json", help="write the report here")
+    b.set_defaults(func=_cmd_bench_hash)
+
     for name, (help_text, issue) in _COMING.items():
         p = sub.add_parser(name, help=f"{help_text} [coming: issue #{issue}]",
                            description=f"{help_text}. Not yet built (issue #{issue}).")
@@ -220,6 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"engram-ray {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into head & co.
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ with x left-padded by the compressed pad id, multipliers drawn from
 ``default_rng(seed + 10007*layer)`` and primes found by walking layers, orders and heads in
 order, each the smallest prime above the previous start that no head has taken yet.
 
-The reference loops over heads with ``mix % p``. Here each head is ``mix - (mix // p) * p``
-into a preallocated output: numpy divides by a scalar with libdivide (multiply + shift), which
-is several times faster than its generic int64 ``%``, and gives the same floor-mod result.
+The reference loops over heads with ``mix % p`` and stacks the heads (a copy). Here large
+inputs compute each head as ``mix - (mix // p) * p`` (numpy divides by a scalar with
+libdivide: multiply + shift) straight into head-major storage, and small decode batches take
+a few broadcast calls; the result is a strided view, never transposed or stacked.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from ..config import EngramConfig
 __all__ = ["NgramHasher", "head_primes", "layer_multipliers"]
 
 _PRIME_1 = 10007  # the reference's per-layer seed stride
-# Below this many tokens one broadcast % beats per-head calls (Python overhead dominates).
-_SMALL_BATCH_TOKENS = 2048
+# Below this many tokens a few broadcast calls (generic % at ~2.4 ns) beat ~100 per-head calls
+# (libdivide at ~1 ns, but ~1.5 us of overhead each): measured crossover ~3k tokens.
+_SMALL_BATCH_TOKENS = 3072
 
 
 def head_primes(config: EngramConfig) -> dict[int, tuple[tuple[int, ...], ...]]:
@@ -84,9 +86,10 @@ class NgramHasher:
         self._primes = head_primes(config)
         self._multipliers = {layer: layer_multipliers(config, self.compressed_vocab_size, layer)
                              for layer in config.layer_ids}
-        # [L, H] primes in output-column order, as Python ints for the scalar-divisor path.
+        # [L, H] primes in output-column order and [L, N] multipliers, in layer_ids order.
         self._primes_lh = np.array([[p for order in self._primes[layer] for p in order]
                                     for layer in config.layer_ids], dtype=np.int64)
+        self._mult_ln = np.stack([self._multipliers[layer] for layer in config.layer_ids])
 
     @classmethod
     def from_vocab(cls, config: EngramConfig, vocab) -> "NgramHasher":
@@ -178,32 +181,51 @@ class NgramHasher:
         return x
 
     def _hash_padded(self, xp: np.ndarray) -> np.ndarray:
-        """Hash positions ``N-1..`` of ``xp [B, N-1+T]``; returns ``[L, B, T, H]`` int64."""
+        """Hash positions ``N-1..`` of ``xp [B, N-1+T]``; returns ``[L, B, T, H]`` int64.
+
+        Computed head-major (``[L, H, B*T]``: each head's values contiguous, no transpose
+        pass) and returned as a strided ``[L, B, T, H]`` view of that storage: the values and
+        shape of the reference's ``np.stack(..., axis=2)`` without its copy.
+        """
         n_hist = self.history_len
         B, T = xp.shape[0], xp.shape[1] - n_hist
+        L, H = len(self.config.layer_ids), self.num_heads
+        # shifts[k] = the sequence shifted right by k (pad on the left), flat: [N, B*T]
+        shifts = np.stack([xp[:, n_hist - k: n_hist - k + T].reshape(-1) for k in range(n_hist + 1)])
+        if B * T < _SMALL_BATCH_TOKENS:
+            heads = self._hash_small(shifts)
+        else:
+            heads = self._hash_large(shifts)
+        return heads.reshape(L, H, B, T).transpose(0, 2, 3, 1)
+
+    def _hash_small(self, shifts: np.ndarray) -> np.ndarray:
+        """Few tokens (decoding): a handful of whole-array calls, as per-call overhead
+        dominates. ``mix`` of order n is the running XOR of the first n shifted products."""
+        N, K = self.config.max_ngram_size, self.config.n_head_per_ngram
+        prod = shifts[None, :, :] * self._mult_ln[:, :, None]           # [L, N, tokens], wraps
+        mix = np.empty((prod.shape[0], N - 1, prod.shape[2]), dtype=np.int64)  # [L, N-1, tokens]
+        np.bitwise_xor(prod[:, 0], prod[:, 1], out=mix[:, 0])
+        for k in range(2, N):  # (ufunc.accumulate along a middle axis is ~10x slower)
+            np.bitwise_xor(mix[:, k - 2], prod[:, k], out=mix[:, k - 1])
+        heads = np.remainder(mix[:, :, None, :], self._primes_lh.reshape(-1, N - 1, K, 1))
+        return heads.reshape(heads.shape[0], -1, shifts.shape[1])        # [L, H, tokens]
+
+    def _hash_large(self, shifts: np.ndarray) -> np.ndarray:
+        """Many tokens (prefill): per head ``mix - (mix // p) * p`` with a scalar divisor,
+        which numpy computes with libdivide (multiply + shift) at ~3x its generic ``%``."""
         K = self.config.n_head_per_ngram
-        L = len(self.config.layer_ids)
-        # Computed head-major ([L, H, B, T]: each head's write is contiguous), then viewed as
-        # [L, B, T, H] and copied once at the end.
-        out = np.empty((L, self.num_heads, B, T), dtype=np.int64)
-        shifted = [xp[:, n_hist - k: n_hist - k + T] for k in range(n_hist + 1)]  # views
-        small = B * T < _SMALL_BATCH_TOKENS
-        tmp = np.empty((B, T), dtype=np.int64)
-        for li, layer in enumerate(self.config.layer_ids):
-            m = self._multipliers[layer]
-            mix = shifted[0] * m[0]
+        n_tok = shifts.shape[1]
+        out = np.empty((len(self.config.layer_ids), self.num_heads, n_tok), dtype=np.int64)
+        mix = np.empty(n_tok, dtype=np.int64)
+        tmp = np.empty(n_tok, dtype=np.int64)
+        for li, (mults, primes) in enumerate(zip(self._mult_ln.tolist(), self._primes_lh.tolist())):
+            np.multiply(shifts[0], mults[0], out=mix)
             for n in self.config.orders:
-                k = n - 1
-                np.multiply(shifted[k], m[k], out=tmp)  # wraps in int64, as the reference
+                np.multiply(shifts[n - 1], mults[n - 1], out=tmp)  # wraps in int64, as the reference
                 np.bitwise_xor(mix, tmp, out=mix)
-                cols = slice((n - 2) * K, (n - 1) * K)
-                primes = self._primes_lh[li, cols]
-                if small:
-                    np.remainder(mix[None], primes[:, None, None], out=out[li, cols])
-                    continue
-                for j, p in enumerate(primes.tolist()):
-                    q = out[li, cols.start + j]
-                    np.floor_divide(mix, p, out=q)   # libdivide: scalar divisor
-                    np.multiply(q, p, out=q)
-                    np.subtract(mix, q, out=q)       # floor-mod: 0 <= q < p, like numpy %
-        return np.ascontiguousarray(out.transpose(0, 2, 3, 1))
+                for j in range((n - 2) * K, (n - 1) * K):
+                    q = out[li, j]
+                    np.floor_divide(mix, primes[j], out=q)
+                    np.multiply(q, primes[j], out=q)
+                    np.subtract(mix, q, out=q)                     # floor-mod: 0 <= q < p, like %
+        return out

@@ -130,7 +130,7 @@ def test_incremental_decoding_equals_hashing_the_whole_sequence(seed, cuts, n, b
     cfg = EngramConfig(engram_vocab_size=tuple([1000] * (n - 1)), max_ngram_size=n,
                        n_embed_per_ngram=4, n_head_per_ngram=2, layer_ids=(1, 2), pad_id=0)
     h = NgramHasher(cfg, 500, 7)
-    B = 80 if big else 2  # 80 x 30 tokens crosses the fast-path cutoff
+    B = 120 if big else 2  # 120 x 30 tokens crosses the small-batch cutoff
     x = np.random.default_rng(seed).integers(0, 500, size=(B, sum(cuts)))
     full = h.hash(x)
     hist = h.new_history(B)
