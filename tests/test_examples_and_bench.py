@@ -1,0 +1,38 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from engram_ray import config as C
+from engram_ray.bench import hash as bench_hash
+from engram_ray.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_example_runs_and_checks_itself():
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "hash_and_place.py"), "hello world"],
+                         capture_output=True, text=True, check=True)
+    assert "incremental decoding reads the same rows: yes" in out.stdout
+    assert "lookups per shard" in out.stdout
+
+
+def test_reference_loop_baseline_gives_the_same_ids():
+    from engram_ray.core.hashing import NgramHasher
+    import numpy as np
+    h = NgramHasher(C.tiny(), 500, 3)
+    x = np.random.default_rng(0).integers(0, 500, size=(3, 17))
+    got, want = h.hash(x), bench_hash.reference_loop(h, x)
+    assert all(np.array_equal(got[l], want[l]) for l in h.layer_ids)
+
+
+def test_bench_hash_writes_well_formed_json(tmp_path, capsys):
+    out = tmp_path / "hash.json"
+    assert main(["bench", "hash", "--preset", "tiny", "--repeats", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "hash" and report["statistic"] == "median"
+    assert report["machine"]["cores"] >= 1 and report["time_utc"]
+    assert {r["phase"] for r in report["results"]} == {"prefill", "decode"}
+    for r in report["results"]:
+        assert r["ours_tokens_per_s"] > 0 and r["reference_tokens_per_s"] > 0 and r["speedup"] > 0
+    assert "speedup" in capsys.readouterr().out
