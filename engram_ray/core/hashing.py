@@ -131,19 +131,13 @@ class NgramHasher:
     # Hashing ----------------------------------------------------------------------------
     def hash(self, compressed_ids_bt: np.ndarray) -> dict[int, np.ndarray]:
         """Row ids of every layer: ``{layer_id: int64 [B, T, (N-1)*K]}`` for ids ``[B, T]``."""
-        x = self._check_ids(compressed_ids_bt)
-        xp = np.empty((x.shape[0], self.history_len + x.shape[1]), dtype=np.int64)
-        xp[:, :self.history_len] = self.compressed_pad_id
-        xp[:, self.history_len:] = x
-        return self._split(self._hash_padded(xp))
+        return self._split(self.hash_stacked(compressed_ids_bt))
 
     def hash_stacked(self, compressed_ids_bt: np.ndarray) -> np.ndarray:
         """Like :meth:`hash` but one array ``[L, B, T, (N-1)*K]`` in ``layer_ids`` order."""
         x = self._check_ids(compressed_ids_bt)
-        xp = np.empty((x.shape[0], self.history_len + x.shape[1]), dtype=np.int64)
-        xp[:, :self.history_len] = self.compressed_pad_id
-        xp[:, self.history_len:] = x
-        return self._hash_padded(xp)
+        # A fresh sequence's history is N-1 pad ids: the reference's left padding.
+        return self._hash_padded(np.concatenate([self.new_history(x.shape[0]), x], axis=1))
 
     def new_history(self, batch_size: int) -> np.ndarray:
         """Decoding state for ``batch_size`` empty sequences: ``[B, N-1]`` pad ids."""
