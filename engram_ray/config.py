@@ -16,6 +16,8 @@ from typing import Any, Callable, Mapping
 
 __all__ = [
     "EngramConfig",
+    "OptimizerConfig",
+    "StoreConfig",
     "PRESETS",
     "preset",
     "tiny",
@@ -169,6 +171,77 @@ def _from_dict(cls: type, data: Mapping[str, Any]) -> Any:
         raise ValueError(f"{cls.__name__}: unknown key(s) {', '.join(map(repr, unknown))}; "
                          f"known keys are {', '.join(sorted(names))}")
     return cls(**data)
+
+
+_OPTIMIZERS = ("adam", "sgd", "none")
+_STORE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_float(cls_name: str, name: str, value: Any, lo: float, hi: float, *,
+                 lo_open: bool = False, hi_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _field_error(cls_name, name, value, "a number")
+    below = value <= lo if lo_open else value < lo
+    above = value >= hi if hi_open else value > hi
+    if below or above or value != value:
+        raise _field_error(cls_name, name, value,
+                           f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """The sparse optimiser the shards apply to pushed row gradients.
+
+    Adam without weight decay, with its own learning rate, as the paper trains Engram tables;
+    bias correction uses a step count *per row*, so how a batch is split over shards or
+    messages never changes the result.
+    """
+
+    kind: str = "adam"
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if self.kind not in _OPTIMIZERS:
+            raise _field_error(name, "kind", self.kind, f"one of {', '.join(_OPTIMIZERS)}")
+        _check_float(name, "lr", self.lr, 0.0, 1e3, lo_open=True)
+        _check_float(name, "beta1", self.beta1, 0.0, 1.0, hi_open=True)
+        _check_float(name, "beta2", self.beta2, 0.0, 1.0, hi_open=True)
+        _check_float(name, "eps", self.eps, 0.0, 1.0, lo_open=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreConfig:
+    """How shards hold rows: storage dtype, deterministic initialisation, optimiser."""
+
+    #: float32, bfloat16 (via ml_dtypes) or float16.
+    dtype: str = "float32"
+    #: Rows start as N(0, init_std^2); the reference's nn.Embedding uses 1.0.
+    init_std: float = 1.0
+    #: Seed of the row initialisation (a row's values depend only on this and its id).
+    init_seed: int = 0
+    optimizer: OptimizerConfig = OptimizerConfig()
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if isinstance(self.optimizer, Mapping):
+            object.__setattr__(self, "optimizer", _from_dict(OptimizerConfig, self.optimizer))
+        aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+        object.__setattr__(self, "dtype", aliases.get(self.dtype, self.dtype))
+        if self.dtype not in _STORE_DTYPES:
+            raise _field_error(name, "dtype", self.dtype, f"one of {', '.join(_STORE_DTYPES)}")
+        _check_float(name, "init_std", self.init_std, 0.0, 1e6)
+        _check_int(name, "init_seed", self.init_seed, 0, 2**63 - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "StoreConfig":
+        return _from_dict(cls, data)
 
 
 # Presets ------------------------------------------------------------------------------

@@ -1,0 +1,35 @@
+"""The project's exceptions. Bad input is a ``ValueError`` (so generic handlers catch it) and
+an ``EngramError`` (so callers can catch ours); messages name the value and what was expected."""
+
+from __future__ import annotations
+
+__all__ = ["EngramError", "InvalidRequest", "FingerprintMismatch", "RequestTooLarge",
+           "ShardUnavailable", "CheckpointError"]
+
+
+class EngramError(Exception):
+    """Base of engram_ray's errors."""
+
+
+class InvalidRequest(EngramError, ValueError):
+    """Ids outside a shard's range, wrong dtype or shape, truncated bytes, non-finite values."""
+
+
+class FingerprintMismatch(EngramError, ValueError):
+    """The request was hashed for another table layout than the one this shard serves."""
+
+
+class RequestTooLarge(EngramError, ValueError):
+    """A message above the configured size limit."""
+
+
+class CheckpointError(EngramError, ValueError):
+    """A checkpoint that is missing, incomplete, corrupt, or for another layout."""
+
+
+class ShardUnavailable(EngramError, ConnectionError):
+    """A shard did not answer within its timeout after all retries."""
+
+    def __init__(self, shard: int, address: str, cause: str):
+        super().__init__(f"shard {shard} at {address} is unavailable: {cause}")
+        self.shard, self.address, self.cause = shard, address, cause

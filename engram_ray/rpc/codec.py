@@ -1,0 +1,55 @@
+"""numpy arrays <-> ``engram.v1.Array``: raw little-endian bytes plus dtype and shape."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import InvalidRequest
+from ..store.rows import numpy_dtype
+from .generated import engram_pb2 as pb
+
+__all__ = ["encode", "decode", "wire_dtype", "WIRE_DTYPES"]
+
+WIRE_DTYPES = ("int64", "float32", "bfloat16", "float16")
+
+
+def wire_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a wire dtype name (little-endian)."""
+    if name == "int64":
+        return np.dtype("<i8")
+    return numpy_dtype(name).newbyteorder("<") if name != "bfloat16" else numpy_dtype(name)
+
+
+def encode(arr: np.ndarray, dtype: str | None = None) -> pb.Array:
+    """Wrap ``arr`` (converted to ``dtype`` if given) without copying more than once."""
+    name = dtype or (arr.dtype.name if arr.dtype.name in WIRE_DTYPES else None)
+    if name is None:
+        raise InvalidRequest(f"cannot send dtype {arr.dtype}; expected one of {', '.join(WIRE_DTYPES)}")
+    a = np.ascontiguousarray(arr, dtype=wire_dtype(name))
+    return pb.Array(dtype=name, shape=a.shape, data=a.tobytes())
+
+
+def decode(msg: pb.Array, *, what: str, dtypes: Sequence[str], ndim: int,
+           max_elements: int | None = None) -> np.ndarray:
+    """Validate and view ``msg`` as an array (read-only, no copy).
+
+    Raises :class:`InvalidRequest` naming ``what`` for an unexpected dtype or rank, negative
+    dims, or a byte length that does not match the shape (truncated or padded data).
+    """
+    if msg.dtype not in dtypes:
+        raise InvalidRequest(f"{what}: dtype {msg.dtype!r}; expected {' or '.join(dtypes)}")
+    shape = tuple(msg.shape)
+    if len(shape) != ndim:
+        raise InvalidRequest(f"{what}: shape {list(shape)} has {len(shape)} dims; expected {ndim}")
+    if any(d < 0 for d in shape):
+        raise InvalidRequest(f"{what}: shape {list(shape)} has a negative dimension")
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if max_elements is not None and n > max_elements:
+        raise InvalidRequest(f"{what}: {n} elements exceed the limit of {max_elements}")
+    dt = wire_dtype(msg.dtype)
+    if len(msg.data) != n * dt.itemsize:
+        raise InvalidRequest(f"{what}: {len(msg.data)} bytes for shape {list(shape)} of {msg.dtype}; "
+                             f"expected {n * dt.itemsize} (truncated or padded data)")
+    return np.frombuffer(msg.data, dtype=dt).reshape(shape)

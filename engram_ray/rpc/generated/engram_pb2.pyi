@@ -1,0 +1,109 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Array(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class LookupRequest(_message.Message):
+    __slots__ = ("fingerprint", "row_ids")
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ROW_IDS_FIELD_NUMBER: _ClassVar[int]
+    fingerprint: str
+    row_ids: Array
+    def __init__(self, fingerprint: _Optional[str] = ..., row_ids: _Optional[_Union[Array, _Mapping]] = ...) -> None: ...
+
+class LookupResponse(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: Array
+    def __init__(self, rows: _Optional[_Union[Array, _Mapping]] = ...) -> None: ...
+
+class ApplyGradientsRequest(_message.Message):
+    __slots__ = ("fingerprint", "row_ids", "grads")
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ROW_IDS_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    fingerprint: str
+    row_ids: Array
+    grads: Array
+    def __init__(self, fingerprint: _Optional[str] = ..., row_ids: _Optional[_Union[Array, _Mapping]] = ..., grads: _Optional[_Union[Array, _Mapping]] = ...) -> None: ...
+
+class ApplyGradientsResponse(_message.Message):
+    __slots__ = ("rows_updated", "update_count")
+    ROWS_UPDATED_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    rows_updated: int
+    update_count: int
+    def __init__(self, rows_updated: _Optional[int] = ..., update_count: _Optional[int] = ...) -> None: ...
+
+class DescribeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ShardCounters(_message.Message):
+    __slots__ = ("lookups", "rows_served", "bytes_served", "updates", "rows_updated", "rejected")
+    LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_SERVED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SERVED_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_UPDATED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    lookups: int
+    rows_served: int
+    bytes_served: int
+    updates: int
+    rows_updated: int
+    rejected: int
+    def __init__(self, lookups: _Optional[int] = ..., rows_served: _Optional[int] = ..., bytes_served: _Optional[int] = ..., updates: _Optional[int] = ..., rows_updated: _Optional[int] = ..., rejected: _Optional[int] = ...) -> None: ...
+
+class DescribeResponse(_message.Message):
+    __slots__ = ("fingerprint", "shard_index", "num_shards", "row_start", "row_stop", "dim", "dtype", "optimizer", "resident_bytes", "max_message_bytes", "counters")
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    ROW_START_FIELD_NUMBER: _ClassVar[int]
+    ROW_STOP_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    fingerprint: str
+    shard_index: int
+    num_shards: int
+    row_start: int
+    row_stop: int
+    dim: int
+    dtype: str
+    optimizer: str
+    resident_bytes: int
+    max_message_bytes: int
+    counters: ShardCounters
+    def __init__(self, fingerprint: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., row_start: _Optional[int] = ..., row_stop: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., optimizer: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., counters: _Optional[_Union[ShardCounters, _Mapping]] = ...) -> None: ...
+
+class SaveRequest(_message.Message):
+    __slots__ = ("directory",)
+    DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    directory: str
+    def __init__(self, directory: _Optional[str] = ...) -> None: ...
+
+class SaveResponse(_message.Message):
+    __slots__ = ("header_path", "sha256")
+    HEADER_PATH_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    header_path: str
+    sha256: str
+    def __init__(self, header_path: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,101 @@
+"""``ShardServicer``: decode -> :class:`TableShard` -> encode, and errors as status codes.
+
+Thin on purpose: validation of ids and values lives in the shard, wire validation in the
+codec; this class maps their exceptions onto gRPC status codes and counts rejections.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from ..errors import CheckpointError, FingerprintMismatch, InvalidRequest, RequestTooLarge
+from ..store import TableShard
+from . import codec
+from .generated import engram_pb2 as pb
+from .generated import engram_pb2_grpc as pb_grpc
+
+__all__ = ["ShardServicer"]
+
+log = logging.getLogger(__name__)
+
+_STATUS = ((FingerprintMismatch, grpc.StatusCode.FAILED_PRECONDITION),
+           (RequestTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+           (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+           (CheckpointError, grpc.StatusCode.FAILED_PRECONDITION),
+           (ValueError, grpc.StatusCode.INVALID_ARGUMENT))
+
+
+class ShardServicer(pb_grpc.EngramMemoryServicer):
+    """Serves one :class:`TableShard` as ``engram.v1.EngramMemory``."""
+
+    def __init__(self, shard: TableShard, max_message_bytes: int):
+        self.shard = shard
+        self.max_message_bytes = int(max_message_bytes)
+        self.bytes_served = 0
+
+    # Helpers -----------------------------------------------------------------------------
+    def _check_fingerprint(self, fp: str) -> None:
+        if fp != self.shard.fingerprint:
+            raise FingerprintMismatch(
+                f"request is for table layout {fp!r} but shard {self.shard.shard_index} serves "
+                f"{self.shard.fingerprint!r}; the client's config, tokenizer or seed differ")
+
+    def _abort(self, context: grpc.ServicerContext, exc: Exception) -> None:
+        self.shard.counters["rejected"] += 1
+        for kind, code in _STATUS:
+            if isinstance(exc, kind):
+                context.abort(code, str(exc))
+        log.exception("shard %d: unexpected error", self.shard.shard_index)
+        context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    # RPCs ---------------------------------------------------------------------------------
+    def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
+        try:
+            self._check_fingerprint(request.fingerprint)
+            ids = codec.decode(request.row_ids, what="row_ids", dtypes=("int64",), ndim=1)
+            size = ids.size * self.shard.row_bytes
+            if size + 1024 > self.max_message_bytes:
+                raise RequestTooLarge(
+                    f"lookup of {ids.size} rows x {self.shard.row_bytes} B = {size} B exceeds the "
+                    f"shard's {self.max_message_bytes} B message limit; split the request")
+            rows = self.shard.gather(ids)
+        except Exception as e:  # noqa: BLE001 - every error becomes a status code
+            self._abort(context, e)
+        self.bytes_served += rows.nbytes
+        return pb.LookupResponse(rows=codec.encode(rows, self.shard.store.dtype))
+
+    def ApplyGradients(self, request: pb.ApplyGradientsRequest,
+                       context: grpc.ServicerContext) -> pb.ApplyGradientsResponse:
+        try:
+            self._check_fingerprint(request.fingerprint)
+            ids = codec.decode(request.row_ids, what="row_ids", dtypes=("int64",), ndim=1)
+            grads = codec.decode(request.grads, what="grads", ndim=2,
+                                 dtypes=("float32", "bfloat16", "float16"))
+            n = self.shard.apply_gradients(ids, grads)
+        except Exception as e:  # noqa: BLE001
+            self._abort(context, e)
+        return pb.ApplyGradientsResponse(rows_updated=n, update_count=self.shard.counters["updates"])
+
+    def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeResponse:
+        d = self.shard.describe()
+        c = d["counters"]
+        return pb.DescribeResponse(
+            fingerprint=d["fingerprint"], shard_index=d["shard_index"], num_shards=d["num_shards"],
+            row_start=d["row_start"], row_stop=d["row_stop"], dim=d["dim"], dtype=d["dtype"],
+            optimizer=d["optimizer"], resident_bytes=d["bytes"], max_message_bytes=self.max_message_bytes,
+            counters=pb.ShardCounters(lookups=c["lookups"], rows_served=c["rows_served"],
+                                      bytes_served=self.bytes_served, updates=c["updates"],
+                                      rows_updated=c["rows_updated"], rejected=c["rejected"]))
+
+    def Save(self, request: pb.SaveRequest, context: grpc.ServicerContext) -> pb.SaveResponse:
+        try:
+            if not request.directory:
+                raise InvalidRequest("Save: directory is empty; give a path on the shard's node")
+            path = self.shard.save(request.directory)
+        except OSError as e:
+            self._abort(context, InvalidRequest(f"Save: cannot write {request.directory!r}: {e}"))
+        except Exception as e:  # noqa: BLE001
+            self._abort(context, e)
+        return pb.SaveResponse(header_path=path, sha256=self.shard.checksum())

@@ -1,0 +1,57 @@
+"""Sparse optimisers applied to the rows a batch touched, with state held beside the rows.
+
+Adam keeps ``m``, ``v`` (float32, like the rows) and a step count *per row*: bias correction
+uses the row's own count, so a batch split over shards or messages updates exactly as the
+whole batch would. The update is ``torch.optim.Adam``'s without weight decay::
+
+    t += 1;  m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2
+    w -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import OptimizerConfig
+
+__all__ = ["SparseOptimizer"]
+
+
+class SparseOptimizer:
+    """Optimiser state for ``num_rows`` rows of width ``dim`` and the step that uses it."""
+
+    def __init__(self, config: OptimizerConfig, num_rows: int, dim: int):
+        self.config = config
+        self.m = self.v = self.steps = None
+        if config.kind == "adam":
+            # np.zeros maps untouched pages lazily: state costs RAM only for rows trained.
+            self.m = np.zeros((num_rows, dim), dtype=np.float32)
+            self.v = np.zeros((num_rows, dim), dtype=np.float32)
+            self.steps = np.zeros(num_rows, dtype=np.int64)
+
+    def state(self) -> dict[str, np.ndarray]:
+        if self.config.kind != "adam":
+            return {}
+        return {"adam_m": self.m, "adam_v": self.v, "adam_steps": self.steps}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        if self.config.kind == "adam":
+            self.m[...], self.v[...], self.steps[...] = state["adam_m"], state["adam_v"], state["adam_steps"]
+
+    def step(self, w: np.ndarray, local: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """New float32 values of rows ``local`` (unique) with current values ``w`` [n, dim]
+        and gradients ``g`` [n, dim]; updates the state of those rows."""
+        c = self.config
+        if c.kind == "none":
+            raise ValueError("this table was deployed without an optimiser (optimizer.kind='none'); "
+                             "it cannot apply gradients")
+        if c.kind == "sgd":
+            return w - np.float32(c.lr) * g
+        t = self.steps[local] + 1
+        m = np.float32(c.beta1) * self.m[local] + np.float32(1 - c.beta1) * g
+        v = np.float32(c.beta2) * self.v[local] + np.float32(1 - c.beta2) * (g * g)
+        bc1 = (1.0 - c.beta1 ** t).astype(np.float32)[:, None]
+        bc2 = (1.0 - c.beta2 ** t).astype(np.float32)[:, None]
+        new = w - np.float32(c.lr) * (m / bc1) / (np.sqrt(v / bc2) + np.float32(c.eps))
+        self.m[local], self.v[local], self.steps[local] = m, v, t
+        return new
