@@ -63,8 +63,8 @@ def test_hash_shows_row_ids(capsys):
 
 
 def test_coming_commands_say_so(capsys):
-    assert main(["serve"]) == 2
-    assert "not yet built (issue #3)" in capsys.readouterr().err
+    assert main(["plan"]) == 2
+    assert "not yet built (issue #6)" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -1,0 +1,72 @@
+"""The ``engram-ray`` command. The library logs; the CLI prints."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+from .. import __version__
+from . import bench, demo, service, table
+
+__all__ = ["main", "build_parser"]
+
+# Subcommands that later issues build; listed so --help shows the whole tool.
+_COMING = {
+    "train": ("train an Engram-MoE through the memory service", 4),
+    "plan": ("capacity planning: shards, memory nodes, GiB and bandwidth per worker", 6),
+    "checkpoint": ("ask every shard of a running service to save its rows", 7),
+}
+
+
+def _cmd_coming(name: str, issue: int) -> Callable[[argparse.Namespace], int]:
+    def run(_args: argparse.Namespace) -> int:
+        print(f"engram-ray {name}: not yet built (issue #{issue}).", file=sys.stderr)
+        return 2
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="engram-ray",
+        description="Engram conditional memory at cluster scale: hashed N-gram tables in the "
+                    "host RAM of memory nodes, served by Ray actors over gRPC, prefetched by "
+                    "GPU workers one block ahead.",
+        epilog="Run 'engram-ray COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=f"engram-ray {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in (demo, table, service, bench):
+        module.register(sub)
+    for name, (help_text, issue) in _COMING.items():
+        p = sub.add_parser(name, help=f"{help_text} [coming: issue #{issue}]",
+                           description=f"{help_text}. Not yet built (issue #{issue}).")
+        p.set_defaults(func=_cmd_coming(name, issue))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, RuntimeError) as e:
+        print(f"engram-ray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into head & co.
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""``engram-ray serve | status | stop``: run a memory service and look at it."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+
+from ..config import OptimizerConfig, StoreConfig
+from .common import add_table_args, engram_config, gib
+
+
+def _print_shards(shards: list[dict]) -> None:
+    print(f"  {'shard':>5} {'address':<22} {'rows':>27} {'dtype':>9} {'resident':>11} "
+          f"{'lookups':>9} {'rows served':>12} {'updates':>8} {'rejected':>8}")
+    for d in shards:
+        c = d["counters"]
+        rows = f"[{d['row_start']:,}, {d['row_stop']:,})"
+        print(f"  {d['shard_index']:>5} {d['address']:<22} {rows:>27} {d['dtype']:>9} "
+              f"{gib(d['resident_bytes']):>11} {c['lookups']:>9,} {c['rows_served']:>12,} "
+              f"{c['updates']:>8,} {c['rejected']:>8,}")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ..data import default_vocab, load_tokenizer
+    from ..runtime import deploy
+
+    if args.detach and args.address is None:
+        raise ValueError("--detach needs --address (an existing Ray cluster): a local Ray "
+                         "started by this command ends with it")
+    cfg, source = engram_config(args)
+    store = StoreConfig(dtype=args.dtype, init_std=args.init_std,
+                        optimizer=OptimizerConfig(kind=args.optimizer, lr=args.lr))
+    vocab = default_vocab(load_tokenizer(args.tokenizer))
+    print(f"deploying memory service {args.name!r}: {source}, {args.shards} shards, {store.dtype}"
+          + (f", from checkpoint {args.checkpoint}" if args.checkpoint else ""))
+    svc = deploy(cfg, vocab=vocab, num_shards=args.shards, store=store, name=args.name,
+                 detached=args.detach, checkpoint=args.checkpoint, host=args.host,
+                 address=args.address)
+    shards = svc.describe()
+    lay = svc.layout
+    print(f"  layout      {lay.fingerprint}: {lay.total_rows:,} rows x {lay.row_dim} "
+          f"({lay.num_params / 1e6:,.1f} M params)")
+    print(f"  resident    {gib(sum(d['resident_bytes'] for d in shards))} (rows + optimiser state)")
+    _print_shards(shards)
+    print(f"  attach from Python: engram_ray.runtime.attach({args.name!r}).client()")
+    if args.detach:
+        print(f"detached: stop it with  engram-ray stop --name {args.name} --address {args.address}")
+        return 0
+    print("serving; Ctrl-C to stop")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("stopping ...")
+    svc.shutdown()
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from ..runtime import attach
+
+    svc = attach(args.name, address=args.address)
+    shards = svc.describe()
+    print(f"memory service {svc.name!r}: {svc.num_shards} shards, layout {svc.layout.fingerprint}, "
+          f"{svc.layout.num_params / 1e6:,.1f} M params, {svc.store.dtype}, optimiser {svc.store.optimizer.kind}")
+    _print_shards(shards)
+    return 0
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    from ..runtime import attach
+
+    svc = attach(args.name, address=args.address)
+    svc.shutdown()
+    print(f"stopped memory service {args.name!r} ({svc.num_shards} shards)")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="deploy a memory service (local Ray, or --address auto on a cluster)",
+                       description="Start one shard actor per shard, on memory nodes where the "
+                                   "cluster has them; print addresses, layout and resident GiB; "
+                                   "serve until Ctrl-C (or --detach).")
+    add_table_args(p, "demo")
+    p.add_argument("--shards", type=int, default=2, help="number of shards (default: 2)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="storage dtype of the rows (default: float32)")
+    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd", "none"],
+                   help="sparse optimiser for pushed gradients (default: adam)")
+    p.add_argument("--lr", type=float, default=1e-3, help="its learning rate (default: 1e-3)")
+    p.add_argument("--init-std", type=float, default=1.0, help="rows start as N(0, std^2) (default: 1.0)")
+    p.add_argument("--checkpoint", metavar="DIR", help="load rows from this checkpoint (any shard count)")
+    p.add_argument("--name", default="engram", help="service name to attach by (default: engram)")
+    p.add_argument("--address", default=None, help="Ray cluster address, e.g. auto (default: start a local Ray)")
+    p.add_argument("--host", default=None,
+                   help="address the shards bind to (default: loopback on one node, else the node's)")
+    p.add_argument("--detach", action="store_true", help="leave the service running and exit")
+    p.set_defaults(func=_cmd_serve)
+
+    for name, fn, help_text in (("status", _cmd_status, "per-shard rows, bytes and counters of a running service"),
+                                ("stop", _cmd_stop, "shut down a running service")):
+        p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        p.add_argument("--name", default="engram", help="service name (default: engram)")
+        p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+        p.set_defaults(func=fn)

@@ -1,0 +1,105 @@
+"""``engram-ray layout`` and ``engram-ray hash``: look at a table before deploying it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .common import add_table_args, engram_config, gib
+
+
+def _cmd_layout(args: argparse.Namespace) -> int:
+    from ..core.layout import DTYPE_BYTES, ShardPlan, TableLayout
+    from ..data import default_vocab, load_tokenizer
+
+    cfg, source = engram_config(args)
+    vocab = default_vocab(load_tokenizer(args.tokenizer))
+    layout = TableLayout.build(cfg, vocab)
+    plan = ShardPlan(layout.total_rows, args.shards)
+    info = layout.summary()
+    info["source"] = source
+    info["tokenizer"] = {"name": args.tokenizer, "tokens": vocab.num_tokens,
+                         "compressed": vocab.size, "ratio": round(vocab.ratio, 4)}
+    info["shards"] = [{"shard": s, "rows": list(plan.shard_range(s)),
+                       "bytes": {d: (plan.shard_range(s)[1] - plan.shard_range(s)[0]) * layout.row_bytes(d)
+                                 for d in DTYPE_BYTES}}
+                      for s in range(plan.num_shards)]
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    L = len(layout.layer_ids)
+    print(f"Engram table layout  ({source}, tokenizer {args.tokenizer})")
+    print(f"  fingerprint   {layout.fingerprint}")
+    print(f"  layers        {list(layout.layer_ids)}: orders 2..{layout.max_ngram_size} x "
+          f"{layout.n_head_per_ngram} heads = {layout.num_heads} tables per layer, {L * layout.num_heads} in all")
+    print(f"  row           {layout.row_dim} values  (memory vector per token and layer: "
+          f"{layout.num_heads * layout.row_dim})")
+    print(f"  rows          {layout.total_rows:,}  ({', '.join(f'{r:,}' for r in layout.layer_rows)} per layer)")
+    print(f"  parameters    {layout.num_params:,}  ({layout.num_params / 1e9:.2f} B)")
+    print("  size          " + "   ".join(f"{d} {gib(layout.nbytes(d))}" for d in DTYPE_BYTES))
+    print(f"  vocabulary    {vocab.num_tokens:,} tokens -> {vocab.size:,} compressed "
+          f"({100 * vocab.ratio:.1f} %), digest {vocab.digest}")
+    for li, layer in enumerate(layout.layer_ids):
+        sizes = layout.head_sizes[li]
+        print(f"  layer {layer:<3} primes {sizes[0]:,} .. {sizes[-1]:,}   rows from {int(layout.offsets[li, 0]):,}")
+    print(f"  shards        {plan.num_shards} (--shards):")
+    for s in info["shards"]:
+        lo, hi = s["rows"]
+        print(f"    shard {s['shard']:<3} rows [{lo:,}, {hi:,})  "
+              + "  ".join(f"{d} {gib(b)}" for d, b in s["bytes"].items()))
+    return 0
+
+
+def _cmd_hash(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..core.hashing import NgramHasher
+    from ..core.layout import TableLayout
+    from ..data import default_vocab, load_tokenizer
+
+    cfg, source = engram_config(args)
+    tok = load_tokenizer(args.tokenizer)
+    vocab = default_vocab(tok)
+    hasher = NgramHasher.from_vocab(cfg, vocab)
+    layout = TableLayout.build(cfg, vocab)
+    enc = tok.encode(args.text, add_special_tokens=False)
+    if not enc.ids:
+        print("engram-ray hash: the text encodes to no tokens", file=sys.stderr)
+        return 2
+    ids = np.array([enc.ids], dtype=np.int64)
+    comp = vocab(ids)
+    heads = hasher.hash(comp)
+    rows = {layer: layout.row_ids(layer, h)[0] for layer, h in heads.items()}
+    if args.json:
+        print(json.dumps({"fingerprint": layout.fingerprint, "tokens": enc.tokens,
+                          "token_ids": ids[0].tolist(), "compressed_ids": comp[0].tolist(),
+                          "row_ids": {str(k): v.tolist() for k, v in rows.items()}}, indent=2))
+        return 0
+    print(f"{source}: {len(enc.ids)} tokens, fingerprint {layout.fingerprint}")
+    for li, layer in enumerate(layout.layer_ids):
+        print(f"layer {layer}: global row ids (orders 2..{cfg.max_ngram_size} x {cfg.n_head_per_ngram} heads)")
+        for t, (tid, cid) in enumerate(zip(enc.ids, comp[0].tolist())):
+            piece = tok.decode([tid])
+            shown = " ".join(str(r) for r in rows[layer][t][: args.max_heads])
+            more = " ..." if rows[layer].shape[1] > args.max_heads else ""
+            print(f"  {piece!r:>14} {tid:>6} -> {cid:>6} | {shown}{more}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("layout", help="print a table's layout: rows, parameters, GiB per dtype, "
+                                      "fingerprint, shard ranges",
+                       description="Show what a table config costs before deploying it.")
+    add_table_args(p, "paper_27b")
+    p.add_argument("--shards", type=int, default=1, help="split into this many shards (default: 1)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_cmd_layout)
+
+    p = sub.add_parser("hash", help="show the compressed ids and table rows a text looks up",
+                       description="Hash a text with the exact Engram n-gram hash.")
+    p.add_argument("text")
+    add_table_args(p, "demo")
+    p.add_argument("--max-heads", type=int, default=4, help="row ids shown per token (default: 4)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_cmd_hash)

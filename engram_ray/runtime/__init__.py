@@ -1,0 +1,5 @@
+"""Ray actors and the service lifecycle: the only package that imports ray."""
+
+from .service import MemoryService, attach, deploy
+
+__all__ = ["MemoryService", "attach", "deploy"]

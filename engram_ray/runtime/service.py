@@ -1,0 +1,168 @@
+"""Deploy, attach to and shut down a memory service on a Ray cluster.
+
+``deploy`` starts one :class:`ShardServer` actor per shard, on nodes with the
+``engram_memory`` resource when the cluster has them (spread over nodes), anywhere otherwise,
+waits for their gRPC addresses, and registers the service under a name in a small directory
+actor. ``attach(name)`` finds it from any process or job on the cluster, so GPU workers and
+user scripts share one service. Only metadata passes through Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from ..client import EngramClient
+from ..config import EngramConfig, StoreConfig
+from ..core.layout import ShardPlan, TableLayout
+from ..rpc.server import DEFAULT_MAX_MESSAGE_BYTES
+from .shard_server import ShardServer
+
+__all__ = ["MemoryService", "deploy", "attach", "NAMESPACE", "MEMORY_RESOURCE"]
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "engram_ray"
+#: Custom resource that marks memory nodes in the cluster files.
+MEMORY_RESOURCE = "engram_memory"
+
+
+class ServiceDirectory:
+    """Named actor that remembers a service: its layout, store config and shard addresses."""
+
+    def __init__(self, spec: dict[str, Any], shard_names: list[str]):
+        self.spec, self.shard_names = spec, shard_names
+
+    def info(self) -> dict[str, Any]:
+        return dict(self.spec, shard_names=list(self.shard_names))
+
+
+@dataclass
+class MemoryService:
+    """Handle on a running memory service (cheap to pass around: metadata only)."""
+
+    name: str
+    layout: TableLayout
+    store: StoreConfig
+    addresses: list[str]
+    shard_names: list[str] = field(default_factory=list)
+    #: Actor handles: a non-detached named actor lives only while a handle to it does.
+    handles: list[Any] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.addresses)
+
+    def client(self, **kwargs: Any) -> EngramClient:
+        """A new :class:`EngramClient` on this service (``timeout``, ``retries``, ...)."""
+        return EngramClient(self.addresses, self.layout, **kwargs)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every shard's Describe (counters, rows, bytes), over gRPC."""
+        with self.client() as c:
+            return c.describe()
+
+    def save(self, directory: str) -> list[str]:
+        """Checkpoint every shard into ``directory`` (a path every memory node can write)."""
+        with self.client() as c:
+            return c.save(directory)
+
+    def shutdown(self) -> None:
+        """Stop the shards' servers and remove every actor of the service."""
+        handles = []
+        for n in self.shard_names:
+            try:
+                handles.append(ray.get_actor(n, namespace=NAMESPACE))
+            except ValueError:  # already gone
+                pass
+        try:
+            ray.get([h.stop.remote() for h in handles], timeout=30)
+        except Exception as e:  # noqa: BLE001 - a dead shard must not stop the shutdown
+            log.warning("service %s: stopping shards: %s", self.name, e)
+        for h in handles:
+            ray.kill(h)
+        try:
+            ray.kill(ray.get_actor(self.name, namespace=NAMESPACE))
+        except ValueError:
+            pass
+        self.handles.clear()
+
+
+def _ensure_ray(address: str | None) -> None:
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=NAMESPACE, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+
+
+def _service_exists(name: str) -> bool:
+    try:
+        ray.get_actor(name, namespace=NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
+def deploy(config: EngramConfig, *, vocab: Any = None, num_shards: int = 2,
+           store: StoreConfig = StoreConfig(), name: str = "engram", detached: bool = False,
+           checkpoint: str | None = None, host: str | None = None,
+           max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, address: str | None = None,
+           timeout: float = 600.0) -> MemoryService:
+    """Start a memory service for ``config`` hashed over ``vocab`` (default: GPT-2).
+
+    ``host``: the address servers bind to; by default loopback on a one-node (local) Ray,
+    and each memory node's own address on a real cluster. ``detached`` keeps the service up
+    after this driver exits (use with ``address="auto"`` on a cluster). ``checkpoint``:
+    load the rows from a checkpoint directory, written with any shard count.
+    """
+    _ensure_ray(address)
+    if vocab is None:
+        from ..data import default_vocab
+        vocab = default_vocab()
+    layout = TableLayout.build(config, vocab)
+    ShardPlan(layout.total_rows, num_shards)  # validates num_shards early, with its message
+    if _service_exists(name):
+        raise ValueError(f"a memory service named {name!r} is already running; attach({name!r}) "
+                         "to use it, or shut it down first")
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if host is None and len(alive) == 1:
+        host = "127.0.0.1"
+    opts: dict[str, Any] = {"namespace": NAMESPACE, "max_concurrency": 4}
+    if detached:
+        opts["lifetime"] = "detached"
+    if ray.cluster_resources().get(MEMORY_RESOURCE, 0) > 0:
+        opts["resources"] = {MEMORY_RESOURCE: 1}
+        opts["scheduling_strategy"] = "SPREAD"
+    remote = ray.remote(ShardServer)
+    names = [f"{name}/shard-{i}" for i in range(num_shards)]
+    actors = [remote.options(name=n, **opts).remote(
+        layout.to_dict(), num_shards, i, store.to_dict(), host=host,
+        max_message_bytes=max_message_bytes, checkpoint=checkpoint) for i, n in enumerate(names)]
+    try:
+        addresses = ray.get([a.address.remote() for a in actors], timeout=timeout)
+    except Exception:
+        for a in actors:
+            ray.kill(a)
+        raise
+    spec = {"name": name, "layout": layout.to_dict(), "store": store.to_dict(), "addresses": addresses}
+    dir_opts = {k: v for k, v in opts.items() if k in ("namespace", "lifetime")}
+    directory = ray.remote(ServiceDirectory).options(name=name, num_cpus=0, **dir_opts).remote(spec, names)
+    ray.get(directory.info.remote())
+    log.info("memory service %s: %d shards at %s", name, num_shards, ", ".join(addresses))
+    return MemoryService(name, layout, store, addresses, names, handles=[*actors, directory])
+
+
+def attach(name: str = "engram", *, address: str | None = "auto") -> MemoryService:
+    """The running service called ``name``, from any process connected to the cluster."""
+    _ensure_ray(address)
+    try:
+        directory = ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        raise ValueError(f"no memory service named {name!r} is running on this Ray cluster "
+                         "(deploy one with engram-ray serve)") from None
+    info = ray.get(directory.info.remote())
+    return MemoryService(info["name"], TableLayout.from_dict(info["layout"]),
+                         StoreConfig.from_dict(info["store"]), list(info["addresses"]),
+                         list(info["shard_names"]), handles=[directory])
