@@ -41,3 +41,13 @@ def reference_hashes() -> dict:
     """Output of the reference (deepseek-ai/Engram engram_demo_v1.py) on GPT-2 token ids;
     see "produced_by" in the file."""
     return json.loads((DATA / "reference_hashes.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_layout():
+    """The tiny preset over a 50-id vocabulary: 8,214 rows of 16."""
+    import numpy as np
+    from engram_ray import config as C
+    from engram_ray.core.layout import TableLayout
+    from engram_ray.core.tokens import CompressedVocab
+    return TableLayout.build(C.tiny(), CompressedVocab(np.arange(50)))

@@ -54,7 +54,8 @@ def save_shard(shard, directory: str | os.PathLike) -> Path:
     header = {"format": "engram-ray-shard-v1", "fingerprint": shard.fingerprint,
               "row_start": shard.row_start, "row_stop": shard.row_stop, "dim": shard.dim,
               "dtype": shard.store.dtype, "optimizer": shard.store.optimizer.kind,
-              "state": sorted(state), "sha256": _sha256(values)}
+              "state": sorted(state), "sha256": _sha256(values),
+              "state_sha256": {k: _sha256(v) for k, v in state.items()}}
     path = d / f"{stem}.json"
     _atomic_write(path, lambda f: f.write(json.dumps(header, indent=1).encode()))
     return path
@@ -111,6 +112,9 @@ def load_range(directory: str | os.PathLike, fingerprint: str, start: int, stop:
         if with_state:
             for name in h["state"]:
                 arr = np.load(h["path"].with_suffix(f".{name}.npy"), mmap_mode="r")
+                if verify and _sha256(arr) != h["state_sha256"][name]:
+                    raise CheckpointError(f"checkpoint piece {h['path'].name}: its {name} state fails "
+                                          "its checksum: the file is corrupt")
                 if name not in state:
                     shape = (stop - start,) + arr.shape[1:]
                     state[name] = np.zeros(shape, dtype=arr.dtype)
