@@ -1,0 +1,94 @@
+"""deploy / attach / shutdown on a real local Ray (started once for this module)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from engram_ray import config as C  # noqa: E402
+from engram_ray.config import OptimizerConfig, StoreConfig  # noqa: E402
+from engram_ray.core.tokens import CompressedVocab  # noqa: E402
+from engram_ray.runtime import attach, deploy  # noqa: E402
+from engram_ray.store import TableShard  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+VOCAB = CompressedVocab(np.arange(50))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="engram_ray")
+    yield
+    ray.shutdown()
+
+
+def test_deploy_attach_lookup_shutdown(tiny_layout):
+    svc = deploy(C.tiny(), vocab=VOCAB, num_shards=2, name="t1")
+    try:
+        assert svc.layout == tiny_layout and len(svc.addresses) == 2
+        assert all(a.startswith("127.0.0.1:") for a in svc.addresses)  # local Ray: loopback only
+        same = attach("t1")
+        assert same.addresses == svc.addresses and same.layout.fingerprint == tiny_layout.fingerprint
+        ids = np.random.default_rng(0).integers(0, tiny_layout.total_rows, size=(3, 20))
+        with same.client() as client:
+            rows = client.lookup(ids)
+        full = TableShard.create(tiny_layout, 1, 0)
+        assert np.array_equal(rows, full.gather(ids.ravel()).reshape(rows.shape))
+        desc = svc.describe()
+        assert [d["shard_index"] for d in desc] == [0, 1]
+        assert sum(d["counters"]["rows_served"] for d in desc) == np.unique(ids).size
+        with pytest.raises(ValueError, match="named 't1' is already running"):
+            deploy(C.tiny(), vocab=VOCAB, num_shards=2, name="t1")
+    finally:
+        svc.shutdown()
+    with pytest.raises(ValueError, match="no memory service named 't1'"):
+        attach("t1")
+
+
+def test_another_process_attaches_by_name(tiny_layout):
+    svc = deploy(C.tiny(), vocab=VOCAB, num_shards=2, name="shared")
+    try:
+        code = ("import numpy as np\n"
+                "from engram_ray.runtime import attach\n"
+                "svc = attach('shared', address='auto')\n"
+                "with svc.client() as c:\n"
+                "    print(svc.layout.fingerprint, float(c.lookup(np.array([3]))[0, 0]))\n")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             env=dict(os.environ, RAY_LOG_TO_STDERR="0"))
+        assert out.returncode == 0, out.stderr[-2000:]
+        fp, value = out.stdout.split()[-2:]
+        assert fp == tiny_layout.fingerprint
+        assert float(value) == pytest.approx(float(TableShard.create(tiny_layout, 1, 0).values[3, 0]))
+    finally:
+        svc.shutdown()
+
+
+def test_checkpoint_then_redeploy_with_another_shard_count(tiny_layout, tmp_path):
+    store = StoreConfig(optimizer=OptimizerConfig(kind="adam", lr=0.1))
+    svc = deploy(C.tiny(), vocab=VOCAB, num_shards=3, store=store, name="ck")
+    ids = np.arange(0, tiny_layout.total_rows, 7)
+    try:
+        with svc.client() as c:
+            c.push_gradients(ids, np.ones((ids.size, 16), np.float32))
+            trained = c.lookup(np.arange(tiny_layout.total_rows))
+        paths = svc.save(str(tmp_path))
+        assert len(paths) == 3
+    finally:
+        svc.shutdown()
+    again = deploy(C.tiny(), vocab=VOCAB, num_shards=2, store=store, name="ck2", checkpoint=str(tmp_path))
+    try:
+        with again.client() as c:
+            assert np.array_equal(c.lookup(np.arange(tiny_layout.total_rows)), trained)
+    finally:
+        again.shutdown()
+
+
+def test_bad_deploys_are_explained():
+    with pytest.raises(ValueError, match="num_shards=0"):
+        deploy(C.tiny(), vocab=VOCAB, num_shards=0, name="bad")
+    with pytest.raises(ValueError, match="no memory service named 'nope'"):
+        attach("nope")

@@ -1,0 +1,143 @@
+"""EngramClient against real gRPC servers on loopback."""
+
+import asyncio
+import socket
+
+import numpy as np
+import pytest
+
+from engram_ray.client import EngramClient
+from engram_ray.config import OptimizerConfig, StoreConfig
+from engram_ray.errors import FingerprintMismatch, InvalidRequest, ShardUnavailable
+from engram_ray.rpc import create_server
+from engram_ray.store import TableShard
+
+STORE = StoreConfig(optimizer=OptimizerConfig(kind="adam", lr=0.05))
+
+
+class Cluster:
+    def __init__(self, layout, n, store=STORE, max_message_bytes=64 << 20):
+        self.shards = [TableShard.create(layout, n, i, store) for i in range(n)]
+        self.servers = [create_server(s, "127.0.0.1", 0, max_message_bytes=max_message_bytes)
+                        for s in self.shards]
+        self.addresses = [f"127.0.0.1:{p}" for _, p in self.servers]
+
+    def stop(self):
+        for srv, _ in self.servers:
+            srv.stop(0)
+
+
+@pytest.fixture
+def two(tiny_layout):
+    c = Cluster(tiny_layout, 2)
+    yield c
+    c.stop()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_lookup_equals_in_process_gather_for_any_shard_count(tiny_layout, n):
+    c = Cluster(tiny_layout, n)
+    try:
+        full = TableShard.create(tiny_layout, 1, 0, STORE)
+        ids = np.random.default_rng(n).integers(0, tiny_layout.total_rows, size=(4, 33, 2))
+        with EngramClient(c.addresses, tiny_layout) as client:
+            rows = client.lookup(ids)
+        assert rows.shape == (4, 33, 2, 16) and rows.dtype == np.float32
+        assert np.array_equal(rows, full.gather(ids.ravel()).reshape(rows.shape))
+    finally:
+        c.stop()
+
+
+def test_dedup_is_reported_and_each_unique_row_fetched_once(two, tiny_layout):
+    ids = np.array([[5, 5, 5, 9000 % tiny_layout.total_rows, 5]])
+    with EngramClient(two.addresses, tiny_layout) as client:
+        p = client.prefetch(ids)
+        rows = p.result(timeout=10)
+        assert p.done() and p.fetch_seconds > 0
+        s = client.stats()
+    assert np.array_equal(rows[0, 0], rows[0, 4])
+    assert s["ids"] == 5 and s["unique_ids"] == 2 and s["dedup_ratio"] == pytest.approx(0.4)
+    served = sum(sh.counters["rows_served"] for sh in two.shards)
+    assert served == 2
+    assert s["latency_p50_ms"] > 0 and s["bytes_received"] == 2 * 16 * 4
+
+
+def test_requests_above_the_message_limit_are_chunked(tiny_layout):
+    c = Cluster(tiny_layout, 2, max_message_bytes=16 * 1024)  # ~190 rows per message
+    try:
+        ids = np.arange(tiny_layout.total_rows)
+        with EngramClient(c.addresses, tiny_layout, max_message_bytes=16 * 1024) as client:
+            rows = client.lookup(ids)
+            assert client.max_rows_per_message < 300
+        full = TableShard.create(tiny_layout, 1, 0, STORE)
+        assert np.array_equal(rows, full.values)
+        assert sum(s.counters["lookups"] for s in c.shards) > 2 * (tiny_layout.total_rows // 2 // 300)
+    finally:
+        c.stop()
+
+
+def test_pushed_gradients_equal_the_same_step_locally(two, tiny_layout):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, tiny_layout.total_rows, size=(8, 40, 4))
+    ids[0, :5] = 17  # duplicates, summed before the step
+    g = rng.normal(size=ids.shape + (16,)).astype(np.float32)
+    local = TableShard.create(tiny_layout, 1, 0, STORE)
+    with EngramClient(two.addresses, tiny_layout) as client:
+        n = client.push_gradients(ids, g)
+        local.apply_gradients(ids.ravel(), g.reshape(-1, 16))
+        assert n == np.unique(ids).size
+        assert np.array_equal(client.lookup(np.arange(tiny_layout.total_rows)), local.values)
+
+
+@pytest.mark.asyncio
+async def test_async_forms(two, tiny_layout):
+    ids = np.arange(100)
+    with EngramClient(two.addresses, tiny_layout) as client:
+        a, b = await asyncio.gather(client.alookup(ids), client.alookup(ids[::-1]))
+        assert np.array_equal(a[::-1], b)
+        n = await client.apush_gradients(ids, np.ones((100, 16), np.float32))
+        assert n == 100
+        after = await client.alookup(ids)
+        assert not np.array_equal(after, a)
+
+
+def test_bad_input_is_refused_before_any_call(two, tiny_layout):
+    with EngramClient(two.addresses, tiny_layout) as client:
+        with pytest.raises(InvalidRequest, match=f"row id {tiny_layout.total_rows} is outside"):
+            client.lookup([1, tiny_layout.total_rows])
+        with pytest.raises(InvalidRequest, match="integers"):
+            client.lookup([1.5])
+        with pytest.raises(InvalidRequest, match="NaN or Inf"):
+            client.push_gradients([1], np.full((1, 16), np.nan))
+        with pytest.raises(InvalidRequest, match=r"expected \(2, 16\)"):
+            client.push_gradients([1, 2], np.zeros((2, 8)))
+    assert all(s.counters["rejected"] == 0 for s in two.shards)
+
+
+def test_wrong_layout_is_refused_at_connect(two, tiny_layout):
+    import dataclasses
+    other = dataclasses.replace(tiny_layout, seed=99)
+    with pytest.raises(FingerprintMismatch, match="this client hashes for"):
+        EngramClient(two.addresses, other)
+    with pytest.raises(Exception, match="out of order"):
+        EngramClient(two.addresses[::-1], tiny_layout)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_dead_shard_is_named(two, tiny_layout):
+    dead = f"127.0.0.1:{_free_port()}"
+    with pytest.raises(ShardUnavailable, match=f"shard 1 at {dead} is unavailable"):
+        EngramClient([two.addresses[0], dead], tiny_layout, connect_timeout=1)
+    client = EngramClient(two.addresses, tiny_layout, timeout=1, retries=2, backoff=0.01)
+    two.servers[1][0].stop(0)
+    with pytest.raises(ShardUnavailable, match=f"shard 1 at {two.addresses[1]} is unavailable") as e:
+        client.lookup([0, tiny_layout.total_rows - 1])
+    assert e.value.shard == 1 and e.value.address == two.addresses[1]
+    assert client.stats()["retries"] == 2
+    assert client.lookup([0]).shape == (1, 16)  # the live shard still answers
+    client.close()
