@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Mapping
 
@@ -133,14 +133,14 @@ class TableLayout:
         return head_ids_lbth + off.reshape(off.shape[0], *([1] * (head_ids_lbth.ndim - 2)), off.shape[1])
 
     # Identity ---------------------------------------------------------------------------
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         """``engram-<16 hex>``: changes whenever anything that moves an id or a shape does."""
         canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return "engram-" + hashlib.sha256(canon.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["layer_ids"] = list(self.layer_ids)
         d["head_sizes"] = [list(h) for h in self.head_sizes]
         return d
