@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from engram_ray import config as C
 from engram_ray.bench import hash as bench_hash
 from engram_ray.cli import main
@@ -36,3 +38,30 @@ def test_bench_hash_writes_well_formed_json(tmp_path, capsys):
     for r in report["results"]:
         assert r["ours_tokens_per_s"] > 0 and r["reference_tokens_per_s"] > 0 and r["speedup"] > 0
     assert "speedup" in capsys.readouterr().out
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_bench_lookup_writes_well_formed_json(tmp_path):
+    out = tmp_path / "lookup.json"
+    r = subprocess.run([sys.executable, "-m", "engram_ray.cli", "bench", "lookup", "--preset", "tiny",
+                        "--shards", "1", "2", "--batch", "64", "512", "--repeats", "2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "lookup" and report["statistic"] == "median"
+    assert [(x["shards"], x["rows"]) for x in report["results"]] == [(1, 64), (1, 512), (2, 64), (2, 512)]
+    for x in report["results"]:
+        assert x["client_rows_per_s"] > 0 and x["local_rows_per_s"] > 0 and x["client_over_local"] > 0
+        assert x["bytes"] == x["rows"] * report["row_bytes"]
+    assert "client/local time" in r.stdout
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_deploy_example_runs():
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "deploy_and_prefetch.py")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "prefetch issued" in r.stdout and "pushed gradients to" in r.stdout
+    assert r.stdout.count("rows served") == 2

@@ -17,14 +17,13 @@ from ..store import TableShard
 def run(config: EngramConfig, vocab: Any, *, shard_counts: Sequence[int] = (1, 2),
         batch_sizes: Sequence[int] = (1024, 16384, 131072), repeats: int = 7,
         store: StoreConfig = StoreConfig(), progress: bool = False) -> dict[str, Any]:
-    import ray
+    from ..runtime import deploy, ray_session
 
-    from ..runtime import deploy
+    with ray_session():
+        return _run(config, vocab, shard_counts, batch_sizes, repeats, store, progress, deploy)
 
-    started = False
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        started = True
+
+def _run(config, vocab, shard_counts, batch_sizes, repeats, store, progress, deploy) -> dict[str, Any]:
     bar = None
     if progress:
         from tqdm import tqdm
@@ -73,8 +72,6 @@ def run(config: EngramConfig, vocab: Any, *, shard_counts: Sequence[int] = (1, 2
     finally:
         if bar is not None:
             bar.close()
-        if started:
-            ray.shutdown()
     return {"benchmark": "lookup", "config": config.to_dict(), "store": store.to_dict(),
             "table_rows": int(local.num_rows) if local is not None else None,
             "row_bytes": int(local.row_bytes) if local is not None else None,

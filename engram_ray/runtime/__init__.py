@@ -1,5 +1,5 @@
 """Ray actors and the service lifecycle: the only package that imports ray."""
 
-from .service import MemoryService, attach, deploy
+from .service import MemoryService, attach, deploy, ray_session
 
-__all__ = ["MemoryService", "attach", "deploy"]
+__all__ = ["MemoryService", "attach", "deploy", "ray_session"]

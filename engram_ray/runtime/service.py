@@ -10,8 +10,9 @@ user scripts share one service. Only metadata passes through Ray.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import ray
 
@@ -21,7 +22,7 @@ from ..core.layout import ShardPlan, TableLayout
 from ..rpc.server import DEFAULT_MAX_MESSAGE_BYTES
 from .shard_server import ShardServer
 
-__all__ = ["MemoryService", "deploy", "attach", "NAMESPACE", "MEMORY_RESOURCE"]
+__all__ = ["MemoryService", "deploy", "attach", "ray_session", "NAMESPACE", "MEMORY_RESOURCE"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,19 @@ def _ensure_ray(address: str | None) -> None:
     if not ray.is_initialized():
         ray.init(address=address, namespace=NAMESPACE, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
+
+
+@contextmanager
+def ray_session(address: str | None = None) -> Iterator[None]:
+    """Use the connected Ray, or connect (``address``) / start a local one for the block;
+    only a Ray started here is shut down at the end."""
+    started = not ray.is_initialized()
+    _ensure_ray(address)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _service_exists(name: str) -> bool:

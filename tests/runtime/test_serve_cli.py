@@ -1,0 +1,63 @@
+"""`engram-ray serve / status / stop` as a user runs them, each in its own process."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "engram_ray.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_serve_status_stop():
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    serve = subprocess.Popen([sys.executable, "-m", "engram_ray.cli", "serve", "--preset", "tiny",
+                              "--shards", "2", "--name", "clitest", "--dtype", "bfloat16"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            line = serve.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "serving; Ctrl-C to stop" in line:
+                break
+        out = "".join(lines)
+        assert "serving; Ctrl-C to stop" in out, out
+        assert "layout      engram-" in out and "127.0.0.1:" in out and "bfloat16" in out
+
+        st = _cli("status", "--name", "clitest", "--address", "auto")
+        assert st.returncode == 0, st.stderr[-2000:]
+        assert "memory service 'clitest': 2 shards" in st.stdout
+        assert st.stdout.count("127.0.0.1:") == 2
+
+        missing = _cli("status", "--name", "nope", "--address", "auto")
+        assert missing.returncode == 2 and "no memory service named 'nope'" in missing.stderr
+
+        stop = _cli("stop", "--name", "clitest", "--address", "auto")
+        assert stop.returncode == 0 and "stopped memory service 'clitest' (2 shards)" in stop.stdout
+        gone = _cli("status", "--name", "clitest", "--address", "auto")
+        assert gone.returncode == 2
+    finally:
+        serve.send_signal(signal.SIGINT)
+        try:
+            rest, _ = serve.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            raise
+    assert serve.returncode == 0, rest[-2000:]
+    assert "stopping" in rest
+
+
+def test_detach_needs_a_cluster():
+    r = _cli("serve", "--preset", "tiny", "--detach")
+    assert r.returncode == 2 and "--detach needs --address" in r.stderr
