@@ -71,24 +71,29 @@ class MemoryService:
         with self.client() as c:
             return c.save(directory)
 
-    def shutdown(self) -> None:
-        """Stop the shards' servers and remove every actor of the service."""
-        handles = []
-        for n in self.shard_names:
-            try:
-                handles.append(ray.get_actor(n, namespace=NAMESPACE))
-            except ValueError:  # already gone
-                pass
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the shards' servers and remove every actor of the service; returns once the
+        actors are gone (their resources free for the next deploy)."""
+        def live(names: list[str]) -> list[Any]:
+            out = []
+            for n in names:
+                try:
+                    out.append(ray.get_actor(n, namespace=NAMESPACE))
+                except ValueError:  # already gone
+                    pass
+            return out
+
+        shards, directory = live(self.shard_names), live([self.name])
         try:
-            ray.get([h.stop.remote() for h in handles], timeout=30)
+            ray.get([h.stop.remote() for h in shards], timeout=timeout)
         except Exception as e:  # noqa: BLE001 - a dead shard must not stop the shutdown
             log.warning("service %s: stopping shards: %s", self.name, e)
+        handles = shards + directory
         for h in handles:
             ray.kill(h)
-        try:
-            ray.kill(ray.get_actor(self.name, namespace=NAMESPACE))
-        except ValueError:
-            pass
+        # A call to a killed actor fails once it is dead: wait for all of them at once.
+        pings = [h.__ray_ready__.remote() for h in handles]
+        ray.wait(pings, num_returns=len(pings), timeout=timeout)
         self.handles.clear()
 
 
@@ -143,7 +148,9 @@ def deploy(config: EngramConfig, *, vocab: Any = None, num_shards: int = 2,
     alive = [n for n in ray.nodes() if n.get("Alive")]
     if host is None and len(alive) == 1:
         host = "127.0.0.1"
-    opts: dict[str, Any] = {"namespace": NAMESPACE, "max_concurrency": 4}
+    # Shards are packed by memory, not CPU: without num_cpus=0, Ray would hold a CPU per
+    # shard once custom resources are named, and a 2-CPU memory node would take 2 shards.
+    opts: dict[str, Any] = {"namespace": NAMESPACE, "max_concurrency": 4, "num_cpus": 0}
     if detached:
         opts["lifetime"] = "detached"
     if ray.cluster_resources().get(MEMORY_RESOURCE, 0) > 0:
@@ -154,8 +161,19 @@ def deploy(config: EngramConfig, *, vocab: Any = None, num_shards: int = 2,
     actors = [remote.options(name=n, **opts).remote(
         layout.to_dict(), num_shards, i, store.to_dict(), host=host,
         max_message_bytes=max_message_bytes, checkpoint=checkpoint) for i, n in enumerate(names)]
+    refs = [a.address.remote() for a in actors]
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    if pending:
+        for a in actors:
+            ray.kill(a)
+        need = opts.get("resources", {})
+        raise TimeoutError(
+            f"{len(pending)} of {num_shards} shards of {name!r} did not start within {timeout:.0f} s; "
+            f"each needs {need or 'no custom resource'} and room for its rows "
+            f"({layout.nbytes(store.dtype) / num_shards / 2**30:.2f} GiB): add memory nodes or "
+            f"use more shards. Cluster now: {ray.available_resources()}")
     try:
-        addresses = ray.get([a.address.remote() for a in actors], timeout=timeout)
+        addresses = ray.get(refs)
     except Exception:
         for a in actors:
             ray.kill(a)

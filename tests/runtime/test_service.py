@@ -21,7 +21,9 @@ VOCAB = CompressedVocab(np.arange(50))
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="engram_ray")
+    # The custom resource marks this node as a memory node, as the cluster files do.
+    ray.init(num_cpus=2, resources={"engram_memory": 4}, include_dashboard=False,
+             log_to_driver=False, namespace="engram_ray")
     yield
     ray.shutdown()
 
@@ -87,7 +89,40 @@ def test_checkpoint_then_redeploy_with_another_shard_count(tiny_layout, tmp_path
         again.shutdown()
 
 
+def _memory_free_within(expected: float, seconds: float = 10.0) -> float:
+    """The raylet frees a dead actor's resources shortly after its death: wait (bounded)."""
+    import time
+    deadline = time.time() + seconds
+    while ray.available_resources().get("engram_memory", 0) != expected and time.time() < deadline:
+        time.sleep(0.05)
+    return ray.available_resources().get("engram_memory", 0)
+
+
+def test_shards_go_to_memory_nodes_and_detached_services_outlive_their_handle(tiny_layout):
+    free = ray.cluster_resources()["engram_memory"]
+    assert _memory_free_within(free) == free  # every earlier service has shut down
+    svc = deploy(C.tiny(), vocab=VOCAB, num_shards=3, name="det", detached=True)
+    try:
+        assert ray.available_resources().get("engram_memory", 0) == free - 3
+        names = list(svc.shard_names)
+        del svc  # a detached service does not depend on this handle
+        again = attach("det")
+        assert again.shard_names == names
+        with again.client() as c:
+            assert c.lookup(np.array([1, tiny_layout.total_rows - 1])).shape == (2, 16)
+    finally:
+        attach("det").shutdown()
+    # once shut down, the memory nodes' capacity is free again
+    assert _memory_free_within(free) == free
+
+
 def test_bad_deploys_are_explained():
+    # five shards, room for four: a clear error after the timeout, nothing left behind
+    with pytest.raises(TimeoutError, match=r"1 of 5 shards of 'toomany' did not start within 3 s; "
+                                           r"each needs \{'engram_memory': 1\}"):
+        deploy(C.tiny(), vocab=VOCAB, num_shards=5, name="toomany", timeout=3)
+    free = ray.cluster_resources()["engram_memory"]
+    assert _memory_free_within(free) == free
     with pytest.raises(ValueError, match="num_shards=0"):
         deploy(C.tiny(), vocab=VOCAB, num_shards=0, name="bad")
     with pytest.raises(ValueError, match="no memory service named 'nope'"):
