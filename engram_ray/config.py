@@ -16,6 +16,9 @@ from typing import Any, Callable, Mapping
 
 __all__ = [
     "EngramConfig",
+    "ModelConfig",
+    "model_tiny",
+    "model_demo",
     "OptimizerConfig",
     "StoreConfig",
     "PRESETS",
@@ -242,6 +245,70 @@ class StoreConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "StoreConfig":
         return _from_dict(cls, data)
+
+
+_FFNS = ("moe", "dense")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The backbone: a decoder-only transformer with DeepSeek-style MoE and hyper-connections."""
+
+    vocab_size: int = 50257
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    max_seq_len: int = 512
+    #: "moe" (shared + top-k routed experts) or "dense" (one SwiGLU FFN, for baselines).
+    ffn: str = "moe"
+    #: Hidden width of the dense FFN and of each expert.
+    ffn_dim: int = 512
+    n_routed_experts: int = 4
+    n_shared_experts: int = 1
+    top_k: int = 2
+    #: Weight of the load-balancing term added to the loss.
+    aux_loss_weight: float = 0.01
+    #: Hyper-connection expansion: residual streams per token (1 = plain residual; paper: 4).
+    hc_mult: int = 1
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for f in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "ffn_dim",
+                  "n_routed_experts", "top_k", "hc_mult"):
+            _check_int(name, f, getattr(self, f), 1)
+        _check_int(name, "n_shared_experts", self.n_shared_experts, 0)
+        if self.ffn not in _FFNS:
+            raise _field_error(name, "ffn", self.ffn, f"one of {', '.join(_FFNS)}")
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise _field_error(name, "dim", self.dim, f"a multiple of n_heads={self.n_heads} with an "
+                               "even head size (rotary embeddings rotate pairs)")
+        if self.top_k > self.n_routed_experts:
+            raise _field_error(name, "top_k", self.top_k,
+                               f"at most n_routed_experts={self.n_routed_experts}")
+        _check_float(name, "aux_loss_weight", self.aux_loss_weight, 0.0, 10.0)
+        _check_float(name, "rope_theta", self.rope_theta, 1.0, 1e9)
+        _check_float(name, "norm_eps", self.norm_eps, 0.0, 1.0, lo_open=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, data)
+
+
+def model_tiny() -> ModelConfig:
+    """For unit tests: two layers of width 32, four experts."""
+    return ModelConfig(vocab_size=97, dim=32, n_layers=3, n_heads=2, max_seq_len=64, ffn_dim=48,
+                       n_routed_experts=4, n_shared_experts=1, top_k=2)
+
+
+def model_demo() -> ModelConfig:
+    """The CPU demo's backbone: 4 layers of 256 over GPT-2's vocabulary."""
+    return ModelConfig(vocab_size=50257, dim=256, n_layers=4, n_heads=4, max_seq_len=256,
+                       ffn_dim=512, n_routed_experts=4, n_shared_experts=1, top_k=2)
 
 
 # Presets ------------------------------------------------------------------------------

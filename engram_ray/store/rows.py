@@ -1,18 +1,13 @@
-"""Storage dtypes and deterministic row initialisation.
-
-A row's initial values depend only on ``(init_seed, global row, dim, init_std)``: rows are drawn
-in fixed blocks of :data:`INIT_BLOCK_ROWS`, each from a generator seeded by
-``(init_seed, block index)``. Any number of shards, and any resharding, therefore hold the very
-same table, and a shard can rebuild its range without seeing the others.
-"""
+"""Storage dtypes of shard rows, and their deterministic initialisation (see
+:mod:`engram_ray.core.rows`: a row depends only on its seed and id)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["INIT_BLOCK_ROWS", "numpy_dtype", "init_rows"]
+from ..core.rows import INIT_BLOCK_ROWS, init_rows_f32
 
-INIT_BLOCK_ROWS = 1 << 16
+__all__ = ["INIT_BLOCK_ROWS", "numpy_dtype", "init_rows"]
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -30,18 +25,6 @@ def numpy_dtype(name: str) -> np.dtype:
 def init_rows(start: int, stop: int, dim: int, *, seed: int, std: float, dtype: str = "float32",
               out: np.ndarray | None = None) -> np.ndarray:
     """Initial values of global rows ``[start, stop)``: ``[stop-start, dim]`` in ``dtype``."""
-    if not 0 <= start <= stop:
-        raise ValueError(f"init_rows: bad row range [{start}, {stop})")
-    dt = numpy_dtype(dtype)
     if out is None:
-        out = np.empty((stop - start, dim), dtype=dt)
-    for block in range(start // INIT_BLOCK_ROWS, -(-stop // INIT_BLOCK_ROWS)):
-        b0 = block * INIT_BLOCK_ROWS
-        lo, hi = max(start, b0), min(stop, b0 + INIT_BLOCK_ROWS)
-        rng = np.random.default_rng([seed, block])
-        # Always draw the whole block, so a row's values never depend on where a range ends.
-        vals = rng.standard_normal((INIT_BLOCK_ROWS, dim), dtype=np.float32)
-        if std != 1.0:
-            vals *= np.float32(std)
-        out[lo - start: hi - start] = vals[lo - b0: hi - b0].astype(dt, copy=False)
-    return out
+        out = np.empty((stop - start, dim), dtype=numpy_dtype(dtype))
+    return init_rows_f32(start, stop, dim, seed=seed, std=std, out=out)

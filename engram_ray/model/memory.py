@@ -1,0 +1,65 @@
+"""Where the model gets Engram rows from: a *memory* turns the row ids of a batch into a
+*fetch*, and the Engram layer at Engram-layer index ``i`` asks the fetch for ``rows(i)``.
+
+The caller starts the fetch before the forward pass (the ids depend only on the tokens), so a
+remote memory has the whole of block 0.. to move the rows; ``rows(i)`` waits only for what has
+not arrived. ``LocalMemory`` is the in-process table trained by autograd; ``RemoteMemory``
+(in ``engram_ray.runtime``, since it talks to the service) has the same interface, so the
+model never imports a client.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..core.layout import TableLayout
+from ..core.rows import init_rows_f32
+
+__all__ = ["MemoryFetch", "LocalMemory", "LocalFetch"]
+
+
+class MemoryFetch(Protocol):
+    #: Seconds spent waiting in rows() for rows that had not arrived (0 for a local table).
+    wait_seconds: float
+
+    def rows(self, layer_index: int) -> torch.Tensor:
+        """Rows of Engram layer ``layer_index`` (position in ``layout.layer_ids``), as
+        ``[B, T, H*row_dim]``."""
+        ...
+
+
+class LocalFetch:
+    def __init__(self, memory: "LocalMemory", row_ids_lbth: torch.Tensor):
+        self.memory, self.row_ids = memory, row_ids_lbth
+        self.wait_seconds = 0.0
+
+    def rows(self, layer_index: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        ids = self.row_ids[layer_index]                                   # [B, T, H]
+        # sparse=True: the gradient touches only the looked-up rows, as on the shards.
+        e = F.embedding(ids, self.memory.table, sparse=True)              # [B, T, H, row_dim]
+        self.wait_seconds += time.perf_counter() - t0
+        return e.flatten(-2)
+
+
+class LocalMemory(nn.Module):
+    """The whole table as one trainable parameter ``[total_rows, row_dim]``, initialised
+    exactly like the shards (same seed, same rows), so local and remote runs compare."""
+
+    def __init__(self, layout: TableLayout, *, init_std: float = 1.0, init_seed: int = 0):
+        super().__init__()
+        self.layout = layout
+        values = init_rows_f32(0, layout.total_rows, layout.row_dim, seed=init_seed, std=init_std)
+        self.table = nn.Parameter(torch.from_numpy(values))
+
+    def fetch(self, row_ids_lbth) -> LocalFetch:
+        """``row_ids_lbth``: global row ids ``[L, B, T, H]`` (numpy or tensor)."""
+        ids = torch.as_tensor(np.asarray(row_ids_lbth) if not torch.is_tensor(row_ids_lbth) else row_ids_lbth,
+                              dtype=torch.long, device=self.table.device)
+        return LocalFetch(self, ids)

@@ -1,0 +1,108 @@
+"""``EngramLM``: decoder-only transformer (RMSNorm, rotary attention, DeepSeek-style MoE or a
+dense FFN, hyper-connections) with Engram layers at ``EngramConfig.layer_ids``.
+
+Shapes: tokens ``[B, T]``; residual streams ``[B, T, n, D]`` (n = hc_mult); logits
+``[B, T, vocab]``. A block is ``h += Engram(h, rows)`` (if it is an Engram layer), then
+attention and FFN, each behind its own hyper-connection, pre-norm.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..config import EngramConfig, ModelConfig
+from .attention import Attention, KVCache, rope_tables
+from .engram import EngramLayer
+from .hyper import HyperConnection
+from .memory import MemoryFetch
+from .moe import MoE, SwiGLU
+
+__all__ = ["EngramLM", "Block"]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, engram: EngramConfig | None):
+        super().__init__()
+        self.layer = layer
+        self.engram = (EngramLayer(layer, engram, cfg.dim, cfg.hc_mult, cfg.norm_eps)
+                       if engram is not None and layer in engram.layer_ids else None)
+        self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn = MoE(cfg) if cfg.ffn == "moe" else SwiGLU(cfg.dim, cfg.ffn_dim)
+        self.hc_attn = HyperConnection(cfg.hc_mult, 2 * layer)
+        self.hc_ffn = HyperConnection(cfg.hc_mult, 2 * layer + 1)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                rows: torch.Tensor | None, cache: KVCache | None, start_pos: int) -> torch.Tensor:
+        if self.engram is not None:
+            state = cache.extra.get(("conv", self.layer)) if cache is not None else None
+            out, state = self.engram(h, rows, state)
+            if cache is not None:
+                cache.extra[("conv", self.layer)] = state
+            h = h + out
+        x = self.hc_attn.read(h)
+        h = self.hc_attn.write(h, self.attn(self.attn_norm(x), cos, sin, cache, start_pos))
+        x = self.hc_ffn.read(h)
+        return self.hc_ffn.write(h, self.ffn(self.ffn_norm(x)))
+
+
+class EngramLM(nn.Module):
+    """The language model. ``engram=None`` gives the plain backbone (the no-Engram baseline)."""
+
+    def __init__(self, cfg: ModelConfig, engram: EngramConfig | None = None):
+        super().__init__()
+        if engram is not None and max(engram.layer_ids) >= cfg.n_layers:
+            raise ValueError(f"EngramConfig.layer_ids={list(engram.layer_ids)}: every Engram layer "
+                             f"must be < ModelConfig.n_layers={cfg.n_layers}")
+        self.cfg, self.engram_cfg = cfg, engram
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg, i, engram) for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init)
+        #: Engram layer id -> index into the fetch (the order of EngramConfig.layer_ids).
+        self.engram_index = {l: i for i, l in enumerate(engram.layer_ids)} if engram else {}
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def new_cache(self, batch: int, device=None) -> KVCache:
+        c = self.cfg
+        return KVCache(c.n_layers, batch, c.n_heads, c.dim // c.n_heads, c.max_seq_len,
+                       device=device or self.head.weight.device, dtype=self.head.weight.dtype)
+
+    def forward(self, tokens: torch.Tensor, fetch: MemoryFetch | None = None,
+                cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        """Logits ``[B, T, vocab]`` for tokens ``[B, T]`` at positions ``start_pos..``.
+
+        ``fetch`` supplies the Engram rows of exactly these tokens (required when the model has
+        Engram layers); ``cache`` makes decoding incremental.
+        """
+        B, T = tokens.shape
+        if start_pos + T > self.cfg.max_seq_len:
+            raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len={self.cfg.max_seq_len}")
+        if self.engram_index and fetch is None:
+            raise ValueError("this model has Engram layers: pass the fetch of the batch's rows")
+        cos = self.rope_cos[start_pos:start_pos + T]
+        sin = self.rope_sin[start_pos:start_pos + T]
+        h = self.tok_emb(tokens)[:, :, None].expand(B, T, self.cfg.hc_mult, self.cfg.dim)
+        for block in self.blocks:
+            rows = fetch.rows(self.engram_index[block.layer]) if block.engram is not None else None
+            h = block(h, cos, sin, rows, cache, start_pos)
+        return self.head(self.norm(h.sum(dim=2)))
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the MoE balance terms of the last forward, weighted by aux_loss_weight."""
+        terms = [b.ffn.aux_loss for b in self.blocks if isinstance(b.ffn, MoE)]
+        if not terms:
+            return torch.zeros((), device=self.head.weight.device)
+        return self.cfg.aux_loss_weight * torch.stack(terms).sum()

@@ -1,0 +1,173 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engram_ray import config as C
+from engram_ray.core.hashing import NgramHasher
+from engram_ray.core.layout import TableLayout
+from engram_ray.core.tokens import CompressedVocab
+from engram_ray.model import EngramLM, LocalMemory
+from engram_ray.model.engram import EngramLayer
+from engram_ray.model.hyper import HyperConnection
+from engram_ray.model.moe import MoE
+
+torch.manual_seed(0)
+
+
+class Setup:
+    def __init__(self, hc_mult=1, ffn="moe"):
+        self.mc = dataclasses.replace(C.model_tiny(), hc_mult=hc_mult, ffn=ffn)
+        self.ec = C.tiny()  # Engram at layers 1 and 2
+        self.vocab = CompressedVocab(np.arange(self.mc.vocab_size) // 2)
+        self.layout = TableLayout.build(self.ec, self.vocab)
+        self.hasher = NgramHasher.from_vocab(self.ec, self.vocab)
+        torch.manual_seed(0)
+        self.model = EngramLM(self.mc, self.ec)
+        self.memory = LocalMemory(self.layout, init_std=0.5)
+
+    def rows(self, tokens):
+        return self.layout.row_ids_stacked(self.hasher.hash_stacked(self.vocab(tokens.numpy())))
+
+    def logits(self, tokens):
+        return self.model(tokens, self.memory.fetch(self.rows(tokens)))
+
+
+@pytest.mark.parametrize("hc_mult,ffn", [(1, "moe"), (4, "moe"), (1, "dense")])
+def test_shapes_and_causality(hc_mult, ffn):
+    s = Setup(hc_mult, ffn)
+    tok = torch.randint(0, s.mc.vocab_size, (2, 20))
+    a = s.logits(tok)
+    assert a.shape == (2, 20, s.mc.vocab_size) and torch.isfinite(a).all()
+    changed = tok.clone()
+    changed[:, 12] = (changed[:, 12] + 1) % s.mc.vocab_size
+    b = s.logits(changed)
+    assert torch.allclose(a[:, :12], b[:, :12], atol=1e-6)   # nothing before the change moves
+    assert not torch.allclose(a[:, 12:], b[:, 12:])          # something after it does
+
+
+def test_engram_rows_reach_the_logits():
+    s = Setup()
+    tok = torch.randint(0, s.mc.vocab_size, (1, 10))
+    before = s.logits(tok)
+    with torch.no_grad():
+        s.memory.table.mul_(3.0)
+    assert not torch.allclose(before, s.logits(tok))
+
+
+def test_moe_routing_weights_and_balance_term():
+    cfg = C.model_tiny()
+    moe = MoE(cfg)
+    x = torch.randn(50, cfg.dim)
+    probs, w, idx = moe.route(x)
+    assert torch.allclose(w.sum(-1), torch.ones(50))
+    assert (idx[:, 0] != idx[:, 1]).all() and w.min() > 0
+    assert torch.allclose(probs.sum(-1), torch.ones(50))
+    # the output is shared(x) + the weighted top-k experts, token by token
+    y = moe(x)
+    i = 7
+    want = moe.shared(x[i]) + sum(w[i, k] * moe.experts[int(idx[i, k])](x[i]) for k in range(cfg.top_k))
+    assert torch.allclose(y[i], want, atol=1e-5)
+    # uniform router probabilities: the balance term is exactly 1, whatever the tie-break
+    torch.nn.init.zeros_(moe.router.weight)
+    moe(x)
+    assert moe.aux_loss.item() == pytest.approx(1.0)
+    # a router that sends everything to one expert is penalised
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0] = 5.0
+    moe(torch.ones(50, cfg.dim))
+    assert moe.aux_loss.item() > 1.5
+
+
+def test_engram_gates_stay_inside_zero_one_with_finite_gradients():
+    ec = C.tiny()
+    layer = EngramLayer(1, ec, dim=32, n=4, eps=1e-5)
+    h = torch.randn(2, 9, 4, 32) * 1e3
+    e = (torch.randn(2, 9, ec.memory_dim) * 1e3).requires_grad_()
+    g = layer.gates(h, e)
+    assert g.shape == (2, 9, 4, 1) and (g > 0).all() and (g < 1).all()
+    # After RMSNorm both vectors have norm sqrt(D): |<k,q>|/sqrt(D) <= sqrt(D), and the signed
+    # square root leaves |score| <= D**0.25 (norm weights are 1 at init).
+    bound = torch.tensor(32 ** 0.25)
+    assert (g >= torch.sigmoid(-bound) - 1e-6).all() and (g <= torch.sigmoid(bound) + 1e-6).all()
+    zero = layer.gates(torch.zeros(1, 1, 4, 32), torch.zeros(1, 1, ec.memory_dim, requires_grad=True))
+    assert torch.allclose(zero, torch.full_like(zero, 0.5), atol=0.01)
+    out, _ = layer(h, e)
+    out.sum().backward()
+    assert torch.isfinite(e.grad).all()
+
+
+def test_hyper_connections_one_is_the_plain_residual_and_four_learns():
+    hc1 = HyperConnection(1, 0)
+    h, y = torch.randn(2, 3, 1, 8), torch.randn(2, 3, 8)
+    assert torch.equal(hc1.read(h), h[:, :, 0]) and torch.equal(hc1.write(h, y), h + y[:, :, None])
+    assert not list(hc1.parameters())
+    hc4 = HyperConnection(4, 5)
+    h4 = torch.randn(2, 3, 4, 8)
+    assert torch.equal(hc4.read(h4), h4[:, :, 1])               # sublayer 5 reads stream 5 mod 4
+    assert torch.allclose(hc4.write(h4, y), h4 + y[:, :, None])  # init: mix = I, beta = 1
+    s = Setup(hc_mult=4)
+    tok = torch.randint(0, s.mc.vocab_size, (2, 8))
+    F.cross_entropy(s.logits(tok).flatten(0, 1), tok.flatten()).backward()
+    hc = s.model.blocks[0].hc_attn
+    assert hc.alpha.grad is not None and hc.mix.grad is not None and hc.beta.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("hc_mult", [1, 4])
+def test_incremental_decoding_equals_the_full_forward(hc_mult):
+    s = Setup(hc_mult)
+    s.model.eval()
+    tok = torch.randint(0, s.mc.vocab_size, (3, 14))
+    full = s.logits(tok)
+    cache = s.model.new_cache(3)
+    hist = s.hasher.new_history(3)
+    comp = s.vocab(tok.numpy())
+    steps = []
+    pos = 0
+    for n in (5, 1, 1, 4, 3):  # a prompt, then single tokens, then chunks
+        head_ids, hist = s.hasher.hash_step(hist, comp[:, pos:pos + n])
+        rows = np.stack([s.layout.row_ids(l, head_ids[l]) for l in s.ec.layer_ids])
+        steps.append(s.model(tok[:, pos:pos + n], s.memory.fetch(rows), cache=cache, start_pos=pos))
+        pos += n
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_a_short_training_run_lowers_the_loss():
+    s = Setup()
+    rng = np.random.default_rng(0)
+    # a corpus with structure to learn: repeated random phrases
+    phrases = rng.integers(0, s.mc.vocab_size, size=(6, 8))
+    seq = np.concatenate([phrases[i] for i in rng.integers(0, 6, size=200)])
+    dense = torch.optim.AdamW(s.model.parameters(), lr=3e-3)
+    sparse = torch.optim.SparseAdam([s.memory.table], lr=3e-2)
+    losses = []
+    for step in range(40):
+        starts = rng.integers(0, seq.size - 33, size=8)
+        batch = torch.as_tensor(np.stack([seq[a:a + 33] for a in starts]))
+        x, y = batch[:, :-1], batch[:, 1:]
+        logits = s.logits(x)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        (loss + s.model.aux_loss()).backward()
+        dense.step()
+        sparse.step()
+        dense.zero_grad()
+        sparse.zero_grad()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+
+
+def test_bad_model_configs_and_calls():
+    with pytest.raises(ValueError, match="layer_ids=.*must be < ModelConfig.n_layers=2"):
+        EngramLM(dataclasses.replace(C.model_tiny(), n_layers=2), C.tiny())
+    with pytest.raises(ValueError, match="ModelConfig.dim=30"):
+        dataclasses.replace(C.model_tiny(), dim=30)
+    with pytest.raises(ValueError, match="top_k=5"):
+        dataclasses.replace(C.model_tiny(), top_k=5)
+    s = Setup()
+    with pytest.raises(ValueError, match="pass the fetch"):
+        s.model(torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="exceed max_seq_len=64"):
+        s.model(torch.zeros(1, 65, dtype=torch.long), fetch=None)
