@@ -26,6 +26,7 @@ import grpc
 import numpy as np
 
 from .core.layout import ShardPlan, TableLayout
+from .core.optim import sum_duplicates
 from .errors import (EngramError, FingerprintMismatch, InvalidRequest, RequestTooLarge,
                      ShardUnavailable)
 from .rpc import codec
@@ -328,11 +329,7 @@ class EngramClient:
             raise InvalidRequest(f"row id {bad} is outside the table's {self.layout.total_rows} rows")
         if not np.isfinite(g).all():
             raise InvalidRequest("gradients hold NaN or Inf; nothing was sent")
-        order = np.argsort(flat, kind="stable")
-        fs = flat[order]
-        starts = np.flatnonzero(np.r_[True, fs[1:] != fs[:-1]]) if fs.size else np.zeros(0, np.int64)
-        uniq = fs[starts]
-        summed = np.add.reduceat(g[order], starts, axis=0) if uniq.size else g[:0]
+        uniq, summed = sum_duplicates(flat, g)
         batch = _Batch(self, "push", _PUSH_RETRY)
         step = max(1, self.max_rows_per_message * self.dtype.itemsize // 4)  # float32 on the wire
         for shard, a, b in self._chunks(uniq):

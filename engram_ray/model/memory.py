@@ -18,7 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import OptimizerConfig
 from ..core.layout import TableLayout
+from ..core.optim import SparseOptimizer, sum_duplicates
 from ..core.rows import init_rows_f32
 
 __all__ = ["MemoryFetch", "LocalMemory", "LocalFetch"]
@@ -52,11 +54,36 @@ class LocalMemory(nn.Module):
     """The whole table as one trainable parameter ``[total_rows, row_dim]``, initialised
     exactly like the shards (same seed, same rows), so local and remote runs compare."""
 
-    def __init__(self, layout: TableLayout, *, init_std: float = 1.0, init_seed: int = 0):
+    def __init__(self, layout: TableLayout, *, init_std: float = 1.0, init_seed: int = 0,
+                 optimizer: OptimizerConfig = OptimizerConfig()):
         super().__init__()
         self.layout = layout
         values = init_rows_f32(0, layout.total_rows, layout.row_dim, seed=init_seed, std=init_std)
         self.table = nn.Parameter(torch.from_numpy(values))
+        self.optimizer = SparseOptimizer(optimizer, layout.total_rows, layout.row_dim)
+
+    @torch.no_grad()
+    def apply_gradients(self) -> int:
+        """One step of the shards' sparse optimiser on the rows the last backward touched
+        (the same numpy code the shards run); clears the gradient. Returns rows updated."""
+        grad = self.table.grad
+        if grad is None:
+            return 0
+        self.table.grad = None
+        if not grad.is_sparse:
+            raise ValueError("LocalMemory expects the sparse gradient of its lookups")
+        # uncoalesced: one entry per looked-up row, in lookup order (as RemoteMemory pushes)
+        ids = grad._indices()[0].cpu().numpy()
+        g = grad._values().float().cpu().numpy()
+        uniq, summed = sum_duplicates(ids, g)
+        table = self.table.data.cpu().numpy() if self.table.device.type == "cpu" else None
+        if table is None:  # on an accelerator: step a host copy of the touched rows
+            w = self.table.data[torch.as_tensor(uniq)].float().cpu().numpy()
+            new = self.optimizer.step(w, uniq, summed)
+            self.table.data[torch.as_tensor(uniq)] = torch.as_tensor(new, device=self.table.device)
+        else:
+            table[uniq] = self.optimizer.step(table[uniq], uniq, summed)
+        return int(uniq.size)
 
     def fetch(self, row_ids_lbth) -> LocalFetch:
         """``row_ids_lbth``: global row ids ``[L, B, T, H]`` (numpy or tensor)."""

@@ -17,8 +17,8 @@ import numpy as np
 
 from ..config import StoreConfig
 from ..core.layout import ShardPlan, TableLayout
+from ..core.optim import SparseOptimizer, sum_duplicates
 from ..errors import InvalidRequest
-from .optim import SparseOptimizer
 from .rows import init_rows, numpy_dtype
 
 __all__ = ["TableShard"]
@@ -116,12 +116,7 @@ class TableShard:
                                  "finite (NaN or Inf); nothing was applied")
         if local.size == 0:
             return 0
-        # Sum duplicate ids (as autograd sums an embedding row used twice), sorted by row.
-        order = np.argsort(local, kind="stable")
-        ls = local[order]
-        starts = np.flatnonzero(np.r_[True, ls[1:] != ls[:-1]])
-        uniq = ls[starts]
-        g = np.add.reduceat(g[order], starts, axis=0) if uniq.size != ls.size else g[order]
+        uniq, g = sum_duplicates(local, g)
         with self._lock:
             w = self.values[uniq].astype(np.float32)
             new = self.optimizer.step(w, uniq, g)

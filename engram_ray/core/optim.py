@@ -1,5 +1,8 @@
 """Sparse optimisers applied to the rows a batch touched, with state held beside the rows.
 
+Pure numpy, shared by the shards (``store``) and the in-process table (``model.LocalMemory``),
+so a step is the same computation wherever the table lives.
+
 Adam keeps ``m``, ``v`` (float32, like the rows) and a step count *per row*: bias correction
 uses the row's own count, so a batch split over shards or messages updates exactly as the
 whole batch would. The update is ``torch.optim.Adam``'s without weight decay::
@@ -14,7 +17,22 @@ import numpy as np
 
 from ..config import OptimizerConfig
 
-__all__ = ["SparseOptimizer"]
+__all__ = ["SparseOptimizer", "sum_duplicates"]
+
+
+def sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique ids ``[U]`` and their summed gradients ``[U, dim]``, for ids ``[n]`` and
+    grads ``[n, dim]``: as autograd sums the gradient of a row used twice. Duplicates are
+    added in their order of appearance (stable sort), so every side that uses this function
+    -- client, shard, LocalMemory -- produces bit-identical sums."""
+    order = np.argsort(ids, kind="stable")
+    s = ids[order]
+    if s.size == 0:
+        return s, grads[:0]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    if starts.size == s.size:
+        return s, grads[order]
+    return s[starts], np.add.reduceat(grads[order], starts, axis=0)
 
 
 class SparseOptimizer:

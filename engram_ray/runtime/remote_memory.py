@@ -1,0 +1,82 @@
+"""``RemoteMemory``: the model's memory interface backed by the memory service.
+
+``fetch(row_ids)`` issues one prefetch per Engram layer at once, so layer i's rows travel
+while the blocks before it compute, and ``rows(i)`` waits only for layer i. After backward,
+``push_gradients()`` sends the rows' gradients to the shards, deduplicated, where the sparse
+optimiser applies them. For the same table and batch this equals ``LocalMemory`` (tested).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ..client import EngramClient, Prefetch
+
+__all__ = ["RemoteMemory", "RemoteFetch"]
+
+
+def _to_tensor(arr: np.ndarray, device: torch.device, pin: bool) -> torch.Tensor:
+    if arr.dtype.name == "bfloat16":  # ml_dtypes: reinterpret the bits
+        t = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(arr)
+    if device.type == "cuda":
+        if pin:
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
+    return t
+
+
+class RemoteFetch:
+    def __init__(self, memory: "RemoteMemory", row_ids_lbth: np.ndarray, requires_grad: bool):
+        self.memory, self.row_ids = memory, row_ids_lbth
+        self.requires_grad = requires_grad
+        self.pending: list[Prefetch] = [memory.client.prefetch(r) for r in row_ids_lbth]
+        self.tensors: dict[int, torch.Tensor] = {}
+        #: Time spent blocked in rows(): the part of the fetch not hidden behind compute.
+        self.wait_seconds = 0.0
+
+    @property
+    def fetch_seconds(self) -> float:
+        """Issue-to-arrival time of the slowest layer's rows (0 until all arrived)."""
+        done = [p.fetch_seconds for p in self.pending]
+        return max(done) if all(d is not None for d in done) else 0.0
+
+    def rows(self, layer_index: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        arr = self.pending[layer_index].result(timeout=self.memory.client.timeout * 4)  # [B, T, H, r]
+        self.wait_seconds += time.perf_counter() - t0
+        t = _to_tensor(arr, self.memory.device, self.memory.pin).to(self.memory.dtype)
+        if self.requires_grad:
+            t.requires_grad_(True)
+        self.tensors[layer_index] = t
+        return t.flatten(-2)
+
+    def push_gradients(self) -> int:
+        """Send d(loss)/d(rows) of every layer used to the shards; returns rows updated."""
+        ids, grads = [], []
+        for li, t in sorted(self.tensors.items()):
+            if t.grad is not None:
+                ids.append(self.row_ids[li].reshape(-1))
+                grads.append(t.grad.float().cpu().numpy().reshape(ids[-1].size, -1))
+        if not ids:
+            return 0
+        return self.memory.client.push_gradients(np.concatenate(ids), np.concatenate(grads))
+
+
+class RemoteMemory:
+    """Rows from an :class:`EngramClient`. ``pin``: stage CUDA copies in pinned memory."""
+
+    def __init__(self, client: EngramClient, *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, pin: bool = True):
+        self.client = client
+        self.layout = client.layout
+        self.device = torch.device(device)
+        self.dtype, self.pin = dtype, pin
+
+    def fetch(self, row_ids_lbth, requires_grad: bool = True) -> RemoteFetch:
+        """Start fetching rows ``[L, B, T, H]`` (numpy int64); returns at once."""
+        return RemoteFetch(self, np.asarray(row_ids_lbth, dtype=np.int64), requires_grad)
