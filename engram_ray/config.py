@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 __all__ = [
     "EngramConfig",
     "ModelConfig",
+    "TrainConfig",
     "model_tiny",
     "model_demo",
     "OptimizerConfig",
@@ -272,6 +273,8 @@ class ModelConfig:
     hc_mult: int = 1
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    #: Share the token embedding with the output head (halves the vocab-sized parameters).
+    tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -306,9 +309,42 @@ def model_tiny() -> ModelConfig:
 
 
 def model_demo() -> ModelConfig:
-    """The CPU demo's backbone: 4 layers of 256 over GPT-2's vocabulary."""
-    return ModelConfig(vocab_size=50257, dim=256, n_layers=4, n_heads=4, max_seq_len=256,
-                       ffn_dim=512, n_routed_experts=4, n_shared_experts=1, top_k=2)
+    """The CPU demo's backbone: 4 layers of 128 over GPT-2's vocabulary (a few minutes of CPU)."""
+    return ModelConfig(vocab_size=50257, dim=128, n_layers=4, n_heads=4, max_seq_len=256,
+                       ffn_dim=256, n_routed_experts=4, n_shared_experts=1, top_k=2)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The training loop: AdamW on dense weights; Engram rows use StoreConfig.optimizer."""
+
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for f in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
+            _check_int(name, f, getattr(self, f), 1)
+        _check_int(name, "warmup_steps", self.warmup_steps, 0)
+        _check_int(name, "seed", self.seed, 0)
+        _check_float(name, "lr", self.lr, 0.0, 10.0, lo_open=True)
+        _check_float(name, "weight_decay", self.weight_decay, 0.0, 10.0)
+        _check_float(name, "grad_clip", self.grad_clip, 0.0, 1e6)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        return _from_dict(cls, data)
 
 
 # Presets ------------------------------------------------------------------------------

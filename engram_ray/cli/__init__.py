@@ -14,7 +14,6 @@ __all__ = ["main", "build_parser"]
 
 # Subcommands that later issues build; listed so --help shows the whole tool.
 _COMING = {
-    "train": ("train an Engram-MoE through the memory service", 4),
     "plan": ("capacity planning: shards, memory nodes, GiB and bandwidth per worker", 6),
     "checkpoint": ("ask every shard of a running service to save its rows", 7),
 }

@@ -1,63 +1,153 @@
-"""``engram-ray demo``: the main job on one machine."""
+"""``engram-ray demo`` (the main job) and ``engram-ray train``: train an Engram-MoE whose
+Engram table lives in the memory service, on a local Ray or a cluster."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
+from typing import Any
 
-from ..config import preset
+from ..config import (OptimizerConfig, StoreConfig, TrainConfig, model_demo, preset)
 from .common import gib
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    import numpy as np
+def _run(args: argparse.Namespace, *, title: str) -> dict[str, Any]:
+    from tqdm import tqdm
 
-    from ..core.hashing import NgramHasher
-    from ..core.layout import TableLayout
     from ..data import default_vocab, load_corpus, load_tokenizer
+    from ..runtime import deploy, ray_session, start_worker
 
-    print("engram-ray demo: the full demo (train an Engram-MoE through the gRPC memory service "
-          "on a local Ray) is not yet built; it lands with issue #4.")
-    print("Running what exists today: offline tokenizer, vocabulary compression, exact n-gram "
-          "hashing of the real corpus, table layout.\n")
-    cfg = preset("demo")
+    t_start = time.perf_counter()
+    ecfg, mcfg = preset(args.preset), model_demo()
+    tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                       eval_every=args.eval_every, lr=args.lr)
+    store = StoreConfig(init_std=0.02, optimizer=OptimizerConfig(kind="adam", lr=args.engram_lr))
+    print(title)
     tok = load_tokenizer(args.tokenizer)
-    t0 = time.perf_counter()
     vocab = default_vocab(tok)
-    print(f"vocabulary   {vocab.num_tokens:,} -> {vocab.size:,} compressed ids "
-          f"({100 * (1 - vocab.ratio):.1f} % fewer) in {time.perf_counter() - t0:.2f} s")
     corpus = load_corpus(args.corpus, tok, progress=True)
-    s = corpus.summary()
-    print(f"corpus       {s['corpus']}: {s['train_tokens']:,} train / {s['val_tokens']:,} val tokens, "
-          f"{s['documents']} documents ({s['val_documents']} held out)")
-    layout = TableLayout.build(cfg, vocab)
-    print(f"table        {layout.total_rows:,} rows x {layout.row_dim} = {layout.num_params / 1e6:.1f} M "
-          f"params ({gib(layout.nbytes('float32'))} fp32), fingerprint {layout.fingerprint}")
-    hasher = NgramHasher.from_vocab(cfg, vocab)
-    T, B = 512, 64
-    n = (corpus.val.size // T) * T
-    ids = vocab(corpus.val[:n].astype(np.int64).reshape(-1, T))
-    # Hash in training-sized batches [64, 512], as a worker would, after one warm-up batch.
-    layout.row_ids_stacked(hasher.hash_stacked(ids[:B]))
-    seen = []
-    t0 = time.perf_counter()
-    for a in range(0, ids.shape[0], B):
-        rows = layout.row_ids_stacked(hasher.hash_stacked(ids[a:a + B]))
-        seen.append(rows.ravel())
-    dt = time.perf_counter() - t0
-    total = sum(r.size for r in seen)
-    uniq = np.unique(np.concatenate(seen)).size
-    print(f"hashing      {ids.size:,} val tokens x {len(cfg.layer_ids)} layers x {cfg.heads_per_layer} heads "
-          f"in batches of [{B}, {T}]: {ids.size / dt / 1e6:.2f} M tokens/s; {uniq:,} distinct rows "
-          f"({100 * uniq / total:.1f} % of {total:,} lookups)")
+    cs = corpus.summary()
+    print(f"  data       {cs['corpus']}: {cs['train_tokens']:,} train / {cs['val_tokens']:,} val tokens; "
+          f"vocabulary {vocab.num_tokens:,} -> {vocab.size:,} compressed ids")
+    with ray_session(args.address):
+        svc = deploy(ecfg, vocab=vocab, num_shards=args.shards, store=store, name=args.name)
+        worker = None
+        try:
+            lay = svc.layout
+            print(f"  service    {args.shards} shards at {', '.join(svc.addresses)}: {lay.total_rows:,} rows x "
+                  f"{lay.row_dim} ({lay.num_params / 1e6:.1f} M Engram params, "
+                  f"{gib(lay.nbytes('float32'))} + Adam state), {lay.fingerprint}")
+            worker = start_worker(args.name, mcfg, ecfg, tcfg, tokenizer=args.tokenizer, corpus=args.corpus)
+            winfo = worker.info()
+            print(f"  worker     {winfo['device']}, {winfo['threads']} threads: Engram-MoE with "
+                  f"{winfo['params'] / 1e6:.1f} M dense params, {mcfg.n_layers} layers, Engram at "
+                  f"{list(ecfg.layer_ids)}, {mcfg.n_routed_experts} routed + {mcfg.n_shared_experts} shared experts")
+            val = [(0, worker.evaluate())]
+            steps: list[dict[str, float]] = []
+            bar = tqdm(total=tcfg.steps, desc="training", unit="step")
+            t_train = time.perf_counter()
+            while len(steps) < tcfg.steps:
+                chunk = worker.train(min(tcfg.eval_every, tcfg.steps - len(steps)))
+                steps.extend(chunk)
+                val.append((len(steps), worker.evaluate()))
+                bar.update(len(chunk))
+                bar.set_postfix(loss=f"{chunk[-1]['loss']:.2f}", val=f"{val[-1][1]:.2f}")
+            bar.close()
+            train_s = time.perf_counter() - t_train
+            sample = worker.generate(args.prompt, args.sample_tokens)
+            cstats, shards = worker.stats(), svc.describe()
+            if args.checkpoint:
+                Path(args.checkpoint).mkdir(parents=True, exist_ok=True)
+                svc.save(str(Path(args.checkpoint) / "engram"))
+                worker.save(str(Path(args.checkpoint) / "dense.pt"))
+        finally:
+            if worker is not None:
+                worker.shutdown()
+            svc.shutdown()
+    tokens = sum(s["tokens"] for s in steps)
+    fetch = sum(s["fetch_seconds"] for s in steps)
+    wait = sum(s["wait_seconds"] for s in steps)
+    first = sum(s["loss"] for s in steps[:10]) / min(10, len(steps))
+    last = sum(s["loss"] for s in steps[-10:]) / min(10, len(steps))
+    return {
+        "steps": len(steps), "tokens": tokens, "train_seconds": train_s,
+        "tokens_per_second": tokens / train_s, "total_seconds": time.perf_counter() - t_start,
+        "train_loss_first10": first, "train_loss_last10": last,
+        "val_loss": [{"step": s, "loss": v} for s, v in val],
+        "lookups": cstats["lookups"], "ids_requested": cstats["ids"], "unique_rows_fetched": cstats["unique_ids"],
+        "dedup_ratio": cstats["dedup_ratio"], "bytes_received": cstats["bytes_received"],
+        "rows_pushed": cstats["rows_pushed"], "lookup_p50_ms": cstats["latency_p50_ms"],
+        "lookup_p99_ms": cstats["latency_p99_ms"],
+        "fetch_seconds": fetch, "wait_seconds": wait,
+        "hidden_fraction": (1 - wait / fetch) if fetch > 0 else None,
+        "shards": [{"shard": d["shard_index"], "rows_served": d["counters"]["rows_served"],
+                    "rows_updated": d["counters"]["rows_updated"], "bytes_served": d["counters"]["bytes_served"]}
+                   for d in shards],
+        "sample_prompt": args.prompt, "sample": sample,
+    }
+
+
+def _print_summary(r: dict[str, Any]) -> None:
+    v0, v1 = r["val_loss"][0]["loss"], r["val_loss"][-1]["loss"]
+    print("\nsummary")
+    print(f"  loss         val {v0:.3f} -> {v1:.3f}  (train {r['train_loss_first10']:.3f} -> "
+          f"{r['train_loss_last10']:.3f});  val by step: "
+          + ", ".join(f"{x['step']}:{x['loss']:.2f}" for x in r["val_loss"]))
+    print(f"  throughput   {r['tokens']:,} tokens in {r['train_seconds']:.0f} s = {r['tokens_per_second']:,.0f} tokens/s "
+          f"(whole run {r['total_seconds']:.0f} s)")
+    print(f"  lookups      {r['lookups']:,} calls for {r['ids_requested']:,} row ids -> {r['unique_rows_fetched']:,} "
+          f"unique rows fetched (dedup ratio {r['dedup_ratio']:.2f}), {r['bytes_received'] / 2**20:,.1f} MiB received, "
+          f"p50 {r['lookup_p50_ms']:.1f} ms / p99 {r['lookup_p99_ms']:.1f} ms")
+    print(f"  updates      {r['rows_pushed']:,} row gradients pushed; per shard rows served/updated: "
+          + ", ".join(f"#{s['shard']} {s['rows_served']:,}/{s['rows_updated']:,}" for s in r["shards"]))
+    if r["hidden_fraction"] is not None:
+        print(f"  prefetch     fetch {r['fetch_seconds']:.2f} s in all, waited {r['wait_seconds']:.2f} s: "
+              f"{100 * r['hidden_fraction']:.0f} % of the fetch time hidden behind compute")
+    print(f"  sample       {r['sample_prompt']!r} -> {r['sample']!r}")
+
+
+def _cmd(args: argparse.Namespace, title: str) -> int:
+    report = _run(args, title=title)
+    _print_summary(report)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser("demo", help="the main job, on one machine with no cluster (today: the "
-                                    "foundation; training through the service lands with issue #4)",
-                       description="End-to-end demo on one machine.")
+def _add_args(p: argparse.ArgumentParser, steps: int) -> None:
+    p.add_argument("--preset", default="demo", help="Engram table preset (default: demo)")
     p.add_argument("--tokenizer", default="gpt2", metavar="gpt2|PATH")
     p.add_argument("--corpus", default="stdlib", metavar="stdlib|shakespeare|PATH",
                    help="training text (default: the CPython standard library)")
-    p.set_defaults(func=_cmd_demo)
+    p.add_argument("--steps", type=int, default=steps, help=f"optimiser steps (default: {steps})")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--eval-every", type=int, default=30, help="validation every N steps (default: 30)")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of the dense weights")
+    p.add_argument("--engram-lr", type=float, default=1e-2, help="sparse Adam learning rate of the rows")
+    p.add_argument("--shards", type=int, default=2, help="memory service shards (default: 2)")
+    p.add_argument("--name", default="engram-demo", help="service name (default: engram-demo)")
+    p.add_argument("--address", default=None, help="Ray address (default: a local Ray in-process)")
+    p.add_argument("--prompt", default="def main(", help="prompt of the generated sample")
+    p.add_argument("--sample-tokens", type=int, default=40)
+    p.add_argument("--checkpoint", metavar="DIR", help="save the Engram rows (shards) and dense weights here")
+    p.add_argument("--out", metavar="FILE.json", help="write the summary figures as JSON")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="the main job: train an Engram-MoE through the memory service "
+                                    "on a local Ray (no cluster, offline, a few minutes of CPU)",
+                       description="Start a local Ray, deploy the memory service (2 shards), start a "
+                                   "worker, train on the real corpus through the service, show the "
+                                   "validation loss fall, generate a sample and summarise.")
+    _add_args(p, steps=150)
+    p.set_defaults(func=lambda a: _cmd(a, "engram-ray demo: an Engram-MoE trained through a sharded "
+                                          "memory service, on a local Ray"))
+    p = sub.add_parser("train", help="train an Engram-MoE through the memory service",
+                       description="Like demo, with every knob exposed and checkpoints.")
+    _add_args(p, steps=1000)
+    p.set_defaults(func=lambda a: _cmd(a, "engram-ray train"))

@@ -85,7 +85,11 @@ class LocalMemory(nn.Module):
             table[uniq] = self.optimizer.step(table[uniq], uniq, summed)
         return int(uniq.size)
 
-    def fetch(self, row_ids_lbth) -> LocalFetch:
+    def update(self, fetch: LocalFetch) -> int:
+        """After backward: step the rows the fetch read (same call as RemoteMemory.update)."""
+        return self.apply_gradients()
+
+    def fetch(self, row_ids_lbth, requires_grad: bool = True) -> LocalFetch:
         """``row_ids_lbth``: global row ids ``[L, B, T, H]`` (numpy or tensor)."""
         ids = torch.as_tensor(np.asarray(row_ids_lbth) if not torch.is_tensor(row_ids_lbth) else row_ids_lbth,
                               dtype=torch.long, device=self.table.device)

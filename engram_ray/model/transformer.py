@@ -65,6 +65,8 @@ class EngramLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
         #: Engram layer id -> index into the fetch (the order of EngramConfig.layer_ids).
         self.engram_index = {l: i for i, l in enumerate(engram.layer_ids)} if engram else {}
 

@@ -2,5 +2,7 @@
 
 from .remote_memory import RemoteMemory
 from .service import MemoryService, attach, deploy, ray_session
+from .worker import BackboneWorker, start_worker
 
-__all__ = ["MemoryService", "RemoteMemory", "attach", "deploy", "ray_session"]
+__all__ = ["BackboneWorker", "MemoryService", "RemoteMemory", "attach", "deploy", "ray_session",
+           "start_worker"]

@@ -77,6 +77,10 @@ class RemoteMemory:
         self.device = torch.device(device)
         self.dtype, self.pin = dtype, pin
 
+    def update(self, fetch: RemoteFetch) -> int:
+        """After backward: push the fetch's row gradients to the shards."""
+        return fetch.push_gradients()
+
     def fetch(self, row_ids_lbth, requires_grad: bool = True) -> RemoteFetch:
         """Start fetching rows ``[L, B, T, H]`` (numpy int64); returns at once."""
         return RemoteFetch(self, np.asarray(row_ids_lbth, dtype=np.int64), requires_grad)
