@@ -132,7 +132,7 @@ def _add_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--shards", type=int, default=2, help="memory service shards (default: 2)")
     p.add_argument("--name", default="engram-demo", help="service name (default: engram-demo)")
     p.add_argument("--address", default=None, help="Ray address (default: a local Ray in-process)")
-    p.add_argument("--prompt", default="def main(", help="prompt of the generated sample")
+    p.add_argument("--prompt", default="import", help="prompt of the generated sample (default: import)")
     p.add_argument("--sample-tokens", type=int, default=40)
     p.add_argument("--checkpoint", metavar="DIR", help="save the Engram rows (shards) and dense weights here")
     p.add_argument("--out", metavar="FILE.json", help="write the summary figures as JSON")

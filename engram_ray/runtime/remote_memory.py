@@ -18,16 +18,10 @@ from ..client import EngramClient, Prefetch
 __all__ = ["RemoteMemory", "RemoteFetch"]
 
 
-def _to_tensor(arr: np.ndarray, device: torch.device, pin: bool) -> torch.Tensor:
+def _host_tensor(arr: np.ndarray) -> torch.Tensor:
     if arr.dtype.name == "bfloat16":  # ml_dtypes: reinterpret the bits
-        t = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
-    else:
-        t = torch.from_numpy(arr)
-    if device.type == "cuda":
-        if pin:
-            t = t.pin_memory()
-        return t.to(device, non_blocking=True)
-    return t
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(arr)
 
 
 class RemoteFetch:
@@ -49,7 +43,7 @@ class RemoteFetch:
         t0 = time.perf_counter()
         arr = self.pending[layer_index].result(timeout=self.memory.client.timeout * 4)  # [B, T, H, r]
         self.wait_seconds += time.perf_counter() - t0
-        t = _to_tensor(arr, self.memory.device, self.memory.pin).to(self.memory.dtype)
+        t = self.memory.to_device(_host_tensor(arr)).to(self.memory.dtype)
         if self.requires_grad:
             t.requires_grad_(True)
         self.tensors[layer_index] = t
@@ -76,6 +70,21 @@ class RemoteMemory:
         self.layout = client.layout
         self.device = torch.device(device)
         self.dtype, self.pin = dtype, pin
+        # CUDA: host-to-device copies of rows run on a side stream from pinned buffers, so
+        # they overlap the compute stream; the compute stream waits only for that copy.
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host rows -> the model's device (pinned, non-blocking, on the copy stream)."""
+        if self.copy_stream is None:
+            return t
+        src = t.pin_memory() if self.pin else t
+        with torch.cuda.stream(self.copy_stream):
+            out = src.to(self.device, non_blocking=True)
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self.copy_stream)
+        out.record_stream(compute)  # the allocator must not reuse it before compute is done
+        return out
 
     def update(self, fetch: RemoteFetch) -> int:
         """After backward: push the fetch's row gradients to the shards."""

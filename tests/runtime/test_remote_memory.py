@@ -54,3 +54,25 @@ def test_local_and_remote_memory_agree_on_logits_and_updated_rows(kind):
         client.close()
         for srv, _ in servers:
             srv.stop(0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rows_reach_the_gpu_through_pinned_buffers_on_a_side_stream():
+    mc, ec = C.model_tiny(), C.tiny()
+    vocab = CompressedVocab(np.arange(mc.vocab_size) // 2)
+    layout = TableLayout.build(ec, vocab)
+    shard = TableShard.create(layout, 1, 0, StoreConfig(dtype="bfloat16"))
+    server, port = create_server(shard, "127.0.0.1", 0)
+    client = EngramClient([f"127.0.0.1:{port}"], layout)
+    try:
+        remote = RemoteMemory(client, device="cuda")
+        rows = np.arange(2 * 3 * 5 * ec.heads_per_layer).reshape(2, 3, 5, ec.heads_per_layer)
+        f = remote.fetch(rows)
+        t = f.rows(1)
+        assert t.is_cuda and t.shape == (3, 5, ec.heads_per_layer * layout.row_dim)
+        want = torch.from_numpy(shard.values[rows[1]].astype(np.float32)).flatten(-2)
+        assert torch.equal(t.cpu(), want)
+    finally:
+        client.close()
+        server.stop(0)
