@@ -65,10 +65,3 @@ def test_hash_shows_row_ids(capsys):
 def test_coming_commands_say_so(capsys):
     assert main(["plan"]) == 2
     assert "not yet built (issue #6)" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_demo_runs_the_foundation(capsys):
-    assert main(["demo"]) == 0
-    out = capsys.readouterr().out
-    assert "50,257 -> 32,962" in out and "M tokens/s" in out

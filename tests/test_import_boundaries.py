@@ -72,3 +72,8 @@ def test_imports_point_downward(path):
             assert not hits, f"{mod} imports {hits}, against the layering"
     if not mod.startswith("engram_ray.runtime"):
         assert not any(i == "ray" or i.startswith("ray.") for i in imported), f"{mod} imports ray"
+
+
+def test_a_shard_process_does_not_load_torch():
+    loaded = _loaded_after(["engram_ray.runtime.shard_server", "engram_ray.runtime"])
+    assert "torch" not in loaded and "ray" in loaded

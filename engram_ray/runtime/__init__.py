@@ -1,8 +1,24 @@
-"""Ray actors and the service lifecycle: the only package that imports ray."""
+"""Ray actors and the service lifecycle: the only package that imports ray.
 
-from .remote_memory import RemoteMemory
+The worker side (``BackboneWorker``, ``RemoteMemory``: torch) is imported on first use, so
+a memory node's shard processes never load torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .service import MemoryService, attach, deploy, ray_session
-from .worker import BackboneWorker, start_worker
 
-__all__ = ["BackboneWorker", "MemoryService", "RemoteMemory", "attach", "deploy", "ray_session",
-           "start_worker"]
+__all__ = ["BackboneWorker", "MemoryService", "RemoteMemory", "WorkerHandle", "attach", "deploy",
+           "ray_session", "start_worker"]
+
+_LAZY = {"BackboneWorker": ".worker", "WorkerHandle": ".worker", "start_worker": ".worker",
+         "RemoteMemory": ".remote_memory"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
