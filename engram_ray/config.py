@@ -58,8 +58,21 @@ def _check_int(cls_name: str, name: str, value: Any, lo: int, hi: int | None = N
         raise _field_error(cls_name, name, value, f"an integer {bound}")
 
 
+class _JsonFields:
+    """``to_dict`` / ``from_dict`` for a config dataclass: JSON keys are the field names."""
+
+    def to_dict(self) -> dict[str, Any]:
+        def plain(v: Any) -> Any:
+            return list(v) if isinstance(v, tuple) else v
+        return {k: plain(v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Any:
+        return _from_dict(cls, data)
+
+
 @dataclass(frozen=True, kw_only=True)
-class EngramConfig:
+class EngramConfig(_JsonFields):
     """The Engram memory: which n-grams are hashed, into how many rows, of what width.
 
     Field names and defaults are those of the reference demo (``engram_demo_v1.py``), so a
@@ -139,14 +152,6 @@ class EngramConfig:
         return self.heads_per_layer * self.row_dim
 
     # JSON -------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "EngramConfig":
-        return _from_dict(cls, data)
-
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2) + "\n"
         if path is not None:
@@ -193,7 +198,7 @@ def _check_float(cls_name: str, name: str, value: Any, lo: float, hi: float, *,
 
 
 @dataclass(frozen=True, kw_only=True)
-class OptimizerConfig:
+class OptimizerConfig(_JsonFields):
     """The sparse optimiser the shards apply to pushed row gradients.
 
     Adam without weight decay, with its own learning rate, as the paper trains Engram tables;
@@ -218,7 +223,7 @@ class OptimizerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class StoreConfig:
+class StoreConfig(_JsonFields):
     """How shards hold rows: storage dtype, deterministic initialisation, optimiser."""
 
     #: float32, bfloat16 (via ml_dtypes) or float16.
@@ -240,19 +245,13 @@ class StoreConfig:
         _check_float(name, "init_std", self.init_std, 0.0, 1e6)
         _check_int(name, "init_seed", self.init_seed, 0, 2**63 - 1)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "StoreConfig":
-        return _from_dict(cls, data)
 
 
 _FFNS = ("moe", "dense")
 
 
 @dataclass(frozen=True, kw_only=True)
-class ModelConfig:
+class ModelConfig(_JsonFields):
     """The backbone: a decoder-only transformer with DeepSeek-style MoE and hyper-connections."""
 
     vocab_size: int = 50257
@@ -294,16 +293,10 @@ class ModelConfig:
         _check_float(name, "rope_theta", self.rope_theta, 1.0, 1e9)
         _check_float(name, "norm_eps", self.norm_eps, 0.0, 1.0, lo_open=True)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
-        return _from_dict(cls, data)
 
 
 def model_tiny() -> ModelConfig:
-    """For unit tests: two layers of width 32, four experts."""
+    """For unit tests: three layers of width 32, four routed experts, a 97-token vocabulary."""
     return ModelConfig(vocab_size=97, dim=32, n_layers=3, n_heads=2, max_seq_len=64, ffn_dim=48,
                        n_routed_experts=4, n_shared_experts=1, top_k=2)
 
@@ -315,7 +308,7 @@ def model_demo() -> ModelConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
+class TrainConfig(_JsonFields):
     """The training loop: AdamW on dense weights; Engram rows use StoreConfig.optimizer."""
 
     steps: int = 200
@@ -339,12 +332,6 @@ class TrainConfig:
         _check_float(name, "weight_decay", self.weight_decay, 0.0, 10.0)
         _check_float(name, "grad_clip", self.grad_clip, 0.0, 1e6)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
-        return _from_dict(cls, data)
 
 
 # Presets ------------------------------------------------------------------------------

@@ -74,3 +74,24 @@ def test_unknown_json_key_is_refused_by_name():
 def test_bad_values_name_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
         EngramConfig(**{field: value})
+
+
+@pytest.mark.parametrize("cfg", [C.model_tiny(), C.model_demo(), C.TrainConfig(), C.StoreConfig(dtype="bf16"),
+                                 C.OptimizerConfig(kind="sgd", lr=0.5)])
+def test_other_configs_round_trip_and_refuse_unknown_keys(cfg):
+    cls = type(cfg)
+    assert cls.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match=f"{cls.__name__}: unknown key.*'bogus'"):
+        cls.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+@pytest.mark.parametrize("cls,field,value,match", [
+    (C.ModelConfig, "ffn", "mlp", "ffn='mlp': expected one of moe, dense"),
+    (C.ModelConfig, "hc_mult", 0, "hc_mult=0"),
+    (C.TrainConfig, "lr", 0.0, "lr=0.0"),
+    (C.StoreConfig, "dtype", "int8", "dtype='int8'"),
+    (C.OptimizerConfig, "kind", "lion", "kind='lion'"),
+])
+def test_bad_values_in_other_configs_name_the_field(cls, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**{field: value})
