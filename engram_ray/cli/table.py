@@ -77,7 +77,7 @@ def _cmd_hash(args: argparse.Namespace) -> int:
                           "row_ids": {str(k): v.tolist() for k, v in rows.items()}}, indent=2))
         return 0
     print(f"{source}: {len(enc.ids)} tokens, fingerprint {layout.fingerprint}")
-    for li, layer in enumerate(layout.layer_ids):
+    for layer in layout.layer_ids:
         print(f"layer {layer}: global row ids (orders 2..{cfg.max_ngram_size} x {cfg.n_head_per_ngram} heads)")
         for t, (tid, cid) in enumerate(zip(enc.ids, comp[0].tolist())):
             piece = tok.decode([tid])

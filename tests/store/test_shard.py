@@ -130,8 +130,8 @@ def test_checkpoint_reloads_into_another_shard_count(tiny_layout, tmp_path):
     cat = lambda parts, f: np.concatenate([f(p) for p in parts])  # noqa: E731
     assert np.array_equal(cat(readers, lambda p: p.values), cat(writers, lambda p: p.values))
     for attr in ("m", "v", "steps"):
-        assert np.array_equal(cat(readers, lambda p: getattr(p.optimizer, attr)),
-                              cat(writers, lambda p: getattr(p.optimizer, attr)))
+        assert np.array_equal(cat(readers, lambda p, a=attr: getattr(p.optimizer, a)),
+                              cat(writers, lambda p, a=attr: getattr(p.optimizer, a)))
     # Loading into float32 widens the stored bfloat16 rows exactly.
     wide = TableShard.load(tmp_path, tiny_layout, 1, 0, StoreConfig())
     assert np.array_equal(wide.values, cat(writers, lambda p: p.values).astype(np.float32))
