@@ -233,6 +233,11 @@ class StoreConfig(_JsonFields):
     #: Seed of the row initialisation (a row's values depend only on this and its id).
     init_seed: int = 0
     optimizer: OptimizerConfig = OptimizerConfig()
+    #: Benchmarks only: cap each shard's resident rows (0 = every row resident). A capped
+    #: shard maps local row r to resident row r mod cap, so a lookup still reads a random row
+    #: of a large array in RAM, for a table larger than the machines' RAM; it serves lookups
+    #: only (no updates, no checkpoints).
+    resident_rows_per_shard: int = 0
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -244,6 +249,7 @@ class StoreConfig(_JsonFields):
             raise _field_error(name, "dtype", self.dtype, f"one of {', '.join(_STORE_DTYPES)}")
         _check_float(name, "init_std", self.init_std, 0.0, 1e6)
         _check_int(name, "init_seed", self.init_seed, 0, 2**63 - 1)
+        _check_int(name, "resident_rows_per_shard", self.resident_rows_per_shard, 0)
 
 
 

@@ -84,7 +84,8 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
         return pb.DescribeResponse(
             fingerprint=d["fingerprint"], shard_index=d["shard_index"], num_shards=d["num_shards"],
             row_start=d["row_start"], row_stop=d["row_stop"], dim=d["dim"], dtype=d["dtype"],
-            optimizer=d["optimizer"], resident_bytes=d["bytes"], max_message_bytes=self.max_message_bytes,
+            optimizer=d["optimizer"], resident_bytes=d["bytes"], resident_rows=d["resident_rows"],
+            max_message_bytes=self.max_message_bytes,
             counters=pb.ShardCounters(lookups=c["lookups"], rows_served=c["rows_served"],
                                       bytes_served=self.bytes_served, updates=c["updates"],
                                       rows_updated=c["rows_updated"], rejected=c["rejected"]))

@@ -38,14 +38,18 @@ class TableShard:
         self.shard_index, self.num_shards = shard_index, num_shards
         self.dtype = numpy_dtype(store.dtype)
         n = self.row_stop - self.row_start
+        cap = store.resident_rows_per_shard
+        #: Resident rows: all of them, or (benchmarks) a capped store that rows map into.
+        self.resident_rows = min(n, cap) if cap else n
         if values is None:
-            values = init_rows(self.row_start, self.row_stop, dim, seed=store.init_seed,
-                               std=store.init_std, dtype=store.dtype)
-        if values.shape != (n, dim) or values.dtype != self.dtype:
+            values = init_rows(self.row_start, self.row_start + self.resident_rows, dim,
+                               seed=store.init_seed, std=store.init_std, dtype=store.dtype)
+        if values.shape != (self.resident_rows, dim) or values.dtype != self.dtype:
             raise ValueError(f"TableShard: values {values.dtype} {values.shape}; expected "
-                             f"{self.dtype} {(n, dim)}")
+                             f"{self.dtype} {(self.resident_rows, dim)}")
         self.values = values
-        self.optimizer = SparseOptimizer(store.optimizer, n, dim)
+        opt = store.optimizer if not self.capped else type(store.optimizer)(kind="none")
+        self.optimizer = SparseOptimizer(opt, self.resident_rows, dim)
         self._lock = threading.Lock()
         self.counters = {"lookups": 0, "rows_served": 0, "updates": 0, "rows_updated": 0,
                          "rejected": 0}
@@ -61,7 +65,13 @@ class TableShard:
     # ----------------------------------------------------------------------------------
     @property
     def num_rows(self) -> int:
+        """Logical rows this shard serves."""
         return self.row_stop - self.row_start
+
+    @property
+    def capped(self) -> bool:
+        """True when fewer rows are resident than served (a benchmark table)."""
+        return self.resident_rows < self.num_rows
 
     @property
     def row_bytes(self) -> int:
@@ -94,6 +104,8 @@ class TableShard:
         if out is not None and (out.shape != (local.size, self.dim) or out.dtype != self.dtype):
             raise InvalidRequest(f"gather: out is {out.dtype} {out.shape}; expected "
                                  f"{self.dtype} {(local.size, self.dim)}")
+        if self.capped:
+            local = local % self.resident_rows
         res = np.take(self.values, local, axis=0, out=out)
         self.counters["lookups"] += 1
         self.counters["rows_served"] += int(local.size)
@@ -103,6 +115,10 @@ class TableShard:
         """One optimiser step on rows ``[n]`` with gradients ``[n, dim]``; duplicate ids are
         summed first. Returns the number of distinct rows updated."""
         local = self.local_rows(rows)
+        if self.capped:
+            raise InvalidRequest(f"shard {self.shard_index} keeps {self.resident_rows} of its "
+                                 f"{self.num_rows} rows resident (a benchmark table): it serves "
+                                 "lookups only and refuses updates")
         g = np.asarray(grads)
         if g.shape != (local.size, self.dim):
             raise InvalidRequest(f"gradients have shape {g.shape}; expected {(local.size, self.dim)} "
@@ -134,13 +150,18 @@ class TableShard:
         return {"fingerprint": self.fingerprint, "shard_index": self.shard_index,
                 "num_shards": self.num_shards, "row_start": self.row_start,
                 "row_stop": self.row_stop, "dim": self.dim, "dtype": self.store.dtype,
-                "optimizer": self.store.optimizer.kind, "bytes": self.nbytes,
+                "optimizer": self.optimizer.config.kind, "bytes": self.nbytes,
+                "resident_rows": self.resident_rows,
                 "counters": dict(self.counters)}
 
     # Checkpoints -------------------------------------------------------------------------
     def save(self, directory) -> str:
         """Write this shard into checkpoint ``directory`` (see :mod:`.checkpoint`)."""
         from .checkpoint import save_shard
+        if self.capped:
+            raise InvalidRequest(f"shard {self.shard_index} is a capped benchmark table "
+                                 f"({self.resident_rows} of {self.num_rows} rows resident); "
+                                 "it has no real rows to checkpoint")
         return str(save_shard(self, directory))
 
     @classmethod

@@ -164,3 +164,14 @@ def test_save_over_rpc_writes_a_loadable_checkpoint(served, tiny_layout, tmp_pat
     TableShard.create(tiny_layout, 2, 0, shard.store).save(tmp_path)
     back = TableShard.load(tmp_path, tiny_layout, 1, 0, shard.store)
     assert np.array_equal(back.values[shard.row_start:], shard.values)
+
+
+def test_describe_reports_a_capped_table(tiny_layout):
+    shard = TableShard.create(tiny_layout, 1, 0, StoreConfig(resident_rows_per_shard=100))
+    server, port = create_server(shard, "127.0.0.1", 0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            d = pb_grpc.EngramMemoryStub(ch).Describe(pb.DescribeRequest())
+        assert (d.resident_rows, d.row_stop - d.row_start, d.optimizer) == (100, tiny_layout.total_rows, "none")
+    finally:
+        server.stop(0)

@@ -163,3 +163,24 @@ def test_checkpoint_errors_are_clear(tiny_layout, tmp_path):
     flip(sorted(tmp_path.glob("rows-*[0-9].npy"))[0])
     with pytest.raises(CheckpointError, match="fails its checksum: the file is corrupt"):
         TableShard.load(tmp_path, tiny_layout, 1, 0)
+
+
+def test_a_capped_shard_maps_rows_into_its_resident_store(tiny_layout, tmp_path):
+    cap = StoreConfig(resident_rows_per_shard=1000, optimizer=OptimizerConfig(kind="adam"))
+    s = TableShard.create(tiny_layout, 2, 1, cap)
+    full = TableShard.create(tiny_layout, 2, 1)
+    assert s.capped and s.resident_rows == 1000 and s.values.shape == (1000, 16)
+    assert s.num_rows == full.num_rows == 4107
+    assert s.nbytes == 1000 * 16 * 4  # no optimiser state for a lookup-only table
+    # resident row p holds global row row_start + p; logical row r reads resident r mod 1000
+    assert np.array_equal(s.values, full.values[:1000])
+    rows = np.array([s.row_start + 5, s.row_start + 1005, s.row_stop - 1])
+    assert np.array_equal(s.gather(rows), full.values[[5, 5, (s.num_rows - 1) % 1000]])
+    with pytest.raises(InvalidRequest, match="keeps 1000 of its 4107 rows resident"):
+        s.apply_gradients(rows[:1], np.zeros((1, 16), np.float32))
+    with pytest.raises(InvalidRequest, match="capped benchmark table"):
+        s.save(tmp_path)
+    assert s.describe()["resident_rows"] == 1000
+    # a cap above the shard's rows changes nothing
+    big = TableShard.create(tiny_layout, 2, 1, StoreConfig(resident_rows_per_shard=10**6))
+    assert not big.capped and np.array_equal(big.values, full.values)
