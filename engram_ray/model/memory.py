@@ -44,6 +44,8 @@ class LocalFetch:
     def rows(self, layer_index: int) -> torch.Tensor:
         t0 = time.perf_counter()
         ids = self.row_ids[layer_index]                                   # [B, T, H]
+        if self.memory.resident_rows < self.memory.layout.total_rows:
+            ids = ids % self.memory.resident_rows                         # capped (benchmarks)
         # sparse=True: the gradient touches only the looked-up rows, as on the shards.
         e = F.embedding(ids, self.memory.table, sparse=True)              # [B, T, H, row_dim]
         self.wait_seconds += time.perf_counter() - t0
@@ -55,12 +57,14 @@ class LocalMemory(nn.Module):
     exactly like the shards (same seed, same rows), so local and remote runs compare."""
 
     def __init__(self, layout: TableLayout, *, init_std: float = 1.0, init_seed: int = 0,
-                 optimizer: OptimizerConfig = OptimizerConfig()):
+                 optimizer: OptimizerConfig = OptimizerConfig(), resident_rows: int = 0):
         super().__init__()
         self.layout = layout
-        values = init_rows_f32(0, layout.total_rows, layout.row_dim, seed=init_seed, std=init_std)
+        #: Benchmarks: keep only this many rows and map row r to r mod resident_rows.
+        self.resident_rows = min(resident_rows, layout.total_rows) if resident_rows else layout.total_rows
+        values = init_rows_f32(0, self.resident_rows, layout.row_dim, seed=init_seed, std=init_std)
         self.table = nn.Parameter(torch.from_numpy(values))
-        self.optimizer = SparseOptimizer(optimizer, layout.total_rows, layout.row_dim)
+        self.optimizer = SparseOptimizer(optimizer, self.resident_rows, layout.row_dim)
 
     @torch.no_grad()
     def apply_gradients(self) -> int:
@@ -69,6 +73,8 @@ class LocalMemory(nn.Module):
         grad = self.table.grad
         if grad is None:
             return 0
+        if self.resident_rows < self.layout.total_rows:
+            raise ValueError("a capped LocalMemory (resident_rows) is for benchmarks: lookups only")
         self.table.grad = None
         if not grad.is_sparse:
             raise ValueError("LocalMemory expects the sparse gradient of its lookups")

@@ -28,7 +28,10 @@ class RemoteFetch:
     def __init__(self, memory: "RemoteMemory", row_ids_lbth: np.ndarray, requires_grad: bool):
         self.memory, self.row_ids = memory, row_ids_lbth
         self.requires_grad = requires_grad
-        self.pending: list[Prefetch] = [memory.client.prefetch(r) for r in row_ids_lbth]
+        # prefetch: every layer's rows go out now; on demand: each when its layer asks.
+        self.pending: list[Prefetch | None] = (
+            [memory.client.prefetch(r) for r in row_ids_lbth] if memory.prefetch
+            else [None] * len(row_ids_lbth))
         self.tensors: dict[int, torch.Tensor] = {}
         #: Time spent blocked in rows(): the part of the fetch not hidden behind compute.
         self.wait_seconds = 0.0
@@ -36,11 +39,13 @@ class RemoteFetch:
     @property
     def fetch_seconds(self) -> float:
         """Issue-to-arrival time of the slowest layer's rows (0 until all arrived)."""
-        done = [p.fetch_seconds for p in self.pending]
+        done = [p.fetch_seconds if p is not None else None for p in self.pending]
         return max(done) if all(d is not None for d in done) else 0.0
 
     def rows(self, layer_index: int) -> torch.Tensor:
         t0 = time.perf_counter()
+        if self.pending[layer_index] is None:
+            self.pending[layer_index] = self.memory.client.prefetch(self.row_ids[layer_index])
         arr = self.pending[layer_index].result(timeout=self.memory.client.timeout * 4)  # [B, T, H, r]
         self.wait_seconds += time.perf_counter() - t0
         t = self.memory.to_device(_host_tensor(arr)).to(self.memory.dtype)
@@ -62,11 +67,14 @@ class RemoteFetch:
 
 
 class RemoteMemory:
-    """Rows from an :class:`EngramClient`. ``pin``: stage CUDA copies in pinned memory."""
+    """Rows from an :class:`EngramClient`. ``pin``: stage CUDA copies in pinned memory;
+    ``prefetch=False`` fetches on demand (for measuring what prefetching saves)."""
 
     def __init__(self, client: EngramClient, *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, pin: bool = True):
+                 dtype: torch.dtype = torch.float32, pin: bool = True, prefetch: bool = True):
         self.client = client
+        #: False: fetch each layer's rows only when the layer asks (the no-prefetch baseline).
+        self.prefetch = prefetch
         self.layout = client.layout
         self.device = torch.device(device)
         self.dtype, self.pin = dtype, pin

@@ -9,6 +9,7 @@ user scripts share one service. Only metadata passes through Ray.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -128,13 +129,15 @@ def deploy(config: EngramConfig, *, vocab: Any = None, num_shards: int = 2,
            store: StoreConfig = StoreConfig(), name: str = "engram", detached: bool = False,
            checkpoint: str | None = None, host: str | None = None,
            max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, address: str | None = None,
-           timeout: float = 600.0) -> MemoryService:
+           timeout: float = 600.0, max_resident_gib: float | None = None) -> MemoryService:
     """Start a memory service for ``config`` hashed over ``vocab`` (default: GPT-2).
 
     ``host``: the address servers bind to; by default loopback on a one-node (local) Ray,
     and each memory node's own address on a real cluster. ``detached`` keeps the service up
     after this driver exits (use with ``address="auto"`` on a cluster). ``checkpoint``:
     load the rows from a checkpoint directory, written with any shard count.
+    ``max_resident_gib`` (benchmarks): cap the RAM of the whole table's rows; each shard keeps
+    its share resident and maps its rows into it (see ``StoreConfig.resident_rows_per_shard``).
     """
     _ensure_ray(address)
     if vocab is None:
@@ -142,6 +145,15 @@ def deploy(config: EngramConfig, *, vocab: Any = None, num_shards: int = 2,
         vocab = default_vocab()
     layout = TableLayout.build(config, vocab)
     ShardPlan(layout.total_rows, num_shards)  # validates num_shards early, with its message
+    if max_resident_gib is not None:
+        if max_resident_gib <= 0:
+            raise ValueError(f"max_resident_gib={max_resident_gib}: expected a positive size in GiB")
+        row_bytes = layout.row_bytes(store.dtype)
+        per_shard = max(1, int(max_resident_gib * 2**30 // row_bytes // num_shards))
+        if per_shard * num_shards < layout.total_rows:
+            store = dataclasses.replace(store, resident_rows_per_shard=per_shard)
+            log.info("service %s: %d of %d rows resident (%.2f GiB cap)", name,
+                     per_shard * num_shards, layout.total_rows, max_resident_gib)
     if _service_exists(name):
         raise ValueError(f"a memory service named {name!r} is already running; attach({name!r}) "
                          "to use it, or shut it down first")

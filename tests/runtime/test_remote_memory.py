@@ -76,3 +76,34 @@ def test_rows_reach_the_gpu_through_pinned_buffers_on_a_side_stream():
     finally:
         client.close()
         server.stop(0)
+
+
+def test_on_demand_fetch_reads_the_same_rows_later():
+    ec = C.tiny()
+    layout = TableLayout.build(ec, CompressedVocab(np.arange(50)))
+    shard = TableShard.create(layout, 1, 0)
+    server, port = create_server(shard, "127.0.0.1", 0)
+    client = EngramClient([f"127.0.0.1:{port}"], layout)
+    try:
+        rows = np.random.default_rng(0).integers(0, layout.total_rows, size=(2, 2, 5, ec.heads_per_layer))
+        lazy = RemoteMemory(client, prefetch=False).fetch(rows, requires_grad=False)
+        assert lazy.pending == [None, None] and client.stats()["lookups"] == 0  # nothing sent yet
+        eager = RemoteMemory(client).fetch(rows, requires_grad=False)
+        assert client.stats()["lookups"] == 2
+        for li in range(2):
+            assert torch.equal(lazy.rows(li), eager.rows(li))
+        assert client.stats()["lookups"] == 4
+    finally:
+        client.close()
+        server.stop(0)
+
+
+def test_capped_local_memory_maps_rows_into_its_resident_table():
+    ec = C.tiny()
+    layout = TableLayout.build(ec, CompressedVocab(np.arange(50)))
+    full = LocalMemory(layout)
+    capped = LocalMemory(layout, resident_rows=500)
+    assert capped.table.shape == (500, layout.row_dim)
+    rows = np.array([[[[3, 503, 1003, 7]]], [[[8000, 8, 9, 10]]]])
+    got = capped.fetch(rows).rows(0)
+    assert torch.equal(got, full.fetch(rows % 500).rows(0))

@@ -127,3 +127,18 @@ def test_bad_deploys_are_explained():
         deploy(C.tiny(), vocab=VOCAB, num_shards=0, name="bad")
     with pytest.raises(ValueError, match="no memory service named 'nope'"):
         attach("nope")
+
+
+def test_a_100b_table_deploys_with_a_resident_cap():
+    """The real 100B layout (its primes and ids), with 64 MiB of rows resident."""
+    svc = deploy(C.table_100b(), vocab=VOCAB, num_shards=2, name="big", max_resident_gib=1 / 16)
+    try:
+        assert 0.999e11 < svc.layout.num_params < 1.001e11
+        desc = svc.describe()
+        assert all(d["resident_rows"] * 2 * svc.layout.row_bytes("float32") <= 2**26 for d in desc)
+        assert sum(d["row_stop"] - d["row_start"] for d in desc) == svc.layout.total_rows
+        ids = np.array([0, svc.layout.total_rows // 2, svc.layout.total_rows - 1])
+        with svc.client() as c:
+            assert c.lookup(ids).shape == (3, svc.layout.row_dim)
+    finally:
+        svc.shutdown()
