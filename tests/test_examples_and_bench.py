@@ -65,3 +65,22 @@ def test_deploy_example_runs():
     assert r.returncode == 0, r.stderr[-2000:]
     assert "prefetch issued" in r.stdout and "pushed gradients to" in r.stdout
     assert r.stdout.count("rows served") == 2
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_bench_offload_writes_json_and_a_plot(tmp_path):
+    out = tmp_path / "offload.json"
+    r = subprocess.run([sys.executable, "-m", "engram_ray.cli", "bench", "offload", "--preset", "tiny",
+                        "--max-resident-gib", "0.0001", "--sequences", "2", "--min-len", "8", "--max-len", "16",
+                        "--decode-batch", "2", "--decode-tokens", "2", "--repeats", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert rep["benchmark"] == "offload" and rep["statistic"] == "median"
+    assert set(rep["results"]) == {"no_engram", "local", "remote", "remote_lazy"}
+    assert all(v["prefill_tokens_per_s"] > 0 and v["decode_tokens_per_s"] > 0 for v in rep["results"].values())
+    assert rep["table"]["capped"] and rep["table"]["resident_rows"] < rep["table"]["logical_rows"]
+    assert "decode:remote_vs_local" in rep["overhead"] and rep["machine"]["cores"] >= 1
+    png = out.with_suffix(".png")
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

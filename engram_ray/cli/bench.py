@@ -52,9 +52,53 @@ def _cmd_bench_lookup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_offload(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..bench import offload as bench_offload
+    from ..bench.common import write_report
+    from ..bench.plot import plot_offload
+    from ..config import model_demo
+    from ..data import default_vocab, load_corpus, load_tokenizer
+
+    cfg, source = engram_config(args)
+    tok = load_tokenizer(args.tokenizer)
+    vocab = default_vocab(tok)
+    corpus = load_corpus("stdlib", tok)
+    import dataclasses
+    # The demo backbone, deep enough to hold the table's Engram layers (the 100B table sits at
+    # layers 2 and 15, as in the paper's 27B model).
+    model = dataclasses.replace(model_demo(), n_layers=max(model_demo().n_layers, max(cfg.layer_ids) + 1))
+    report = bench_offload.run(
+        cfg, model, vocab, corpus.val, shards=args.shards, max_resident_gib=args.max_resident_gib,
+        sequences=args.sequences, min_len=args.min_len, max_len=args.max_len, decode_batch=args.decode_batch,
+        decode_tokens=args.decode_tokens, repeats=args.repeats, progress=True)
+    report["source"] = source
+    write_report(report, args.out)
+    t = report["table"]
+    print(f"Engram offload ({source}: {t['logical_params'] / 1e9:.2f}B params, {t['logical_gib_float32']:.1f} GiB "
+          f"fp32 logical, {t['resident_gib_float32']:.2f} GiB resident{' (capped)' if t['capped'] else ''}, "
+          f"{t['shards']} shards; {report['machine']['cpu']}, {report['machine']['cores']} cores, CPU)")
+    print(f"  {'mode':<12} {'prefill tok/s':>14} {'decode tok/s':>13}")
+    for m, r in report["results"].items():
+        print(f"  {m:<12} {r['prefill_tokens_per_s']:>14,.0f} {r['decode_tokens_per_s']:>13,.0f}")
+    o = report["overhead"]
+    for phase in ("prefill", "decode"):
+        print(f"  {phase:<8} overhead: remote (prefetch) {100 * o[phase + ':remote_vs_local']:+.1f}% vs local, "
+              f"{100 * o[phase + ':remote_vs_no_engram']:+.1f}% vs no Engram; on demand "
+              f"{100 * o[phase + ':remote_lazy_vs_local']:+.1f}% vs local")
+    print(f"  lookups: p50 {report['lookup_p50_ms']:.1f} ms, p99 {report['lookup_p99_ms']:.1f} ms, "
+          f"dedup ratio {report['dedup_ratio']:.2f}")
+    if args.out:
+        png = Path(args.out).with_suffix(".png")
+        plot_offload(report, png)
+        print(f"wrote {args.out} and {png}")
+    return 0
+
+
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks, JSON out: hash, lookup (offload and "
-                                     "latency-vs-size come with issue #5)",
+    p = sub.add_parser("bench", help="benchmarks, JSON out: hash, lookup, offload "
+                                     "(latency-vs-size comes with issue #5)",
                        description="Benchmarks. Each writes JSON with --out.")
     bsub = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     b = bsub.add_parser("hash", help="tokens/s of the n-gram hasher vs the reference's loop",
@@ -76,3 +120,20 @@ def register(sub) -> None:
     b.add_argument("--repeats", type=int, default=7, help="timed repetitions, median quoted (default: 7)")
     b.add_argument("--out", metavar="FILE.json", help="write the report here")
     b.set_defaults(func=_cmd_bench_lookup)
+
+    b = bsub.add_parser("offload", help="throughput with no Engram / table in-process / remote with "
+                                        "prefetch / remote on demand, interleaved",
+                        description="What the Engram table costs by where it lives; the 100B layout "
+                                    "with a resident cap where RAM cannot hold it.")
+    add_table_args(b, "table_100b")
+    b.add_argument("--shards", type=int, default=2)
+    b.add_argument("--max-resident-gib", type=float, default=1.0,
+                   help="RAM for the table's rows in all (rows map into it; default: 1.0)")
+    b.add_argument("--sequences", type=int, default=8, help="prefill sequences (paper: 512)")
+    b.add_argument("--min-len", type=int, default=32, help="shortest sequence (paper: 100)")
+    b.add_argument("--max-len", type=int, default=192, help="longest sequence (paper: 1024)")
+    b.add_argument("--decode-batch", type=int, default=8)
+    b.add_argument("--decode-tokens", type=int, default=16)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--out", metavar="FILE.json", help="write the report here, and FILE.png")
+    b.set_defaults(func=_cmd_bench_offload)
