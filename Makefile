@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean bench
 
 setup: $(VENV)/.installed
 
@@ -22,3 +22,11 @@ test: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# Regenerate every benchmark (results/*.json + *.png) and the results page docs/RESULTS.md.
+bench: setup
+	$(BIN)/engram-ray bench hash --out results/hash.json
+	$(BIN)/engram-ray bench lookup --out results/lookup.json
+	$(BIN)/engram-ray bench latency-vs-size --out results/latency.json
+	$(BIN)/engram-ray bench offload --out results/offload.json
+	$(BIN)/engram-ray bench report --results results --out docs/RESULTS.md

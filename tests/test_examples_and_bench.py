@@ -84,3 +84,25 @@ def test_bench_offload_writes_json_and_a_plot(tmp_path):
     assert "decode:remote_vs_local" in rep["overhead"] and rep["machine"]["cores"] >= 1
     png = out.with_suffix(".png")
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_bench_latency_and_the_generated_report(tmp_path):
+    res = tmp_path / "results"
+    r = subprocess.run([sys.executable, "-m", "engram_ray.cli", "bench", "latency-vs-size", "--preset", "tiny",
+                        "--sizes", "0.0001", "0.0002", "--batch", "64", "--calls", "3",
+                        "--out", str(res / "latency.json")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads((res / "latency.json").read_text())
+    assert [round(x["resident_gib"], 4) <= 0.0002 for x in rep["results"]] == [True, True]
+    assert all(x["p50_ms"] > 0 and x["p99_ms"] >= x["p50_ms"] for x in rep["results"])
+    assert (res / "latency.png").exists()
+    assert main(["bench", "hash", "--preset", "tiny", "--repeats", "1", "--out", str(res / "hash.json")]) == 0
+    assert (res / "hash.png").exists()
+    page = tmp_path / "docs" / "RESULTS.md"
+    assert main(["bench", "report", "--results", str(res), "--out", str(page)]) == 0
+    text = page.read_text()
+    assert "## Lookup latency vs table size" in text and "## Hashing throughput" in text
+    assert "](../results/latency.png)" in text and "Machine:" in text
+    assert "## Offload" not in text  # no offload.json: no section, no invented figures

@@ -33,3 +33,52 @@ def plot_offload(report: dict[str, Any], path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_latency(report: dict[str, Any], path: str | Path) -> None:
+    """p50/p99 lookup latency against resident table size (log x)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = report["results"]
+    x = [v["resident_gib"] for v in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, [v["p50_ms"] for v in r], "o-", label="p50")
+    ax.plot(x, [v["p99_ms"] for v in r], "s--", label="p99")
+    ax.set_xscale("log")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("resident table size (GiB, float32)")
+    ax.set_ylabel(f"lookup of {report['batch_rows']:,} rows (ms)")
+    ax.set_title(f"Lookup latency vs table size ({report['shards']} shards)", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_rates(report: dict[str, Any], path: str | Path, *, x: str, series: dict[str, str],
+               xlabel: str, ylabel: str, title: str, group: str | None = None) -> None:
+    """Lines of ``series`` (result key -> label) against result key ``x``, one per ``group``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    groups = sorted({r[group] for r in report["results"]}) if group else [None]
+    for g in groups:
+        rows = [r for r in report["results"] if group is None or r[group] == g]
+        for key, label in series.items():
+            name = f"{label} ({group} {g})" if group else label
+            ax.plot([r[x] for r in rows], [r[key] for r in rows], "o-", label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

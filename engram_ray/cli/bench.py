@@ -22,7 +22,18 @@ def _cmd_bench_hash(args: argparse.Namespace) -> int:
         print(f"  {r['phase']:<8} {r['batch']:>6} {r['seq_len']:>6} {r['ours_tokens_per_s']:>14,.0f} "
               f"{r['reference_tokens_per_s']:>16,.0f} {r['speedup']:>7.2f}x")
     if args.out:
-        print(f"wrote {args.out}")
+        from pathlib import Path
+
+        from ..bench.plot import plot_rates
+        png = Path(args.out).with_suffix(".png")
+        rows = report["results"]
+        for r in rows:
+            r["tokens"] = r["batch"] * r["seq_len"]
+        plot_rates(report, png, x="tokens", series={"ours_tokens_per_s": "NgramHasher",
+                                                     "reference_tokens_per_s": "reference loop"},
+                   xlabel="tokens per call (batch x seq)", ylabel="tokens/s",
+                   title=f"Hashing throughput ({source}, {report['layers']} layers x {report['heads_per_layer']} heads)")
+        print(f"wrote {args.out} and {png}")
     return 0
 
 
@@ -48,7 +59,14 @@ def _cmd_bench_lookup(args: argparse.Namespace) -> int:
               f"{r['local_rows_per_s']:>14,.0f} {r['local_gb_per_s']:>6.2f} {r['client_over_local']:>17.1f}x "
               f"{r['client_p50_ms']:>8.2f}")
     if args.out:
-        print(f"wrote {args.out}")
+        from pathlib import Path
+
+        from ..bench.plot import plot_rates
+        png = Path(args.out).with_suffix(".png")
+        plot_rates(report, png, x="rows", series={"client_gb_per_s": "client", "local_gb_per_s": "in-process"},
+                   group="shards", xlabel="distinct rows per lookup", ylabel="GB/s",
+                   title=f"Lookup throughput ({source}, {report['row_bytes']} B rows)")
+        print(f"wrote {args.out} and {png}")
     return 0
 
 
@@ -96,9 +114,43 @@ def _cmd_bench_offload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_latency(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..bench import latency as bench_latency
+    from ..bench.common import write_report
+    from ..bench.plot import plot_latency
+    from ..data import default_vocab, load_tokenizer
+
+    cfg, source = engram_config(args)
+    vocab = default_vocab(load_tokenizer(args.tokenizer))
+    report = bench_latency.run(cfg, vocab, sizes_gib=args.sizes, shards=args.shards, batch=args.batch,
+                               calls=args.calls, progress=True)
+    report["source"] = source
+    write_report(report, args.out)
+    print(f"Lookup latency vs resident size ({source} layout, {args.shards} shards, {args.batch:,} random rows "
+          f"per lookup, {args.calls} lookups per size; {report['machine']['cpu']}, {report['machine']['cores']} cores)")
+    print(f"  {'resident GiB':>12} {'p50 ms':>8} {'p99 ms':>8}")
+    for r in report["results"]:
+        print(f"  {r['resident_gib']:>12.2f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}")
+    if args.out:
+        png = Path(args.out).with_suffix(".png")
+        plot_latency(report, png)
+        print(f"wrote {args.out} and {png}")
+    return 0
+
+
+def _cmd_bench_report(args: argparse.Namespace) -> int:
+    from ..bench.report import write_results
+
+    path = write_results(args.results, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks, JSON out: hash, lookup, offload "
-                                     "(latency-vs-size comes with issue #5)",
+    p = sub.add_parser("bench", help="benchmarks, JSON + PNG out: hash, lookup, offload, "
+                                     "latency-vs-size",
                        description="Benchmarks. Each writes JSON with --out.")
     bsub = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     b = bsub.add_parser("hash", help="tokens/s of the n-gram hasher vs the reference's loop",
@@ -137,3 +189,21 @@ def register(sub) -> None:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--out", metavar="FILE.json", help="write the report here, and FILE.png")
     b.set_defaults(func=_cmd_bench_offload)
+
+    b = bsub.add_parser("latency-vs-size", help="p50/p99 lookup latency as the table grows (O(1) claim)",
+                        description="Deploy the table with growing resident sizes and time lookups "
+                                    "of random rows.")
+    add_table_args(b, "table_100b")
+    b.add_argument("--sizes", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0, 2.0],
+                   help="resident sizes in GiB (default: 0.1 0.25 0.5 1 2; go as large as RAM allows)")
+    b.add_argument("--shards", type=int, default=2)
+    b.add_argument("--batch", type=int, default=4096, help="rows per lookup (default: 4096)")
+    b.add_argument("--calls", type=int, default=50, help="lookups per size (default: 50)")
+    b.add_argument("--out", metavar="FILE.json", help="write the report here, and FILE.png")
+    b.set_defaults(func=_cmd_bench_latency)
+
+    b = bsub.add_parser("report", help="render the results page (Markdown) from benchmark JSON files",
+                        description="Regenerate docs/RESULTS.md from results/*.json: no figure is typed by hand.")
+    b.add_argument("--results", default="results", help="folder of benchmark JSON + PNG (default: results)")
+    b.add_argument("--out", default="docs/RESULTS.md", help="Markdown to write (default: docs/RESULTS.md)")
+    b.set_defaults(func=_cmd_bench_report)
