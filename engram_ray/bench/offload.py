@@ -29,7 +29,13 @@ from ..model import EngramLM, LocalMemory
 MODES = ("no_engram", "local", "remote", "remote_lazy")
 
 
-def _prefill(model, memory, hasher, layout, seqs) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _prefill(model, memory, hasher, layout, seqs, device) -> float:
+    _sync(device)
     t0 = time.perf_counter()
     for ids, comp in seqs:
         fetch = None
@@ -37,12 +43,14 @@ def _prefill(model, memory, hasher, layout, seqs) -> float:
             rows = layout.row_ids_stacked(hasher.hash_stacked(comp))
             fetch = memory.fetch(rows, requires_grad=False)
         model(ids, fetch)
+    _sync(device)
     return time.perf_counter() - t0
 
 
-def _decode(model, memory, hasher, layout, vocab, prompt, steps) -> float:
+def _decode(model, memory, hasher, layout, vocab, prompt, steps, device) -> float:
     B, P = prompt.shape
-    cache = model.new_cache(B)
+    cache = model.new_cache(B, device=device)
+    _sync(device)
     t0 = time.perf_counter()
     hist = hasher.new_history(B)
     new = prompt
@@ -50,12 +58,13 @@ def _decode(model, memory, hasher, layout, vocab, prompt, steps) -> float:
     for _ in range(steps + 1):  # the prompt, then `steps` single tokens
         fetch = None
         if memory is not None:
-            heads, hist = hasher.hash_step(hist, vocab(new.numpy()))
+            heads, hist = hasher.hash_step(hist, vocab(new.cpu().numpy()))
             rows = np.stack([layout.row_ids(l, heads[l]) for l in layout.layer_ids])
             fetch = memory.fetch(rows, requires_grad=False)
         logits = model(new, fetch, cache=cache, start_pos=pos)
         pos += new.shape[1]
         new = logits[:, -1].argmax(-1, keepdim=True)
+    _sync(device)
     return time.perf_counter() - t0
 
 
@@ -63,16 +72,18 @@ def _decode(model, memory, hasher, layout, vocab, prompt, steps) -> float:
 def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np.ndarray, *,
         shards: int = 2, max_resident_gib: float | None = 1.0, sequences: int = 8, min_len: int = 32,
         max_len: int = 192, decode_batch: int = 8, decode_prompt: int = 32, decode_tokens: int = 16,
-        repeats: int = 3, progress: bool = False) -> dict[str, Any]:
+        repeats: int = 3, device: str = "auto", progress: bool = False) -> dict[str, Any]:
     from ..runtime import RemoteMemory, deploy, ray_session
 
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                       else ("cpu" if device == "auto" else device))
     rng = np.random.default_rng(0)
     lens = rng.integers(min_len, max_len + 1, size=sequences)
     starts = rng.integers(0, tokens.size - max_len - 1, size=sequences)
-    seqs = [(torch.as_tensor(tokens[a:a + n].astype(np.int64))[None], vocab(tokens[a:a + n].astype(np.int64))[None])
-            for a, n in zip(starts, lens)]
+    seqs = [(torch.as_tensor(tokens[a:a + n].astype(np.int64))[None].to(dev),
+             vocab(tokens[a:a + n].astype(np.int64))[None]) for a, n in zip(starts, lens)]
     ps = rng.integers(0, tokens.size - decode_prompt - 1, size=decode_batch)
-    prompt = torch.as_tensor(np.stack([tokens[a:a + decode_prompt] for a in ps]).astype(np.int64))
+    prompt = torch.as_tensor(np.stack([tokens[a:a + decode_prompt] for a in ps]).astype(np.int64)).to(dev)
     if decode_prompt + decode_tokens + 1 > model_cfg.max_seq_len or max_len > model_cfg.max_seq_len:
         raise ValueError(f"sequences up to {max(max_len, decode_prompt + decode_tokens + 1)} tokens exceed "
                          f"the backbone's max_seq_len={model_cfg.max_seq_len}")
@@ -86,14 +97,14 @@ def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np
             client = svc.client()
             hasher = NgramHasher.from_vocab(engram_cfg, vocab)
             torch.manual_seed(0)
-            with_engram = EngramLM(model_cfg, engram_cfg).eval()
+            with_engram = EngramLM(model_cfg, engram_cfg).eval().to(dev)
             torch.manual_seed(0)
-            backbone = EngramLM(model_cfg, None).eval()
+            backbone = EngramLM(model_cfg, None).eval().to(dev)
             local = LocalMemory(layout, init_std=0.02, optimizer=OptimizerConfig(kind="none"),
-                                resident_rows=resident)
+                                resident_rows=resident).to(dev)
             setups = {"no_engram": (backbone, None), "local": (with_engram, local),
-                      "remote": (with_engram, RemoteMemory(client)),
-                      "remote_lazy": (with_engram, RemoteMemory(client, prefetch=False))}
+                      "remote": (with_engram, RemoteMemory(client, device=dev)),
+                      "remote_lazy": (with_engram, RemoteMemory(client, device=dev, prefetch=False))}
             times: dict[str, dict[str, list[float]]] = {m: {"prefill": [], "decode": []} for m in MODES}
             bar = None
             if progress:
@@ -102,8 +113,8 @@ def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np
             for rep in range(repeats + 1):  # repetition 0 warms up and is not counted
                 for mode in MODES:
                     model, mem = setups[mode]
-                    p = _prefill(model, mem, hasher, layout, seqs)
-                    d = _decode(model, mem, hasher, layout, vocab, prompt, decode_tokens)
+                    p = _prefill(model, mem, hasher, layout, seqs, dev)
+                    d = _decode(model, mem, hasher, layout, vocab, prompt, decode_tokens, dev)
                     if rep:
                         times[mode]["prefill"].append(p)
                         times[mode]["decode"].append(d)
@@ -141,5 +152,6 @@ def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np
         "repeats": repeats, "statistic": "median", "order": "interleaved a b c d per repetition, one warm-up",
         "results": res, "overhead": overhead,
         "lookup_p50_ms": cstats["latency_p50_ms"], "lookup_p99_ms": cstats["latency_p99_ms"],
-        "dedup_ratio": cstats["dedup_ratio"], "device": "cpu",
+        "dedup_ratio": cstats["dedup_ratio"],
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
     }

@@ -90,13 +90,13 @@ def _cmd_bench_offload(args: argparse.Namespace) -> int:
     report = bench_offload.run(
         cfg, model, vocab, corpus.val, shards=args.shards, max_resident_gib=args.max_resident_gib,
         sequences=args.sequences, min_len=args.min_len, max_len=args.max_len, decode_batch=args.decode_batch,
-        decode_tokens=args.decode_tokens, repeats=args.repeats, progress=True)
+        decode_tokens=args.decode_tokens, repeats=args.repeats, device=args.device, progress=True)
     report["source"] = source
     write_report(report, args.out)
     t = report["table"]
     print(f"Engram offload ({source}: {t['logical_params'] / 1e9:.2f}B params, {t['logical_gib_float32']:.1f} GiB "
           f"fp32 logical, {t['resident_gib_float32']:.2f} GiB resident{' (capped)' if t['capped'] else ''}, "
-          f"{t['shards']} shards; {report['machine']['cpu']}, {report['machine']['cores']} cores, CPU)")
+          f"{t['shards']} shards; {report['machine']['cpu']}, {report['machine']['cores']} cores, device {report['device']})")
     print(f"  {'mode':<12} {'prefill tok/s':>14} {'decode tok/s':>13}")
     for m, r in report["results"].items():
         print(f"  {m:<12} {r['prefill_tokens_per_s']:>14,.0f} {r['decode_tokens_per_s']:>13,.0f}")
@@ -187,6 +187,7 @@ def register(sub) -> None:
     b.add_argument("--decode-batch", type=int, default=8)
     b.add_argument("--decode-tokens", type=int, default=16)
     b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N] (default: auto)")
     b.add_argument("--out", metavar="FILE.json", help="write the report here, and FILE.png")
     b.set_defaults(func=_cmd_bench_offload)
 
