@@ -7,6 +7,15 @@ import argparse
 from .common import add_table_args, engram_config
 
 
+def _plot_beside(out: str | None, plot) -> None:
+    """With --out FILE.json: draw ``plot(FILE.png)`` beside it and say what was written."""
+    if out:
+        from pathlib import Path
+        png = Path(out).with_suffix(".png")
+        plot(png)
+        print(f"wrote {out} and {png}")
+
+
 def _cmd_bench_hash(args: argparse.Namespace) -> int:
     from ..bench import hash as bench_hash
     from ..bench.common import write_report
@@ -21,19 +30,13 @@ def _cmd_bench_hash(args: argparse.Namespace) -> int:
     for r in report["results"]:
         print(f"  {r['phase']:<8} {r['batch']:>6} {r['seq_len']:>6} {r['ours_tokens_per_s']:>14,.0f} "
               f"{r['reference_tokens_per_s']:>16,.0f} {r['speedup']:>7.2f}x")
-    if args.out:
-        from pathlib import Path
-
-        from ..bench.plot import plot_rates
-        png = Path(args.out).with_suffix(".png")
-        rows = report["results"]
-        for r in rows:
-            r["tokens"] = r["batch"] * r["seq_len"]
-        plot_rates(report, png, x="tokens", series={"ours_tokens_per_s": "NgramHasher",
-                                                     "reference_tokens_per_s": "reference loop"},
-                   xlabel="tokens per call (batch x seq)", ylabel="tokens/s",
-                   title=f"Hashing throughput ({source}, {report['layers']} layers x {report['heads_per_layer']} heads)")
-        print(f"wrote {args.out} and {png}")
+    from ..bench.plot import plot_rates
+    for r in report["results"]:
+        r["tokens"] = r["batch"] * r["seq_len"]
+    _plot_beside(args.out, lambda png: plot_rates(
+        report, png, x="tokens", series={"ours_tokens_per_s": "NgramHasher", "reference_tokens_per_s": "reference loop"},
+        xlabel="tokens per call (batch x seq)", ylabel="tokens/s",
+        title=f"Hashing throughput ({source}, {report['layers']} layers x {report['heads_per_layer']} heads)"))
     return 0
 
 
@@ -58,21 +61,15 @@ def _cmd_bench_lookup(args: argparse.Namespace) -> int:
         print(f"  {r['shards']:>6} {r['rows']:>8,} {r['client_rows_per_s']:>14,.0f} {r['client_gb_per_s']:>6.2f} "
               f"{r['local_rows_per_s']:>14,.0f} {r['local_gb_per_s']:>6.2f} {r['client_over_local']:>17.1f}x "
               f"{r['client_p50_ms']:>8.2f}")
-    if args.out:
-        from pathlib import Path
-
-        from ..bench.plot import plot_rates
-        png = Path(args.out).with_suffix(".png")
-        plot_rates(report, png, x="rows", series={"client_gb_per_s": "client", "local_gb_per_s": "in-process"},
-                   group="shards", xlabel="distinct rows per lookup", ylabel="GB/s",
-                   title=f"Lookup throughput ({source}, {report['row_bytes']} B rows)")
-        print(f"wrote {args.out} and {png}")
+    from ..bench.plot import plot_rates
+    _plot_beside(args.out, lambda png: plot_rates(
+        report, png, x="rows", series={"client_gb_per_s": "client", "local_gb_per_s": "in-process"},
+        group="shards", xlabel="distinct rows per lookup", ylabel="GB/s",
+        title=f"Lookup throughput ({source}, {report['row_bytes']} B rows)"))
     return 0
 
 
 def _cmd_bench_offload(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ..bench import offload as bench_offload
     from ..bench.common import write_report
     from ..bench.plot import plot_offload
@@ -107,16 +104,11 @@ def _cmd_bench_offload(args: argparse.Namespace) -> int:
               f"{100 * o[phase + ':remote_lazy_vs_local']:+.1f}% vs local")
     print(f"  lookups: p50 {report['lookup_p50_ms']:.1f} ms, p99 {report['lookup_p99_ms']:.1f} ms, "
           f"dedup ratio {report['dedup_ratio']:.2f}")
-    if args.out:
-        png = Path(args.out).with_suffix(".png")
-        plot_offload(report, png)
-        print(f"wrote {args.out} and {png}")
+    _plot_beside(args.out, lambda png: plot_offload(report, png))
     return 0
 
 
 def _cmd_bench_latency(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ..bench import latency as bench_latency
     from ..bench.common import write_report
     from ..bench.plot import plot_latency
@@ -133,10 +125,7 @@ def _cmd_bench_latency(args: argparse.Namespace) -> int:
     print(f"  {'resident GiB':>12} {'p50 ms':>8} {'p99 ms':>8}")
     for r in report["results"]:
         print(f"  {r['resident_gib']:>12.2f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}")
-    if args.out:
-        png = Path(args.out).with_suffix(".png")
-        plot_latency(report, png)
-        print(f"wrote {args.out} and {png}")
+    _plot_beside(args.out, lambda png: plot_latency(report, png))
     return 0
 
 
