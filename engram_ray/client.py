@@ -262,8 +262,8 @@ class EngramClient:
         self.close()
 
     # Lookups -------------------------------------------------------------------------------
-    def prefetch(self, row_ids: Any) -> Prefetch:
-        """Start fetching the rows of ``row_ids`` (any shape); returns at once."""
+    def _flat_ids(self, row_ids: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids as given, flat int64 ids)``, refused before any call if not table rows."""
         ids = np.asarray(row_ids)
         if ids.dtype.kind not in "iu":
             raise InvalidRequest(f"row ids must be integers, got dtype {ids.dtype}")
@@ -271,6 +271,11 @@ class EngramClient:
         if flat.size and (flat.min() < 0 or flat.max() >= self.layout.total_rows):
             bad = int(flat.min()) if flat.min() < 0 else int(flat.max())
             raise InvalidRequest(f"row id {bad} is outside the table's {self.layout.total_rows} rows")
+        return ids, flat
+
+    def prefetch(self, row_ids: Any) -> Prefetch:
+        """Start fetching the rows of ``row_ids`` (any shape); returns at once."""
+        ids, flat = self._flat_ids(row_ids)
         if flat.size < 2 or (flat[1:] > flat[:-1]).all():
             uniq, inverse = flat, None  # already unique and sorted (deduplicated upstream)
         else:
@@ -315,18 +320,12 @@ class EngramClient:
         return sum(r.rows_updated for _, r in batch.results)
 
     def _push(self, row_ids: Any, grads: Any) -> _Batch:
-        ids = np.asarray(row_ids)
+        ids, flat = self._flat_ids(row_ids)
         g = np.asarray(grads, dtype=np.float32)
-        if ids.dtype.kind not in "iu":
-            raise InvalidRequest(f"row ids must be integers, got dtype {ids.dtype}")
         if g.shape != ids.shape + (self.layout.row_dim,):
             raise InvalidRequest(f"gradients have shape {g.shape}; expected "
                                  f"{ids.shape + (self.layout.row_dim,)} (ids shape + row dim)")
-        flat = ids.reshape(-1).astype(np.int64, copy=False)
         g = g.reshape(flat.size, -1)
-        if flat.size and (flat.min() < 0 or flat.max() >= self.layout.total_rows):
-            bad = int(flat.min()) if flat.min() < 0 else int(flat.max())
-            raise InvalidRequest(f"row id {bad} is outside the table's {self.layout.total_rows} rows")
         if not np.isfinite(g).all():
             raise InvalidRequest("gradients hold NaN or Inf; nothing was sent")
         uniq, summed = sum_duplicates(flat, g)

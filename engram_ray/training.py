@@ -126,7 +126,7 @@ class Trainer:
             raise ValueError("generate: the prompt is empty")
         gen = torch.Generator().manual_seed(seed)
         limit = self.model.cfg.max_seq_len
-        ids = list(prompt_ids)[-(limit - max_new_tokens):] if max_new_tokens < limit else list(prompt_ids)[-1:]
+        ids = list(prompt_ids)[-(limit - 1):]  # the loop stops when the cache is full
         cache = self.model.new_cache(1, device=self.device)
         hist = self.hasher.new_history(1) if self.hasher else None
         new = torch.tensor([ids], device=self.device)

@@ -17,13 +17,15 @@ from ..store import TableShard
 def run(config: EngramConfig, vocab: Any, *, shard_counts: Sequence[int] = (1, 2),
         batch_sizes: Sequence[int] = (1024, 16384, 131072), repeats: int = 7,
         store: StoreConfig = StoreConfig(), progress: bool = False) -> dict[str, Any]:
-    from ..runtime import deploy, ray_session
+    from ..runtime import ray_session
 
     with ray_session():
-        return _run(config, vocab, shard_counts, batch_sizes, repeats, store, progress, deploy)
+        return _run(config, vocab, shard_counts, batch_sizes, repeats, store, progress)
 
 
-def _run(config, vocab, shard_counts, batch_sizes, repeats, store, progress, deploy) -> dict[str, Any]:
+def _run(config, vocab, shard_counts, batch_sizes, repeats, store, progress) -> dict[str, Any]:
+    from ..runtime import deploy
+
     bar = None
     if progress:
         from tqdm import tqdm

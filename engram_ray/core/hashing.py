@@ -17,8 +17,6 @@ a few broadcast calls; the result is a strided view, never transposed or stacked
 
 from __future__ import annotations
 
-from typing import Mapping
-
 import numpy as np
 
 from ..config import EngramConfig
@@ -118,9 +116,6 @@ class NgramHasher:
     def table_sizes(self, layer_id: int) -> list[list[int]]:
         """The layer's head primes, one list per n-gram order."""
         return [list(order) for order in self._primes[self._check_layer(layer_id)]]
-
-    def all_table_sizes(self) -> Mapping[int, tuple[tuple[int, ...], ...]]:
-        return dict(self._primes)
 
     def _check_layer(self, layer_id: int) -> int:
         if layer_id not in self._multipliers:

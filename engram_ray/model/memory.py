@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -97,6 +96,4 @@ class LocalMemory(nn.Module):
 
     def fetch(self, row_ids_lbth, requires_grad: bool = True) -> LocalFetch:
         """``row_ids_lbth``: global row ids ``[L, B, T, H]`` (numpy or tensor)."""
-        ids = torch.as_tensor(np.asarray(row_ids_lbth) if not torch.is_tensor(row_ids_lbth) else row_ids_lbth,
-                              dtype=torch.long, device=self.table.device)
-        return LocalFetch(self, ids)
+        return LocalFetch(self, torch.as_tensor(row_ids_lbth, dtype=torch.long, device=self.table.device))
