@@ -3,9 +3,11 @@
 A lookup deduplicates its ids (one batch of text repeats n-grams a lot), splits the unique
 ids by shard (they are sorted, and shards own contiguous ranges, so this is a searchsorted),
 cuts each shard's part into messages under the size limit, and issues every message at once
-as a gRPC future on persistent channels. :meth:`EngramClient.prefetch` returns at that point;
-``Prefetch.result()`` waits, then scatters the unique rows back into the caller's order.
-The asyncio forms await the same futures, so an event loop is never blocked.
+on persistent ``grpc.aio`` channels. All of that runs on the client's own I/O thread
+(:class:`~engram_ray.rpc.iothread.IoThread`): :meth:`EngramClient.prefetch` checks the ids,
+hands them over and returns in tens of microseconds, and ``Prefetch.result()`` waits for the
+rows, already scattered back into the caller's order. The asyncio forms await the same
+futures, so an event loop is never blocked.
 
 Retries: lookups are retried on UNAVAILABLE and DEADLINE_EXCEEDED with backoff, then fail
 with :class:`ShardUnavailable` naming the shard and address. Gradient pushes are not
@@ -16,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import grpc
 import numpy as np
@@ -32,6 +36,7 @@ from .errors import (EngramError, FingerprintMismatch, InvalidRequest, RequestTo
 from .rpc import codec
 from .rpc.generated import engram_pb2 as pb
 from .rpc.generated import engram_pb2_grpc as pb_grpc
+from .rpc.iothread import IoThread
 from .rpc.server import DEFAULT_MAX_MESSAGE_BYTES
 
 __all__ = ["EngramClient", "Prefetch", "ShardInfo"]
@@ -57,138 +62,31 @@ class ShardInfo:
     max_message_bytes: int
 
 
-class _Batch:
-    """A set of chunk RPCs issued together; completes when every chunk has succeeded or
-    failed for good. Callbacks run on gRPC threads and only record and re-issue."""
-
-    def __init__(self, client: "EngramClient", kind: str, retry_codes):
-        self.client, self.kind, self.retry_codes = client, kind, retry_codes
-        self.results: list[Any] = []
-        self.errors: list[Exception] = []
-        # One extra count held while chunks are still being issued: a fast first answer
-        # must not complete the batch before the last chunk is added (released by seal()).
-        self._pending = 1
-        self._lock = threading.Lock()
-        self._event = threading.Event()
-        self._waiters: list[Callable[[], None]] = []
-        self.t0 = time.perf_counter()
-        self.t_done: float | None = None
-
-    def add(self, shard: int, method: str, request, meta) -> None:
-        with self._lock:
-            self._pending += 1
-            self.results.append(None)
-        self._issue(len(self.results) - 1, shard, method, request, meta, attempt=0)
-
-    def _issue(self, slot: int, shard: int, method: str, request, meta, attempt: int) -> None:
-        stub = self.client._stubs[shard]
-        fut = getattr(stub, method).future(request, timeout=self.client.timeout)
-        fut.add_done_callback(lambda f: self._done(f, slot, shard, method, request, meta, attempt))
-
-    def _done(self, fut, slot, shard, method, request, meta, attempt) -> None:
-        err = fut.exception()
-        if err is None:
-            self.results[slot] = (meta, fut.result())
-        else:
-            code = err.code() if isinstance(err, grpc.RpcError) else None
-            if code in self.retry_codes and attempt < self.client.retries:
-                self.client._count("retries", 1)
-                delay = self.client.backoff * (2 ** attempt)
-                t = threading.Timer(delay, self._issue, (slot, shard, method, request, meta, attempt + 1))
-                t.daemon = True
-                t.start()
-                return
-            self.errors.append(self.client._error(shard, err))
-        self._release()
-
-    def seal(self) -> "_Batch":
-        """Call after the last add(): the batch may now complete."""
-        self._release()
-        return self
-
-    def _release(self) -> None:
-        with self._lock:
-            self._pending -= 1
-            finished = self._pending == 0
-        if finished:
-            self.finish()
-
-    def finish(self) -> None:
-        self.t_done = time.perf_counter()
-        self._event.set()
-        for w in self._waiters:
-            w()
-
-    def wait(self, timeout: float | None) -> None:
-        if not self._event.wait(timeout):
-            raise TimeoutError(f"{self.kind}: not complete after {timeout} s")
-        if self.errors:
-            raise self.errors[0]
-
-    async def wait_async(self) -> None:
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-
-        def wake() -> None:
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
-
-        with self._lock:
-            if self._event.is_set():
-                fut.set_result(None)
-            else:
-                self._waiters.append(wake)
-        await fut
-        self.wait(0)
-
-
 class Prefetch:
     """Rows on their way. ``result()`` (or ``await``) gives ``[*ids.shape, dim]``."""
 
-    def __init__(self, client: "EngramClient", batch: _Batch, shape: tuple[int, ...],
-                 inverse: np.ndarray | None, num_unique: int):
-        self._client, self._batch = client, batch
-        self._shape, self._inverse, self._num_unique = shape, inverse, num_unique
-        self._rows: np.ndarray | None = None
+    def __init__(self, num_ids: int):
+        self._num_ids = num_ids
+        self._future: concurrent.futures.Future | None = None
+        #: Issue-to-arrival seconds, set on the I/O thread when the last response is in.
+        self._seconds: float | None = None
 
     def done(self) -> bool:
-        return self._batch._event.is_set()
+        return self._future is not None and self._future.done()
 
     @property
     def fetch_seconds(self) -> float | None:
         """Time from issue to the last response (None while in flight)."""
-        b = self._batch
-        return None if b.t_done is None else b.t_done - b.t0
+        return self._seconds
 
     def result(self, timeout: float | None = None) -> np.ndarray:
-        if self._rows is None:
-            self._batch.wait(timeout)
-            self._rows = self._assemble()
-        return self._rows
+        try:
+            return self._future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"lookup of {self._num_ids} ids: not complete after {timeout} s") from None
 
     def __await__(self):
-        return self._result_async().__await__()
-
-    async def _result_async(self) -> np.ndarray:
-        if self._rows is None:
-            await self._batch.wait_async()
-            self._rows = self._assemble()
-        return self._rows
-
-    def _assemble(self) -> np.ndarray:
-        c = self._client
-        uniq_rows = np.empty((self._num_unique, c.layout.row_dim), dtype=c.dtype)
-        nbytes = 0
-        for (a, b), resp in self._batch.results:
-            rows = codec.decode(resp.rows, what="rows", dtypes=(c.dtype_name,), ndim=2)
-            if rows.shape != (b - a, c.layout.row_dim):
-                raise EngramError(f"shard answered {rows.shape} rows for {b - a} ids")
-            uniq_rows[a:b] = rows
-            nbytes += rows.nbytes
-        c._count("bytes_received", nbytes)
-        c._latency(self.fetch_seconds)
-        if self._inverse is None:  # the ids were unique and sorted: no scatter needed
-            return uniq_rows.reshape(*self._shape, c.layout.row_dim)
-        return uniq_rows[self._inverse].reshape(*self._shape, c.layout.row_dim)
+        return asyncio.wrap_future(self._future).__await__()
 
 
 class EngramClient:
@@ -209,16 +107,20 @@ class EngramClient:
         self.layout = layout
         self.plan = ShardPlan(layout.total_rows, len(self.addresses))
         self.timeout, self.retries, self.backoff = float(timeout), int(retries), float(backoff)
+        self._stats_lock = threading.Lock()
+        self._counters: collections.Counter = collections.Counter()
+        self._latencies: collections.deque[float] = collections.deque(maxlen=10_000)
+        self._io = IoThread(name=f"engram-client-{id(self):x}")
         opts = [("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes)]
-        self._channels = [grpc.insecure_channel(a, options=opts) for a in self.addresses]
+        self._channels = self._io.run(self._open(opts))
         self._stubs = [pb_grpc.EngramMemoryStub(ch) for ch in self._channels]
-        self._stats_lock = threading.Lock()
-        self._counters = collections.Counter()
-        self._latencies: collections.deque[float] = collections.deque(maxlen=10_000)
+        # A client dropped without close() still stops its thread when collected.
+        self._finalizer = weakref.finalize(self, _shutdown, self._io, self._channels)
         self.shards = self._connect(connect_timeout)
         dtypes = {s.dtype for s in self.shards}
         if len(dtypes) != 1:
+            self.close()
             raise EngramError(f"shards disagree on the storage dtype: {sorted(dtypes)}")
         self.dtype_name = dtypes.pop()
         self.dtype = codec.wire_dtype(self.dtype_name)
@@ -228,16 +130,25 @@ class EngramClient:
         self.max_rows_per_message = max(1, (limit - 4096) // max(8, layout.row_dim * self.dtype.itemsize))
 
     # Connection ----------------------------------------------------------------------------
+    async def _open(self, opts) -> list:
+        return [grpc.aio.insecure_channel(a, options=opts) for a in self.addresses]
+
+    async def _describe_all(self, timeout: float, wait_for_ready: bool = False) -> list:
+        """Every shard's DescribeResponse, or the RpcError it failed with."""
+        return await asyncio.gather(
+            *[stub.Describe(pb.DescribeRequest(), timeout=timeout, wait_for_ready=wait_for_ready)
+              for stub in self._stubs], return_exceptions=True)
+
     def _connect(self, timeout: float) -> list[ShardInfo]:
-        futs = [stub.Describe.future(pb.DescribeRequest(), timeout=timeout, wait_for_ready=True)
-                for stub in self._stubs]
+        answers = self._io.run(self._describe_all(timeout, wait_for_ready=True))
         infos = []
-        for i, f in enumerate(futs):
-            try:
-                d = f.result()
-            except grpc.RpcError as e:
+        for i, d in enumerate(answers):
+            if isinstance(d, grpc.RpcError):
                 self.close()
-                raise ShardUnavailable(i, self.addresses[i], f"{e.code().name}: {e.details()}") from None
+                raise ShardUnavailable(i, self.addresses[i], f"{d.code().name}: {d.details()}") from None
+            if isinstance(d, BaseException):
+                self.close()
+                raise d
             want = self.plan.shard_range(i)
             if d.fingerprint != self.layout.fingerprint:
                 self.close()
@@ -252,8 +163,8 @@ class EngramClient:
         return infos
 
     def close(self) -> None:
-        for ch in self._channels:
-            ch.close()
+        """Close the channels and stop the I/O thread (idempotent)."""
+        self._finalizer()
 
     def __enter__(self) -> "EngramClient":
         return self
@@ -261,13 +172,35 @@ class EngramClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    # Calls ---------------------------------------------------------------------------------
+    async def _call(self, shard: int, method: str, request, retry_codes) -> Any:
+        """One RPC with retries and backoff; failures become the project's exceptions."""
+        stub_method = getattr(self._stubs[shard], method)
+        for attempt in range(self.retries + 1):
+            try:
+                return await stub_method(request, timeout=self.timeout)
+            except grpc.RpcError as err:
+                if err.code() in retry_codes and attempt < self.retries:
+                    self._count("retries", 1)
+                    await asyncio.sleep(self.backoff * (2 ** attempt))
+                    continue
+                raise self._error(shard, err) from None
+
+    async def _gather(self, calls) -> list:
+        """Run ``_call``s at once; raise the first failure after all have ended."""
+        out = await asyncio.gather(*calls, return_exceptions=True)
+        for r in out:
+            if isinstance(r, BaseException):
+                raise r
+        return out
+
     # Lookups -------------------------------------------------------------------------------
-    def _flat_ids(self, row_ids: Any) -> tuple[np.ndarray, np.ndarray]:
+    def _flat_ids(self, row_ids: Any, copy: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """``(ids as given, flat int64 ids)``, refused before any call if not table rows."""
         ids = np.asarray(row_ids)
         if ids.dtype.kind not in "iu":
             raise InvalidRequest(f"row ids must be integers, got dtype {ids.dtype}")
-        flat = ids.reshape(-1).astype(np.int64, copy=False)
+        flat = np.array(ids.reshape(-1), dtype=np.int64, copy=copy or None)
         if flat.size and (flat.min() < 0 or flat.max() >= self.layout.total_rows):
             bad = int(flat.min()) if flat.min() < 0 else int(flat.max())
             raise InvalidRequest(f"row id {bad} is outside the table's {self.layout.total_rows} rows")
@@ -275,20 +208,47 @@ class EngramClient:
 
     def prefetch(self, row_ids: Any) -> Prefetch:
         """Start fetching the rows of ``row_ids`` (any shape); returns at once."""
-        ids, flat = self._flat_ids(row_ids)
+        ids, flat = self._flat_ids(row_ids, copy=True)  # the I/O thread reads them later
+        p = Prefetch(int(flat.size))
+        self._count("lookups", 1)
+        self._count("ids", int(flat.size))
+        p._future = self._io.submit(self._lookup(flat, ids.shape, p))
+        return p
+
+    async def _lookup(self, flat: np.ndarray, shape: tuple[int, ...], p: Prefetch) -> np.ndarray:
+        t0 = time.perf_counter()
         if flat.size < 2 or (flat[1:] > flat[:-1]).all():
             uniq, inverse = flat, None  # already unique and sorted (deduplicated upstream)
         else:
             uniq, inverse = np.unique(flat, return_inverse=True)
-        batch = _Batch(self, "lookup", _LOOKUP_RETRY)
-        for shard, a, b in self._chunks(uniq):
-            req = pb.LookupRequest(fingerprint=self.layout.fingerprint, row_ids=codec.encode(uniq[a:b]))
-            batch.add(shard, "Lookup", req, (a, b))
-        batch.seal()
-        self._count("lookups", 1)
-        self._count("ids", int(flat.size))
-        self._count("unique_ids", int(uniq.size))
-        return Prefetch(self, batch, ids.shape, inverse, int(uniq.size))
+        t1 = time.perf_counter()
+        chunks = list(self._chunks(uniq))
+        calls = [self._call(s, "Lookup", pb.LookupRequest(fingerprint=self.layout.fingerprint,
+                                                          row_ids=codec.encode(uniq[a:b])), _LOOKUP_RETRY)
+                 for s, a, b in chunks]
+        t2 = time.perf_counter()
+        resps = await self._gather(calls)
+        t3 = time.perf_counter()
+        p._seconds = t3 - t0
+        dim = self.layout.row_dim
+        uniq_rows = np.empty((uniq.size, dim), dtype=self.dtype)
+        for (_, a, b), resp in zip(chunks, resps):
+            rows = codec.decode(resp.rows, what="rows", dtypes=(self.dtype_name,), ndim=2)
+            if rows.shape != (b - a, dim):
+                raise EngramError(f"shard answered {rows.shape} rows for {b - a} ids")
+            uniq_rows[a:b] = rows
+        out = uniq_rows.reshape(*shape, dim) if inverse is None else uniq_rows[inverse].reshape(*shape, dim)
+        with self._stats_lock:
+            c = self._counters
+            c["unique_ids"] += int(uniq.size)
+            c["bytes_received"] += uniq_rows.nbytes
+            # Where a lookup's time goes on this client's I/O thread (see stats()).
+            c["io_dedup_s"] += t1 - t0
+            c["io_encode_s"] += t2 - t1
+            c["io_in_flight_s"] += t3 - t2
+            c["io_decode_s"] += time.perf_counter() - t3
+            self._latencies.append(p._seconds)
+        return out
 
     def lookup(self, row_ids: Any, timeout: float | None = None) -> np.ndarray:
         """Rows ``[*row_ids.shape, dim]`` in the shards' storage dtype."""
@@ -298,10 +258,10 @@ class EngramClient:
         """:meth:`lookup` for callers in an event loop."""
         return await self.prefetch(row_ids)
 
-    def _chunks(self, uniq_sorted: np.ndarray):
+    def _chunks(self, uniq_sorted: np.ndarray, step: int | None = None):
         """(shard, a, b): slices of the sorted unique ids, one shard each, under the limit."""
         cuts = np.searchsorted(uniq_sorted, self.plan.bounds)
-        step = self.max_rows_per_message
+        step = step or self.max_rows_per_message
         for s in range(self.plan.num_shards):
             for a in range(int(cuts[s]), int(cuts[s + 1]), step):
                 yield s, a, min(a + step, int(cuts[s + 1]))
@@ -310,16 +270,13 @@ class EngramClient:
     def push_gradients(self, row_ids: Any, grads: Any, timeout: float | None = None) -> int:
         """Send row gradients ``[*ids.shape, dim]`` to their shards (duplicates summed here);
         returns the number of distinct rows updated."""
-        batch = self._push(row_ids, grads)
-        batch.wait(timeout)
-        return sum(r.rows_updated for _, r in batch.results)
+        return self._io.submit(self._push(*self._check_push(row_ids, grads))).result(timeout)
 
     async def apush_gradients(self, row_ids: Any, grads: Any) -> int:
-        batch = self._push(row_ids, grads)
-        await batch.wait_async()
-        return sum(r.rows_updated for _, r in batch.results)
+        """:meth:`push_gradients` for callers in an event loop."""
+        return await asyncio.wrap_future(self._io.submit(self._push(*self._check_push(row_ids, grads))))
 
-    def _push(self, row_ids: Any, grads: Any) -> _Batch:
+    def _check_push(self, row_ids: Any, grads: Any) -> tuple[np.ndarray, np.ndarray]:
         ids, flat = self._flat_ids(row_ids)
         g = np.asarray(grads, dtype=np.float32)
         if g.shape != ids.shape + (self.layout.row_dim,):
@@ -328,31 +285,28 @@ class EngramClient:
         g = g.reshape(flat.size, -1)
         if not np.isfinite(g).all():
             raise InvalidRequest("gradients hold NaN or Inf; nothing was sent")
+        return flat, g
+
+    async def _push(self, flat: np.ndarray, g: np.ndarray) -> int:
         uniq, summed = sum_duplicates(flat, g)
-        batch = _Batch(self, "push", _PUSH_RETRY)
         step = max(1, self.max_rows_per_message * self.dtype.itemsize // 4)  # float32 on the wire
-        for shard, a, b in self._chunks(uniq):
-            for a2 in range(a, b, step):
-                b2 = min(a2 + step, b)
-                req = pb.ApplyGradientsRequest(fingerprint=self.layout.fingerprint,
-                                               row_ids=codec.encode(uniq[a2:b2]),
-                                               grads=codec.encode(summed[a2:b2], "float32"))
-                batch.add(shard, "ApplyGradients", req, (a2, b2))
-        batch.seal()
+        resps = await self._gather(
+            self._call(s, "ApplyGradients",
+                       pb.ApplyGradientsRequest(fingerprint=self.layout.fingerprint,
+                                                row_ids=codec.encode(uniq[a:b]),
+                                                grads=codec.encode(summed[a:b], "float32")), _PUSH_RETRY)
+            for s, a, b in self._chunks(uniq, step))
         self._count("pushes", 1)
         self._count("rows_pushed", int(uniq.size))
-        return batch
+        return sum(r.rows_updated for r in resps)
 
     # Service calls --------------------------------------------------------------------------
     def describe(self) -> list[dict[str, Any]]:
         """Every shard's Describe, as dicts (counters included)."""
-        futs = [stub.Describe.future(pb.DescribeRequest(), timeout=self.timeout) for stub in self._stubs]
         out = []
-        for i, f in enumerate(futs):
-            try:
-                d = f.result()
-            except grpc.RpcError as e:
-                raise self._error(i, e) from None
+        for i, d in enumerate(self._io.run(self._describe_all(self.timeout))):
+            if isinstance(d, BaseException):
+                raise self._error(i, d) from None
             info = {fd.name: getattr(d, fd.name) for fd in d.DESCRIPTOR.fields if fd.name != "counters"}
             info["counters"] = {fd.name: getattr(d.counters, fd.name) for fd in d.counters.DESCRIPTOR.fields}
             info["address"] = self.addresses[i]
@@ -361,18 +315,19 @@ class EngramClient:
 
     def save(self, directory: str) -> list[str]:
         """Ask every shard to write its part of a checkpoint into ``directory``."""
-        futs = [stub.Save.future(pb.SaveRequest(directory=str(directory)), timeout=max(self.timeout, 600))
-                for stub in self._stubs]
+        async def save_all():
+            return await asyncio.gather(
+                *[stub.Save(pb.SaveRequest(directory=str(directory)), timeout=max(self.timeout, 600))
+                  for stub in self._stubs], return_exceptions=True)
         paths = []
-        for i, f in enumerate(futs):
-            try:
-                paths.append(f.result().header_path)
-            except grpc.RpcError as e:
-                raise self._error(i, e) from None
+        for i, r in enumerate(self._io.run(save_all())):
+            if isinstance(r, BaseException):
+                raise self._error(i, r) from None
+            paths.append(r.header_path)
         return paths
 
     # Errors and counters ---------------------------------------------------------------------
-    def _error(self, shard: int, err: Exception) -> Exception:
+    def _error(self, shard: int, err: BaseException) -> BaseException:
         if not isinstance(err, grpc.RpcError):
             return err
         code, details = err.code(), err.details()
@@ -388,11 +343,6 @@ class EngramClient:
         with self._stats_lock:
             self._counters[key] += n
 
-    def _latency(self, seconds: float | None) -> None:
-        if seconds is not None:
-            with self._stats_lock:
-                self._latencies.append(seconds)
-
     def stats(self) -> dict[str, Any]:
         """Requests, ids, unique ids, dedup ratio, bytes, retries, errors, latency percentiles."""
         with self._stats_lock:
@@ -402,6 +352,20 @@ class EngramClient:
         out = {k: c.get(k, 0) for k in ("lookups", "ids", "unique_ids", "bytes_received", "pushes",
                                         "rows_pushed", "retries", "errors")}
         out["dedup_ratio"] = (uniq / ids) if ids else None  # unique ids fetched per id asked
+        # Seconds of lookup work on the I/O thread, by stage: dedup (np.unique), encode (build
+        # requests), in_flight (calls issued to last answer: transport + shard), decode
+        # (bytes -> rows, scatter to the caller's order). None of it blocks the caller.
+        out["io_seconds"] = {k: float(c.get(f"io_{k}_s", 0.0)) for k in ("dedup", "encode", "in_flight", "decode")}
         for q in (50, 90, 99):
             out[f"latency_p{q}_ms"] = float(np.percentile(lat, q) * 1e3) if lat.size else None
         return out
+
+
+def _shutdown(io: IoThread, channels: list) -> None:
+    """Close ``channels`` on their loop, then stop it (runs once, from close() or GC)."""
+    async def close_all():
+        await asyncio.gather(*[ch.close() for ch in channels], return_exceptions=True)
+    try:
+        io.close(close_all())
+    except Exception:  # noqa: BLE001 - closing must not raise over the caller's own error
+        log.debug("closing client channels failed", exc_info=True)

@@ -60,6 +60,39 @@ def test_dedup_is_reported_and_each_unique_row_fetched_once(two, tiny_layout):
     served = sum(sh.counters["rows_served"] for sh in two.shards)
     assert served == 2
     assert s["latency_p50_ms"] > 0 and s["bytes_received"] == 2 * 16 * 4
+    assert set(s["io_seconds"]) == {"dedup", "encode", "in_flight", "decode"}
+    assert s["io_seconds"]["in_flight"] > 0
+
+
+def test_prefetch_returns_before_the_rows_and_reads_its_ids_once(two, tiny_layout):
+    """The caller's array may be reused at once: the client works on its own copy."""
+    ids = np.arange(50)
+    with EngramClient(two.addresses, tiny_layout) as client:
+        want = client.lookup(ids)
+        p = client.prefetch(ids)
+        ids[:] = 7  # the caller reuses its buffer while the lookup is in flight
+        assert np.array_equal(p.result(timeout=10), want)
+        client.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            client.prefetch([1])
+
+
+def test_a_timeout_names_the_lookup_and_the_rows_still_arrive(tiny_layout):
+    import threading
+    c = Cluster(tiny_layout, 1)
+    gate = threading.Event()
+    gather = c.shards[0].gather
+    c.shards[0].gather = lambda ids, out=None: (gate.wait(10), gather(ids, out))[1]  # a slow shard
+    try:
+        with EngramClient(c.addresses, tiny_layout, timeout=20) as client:
+            p = client.prefetch([0, 1, 2])
+            with pytest.raises(TimeoutError, match="lookup of 3 ids: not complete after 0.2 s"):
+                p.result(timeout=0.2)
+            gate.set()
+            assert p.result(timeout=10).shape == (3, 16)  # a timed-out wait does not cancel
+    finally:
+        gate.set()
+        c.stop()
 
 
 def test_requests_above_the_message_limit_are_chunked(tiny_layout):

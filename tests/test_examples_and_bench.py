@@ -73,7 +73,8 @@ def test_bench_offload_writes_json_and_a_plot(tmp_path):
     out = tmp_path / "offload.json"
     r = subprocess.run([sys.executable, "-m", "engram_ray.cli", "bench", "offload", "--preset", "tiny",
                         "--max-resident-gib", "0.0001", "--sequences", "2", "--min-len", "8", "--max-len", "16",
-                        "--decode-batch", "2", "--decode-tokens", "2", "--repeats", "1", "--out", str(out)],
+                        "--decode-batch", "2", "--decode-tokens", "2", "--repeats", "2", "--profile",
+                        "--out", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads(out.read_text())
@@ -82,8 +83,26 @@ def test_bench_offload_writes_json_and_a_plot(tmp_path):
     assert all(v["prefill_tokens_per_s"] > 0 and v["decode_tokens_per_s"] > 0 for v in rep["results"].values())
     assert rep["table"]["capped"] and rep["table"]["resident_rows"] < rep["table"]["logical_rows"]
     assert "decode:remote_vs_local" in rep["overhead"] and rep["machine"]["cores"] >= 1
+    for mode, v in rep["results"].items():  # spread around the median
+        sp = v["prefill_spread_s"]
+        assert sp["min"] <= v["prefill_s"] <= sp["max"] and sp["q1"] <= sp["q3"]
+    # the breakdown adds up to the run, and only Engram modes hash and fetch
+    for key, b in rep["breakdown"].items():
+        assert b["total_s"] == pytest.approx(b["compute_s"] + b["hash_s"] + b["issue_s"] + b["wait_s"])
+        assert (b["hash_s"] > 0) == (not key.endswith("no_engram"))
+    lazy = rep["breakdown"]["prefill:remote_lazy"]
+    assert lazy["issue_s"] < lazy["wait_s"]  # on demand: the fetch is issued and waited for inside rows()
+    pl = rep["per_lookup"]
+    assert pl["rpcs_per_lookup"] >= 1 and pl["server_handler_ms_per_rpc"] > 0
+    assert pl["client_io_ms"]["in_flight"] > 0
+    assert rep["profile_top"] and all(f["own_s"] >= 0 for f in rep["profile_top"])
+    assert "cProfile of one remote run" in r.stdout and "where a run's time goes" in r.stdout
     png = out.with_suffix(".png")
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = tmp_path / "RESULTS.md"
+    assert main(["bench", "report", "--results", str(tmp_path), "--out", str(page)]) == 0
+    text = page.read_text()
+    assert "## Offload" in text and "| prefill:remote |" in text and "shard handler" in text
 
 
 @pytest.mark.ray

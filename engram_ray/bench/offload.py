@@ -16,7 +16,9 @@ part of what a worker pays.
 
 from __future__ import annotations
 
+import collections
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,20 +36,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _prefill(model, memory, hasher, layout, seqs, device) -> float:
+def _prefill(model, memory, hasher, layout, seqs, device, acc) -> float:
     _sync(device)
     t0 = time.perf_counter()
     for ids, comp in seqs:
         fetch = None
         if memory is not None:
+            t1 = time.perf_counter()
             rows = layout.row_ids_stacked(hasher.hash_stacked(comp))
+            t2 = time.perf_counter()
             fetch = memory.fetch(rows, requires_grad=False)
+            acc["hash_s"] += t2 - t1
+            acc["issue_s"] += time.perf_counter() - t2
         model(ids, fetch)
+        if fetch is not None:
+            acc["wait_s"] += fetch.wait_seconds
     _sync(device)
     return time.perf_counter() - t0
 
 
-def _decode(model, memory, hasher, layout, vocab, prompt, steps, device) -> float:
+def _decode(model, memory, hasher, layout, vocab, prompt, steps, device, acc) -> float:
     B, P = prompt.shape
     cache = model.new_cache(B, device=device)
     _sync(device)
@@ -58,21 +66,47 @@ def _decode(model, memory, hasher, layout, vocab, prompt, steps, device) -> floa
     for _ in range(steps + 1):  # the prompt, then `steps` single tokens
         fetch = None
         if memory is not None:
+            t1 = time.perf_counter()
             heads, hist = hasher.hash_step(hist, vocab(new.cpu().numpy()))
             rows = np.stack([layout.row_ids(l, heads[l]) for l in layout.layer_ids])
+            t2 = time.perf_counter()
             fetch = memory.fetch(rows, requires_grad=False)
+            acc["hash_s"] += t2 - t1
+            acc["issue_s"] += time.perf_counter() - t2
         logits = model(new, fetch, cache=cache, start_pos=pos)
+        if fetch is not None:
+            acc["wait_s"] += fetch.wait_seconds
         pos += new.shape[1]
         new = logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     return time.perf_counter() - t0
 
 
+def _spread(xs: list[float]) -> dict[str, float]:
+    """min / quartiles / max of the repetitions, to judge a median by."""
+    q1, q3 = np.percentile(xs, [25, 75])
+    return {"min": float(min(xs)), "q1": float(q1), "q3": float(q3), "max": float(max(xs))}
+
+
+def _profile(fn, top: int = 20) -> list[dict[str, Any]]:
+    """Run ``fn`` under cProfile (this thread only); the ``top`` functions by own time."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.runcall(fn)
+    st = pstats.Stats(prof)
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [{"function": f"{Path(f).name}:{line}({name})", "calls": nc, "own_s": tt, "cumulative_s": ct}
+            for (f, line, name), (_, nc, tt, ct, _) in rows]
+
+
 @torch.no_grad()
 def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np.ndarray, *,
         shards: int = 2, max_resident_gib: float | None = 1.0, sequences: int = 8, min_len: int = 32,
         max_len: int = 192, decode_batch: int = 8, decode_prompt: int = 32, decode_tokens: int = 16,
-        repeats: int = 3, device: str = "auto", progress: bool = False) -> dict[str, Any]:
+        repeats: int = 3, device: str = "auto", profile: bool = False,
+        progress: bool = False) -> dict[str, Any]:
     from ..runtime import RemoteMemory, deploy, ray_session
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
@@ -106,6 +140,10 @@ def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np
                       "remote": (with_engram, RemoteMemory(client, device=dev)),
                       "remote_lazy": (with_engram, RemoteMemory(client, device=dev, prefetch=False))}
             times: dict[str, dict[str, list[float]]] = {m: {"prefill": [], "decode": []} for m in MODES}
+            # Seconds of each run spent hashing, issuing fetches and blocked in rows(), by mode
+            # and phase; the rest of a run is the model's compute.
+            parts = {m: {ph: dict.fromkeys(("hash_s", "issue_s", "wait_s"), 0.0) for ph in ("prefill", "decode")}
+                     for m in MODES}
             bar = None
             if progress:
                 from tqdm import tqdm
@@ -113,16 +151,27 @@ def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np
             for rep in range(repeats + 1):  # repetition 0 warms up and is not counted
                 for mode in MODES:
                     model, mem = setups[mode]
-                    p = _prefill(model, mem, hasher, layout, seqs, dev)
-                    d = _decode(model, mem, hasher, layout, vocab, prompt, decode_tokens, dev)
+                    acc_p, acc_d = (parts[mode]["prefill"], parts[mode]["decode"]) if rep else ({}, {})
+                    acc_p, acc_d = collections.defaultdict(float, acc_p), collections.defaultdict(float, acc_d)
+                    p = _prefill(model, mem, hasher, layout, seqs, dev, acc_p)
+                    d = _decode(model, mem, hasher, layout, vocab, prompt, decode_tokens, dev, acc_d)
                     if rep:
                         times[mode]["prefill"].append(p)
                         times[mode]["decode"].append(d)
+                        parts[mode]["prefill"].update(acc_p)
+                        parts[mode]["decode"].update(acc_d)
                     if bar is not None:
                         bar.update(1)
             if bar is not None:
                 bar.close()
+            top = None
+            if profile:  # one more remote run under cProfile, after the timed ones
+                top = _profile(lambda: (_prefill(*setups["remote"], hasher, layout, seqs, dev,
+                                                 collections.defaultdict(float)),
+                                        _decode(*setups["remote"], hasher, layout, vocab, prompt,
+                                                decode_tokens, dev, collections.defaultdict(float))))
             cstats = client.stats()
+            server = svc.describe()
             client.close()
         finally:
             svc.shutdown()
@@ -132,7 +181,22 @@ def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np
         tp = float(np.median(times[mode]["prefill"]))
         td = float(np.median(times[mode]["decode"]))
         res[mode] = {"prefill_tokens_per_s": prefill_tokens / tp, "decode_tokens_per_s": decode_tokens_total / td,
-                     "prefill_s": tp, "decode_s": td}
+                     "prefill_s": tp, "decode_s": td,
+                     "prefill_spread_s": _spread(times[mode]["prefill"]),
+                     "decode_spread_s": _spread(times[mode]["decode"])}
+    breakdown = {}
+    for mode in MODES:
+        for phase in ("prefill", "decode"):
+            total = float(np.mean(times[mode][phase]))
+            b = {k: v / repeats for k, v in parts[mode][phase].items()}
+            b["compute_s"] = total - sum(b.values())  # the model's forward (and Python around it)
+            breakdown[f"{phase}:{mode}"] = {"total_s": total, **b}
+    n_lookups = max(1, cstats["lookups"])
+    server_rpcs = sum(d["counters"]["lookups"] for d in server)
+    per_lookup = {"client_io_ms": {k: 1e3 * v / n_lookups for k, v in cstats["io_seconds"].items()},
+                  "rpcs_per_lookup": server_rpcs / n_lookups,
+                  "server_handler_ms_per_rpc": 1e3 * sum(d["counters"]["lookup_seconds"] for d in server)
+                  / max(1, server_rpcs)}
     overhead = {}
     for phase in ("prefill", "decode"):
         key = f"{phase}_tokens_per_s"
@@ -153,5 +217,6 @@ def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np
         "results": res, "overhead": overhead,
         "lookup_p50_ms": cstats["latency_p50_ms"], "lookup_p99_ms": cstats["latency_p99_ms"],
         "dedup_ratio": cstats["dedup_ratio"],
+        "breakdown": breakdown, "per_lookup": per_lookup, "profile_top": top,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
     }

@@ -16,14 +16,21 @@ def plot_offload(report: dict[str, Any], path: str | Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, phase in zip(axes, ("prefill", "decode")):
-        vals = [report["results"][m][f"{phase}_tokens_per_s"] for m in MODES]
-        bars = ax.bar(MODES, vals, color=["#999999", "#4c72b0", "#55a868", "#c44e52"])
+        res = report["results"]
+        vals = [res[m][f"{phase}_tokens_per_s"] for m in MODES]
+        # whiskers: the fastest and slowest repetition (tokens/s from max and min seconds)
+        toks = [v * res[m][f"{phase}_s"] for m, v in zip(MODES, vals)]
+        err = None
+        if all(f"{phase}_spread_s" in res[m] for m in MODES):
+            err = [[v - n / res[m][f"{phase}_spread_s"]["max"] for m, v, n in zip(MODES, vals, toks)],
+                   [n / res[m][f"{phase}_spread_s"]["min"] - v for m, v, n in zip(MODES, vals, toks)]]
+        bars = ax.bar(MODES, vals, yerr=err, capsize=3, color=["#999999", "#4c72b0", "#55a868", "#c44e52"])
         for m, b in zip(MODES, bars):
             if m in ("remote", "remote_lazy"):
                 o = report["overhead"][f"{phase}:{m}_vs_local"]
                 ax.annotate(f"{100 * o:+.1f}% vs local", (b.get_x() + b.get_width() / 2, b.get_height()),
                             ha="center", va="bottom", fontsize=8)
-        ax.set_title(f"{phase} (median of {report['repeats']})")
+        ax.set_title(f"{phase} (median of {report['repeats']}; whiskers min-max)")
         ax.set_ylabel("tokens/s")
         ax.tick_params(axis="x", labelrotation=15)
     t = report["table"]

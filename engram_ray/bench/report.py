@@ -51,7 +51,23 @@ def write_results(results: str | Path, out: str | Path) -> Path:
         for x, ref in (("remote", "local"), ("remote_lazy", "local"), ("remote", "no_engram"), ("local", "no_engram")):
             lines.append(f"| {x} vs {ref} | {100 * o[f'prefill:{x}_vs_{ref}']:+.1f} % | {100 * o[f'decode:{x}_vs_{ref}']:+.1f} % |")
         lines += ["", f"Lookups: p50 {r['lookup_p50_ms']:.1f} ms, p99 {r['lookup_p99_ms']:.1f} ms; dedup ratio "
-                  f"{r['dedup_ratio']:.2f}.", _img(folder, out, "offload")]
+                  f"{r['dedup_ratio']:.2f}."]
+        if "breakdown" in r:
+            lines += ["", "Where a run's time goes (mean seconds per run; *wait* is time blocked for rows, "
+                      "*issue* the caller's cost of starting a fetch, *compute* the rest):", "",
+                      "| phase:mode | total s | spread (min-max) s | compute | hash | issue | wait |",
+                      "|---|---:|---:|---:|---:|---:|---:|"]
+            for key, b in r["breakdown"].items():
+                phase, mode = key.split(":")
+                sp = r["results"][mode][f"{phase}_spread_s"]
+                lines.append(f"| {key} | {b['total_s']:.3f} | {sp['min']:.3f}-{sp['max']:.3f} | {b['compute_s']:.3f} | "
+                             f"{b['hash_s']:.3f} | {b['issue_s']:.3f} | {b['wait_s']:.3f} |")
+            pl = r["per_lookup"]
+            lines += ["", "Per lookup, on the client's I/O thread (ms): "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in pl["client_io_ms"].items())
+                      + f"; {pl['rpcs_per_lookup']:.1f} RPCs per lookup, shard handler "
+                      f"{pl['server_handler_ms_per_rpc']:.2f} ms per RPC."]
+        lines.append(_img(folder, out, "offload"))
     r = _load(folder, "lookup")
     if r:
         lines += ["## Lookup data plane: client vs in-process gather", "", f"Machine: {_machine(r)}.", "",

@@ -87,7 +87,8 @@ def _cmd_bench_offload(args: argparse.Namespace) -> int:
     report = bench_offload.run(
         cfg, model, vocab, corpus.val, shards=args.shards, max_resident_gib=args.max_resident_gib,
         sequences=args.sequences, min_len=args.min_len, max_len=args.max_len, decode_batch=args.decode_batch,
-        decode_tokens=args.decode_tokens, repeats=args.repeats, device=args.device, progress=True)
+        decode_tokens=args.decode_tokens, repeats=args.repeats, device=args.device, profile=args.profile,
+        progress=True)
     report["source"] = source
     write_report(report, args.out)
     t = report["table"]
@@ -104,6 +105,19 @@ def _cmd_bench_offload(args: argparse.Namespace) -> int:
               f"{100 * o[phase + ':remote_lazy_vs_local']:+.1f}% vs local")
     print(f"  lookups: p50 {report['lookup_p50_ms']:.1f} ms, p99 {report['lookup_p99_ms']:.1f} ms, "
           f"dedup ratio {report['dedup_ratio']:.2f}")
+    print("  where a run's time goes (mean seconds per run; wait = blocked for rows):")
+    print(f"    {'phase:mode':<20} {'total':>7} {'compute':>8} {'hash':>7} {'issue':>7} {'wait':>7}")
+    for key, b in report["breakdown"].items():
+        print(f"    {key:<20} {b['total_s']:>7.3f} {b['compute_s']:>8.3f} {b['hash_s']:>7.3f} "
+              f"{b['issue_s']:>7.3f} {b['wait_s']:>7.3f}")
+    pl = report["per_lookup"]
+    io = ", ".join(f"{k} {v:.2f}" for k, v in pl["client_io_ms"].items())
+    print(f"  per lookup, on the client's I/O thread (ms): {io}; {pl['rpcs_per_lookup']:.1f} RPCs, "
+          f"shard handler {pl['server_handler_ms_per_rpc']:.2f} ms each")
+    if report["profile_top"]:
+        print("  cProfile of one remote run, main thread, top functions by own time:")
+        for r in report["profile_top"][:12]:
+            print(f"    {r['own_s']:>7.3f} s own {r['cumulative_s']:>7.3f} s cum {r['calls']:>7} calls  {r['function']}")
     _plot_beside(args.out, lambda png: plot_offload(report, png))
     return 0
 
@@ -170,13 +184,17 @@ def register(sub) -> None:
     b.add_argument("--shards", type=int, default=2)
     b.add_argument("--max-resident-gib", type=float, default=1.0,
                    help="RAM for the table's rows in all (rows map into it; default: 1.0)")
-    b.add_argument("--sequences", type=int, default=8, help="prefill sequences (paper: 512)")
+    b.add_argument("--sequences", type=int, default=16, help="prefill sequences (paper: 512)")
     b.add_argument("--min-len", type=int, default=32, help="shortest sequence (paper: 100)")
     b.add_argument("--max-len", type=int, default=192, help="longest sequence (paper: 1024)")
     b.add_argument("--decode-batch", type=int, default=8)
     b.add_argument("--decode-tokens", type=int, default=16)
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--repeats", type=int, default=5, help="timed repetitions of a b c d, median quoted "
+                                                          "with min/quartiles/max (default: 5)")
     b.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N] (default: auto)")
+    b.add_argument("--profile", action="store_true",
+                   help="after the timed runs, run remote mode once more under cProfile and report "
+                        "the top functions (main thread)")
     b.add_argument("--out", metavar="FILE.json", help="write the report here, and FILE.png")
     b.set_defaults(func=_cmd_bench_offload)
 

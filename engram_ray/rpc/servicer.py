@@ -7,6 +7,8 @@ codec; this class maps their exceptions onto gRPC status codes and counts reject
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import grpc
 
@@ -34,6 +36,8 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
         self.shard = shard
         self.max_message_bytes = int(max_message_bytes)
         self.bytes_served = 0
+        self.lookup_seconds = 0.0
+        self._lock = threading.Lock()
 
     # Helpers -----------------------------------------------------------------------------
     def _check_fingerprint(self, fp: str) -> None:
@@ -52,6 +56,7 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
 
     # RPCs ---------------------------------------------------------------------------------
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
+        t0 = time.perf_counter()
         try:
             self._check_fingerprint(request.fingerprint)
             ids = codec.decode(request.row_ids, what="row_ids", dtypes=("int64",), ndim=1)
@@ -63,8 +68,11 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
             rows = self.shard.gather(ids)
         except Exception as e:  # noqa: BLE001 - every error becomes a status code
             self._abort(context, e)
-        self.bytes_served += rows.nbytes
-        return pb.LookupResponse(rows=codec.encode(rows, self.shard.store.dtype))
+        resp = pb.LookupResponse(rows=codec.encode(rows, self.shard.store.dtype))
+        with self._lock:  # handlers run on a thread pool
+            self.bytes_served += rows.nbytes
+            self.lookup_seconds += time.perf_counter() - t0
+        return resp
 
     def ApplyGradients(self, request: pb.ApplyGradientsRequest,
                        context: grpc.ServicerContext) -> pb.ApplyGradientsResponse:
@@ -88,7 +96,8 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
             max_message_bytes=self.max_message_bytes,
             counters=pb.ShardCounters(lookups=c["lookups"], rows_served=c["rows_served"],
                                       bytes_served=self.bytes_served, updates=c["updates"],
-                                      rows_updated=c["rows_updated"], rejected=c["rejected"]))
+                                      rows_updated=c["rows_updated"], rejected=c["rejected"],
+                                      lookup_seconds=self.lookup_seconds))
 
     def Save(self, request: pb.SaveRequest, context: grpc.ServicerContext) -> pb.SaveResponse:
         try:

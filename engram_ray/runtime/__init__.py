@@ -9,10 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .service import MemoryService, attach, deploy, ray_session
+from .service import MemoryService, attach, deploy, init_ray, ray_session
 
 __all__ = ["BackboneWorker", "MemoryService", "RemoteMemory", "WorkerHandle", "attach", "deploy",
-           "ray_session", "start_worker"]
+           "init_ray", "ray_session", "start_worker"]
 
 _LAZY = {"BackboneWorker": ".worker", "WorkerHandle": ".worker", "start_worker": ".worker",
          "RemoteMemory": ".remote_memory"}

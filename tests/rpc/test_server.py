@@ -68,6 +68,7 @@ def test_lookup_round_trip_equals_gather(served):
     d = stub.Describe(pb.DescribeRequest())
     assert (d.row_start, d.row_stop, d.dim, d.dtype, d.num_shards) == (shard.row_start, shard.row_stop, 16, "float32", 2)
     assert d.counters.lookups >= 1 and d.max_message_bytes == MAX_MSG
+    assert d.counters.lookup_seconds > 0 and d.counters.bytes_served == rows.nbytes
 
 
 def test_empty_batch_is_an_empty_answer(served):

@@ -12,7 +12,7 @@ ray = pytest.importorskip("ray")
 from engram_ray import config as C  # noqa: E402
 from engram_ray.config import OptimizerConfig, StoreConfig  # noqa: E402
 from engram_ray.core.tokens import CompressedVocab  # noqa: E402
-from engram_ray.runtime import attach, deploy  # noqa: E402
+from engram_ray.runtime import attach, deploy, init_ray  # noqa: E402
 from engram_ray.store import TableShard  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -22,8 +22,7 @@ VOCAB = CompressedVocab(np.arange(50))
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     # The custom resource marks this node as a memory node, as the cluster files do.
-    ray.init(num_cpus=2, resources={"engram_memory": 4}, include_dashboard=False,
-             log_to_driver=False, namespace="engram_ray")
+    init_ray(num_cpus=2, resources={"engram_memory": 4})
     yield
     ray.shutdown()
 

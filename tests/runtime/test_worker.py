@@ -48,9 +48,9 @@ def test_two_workers_share_one_service(corpus_dir):
     from engram_ray.config import TrainConfig
     from engram_ray.core.tokens import CompressedVocab  # noqa: F401
     from engram_ray.data import default_vocab, load_tokenizer
-    from engram_ray.runtime import deploy, start_worker
+    from engram_ray.runtime import deploy, init_ray, start_worker
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=2)
     try:
         import dataclasses
         ecfg = C.tiny()

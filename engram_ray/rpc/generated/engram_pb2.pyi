@@ -53,20 +53,22 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ShardCounters(_message.Message):
-    __slots__ = ("lookups", "rows_served", "bytes_served", "updates", "rows_updated", "rejected")
+    __slots__ = ("lookups", "rows_served", "bytes_served", "updates", "rows_updated", "rejected", "lookup_seconds")
     LOOKUPS_FIELD_NUMBER: _ClassVar[int]
     ROWS_SERVED_FIELD_NUMBER: _ClassVar[int]
     BYTES_SERVED_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
     ROWS_UPDATED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     lookups: int
     rows_served: int
     bytes_served: int
     updates: int
     rows_updated: int
     rejected: int
-    def __init__(self, lookups: _Optional[int] = ..., rows_served: _Optional[int] = ..., bytes_served: _Optional[int] = ..., updates: _Optional[int] = ..., rows_updated: _Optional[int] = ..., rejected: _Optional[int] = ...) -> None: ...
+    lookup_seconds: float
+    def __init__(self, lookups: _Optional[int] = ..., rows_served: _Optional[int] = ..., bytes_served: _Optional[int] = ..., updates: _Optional[int] = ..., rows_updated: _Optional[int] = ..., rejected: _Optional[int] = ..., lookup_seconds: _Optional[float] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
     __slots__ = ("fingerprint", "shard_index", "num_shards", "row_start", "row_stop", "dim", "dtype", "optimizer", "resident_bytes", "max_message_bytes", "counters", "resident_rows")
