@@ -111,6 +111,7 @@ class EngramClient:
         self._counters: collections.Counter = collections.Counter()
         self._latencies: collections.deque[float] = collections.deque(maxlen=10_000)
         self._io = IoThread(name=f"engram-client-{id(self):x}")
+        self._tasks: set[asyncio.Task] = set()  # lookups in flight (touched on the I/O thread only)
         opts = [("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes)]
         self._channels = self._io.run(self._open(opts))
@@ -208,12 +209,34 @@ class EngramClient:
 
     def prefetch(self, row_ids: Any) -> Prefetch:
         """Start fetching the rows of ``row_ids`` (any shape); returns at once."""
-        ids, flat = self._flat_ids(row_ids, copy=True)  # the I/O thread reads them later
-        p = Prefetch(int(flat.size))
-        self._count("lookups", 1)
-        self._count("ids", int(flat.size))
-        p._future = self._io.submit(self._lookup(flat, ids.shape, p))
-        return p
+        return self.prefetch_many([row_ids])[0]
+
+    def prefetch_many(self, row_ids: Sequence[Any]) -> list[Prefetch]:
+        """:meth:`prefetch` for several arrays (e.g. one per Engram layer) with one hand-over
+        to the I/O thread: each wake-up of that thread costs the caller a syscall and a GIL
+        round trip. Requests go out in the order given."""
+        items = []
+        for r in row_ids:
+            ids, flat = self._flat_ids(r, copy=True)  # the I/O thread reads them later
+            p = Prefetch(int(flat.size))
+            p._future = concurrent.futures.Future()
+            items.append((flat, ids.shape, p))
+        self._count("lookups", len(items))
+        self._count("ids", sum(int(f.size) for f, _, _ in items))
+        self._io.submit(self._start(items))
+        return [p for _, _, p in items]
+
+    async def _start(self, items) -> None:
+        for flat, shape, p in items:  # tasks start in this order, so their requests do too
+            task = asyncio.get_running_loop().create_task(self._lookup_into(flat, shape, p))
+            self._tasks.add(task)  # the loop holds tasks weakly: keep each until it ends
+            task.add_done_callback(self._tasks.discard)
+
+    async def _lookup_into(self, flat: np.ndarray, shape: tuple[int, ...], p: Prefetch) -> None:
+        try:
+            p._future.set_result(await self._lookup(flat, shape, p))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the Prefetch
+            p._future.set_exception(e)
 
     async def _lookup(self, flat: np.ndarray, shape: tuple[int, ...], p: Prefetch) -> np.ndarray:
         t0 = time.perf_counter()

@@ -30,7 +30,7 @@ class RemoteFetch:
         self.requires_grad = requires_grad
         # prefetch: every layer's rows go out now; on demand: each when its layer asks.
         self.pending: list[Prefetch | None] = (
-            [memory.client.prefetch(r) for r in row_ids_lbth] if memory.prefetch
+            list(memory.client.prefetch_many(list(row_ids_lbth))) if memory.prefetch
             else [None] * len(row_ids_lbth))
         self.tensors: dict[int, torch.Tensor] = {}
         #: Time spent blocked in rows(): the part of the fetch not hidden behind compute.
