@@ -245,21 +245,28 @@ class EngramClient:
         else:
             uniq, inverse = np.unique(flat, return_inverse=True)
         t1 = time.perf_counter()
-        chunks = list(self._chunks(uniq))
-        calls = [self._call(s, "Lookup", pb.LookupRequest(fingerprint=self.layout.fingerprint,
-                                                          row_ids=codec.encode(uniq[a:b])), _LOOKUP_RETRY)
-                 for s, a, b in chunks]
-        t2 = time.perf_counter()
-        resps = await self._gather(calls)
-        t3 = time.perf_counter()
-        p._seconds = t3 - t0
         dim = self.layout.row_dim
         uniq_rows = np.empty((uniq.size, dim), dtype=self.dtype)
-        for (_, a, b), resp in zip(chunks, resps):
+        decode_s = 0.0
+
+        async def chunk(shard: int, a: int, b: int, request) -> None:
+            # Each answer is copied into place as it lands, while the others are in flight.
+            nonlocal decode_s
+            resp = await self._call(shard, "Lookup", request, _LOOKUP_RETRY)
+            t = time.perf_counter()
             rows = codec.decode(resp.rows, what="rows", dtypes=(self.dtype_name,), ndim=2)
             if rows.shape != (b - a, dim):
-                raise EngramError(f"shard answered {rows.shape} rows for {b - a} ids")
+                raise EngramError(f"shard {shard} answered {rows.shape} rows for {b - a} ids")
             uniq_rows[a:b] = rows
+            decode_s += time.perf_counter() - t
+
+        calls = [chunk(s, a, b, pb.LookupRequest(fingerprint=self.layout.fingerprint,
+                                                 row_ids=codec.encode(uniq[a:b])))
+                 for s, a, b in self._chunks(uniq)]
+        t2 = time.perf_counter()
+        await self._gather(calls)
+        t3 = time.perf_counter()
+        p._seconds = t3 - t0
         out = uniq_rows.reshape(*shape, dim) if inverse is None else uniq_rows[inverse].reshape(*shape, dim)
         with self._stats_lock:
             c = self._counters
@@ -268,8 +275,8 @@ class EngramClient:
             # Where a lookup's time goes on this client's I/O thread (see stats()).
             c["io_dedup_s"] += t1 - t0
             c["io_encode_s"] += t2 - t1
-            c["io_in_flight_s"] += t3 - t2
-            c["io_decode_s"] += time.perf_counter() - t3
+            c["io_in_flight_s"] += t3 - t2 - decode_s
+            c["io_decode_s"] += decode_s + time.perf_counter() - t3
             self._latencies.append(p._seconds)
         return out
 
