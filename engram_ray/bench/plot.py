@@ -28,8 +28,8 @@ def plot_offload(report: dict[str, Any], path: str | Path) -> None:
         for m, b in zip(MODES, bars):
             if m in ("remote", "remote_lazy"):
                 o = report["overhead"][f"{phase}:{m}_vs_local"]
-                ax.annotate(f"{100 * o:+.1f}% vs local", (b.get_x() + b.get_width() / 2, b.get_height()),
-                            ha="center", va="bottom", fontsize=8)
+                ax.annotate(f"{100 * o:+.1f}%\nvs local", (b.get_x() + b.get_width() / 2, b.get_height() / 2),
+                            ha="center", va="center", fontsize=8, color="white")
         ax.set_title(f"{phase} (median of {report['repeats']}; whiskers min-max)")
         ax.set_ylabel("tokens/s")
         ax.tick_params(axis="x", labelrotation=15)
