@@ -29,6 +29,7 @@ __all__ = [
     "reference_demo",
     "paper_27b",
     "table_100b",
+    "with_table_params",
 ]
 
 # numpy.random.default_rng accepts seeds up to this (and the reference adds 10007 * layer).
@@ -374,6 +375,17 @@ def table_100b() -> EngramConfig:
     return EngramConfig(engram_vocab_size=(39_062_500, 39_062_500), max_ngram_size=3,
                         n_embed_per_ngram=640, n_head_per_ngram=8, layer_ids=(2, 15),
                         pad_id=2, seed=0, kernel_size=4)
+
+
+def with_table_params(config: EngramConfig, params: float) -> EngramConfig:
+    """``config``'s geometry (layers, orders, heads, row width) with every head's table
+    resized so the whole table holds about ``params`` parameters (each size becomes a prime
+    just above, so the total lands a hair over). For capacity planning at a given size."""
+    per_head = int(params) // (len(config.layer_ids) * config.heads_per_layer * config.row_dim)
+    if per_head < 2:
+        raise ValueError(f"table_params={params:g}: too small for {len(config.layer_ids)} layers x "
+                         f"{config.heads_per_layer} heads x rows of {config.row_dim}")
+    return dataclasses.replace(config, engram_vocab_size=(per_head,) * (config.max_ngram_size - 1))
 
 
 PRESETS: Mapping[str, Callable[[], EngramConfig]] = types.MappingProxyType({

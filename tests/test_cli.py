@@ -63,5 +63,25 @@ def test_hash_shows_row_ids(capsys):
 
 
 def test_coming_commands_say_so(capsys):
-    assert main(["plan"]) == 2
-    assert "not yet built (issue #6)" in capsys.readouterr().err
+    assert main(["checkpoint"]) == 2
+    assert "not yet built (issue #7)" in capsys.readouterr().err
+
+
+def test_plan_for_a_100b_table(capsys, tmp_path):
+    cfg = tmp_path / "t100.json"
+    assert main(["plan", "--table-params", "100e9", "--dtype", "bf16", "--node-ram-gib", "512",
+                 "--save-config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "100.00 B" in out and "memory nodes  1 x 512 GiB" in out and "186.3 GiB" in out
+    assert f"--config {cfg} --shards 4 --dtype bfloat16" in out
+    from engram_ray.config import EngramConfig
+    assert EngramConfig.from_json(cfg).engram_vocab_size == (39_062_500, 39_062_500)
+    assert main(["plan", "--preset", "paper_27b", "--optimizer", "adam", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["table_params"] == 5_792_338_560 and plan["ray_resources"]["engram_memory"] == 4
+    assert plan["push_bytes_per_token"] > 0 and plan["source"] == "paper_27b"
+
+
+def test_plan_explains_what_does_not_fit(capsys):
+    assert main(["plan", "--node-ram-gib", "1", "--shards", "1"]) == 2
+    assert "one shard needs 10.8 GiB but a node gives shards 0.8 GiB" in capsys.readouterr().err

@@ -8,13 +8,12 @@ import sys
 from typing import Callable, Sequence
 
 from .. import __version__
-from . import bench, demo, service, table
+from . import bench, demo, plan, service, table
 
 __all__ = ["main", "build_parser"]
 
 # Subcommands that later issues build; listed so --help shows the whole tool.
 _COMING = {
-    "plan": ("capacity planning: shards, memory nodes, GiB and bandwidth per worker", 6),
     "checkpoint": ("ask every shard of a running service to save its rows", 7),
 }
 
@@ -36,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"engram-ray {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (demo, table, service, bench):
+    for module in (demo, table, plan, service, bench):
         module.register(sub)
     for name, (help_text, issue) in _COMING.items():
         p = sub.add_parser(name, help=f"{help_text} [coming: issue #{issue}]",
@@ -61,10 +60,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into head & co.
         sys.stderr.close()
         return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 if __name__ == "__main__":
