@@ -16,20 +16,26 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..client import EngramClient
 from ..config import EngramConfig, StoreConfig
 from ..core.layout import ShardPlan, TableLayout
+from ..core.plan import optimizer_state_bytes_per_row
 from ..rpc.server import DEFAULT_MAX_MESSAGE_BYTES
 from .shard_server import ShardServer
 
-__all__ = ["MemoryService", "deploy", "attach", "init_ray", "ray_session", "NAMESPACE", "MEMORY_RESOURCE"]
+__all__ = ["MemoryService", "deploy", "attach", "init_ray", "ray_session", "NAMESPACE", "MEMORY_RESOURCE",
+           "MEMORY_GIB_RESOURCE", "shard_gib"]
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "engram_ray"
-#: Custom resource that marks memory nodes in the cluster files.
+#: Custom resource that marks memory nodes in the cluster files: one unit per shard slot.
 MEMORY_RESOURCE = "engram_memory"
+#: Custom resource counting the GiB a memory node gives shards: shards are packed by memory.
+MEMORY_GIB_RESOURCE = "engram_memory_gib"
 
 
 class ServiceDirectory:
@@ -85,6 +91,12 @@ class MemoryService:
             return out
 
         shards, directory = live(self.shard_names), live([self.name])
+        pg = None
+        if directory:
+            try:
+                pg = ray.get(directory[0].info.remote(), timeout=timeout).get("placement_group")
+            except Exception as e:  # noqa: BLE001
+                log.warning("service %s: reading its directory: %s", self.name, e)
         try:
             ray.get([h.stop.remote() for h in shards], timeout=timeout)
         except Exception as e:  # noqa: BLE001 - a dead shard must not stop the shutdown
@@ -95,6 +107,8 @@ class MemoryService:
         # A call to a killed actor fails once it is dead: wait for all of them at once.
         pings = [h.__ray_ready__.remote() for h in handles]
         ray.wait(pings, num_returns=len(pings), timeout=timeout)
+        if pg is not None:  # frees the shards' memory-node reservations
+            remove_placement_group(pg)
         self.handles.clear()
 
 
@@ -143,6 +157,48 @@ def _service_exists(name: str) -> bool:
         return False
 
 
+def shard_gib(layout: TableLayout, store: StoreConfig, num_shards: int) -> int:
+    """Whole GiB one shard reserves of a node's ``engram_memory_gib``: its resident rows and
+    the optimiser state beside them, rounded up (at least 1)."""
+    rows = -(-layout.total_rows // num_shards)
+    if store.resident_rows_per_shard:
+        rows = min(rows, store.resident_rows_per_shard)
+    per_row = layout.row_bytes(store.dtype) + optimizer_state_bytes_per_row(store.optimizer.kind, layout.row_dim)
+    return max(1, -(-rows * per_row // 2**30))
+
+
+def _shard_bundle(layout: TableLayout, store: StoreConfig, num_shards: int) -> dict[str, float]:
+    """What each shard reserves: a slot on a memory node and, where nodes count their GiB,
+    its share of them; empty on a cluster with no memory nodes (then shards go anywhere)."""
+    total = ray.cluster_resources()
+    if total.get(MEMORY_RESOURCE, 0) <= 0:
+        return {}
+    bundle = {MEMORY_RESOURCE: 1.0}
+    if total.get(MEMORY_GIB_RESOURCE, 0) > 0:
+        bundle[MEMORY_GIB_RESOURCE] = float(shard_gib(layout, store, num_shards))
+    return bundle
+
+
+def _reserve(name: str, bundle: dict[str, float], num_shards: int, detached: bool, timeout: float):
+    """A placement group of one bundle per shard, spread over memory nodes where there are
+    enough (SPREAD packs them only when it must). It is all or nothing: a service never
+    starts half-placed, and an autoscaler sees the whole demand at once and adds nodes."""
+    pg = placement_group([dict(bundle) for _ in range(num_shards)], strategy="SPREAD",
+                         name=f"{name}/shards", lifetime="detached" if detached else None)
+    ready, _ = ray.wait([pg.ready()], timeout=timeout)
+    if not ready:
+        remove_placement_group(pg)
+        nodes = [(n["NodeManagerAddress"], {k: n["Resources"][k] for k in (MEMORY_RESOURCE, MEMORY_GIB_RESOURCE)
+                                            if k in n["Resources"]})
+                 for n in ray.nodes() if n.get("Alive")]
+        raise TimeoutError(
+            f"could not place {num_shards} shards of {name!r} within {timeout:.0f} s: each needs "
+            f"{bundle}, memory nodes have {[r for _, r in nodes if r] or 'none'}. Add memory nodes "
+            "(or let the autoscaler: raise max_workers of the memory node type), or use more, "
+            "smaller shards (engram-ray plan tells how many)")
+    return pg
+
+
 def deploy(config: EngramConfig, *, vocab: Any = None, num_shards: int = 2,
            store: StoreConfig = StoreConfig(), name: str = "engram", detached: bool = False,
            checkpoint: str | None = None, host: str | None = None,
@@ -183,32 +239,43 @@ def deploy(config: EngramConfig, *, vocab: Any = None, num_shards: int = 2,
     opts: dict[str, Any] = {"namespace": NAMESPACE, "max_concurrency": 4, "num_cpus": 0}
     if detached:
         opts["lifetime"] = "detached"
-    if ray.cluster_resources().get(MEMORY_RESOURCE, 0) > 0:
-        opts["resources"] = {MEMORY_RESOURCE: 1}
-        opts["scheduling_strategy"] = "SPREAD"
+    bundle = _shard_bundle(layout, store, num_shards)
+    pg = None
+    if bundle:
+        pg = _reserve(name, bundle, num_shards, detached, timeout)
     remote = ray.remote(ShardServer)
     names = [f"{name}/shard-{i}" for i in range(num_shards)]
-    actors = [remote.options(name=n, **opts).remote(
-        layout.to_dict(), num_shards, i, store.to_dict(), host=host,
-        max_message_bytes=max_message_bytes, checkpoint=checkpoint) for i, n in enumerate(names)]
+    actors = []
+    for i, n in enumerate(names):
+        place = {}
+        if pg is not None:
+            place = {"resources": bundle, "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                pg, placement_group_bundle_index=i)}
+        actors.append(remote.options(name=n, **opts, **place).remote(
+            layout.to_dict(), num_shards, i, store.to_dict(), host=host,
+            max_message_bytes=max_message_bytes, checkpoint=checkpoint))
     refs = [a.address.remote() for a in actors]
-    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-    if pending:
+
+    def undo() -> None:
         for a in actors:
             ray.kill(a)
-        need = opts.get("resources", {})
+        if pg is not None:
+            remove_placement_group(pg)
+
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    if pending:
+        undo()
         raise TimeoutError(
-            f"{len(pending)} of {num_shards} shards of {name!r} did not start within {timeout:.0f} s; "
-            f"each needs {need or 'no custom resource'} and room for its rows "
-            f"({layout.nbytes(store.dtype) / num_shards / 2**30:.2f} GiB): add memory nodes or "
-            f"use more shards. Cluster now: {ray.available_resources()}")
+            f"{len(pending)} of {num_shards} shards of {name!r} did not start within {timeout:.0f} s "
+            f"({layout.nbytes(store.dtype) / num_shards / 2**30:.2f} GiB of rows each). "
+            f"Cluster now: {ray.available_resources()}")
     try:
         addresses = ray.get(refs)
     except Exception:
-        for a in actors:
-            ray.kill(a)
+        undo()
         raise
-    spec = {"name": name, "layout": layout.to_dict(), "store": store.to_dict(), "addresses": addresses}
+    spec = {"name": name, "layout": layout.to_dict(), "store": store.to_dict(), "addresses": addresses,
+            "placement_group": pg}
     dir_opts = {k: v for k, v in opts.items() if k in ("namespace", "lifetime")}
     directory = ray.remote(ServiceDirectory).options(name=name, num_cpus=0, **dir_opts).remote(spec, names)
     ray.get(directory.info.remote())

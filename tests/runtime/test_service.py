@@ -22,7 +22,8 @@ VOCAB = CompressedVocab(np.arange(50))
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     # The custom resource marks this node as a memory node, as the cluster files do.
-    init_ray(num_cpus=2, resources={"engram_memory": 4})
+    # engram_memory_gib: this "node" gives shards 3 GiB (a tiny shard reserves 1 GiB, whole GiB)
+    init_ray(num_cpus=2, resources={"engram_memory": 4, "engram_memory_gib": 3})
     yield
     ray.shutdown()
 
@@ -103,6 +104,7 @@ def test_shards_go_to_memory_nodes_and_detached_services_outlive_their_handle(ti
     svc = deploy(C.tiny(), vocab=VOCAB, num_shards=3, name="det", detached=True)
     try:
         assert ray.available_resources().get("engram_memory", 0) == free - 3
+        assert ray.available_resources().get("engram_memory_gib", 0) == 0  # packed by GiB too
         names = list(svc.shard_names)
         del svc  # a detached service does not depend on this handle
         again = attach("det")
@@ -116,12 +118,15 @@ def test_shards_go_to_memory_nodes_and_detached_services_outlive_their_handle(ti
 
 
 def test_bad_deploys_are_explained():
-    # five shards, room for four: a clear error after the timeout, nothing left behind
-    with pytest.raises(TimeoutError, match=r"1 of 5 shards of 'toomany' did not start within 20 s; "
-                                           r"each needs \{'engram_memory': 1\}"):
-        deploy(C.tiny(), vocab=VOCAB, num_shards=5, name="toomany", timeout=20)
+    # four shards: slots for four, GiB for three -- a clear error after the timeout, nothing
+    # reserved or running afterwards
+    with pytest.raises(TimeoutError, match=r"could not place 4 shards of 'toomany' within 10 s: each needs "
+                                           r"\{'engram_memory': 1.0, 'engram_memory_gib': 1.0\}, memory nodes "
+                                           r"have \[\{'engram_memory': 4.0, 'engram_memory_gib': 3.0\}\]"):
+        deploy(C.tiny(), vocab=VOCAB, num_shards=4, name="toomany", timeout=10)
     free = ray.cluster_resources()["engram_memory"]
     assert _memory_free_within(free) == free
+    assert ray.available_resources()["engram_memory_gib"] == 3
     with pytest.raises(ValueError, match="num_shards=0"):
         deploy(C.tiny(), vocab=VOCAB, num_shards=0, name="bad")
     with pytest.raises(ValueError, match="no memory service named 'nope'"):
