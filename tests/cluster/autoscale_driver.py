@@ -1,0 +1,46 @@
+"""Driver for the autoscaling test: on a cluster with fewer memory nodes than a service
+needs, deploy it (the placement group's demand makes the autoscaler add memory nodes), then
+report where each shard landed. Prints one line ``RESULT {json}``."""
+
+import json
+import sys
+import time
+
+import numpy as np
+import ray
+
+from engram_ray import config as C
+from engram_ray.core.tokens import CompressedVocab
+from engram_ray.runtime import deploy, init_ray
+
+
+def memory_nodes() -> list[dict]:
+    return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("engram_memory", 0) > 0]
+
+
+def main(num_shards: int) -> None:
+    init_ray("auto")
+    before = len(memory_nodes())
+    t0 = time.time()
+    svc = deploy(C.tiny(), vocab=CompressedVocab(np.arange(50)), num_shards=num_shards, name="scaled",
+                 timeout=240)
+    seconds = time.time() - t0
+    try:
+        by_id = {n["NodeID"]: n for n in memory_nodes()}
+        placed = []
+        for shard in svc.shard_names:
+            info = ray.get(ray.get_actor(shard, namespace="engram_ray").info.remote())
+            placed.append(info["node_id"] in by_id)
+        with svc.client() as c:
+            ok = c.lookup(np.arange(svc.layout.total_rows)).shape[0] == svc.layout.total_rows
+        nodes_used = len({ray.get(ray.get_actor(s, namespace="engram_ray").info.remote())["node_id"]
+                          for s in svc.shard_names})
+    finally:
+        svc.shutdown()
+    print("RESULT " + json.dumps({"memory_nodes_before": before, "memory_nodes_after": len(memory_nodes()),
+                                  "shards_on_memory_nodes": placed, "nodes_used": nodes_used,
+                                  "lookup_ok": ok, "deploy_s": seconds}), flush=True)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))
