@@ -106,13 +106,18 @@ class WorkerHandle:
 def start_worker(service_name: str, model_cfg: ModelConfig, engram_cfg: EngramConfig,
                  train_cfg: TrainConfig, *, tokenizer: str = "gpt2", corpus: str = "stdlib",
                  num_cpus: float | None = None, name: str | None = None):
-    """Start a :class:`BackboneWorker` actor: one GPU where the cluster has GPUs, else
-    ``num_cpus`` CPUs (default: all the free CPUs of the node, used as torch threads).
+    """Start a :class:`BackboneWorker` actor: on a GPU node with one GPU where the cluster
+    has GPUs (and ``num_cpus``, default 1), else with ``num_cpus`` CPUs (default: the free
+    CPUs of a one-node Ray, used as torch threads; 1 on a multi-node cluster).
     Returns its :class:`WorkerHandle` once the worker is ready (errors raise here)."""
     opts: dict[str, Any] = {"namespace": NAMESPACE}
+    one_node = sum(1 for n in ray.nodes() if n.get("Alive")) == 1
     if ray.cluster_resources().get("GPU", 0) >= 1:
-        opts["num_gpus"] = 1
-    opts["num_cpus"] = num_cpus if num_cpus is not None else max(1, int(ray.available_resources().get("CPU", 1)))
+        opts["num_gpus"] = 1  # Ray places it on a GPU node: memory nodes declare no GPUs
+        default_cpus = 1
+    else:
+        default_cpus = max(1, int(ray.available_resources().get("CPU", 1))) if one_node else 1
+    opts["num_cpus"] = num_cpus if num_cpus is not None else default_cpus
     if name:
         opts["name"] = name
     actor = ray.remote(BackboneWorker).options(**opts).remote(
