@@ -83,9 +83,11 @@ def _cmd_bench_offload(args: argparse.Namespace) -> int:
     import dataclasses
     # The demo backbone, deep enough to hold the table's Engram layers (the 100B table sits at
     # layers 2 and 15, as in the paper's 27B model).
-    model = dataclasses.replace(model_demo(), n_layers=max(model_demo().n_layers, max(cfg.layer_ids) + 1))
+    base = model_demo()
+    model = dataclasses.replace(base, n_layers=max(base.n_layers, max(cfg.layer_ids) + 1),
+                                max_seq_len=max(base.max_seq_len, args.max_len, 32 + args.decode_tokens + 1))
     report = bench_offload.run(
-        cfg, model, vocab, corpus.val, shards=args.shards, max_resident_gib=args.max_resident_gib,
+        cfg, model, vocab, corpus.val, shards=args.shards, max_resident_gib=args.max_resident_gib or None,
         sequences=args.sequences, min_len=args.min_len, max_len=args.max_len, decode_batch=args.decode_batch,
         decode_tokens=args.decode_tokens, repeats=args.repeats, device=args.device, profile=args.profile,
         progress=True)
@@ -183,7 +185,9 @@ def register(sub) -> None:
     add_table_args(b, "table_100b")
     b.add_argument("--shards", type=int, default=2)
     b.add_argument("--max-resident-gib", type=float, default=1.0,
-                   help="RAM for the table's rows in all (rows map into it; default: 1.0)")
+                   help="RAM for the table's rows in all (rows map into it; default: 1.0); 0: no cap, "
+                        "for a cluster whose memory nodes hold the whole table (and a worker that "
+                        "holds it for the in-process mode)")
     b.add_argument("--sequences", type=int, default=16, help="prefill sequences (paper: 512)")
     b.add_argument("--min-len", type=int, default=32, help="shortest sequence (paper: 100)")
     b.add_argument("--max-len", type=int, default=192, help="longest sequence (paper: 1024)")
