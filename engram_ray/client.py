@@ -31,10 +31,11 @@ import numpy as np
 
 from .core.layout import ShardPlan, TableLayout
 from .core.optim import sum_duplicates
-from .errors import (EngramError, FingerprintMismatch, InvalidRequest, RequestTooLarge,
+from .errors import (AuthError, EngramError, FingerprintMismatch, InvalidRequest, RequestTooLarge,
                      ShardUnavailable)
 from .rpc import codec
 from .rpc.generated import engram_pb2 as pb
+from .rpc.auth import auth_metadata
 from .rpc.generated import engram_pb2_grpc as pb_grpc
 from .rpc.iothread import IoThread
 from .rpc.server import DEFAULT_MAX_MESSAGE_BYTES
@@ -45,9 +46,13 @@ log = logging.getLogger(__name__)
 
 _ERRORS = {grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
            grpc.StatusCode.FAILED_PRECONDITION: FingerprintMismatch,
-           grpc.StatusCode.RESOURCE_EXHAUSTED: RequestTooLarge}
+           grpc.StatusCode.RESOURCE_EXHAUSTED: RequestTooLarge,
+           grpc.StatusCode.UNAUTHENTICATED: AuthError}
 _LOOKUP_RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _PUSH_RETRY = (grpc.StatusCode.UNAVAILABLE,)
+#: gRPC's message when a server already serves maximum_concurrent_rpcs calls: the request was
+#: not looked at, so any call (pushes too) may be retried after a backoff.
+_BUSY = "Concurrent RPC limit exceeded"
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ class ShardInfo:
     row_stop: int
     dtype: str
     max_message_bytes: int
+    max_ids_per_request: int
 
 
 class Prefetch:
@@ -94,13 +100,16 @@ class EngramClient:
 
     ``timeout`` is per message, ``retries`` the attempts after the first for lookups,
     ``chunk_bytes`` the target size of one response (measured best at ~1 MiB here, against
-    up to 40 % slower with one large message per shard).
+    up to 40 % slower with one large message per shard). ``token``: the service's secret
+    (``MemoryService.client()`` passes it). ``tls_ca``: PEM of the CA that signed the shards'
+    certificates, for a TLS service (``tls_server_name`` overrides the name checked).
     """
 
     def __init__(self, addresses: Sequence[str], layout: TableLayout, *, timeout: float = 10.0,
                  retries: int = 3, backoff: float = 0.05,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, chunk_bytes: int = 1 << 20,
-                 connect_timeout: float = 10.0):
+                 connect_timeout: float = 10.0, token: str | None = None,
+                 tls_ca: bytes | None = None, tls_server_name: str | None = None):
         if not addresses:
             raise ValueError("EngramClient: no shard addresses")
         self.addresses = list(addresses)
@@ -114,7 +123,11 @@ class EngramClient:
         self._tasks: set[asyncio.Task] = set()  # lookups in flight (touched on the I/O thread only)
         opts = [("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes)]
-        self._channels = self._io.run(self._open(opts))
+        if tls_server_name:
+            opts.append(("grpc.ssl_target_name_override", tls_server_name))
+        self._metadata = auth_metadata(token)
+        creds = grpc.ssl_channel_credentials(root_certificates=tls_ca) if tls_ca else None
+        self._channels = self._io.run(self._open(opts, creds))
         self._stubs = [pb_grpc.EngramMemoryStub(ch) for ch in self._channels]
         # A client dropped without close() still stops its thread when collected.
         self._finalizer = weakref.finalize(self, _shutdown, self._io, self._channels)
@@ -128,22 +141,29 @@ class EngramClient:
         limit = min([max_message_bytes, chunk_bytes + 4096] + [s.max_message_bytes for s in self.shards])
         # ~1 MiB messages (chunk_bytes): several per shard are in flight at once, so a shard
         # gathers the next while the last is on the wire; ids (8 B) are smaller than rows.
-        self.max_rows_per_message = max(1, (limit - 4096) // max(8, layout.row_dim * self.dtype.itemsize))
+        self.max_rows_per_message = max(1, min(min(s.max_ids_per_request for s in self.shards),
+                                               (limit - 4096) // max(8, layout.row_dim * self.dtype.itemsize)))
 
     # Connection ----------------------------------------------------------------------------
-    async def _open(self, opts) -> list:
+    async def _open(self, opts, creds) -> list:
+        if creds is not None:
+            return [grpc.aio.secure_channel(a, creds, options=opts) for a in self.addresses]
         return [grpc.aio.insecure_channel(a, options=opts) for a in self.addresses]
 
     async def _describe_all(self, timeout: float, wait_for_ready: bool = False) -> list:
         """Every shard's DescribeResponse, or the RpcError it failed with."""
         return await asyncio.gather(
-            *[stub.Describe(pb.DescribeRequest(), timeout=timeout, wait_for_ready=wait_for_ready)
+            *[stub.Describe(pb.DescribeRequest(), timeout=timeout, wait_for_ready=wait_for_ready,
+                            metadata=self._metadata)
               for stub in self._stubs], return_exceptions=True)
 
     def _connect(self, timeout: float) -> list[ShardInfo]:
         answers = self._io.run(self._describe_all(timeout, wait_for_ready=True))
         infos = []
         for i, d in enumerate(answers):
+            if isinstance(d, grpc.RpcError) and d.code() == grpc.StatusCode.UNAUTHENTICATED:
+                self.close()
+                raise AuthError(f"shard {i} at {self.addresses[i]}: {d.details()}") from None
             if isinstance(d, grpc.RpcError):
                 self.close()
                 raise ShardUnavailable(i, self.addresses[i], f"{d.code().name}: {d.details()}") from None
@@ -160,7 +180,8 @@ class EngramClient:
                 raise EngramError(f"shard {i} at {self.addresses[i]} owns rows [{d.row_start}, {d.row_stop}) "
                                   f"of {d.num_shards} shards; expected {list(want)} of {len(self.addresses)}: "
                                   "addresses are out of order or from another deployment")
-            infos.append(ShardInfo(i, self.addresses[i], d.row_start, d.row_stop, d.dtype, d.max_message_bytes))
+            infos.append(ShardInfo(i, self.addresses[i], d.row_start, d.row_stop, d.dtype, d.max_message_bytes,
+                                   d.max_ids_per_request or (1 << 62)))
         return infos
 
     def close(self) -> None:
@@ -179,9 +200,10 @@ class EngramClient:
         stub_method = getattr(self._stubs[shard], method)
         for attempt in range(self.retries + 1):
             try:
-                return await stub_method(request, timeout=self.timeout)
+                return await stub_method(request, timeout=self.timeout, metadata=self._metadata)
             except grpc.RpcError as err:
-                if err.code() in retry_codes and attempt < self.retries:
+                busy = err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and _BUSY in (err.details() or "")
+                if (err.code() in retry_codes or busy) and attempt < self.retries:
                     self._count("retries", 1)
                     await asyncio.sleep(self.backoff * (2 ** attempt))
                     continue
@@ -347,7 +369,8 @@ class EngramClient:
         """Ask every shard to write its part of a checkpoint into ``directory``."""
         async def save_all():
             return await asyncio.gather(
-                *[stub.Save(pb.SaveRequest(directory=str(directory)), timeout=max(self.timeout, 600))
+                *[stub.Save(pb.SaveRequest(directory=str(directory)), timeout=max(self.timeout, 600),
+                            metadata=self._metadata)
                   for stub in self._stubs], return_exceptions=True)
         paths = []
         for i, r in enumerate(self._io.run(save_all())):

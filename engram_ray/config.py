@@ -22,6 +22,7 @@ __all__ = [
     "model_demo",
     "OptimizerConfig",
     "StoreConfig",
+    "ServiceConfig",
     "PRESETS",
     "preset",
     "tiny",
@@ -252,6 +253,55 @@ class StoreConfig(_JsonFields):
         _check_int(name, "init_seed", self.init_seed, 0, 2**63 - 1)
         _check_int(name, "resident_rows_per_shard", self.resident_rows_per_shard, 0)
 
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceConfig(_JsonFields):
+    """How a memory service runs: who may call it, what it accepts, how it recovers."""
+
+    #: Require a shared secret token (generated at deploy, handed to clients by the service
+    #: handle) on every data-plane call; calls without it get UNAUTHENTICATED.
+    auth: bool = True
+    #: TLS: PEM files of the servers' certificate chain and private key, at the same path on
+    #: every memory node. Empty: plaintext (the token still guards the service).
+    tls_cert: str = ""
+    tls_key: str = ""
+    #: PEM of the CA clients trust (default: tls_cert itself, for a self-signed certificate).
+    tls_ca: str = ""
+    #: Most row ids in one Lookup or ApplyGradients request (RESOURCE_EXHAUSTED above).
+    max_ids_per_request: int = 1 << 20
+    #: Largest message either way, in bytes.
+    max_message_bytes: int = 64 << 20
+    #: RPCs one shard serves at once; more get RESOURCE_EXHAUSTED, and clients back off.
+    max_concurrent_rpcs: int = 64
+    #: gRPC handler threads per shard.
+    max_workers: int = 8
+    #: Copies of each shard, on different nodes where the cluster has them.
+    replicas: int = 1
+    #: Directory for recovery checkpoints ("" = none): each shard writes its own there and
+    #: reloads the newest after a restart. Use a disk that outlives the shard's process (a
+    #: shared filesystem if a shard may restart on another node).
+    checkpoint_dir: str = ""
+    #: Seconds between a shard's automatic recovery checkpoints (0 = on demand only).
+    checkpoint_every_s: float = 0.0
+    #: How many times Ray restarts a shard actor that died (-1: always).
+    max_restarts: int = -1
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        _check_int(name, "max_ids_per_request", self.max_ids_per_request, 1)
+        _check_int(name, "max_message_bytes", self.max_message_bytes, 1 << 16, 2**31 - 1)
+        _check_int(name, "max_concurrent_rpcs", self.max_concurrent_rpcs, 1)
+        _check_int(name, "max_workers", self.max_workers, 1, 1024)
+        _check_int(name, "replicas", self.replicas, 1, 16)
+        _check_int(name, "max_restarts", self.max_restarts, -1)
+        _check_float(name, "checkpoint_every_s", self.checkpoint_every_s, 0.0, 1e9)
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise _field_error(name, "tls_cert/tls_key", (self.tls_cert, self.tls_key),
+                               "both paths or neither")
+        if self.checkpoint_every_s and not self.checkpoint_dir:
+            raise _field_error(name, "checkpoint_every_s", self.checkpoint_every_s,
+                               "0 unless checkpoint_dir is set")
 
 
 _FFNS = ("moe", "dense")

@@ -4,7 +4,7 @@ an ``EngramError`` (so callers can catch ours); messages name the value and what
 from __future__ import annotations
 
 __all__ = ["EngramError", "InvalidRequest", "FingerprintMismatch", "RequestTooLarge",
-           "ShardUnavailable", "CheckpointError"]
+           "ShardUnavailable", "CheckpointError", "AuthError"]
 
 
 class EngramError(Exception):
@@ -25,6 +25,10 @@ class RequestTooLarge(EngramError, ValueError):
 
 class CheckpointError(EngramError, ValueError):
     """A checkpoint that is missing, incomplete, corrupt, or for another layout."""
+
+
+class AuthError(EngramError, PermissionError):
+    """The shard refused the call: no token, or not this service's token."""
 
 
 class ShardUnavailable(EngramError, ConnectionError):

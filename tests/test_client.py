@@ -8,7 +8,7 @@ import pytest
 
 from engram_ray.client import EngramClient
 from engram_ray.config import OptimizerConfig, StoreConfig
-from engram_ray.errors import FingerprintMismatch, InvalidRequest, ShardUnavailable
+from engram_ray.errors import AuthError, FingerprintMismatch, InvalidRequest, ShardUnavailable
 from engram_ray.rpc import create_server
 from engram_ray.store import TableShard
 
@@ -16,9 +16,9 @@ STORE = StoreConfig(optimizer=OptimizerConfig(kind="adam", lr=0.05))
 
 
 class Cluster:
-    def __init__(self, layout, n, store=STORE, max_message_bytes=64 << 20):
+    def __init__(self, layout, n, store=STORE, max_message_bytes=64 << 20, **server_kw):
         self.shards = [TableShard.create(layout, n, i, store) for i in range(n)]
-        self.servers = [create_server(s, "127.0.0.1", 0, max_message_bytes=max_message_bytes)
+        self.servers = [create_server(s, "127.0.0.1", 0, max_message_bytes=max_message_bytes, **server_kw)
                         for s in self.shards]
         self.addresses = [f"127.0.0.1:{p}" for _, p in self.servers]
 
@@ -174,3 +174,55 @@ def test_a_dead_shard_is_named(two, tiny_layout):
     assert client.stats()["retries"] == 2
     assert client.lookup([0]).shape == (1, 16)  # the live shard still answers
     client.close()
+
+
+def test_a_token_service_refuses_clients_without_it(tiny_layout):
+    c = Cluster(tiny_layout, 2, token="s3cret-token")
+    try:
+        with pytest.raises(AuthError, match="no token"):
+            EngramClient(c.addresses, tiny_layout)
+        with pytest.raises(AuthError, match="a wrong token"):
+            EngramClient(c.addresses, tiny_layout, token="guess")
+        with EngramClient(c.addresses, tiny_layout, token="s3cret-token") as client:
+            assert client.lookup([1, 2]).shape == (2, 16)
+            assert client.push_gradients([1], np.ones((1, 16), np.float32)) == 1
+            assert client.save.__doc__  # Save is guarded too (tested in tests/rpc)
+    finally:
+        c.stop()
+
+
+def test_the_client_splits_by_the_shards_id_limit(tiny_layout):
+    c = Cluster(tiny_layout, 1, max_ids_per_request=100)
+    try:
+        with EngramClient(c.addresses, tiny_layout) as client:
+            assert client.max_rows_per_message == 100
+            ids = np.arange(1000)
+            assert np.array_equal(client.lookup(ids), c.shards[0].gather(ids))
+            assert client.push_gradients(ids, np.ones((1000, 16), np.float32)) == 1000
+        assert c.shards[0].counters["rejected"] == 0 and c.shards[0].counters["lookups"] >= 11
+    finally:
+        c.stop()
+
+
+def _self_signed(tmp_path):
+    import subprocess
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=engram-test", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert.read_bytes(), key.read_bytes()
+
+
+def test_tls_service(tiny_layout, tmp_path):
+    import shutil
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    cert, key = _self_signed(tmp_path)
+    c = Cluster(tiny_layout, 2, token="t", tls=(cert, key))
+    try:
+        with EngramClient(c.addresses, tiny_layout, token="t", tls_ca=cert) as client:
+            assert np.array_equal(client.lookup([3]), c.shards[0].gather([3]))
+        with pytest.raises(ShardUnavailable):  # plaintext to a TLS port: no handshake
+            EngramClient(c.addresses, tiny_layout, token="t", connect_timeout=2)
+    finally:
+        c.stop()

@@ -32,9 +32,10 @@ _STATUS = ((FingerprintMismatch, grpc.StatusCode.FAILED_PRECONDITION),
 class ShardServicer(pb_grpc.EngramMemoryServicer):
     """Serves one :class:`TableShard` as ``engram.v1.EngramMemory``."""
 
-    def __init__(self, shard: TableShard, max_message_bytes: int):
+    def __init__(self, shard: TableShard, max_message_bytes: int, *, max_ids_per_request: int = 1 << 20):
         self.shard = shard
         self.max_message_bytes = int(max_message_bytes)
+        self.max_ids_per_request = int(max_ids_per_request)
         self.bytes_served = 0
         self.lookup_seconds = 0.0
         self._lock = threading.Lock()
@@ -46,8 +47,17 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
                 f"request is for table layout {fp!r} but shard {self.shard.shard_index} serves "
                 f"{self.shard.fingerprint!r}; the client's config, tokenizer or seed differ")
 
+    def count_rejected(self) -> None:
+        with self._lock:
+            self.shard.counters["rejected"] += 1
+
+    def _check_count(self, n: int, what: str) -> None:
+        if n > self.max_ids_per_request:
+            raise RequestTooLarge(f"{what} of {n} ids exceeds the shard's limit of {self.max_ids_per_request} "
+                                  "ids per request; split it")
+
     def _abort(self, context: grpc.ServicerContext, exc: Exception) -> None:
-        self.shard.counters["rejected"] += 1
+        self.count_rejected()
         for kind, code in _STATUS:
             if isinstance(exc, kind):
                 context.abort(code, str(exc))
@@ -60,6 +70,7 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
         try:
             self._check_fingerprint(request.fingerprint)
             ids = codec.decode(request.row_ids, what="row_ids", dtypes=("int64",), ndim=1)
+            self._check_count(ids.size, "lookup")
             size = ids.size * self.shard.row_bytes
             if size + 1024 > self.max_message_bytes:
                 raise RequestTooLarge(
@@ -79,6 +90,7 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
         try:
             self._check_fingerprint(request.fingerprint)
             ids = codec.decode(request.row_ids, what="row_ids", dtypes=("int64",), ndim=1)
+            self._check_count(ids.size, "gradient push")
             grads = codec.decode(request.grads, what="grads", ndim=2,
                                  dtypes=("float32", "bfloat16", "float16"))
             n = self.shard.apply_gradients(ids, grads)
@@ -93,7 +105,7 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
             fingerprint=d["fingerprint"], shard_index=d["shard_index"], num_shards=d["num_shards"],
             row_start=d["row_start"], row_stop=d["row_stop"], dim=d["dim"], dtype=d["dtype"],
             optimizer=d["optimizer"], resident_bytes=d["bytes"], resident_rows=d["resident_rows"],
-            max_message_bytes=self.max_message_bytes,
+            max_message_bytes=self.max_message_bytes, max_ids_per_request=self.max_ids_per_request,
             counters=pb.ShardCounters(lookups=c["lookups"], rows_served=c["rows_served"],
                                       bytes_served=self.bytes_served, updates=c["updates"],
                                       rows_updated=c["rows_updated"], rejected=c["rejected"],

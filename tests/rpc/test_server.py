@@ -4,6 +4,7 @@ status code while the table stays exactly as it was and the server keeps serving
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -20,6 +21,20 @@ from engram_ray.store import TableShard
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_MSG = 256 * 1024
+MAX_IDS = 15_000
+TOKEN = "test-token-0123456789"
+GOOD = (("authorization", f"Bearer {TOKEN}"),)
+
+
+class AuthedStub:
+    """The generated stub, sending the service's token unless a call passes its own metadata."""
+
+    def __init__(self, channel):
+        self._stub = pb_grpc.EngramMemoryStub(channel)
+
+    def __getattr__(self, method):
+        rpc = getattr(self._stub, method)
+        return lambda request, metadata=GOOD, **kw: rpc(request, metadata=metadata, **kw)
 
 
 def test_generated_code_is_fresh():
@@ -39,10 +54,11 @@ def test_every_rpc_and_field_is_commented():
 @pytest.fixture
 def served(tiny_layout):
     shard = TableShard.create(tiny_layout, 2, 1, StoreConfig(optimizer=OptimizerConfig(kind="sgd", lr=0.1)))
-    server, port = create_server(shard, "127.0.0.1", 0, max_message_bytes=MAX_MSG)
+    server, port = create_server(shard, "127.0.0.1", 0, max_message_bytes=MAX_MSG, token=TOKEN,
+                                 max_ids_per_request=MAX_IDS)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[
         ("grpc.max_send_message_length", 4 * MAX_MSG), ("grpc.max_receive_message_length", 4 * MAX_MSG)])
-    yield shard, pb_grpc.EngramMemoryStub(channel), channel
+    yield shard, AuthedStub(channel), channel
     channel.close()
     server.stop(0)
 
@@ -87,7 +103,10 @@ def _malformed(shard):
     LK, AG = "Lookup", "ApplyGradients"
     IA, FP, RE = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
                   grpc.StatusCode.RESOURCE_EXHAUSTED)
-    big = np.arange(20_000) % (hi - lo) + lo  # 160 KB of ids in, 1.3 MB of rows out
+    big = np.arange(10_000) % (hi - lo) + lo  # 80 KB of ids in, 640 KB of rows out
+    many = _ids(np.full(MAX_IDS + 1, lo))  # 120 KB: under the message limit, over the id limit
+    UA = grpc.StatusCode.UNAUTHENTICATED
+    bad_g = lambda a: pb.ApplyGradientsRequest(fingerprint=fp, row_ids=good_ids, grads=codec.encode(a))  # noqa: E731
     return {
         "wrong fingerprint": (LK, pb.LookupRequest(fingerprint="engram-0000", row_ids=good_ids), FP, "serves"),
         "missing fingerprint": (LK, pb.LookupRequest(row_ids=good_ids), FP, "request is for table layout ''"),
@@ -114,16 +133,34 @@ def _malformed(shard):
         "grads id out of range": (AG, pb.ApplyGradientsRequest(fingerprint=fp, row_ids=_ids([lo, hi]), grads=good_g), IA, "is outside"),
         "save without directory": ("Save", pb.SaveRequest(), IA, "directory is empty"),
         "save to a file path": ("Save", pb.SaveRequest(directory="/proc/version/x"), IA, "cannot write"),
+        "lookup without token": (LK, pb.LookupRequest(fingerprint=fp, row_ids=good_ids), UA, "no token", ()),
+        "lookup with a wrong token": (LK, pb.LookupRequest(fingerprint=fp, row_ids=good_ids), UA, "a wrong token",
+                                      (("authorization", "Bearer guess"),)),
+        "push without token": (AG, pb.ApplyGradientsRequest(fingerprint=fp, row_ids=good_ids, grads=good_g), UA,
+                               "no token", ()),
+        "save without token": ("Save", pb.SaveRequest(directory="/tmp"), UA, "no token", ()),
+        "token without Bearer": (LK, pb.LookupRequest(fingerprint=fp, row_ids=good_ids), UA, "a wrong token",
+                                 (("authorization", TOKEN),)),
+        "too many ids": (LK, pb.LookupRequest(fingerprint=fp, row_ids=many), RE, f"limit of {MAX_IDS} ids"),
+        "push of too many ids": (AG, pb.ApplyGradientsRequest(fingerprint=fp, row_ids=many, grads=good_g), RE,
+                                 f"limit of {MAX_IDS} ids"),
+        "grads NaN in float16": (AG, bad_g(np.full((2, dim), np.nan, np.float16)), IA, "not finite"),
+        "grads with 2-D ids": (AG, pb.ApplyGradientsRequest(fingerprint=fp, row_ids=pb.Array(
+            dtype="int64", shape=[1, 2], data=b"\0" * 16), grads=good_g), IA, "has 2 dims; expected 1"),
+        "grads Inf in one element": (AG, bad_g(np.where(np.eye(2, dim) > 0, np.inf, 1.0).astype(np.float32)), IA,
+                                     "not finite"),
+        "grads negative id": (AG, pb.ApplyGradientsRequest(fingerprint=fp, row_ids=_ids([-1, lo]), grads=good_g), IA,
+                              "row id -1"),
     }
 
 
 @pytest.mark.parametrize("kind", list(_malformed(TableShard(fingerprint="f", row_start=10, row_stop=20, dim=16))))
 def test_malformed_requests_get_their_status_and_change_nothing(served, kind):
     shard, stub, _ = served
-    method, request, code, pattern = _malformed(shard)[kind]
+    method, request, code, pattern, *metadata = _malformed(shard)[kind]
     before, rejected = shard.checksum(), shard.counters["rejected"]
     with pytest.raises(grpc.RpcError) as e:
-        getattr(stub, method)(request, timeout=10)
+        getattr(stub, method)(request, timeout=10, metadata=metadata[0] if metadata else GOOD)
     assert e.value.code() == code, e.value.details()
     assert re.search(pattern, e.value.details()), e.value.details()
     assert shard.checksum() == before
@@ -134,15 +171,54 @@ def test_malformed_requests_get_their_status_and_change_nothing(served, kind):
     assert list(ok.rows.shape) == [1, 16]
 
 
-def test_garbage_protobuf_is_refused_and_the_server_lives(served):
+@pytest.mark.parametrize("method", ["Lookup", "ApplyGradients", "Save"])
+def test_garbage_protobuf_is_refused_and_the_server_lives(served, method):
     shard, stub, channel = served
-    raw = channel.unary_unary("/engram.v1.EngramMemory/Lookup", request_serializer=None,
+    raw = channel.unary_unary(f"/engram.v1.EngramMemory/{method}", request_serializer=None,
                               response_deserializer=None)
+    before = shard.checksum()
     with pytest.raises(grpc.RpcError) as e:
-        raw(b"\xff\xff\xff\xff\x0f garbage", timeout=10)
+        raw(b"\xff\xff\xff\xff\x0f garbage", timeout=10, metadata=GOOD)
     assert e.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT)
     ok = stub.Lookup(pb.LookupRequest(fingerprint=shard.fingerprint, row_ids=_ids([shard.row_start])))
-    assert list(ok.rows.shape) == [1, 16]
+    assert list(ok.rows.shape) == [1, 16] and shard.checksum() == before
+
+
+def test_an_unknown_method_is_unimplemented(served):
+    shard, stub, channel = served
+    raw = channel.unary_unary("/engram.v1.EngramMemory/DropTable", request_serializer=None,
+                              response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as e:
+        raw(b"", timeout=10, metadata=GOOD)
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_too_many_calls_at_once_are_refused_and_the_shard_serves_on(tiny_layout):
+    """Bounded concurrency: beyond max_concurrent_rpcs a call gets RESOURCE_EXHAUSTED at once."""
+    import threading
+    shard = TableShard.create(tiny_layout, 1, 0)
+    gate = threading.Event()
+    gather = shard.gather
+    shard.gather = lambda ids, out=None: (gate.wait(10), gather(ids, out))[1]
+    server, port = create_server(shard, "127.0.0.1", 0, token=TOKEN, max_concurrent_rpcs=2)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = AuthedStub(channel)
+    try:
+        req = pb.LookupRequest(fingerprint=shard.fingerprint, row_ids=_ids([1]))
+        raw = pb_grpc.EngramMemoryStub(channel)
+        held = [raw.Lookup.future(req, metadata=GOOD, timeout=20) for _ in range(2)]  # both wait in gather
+        time.sleep(0.5)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Lookup(req, timeout=10)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "Concurrent RPC limit exceeded" in e.value.details()
+        gate.set()
+        assert all(list(f.result().rows.shape) == [1, 16] for f in held)
+        assert stub.Lookup(req, timeout=10).rows.shape == [1, 16]  # serving again
+    finally:
+        gate.set()
+        channel.close()
+        server.stop(0)
 
 
 def test_remote_gradients_equal_the_same_step_applied_locally(served, tiny_layout):

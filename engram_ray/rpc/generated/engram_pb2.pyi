@@ -71,7 +71,7 @@ class ShardCounters(_message.Message):
     def __init__(self, lookups: _Optional[int] = ..., rows_served: _Optional[int] = ..., bytes_served: _Optional[int] = ..., updates: _Optional[int] = ..., rows_updated: _Optional[int] = ..., rejected: _Optional[int] = ..., lookup_seconds: _Optional[float] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("fingerprint", "shard_index", "num_shards", "row_start", "row_stop", "dim", "dtype", "optimizer", "resident_bytes", "max_message_bytes", "counters", "resident_rows")
+    __slots__ = ("fingerprint", "shard_index", "num_shards", "row_start", "row_stop", "dim", "dtype", "optimizer", "resident_bytes", "max_message_bytes", "counters", "resident_rows", "max_ids_per_request")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class DescribeResponse(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_ROWS_FIELD_NUMBER: _ClassVar[int]
+    MAX_IDS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     shard_index: int
     num_shards: int
@@ -96,7 +97,8 @@ class DescribeResponse(_message.Message):
     max_message_bytes: int
     counters: ShardCounters
     resident_rows: int
-    def __init__(self, fingerprint: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., row_start: _Optional[int] = ..., row_stop: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., optimizer: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., counters: _Optional[_Union[ShardCounters, _Mapping]] = ..., resident_rows: _Optional[int] = ...) -> None: ...
+    max_ids_per_request: int
+    def __init__(self, fingerprint: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., row_start: _Optional[int] = ..., row_stop: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., optimizer: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., counters: _Optional[_Union[ShardCounters, _Mapping]] = ..., resident_rows: _Optional[int] = ..., max_ids_per_request: _Optional[int] = ...) -> None: ...
 
 class SaveRequest(_message.Message):
     __slots__ = ("directory",)
