@@ -21,6 +21,26 @@ def _print_shards(shards: list[dict]) -> None:
               f"{c['updates']:>8,} {c['rejected']:>8,}")
 
 
+def service_config(args: argparse.Namespace):
+    """ServiceConfig from --service-config FILE.json, then the flags that override it."""
+    import dataclasses
+    import json
+
+    from ..config import ServiceConfig
+
+    base = ServiceConfig()
+    if args.service_config:
+        with open(args.service_config) as f:
+            base = ServiceConfig.from_dict(json.load(f))
+    over = {k: v for k, v in (("tls_cert", args.tls_cert), ("tls_key", args.tls_key), ("tls_ca", args.tls_ca),
+                              ("checkpoint_dir", args.checkpoint_dir),
+                              ("checkpoint_every_s", args.checkpoint_every),
+                              ("replicas", args.replicas)) if v is not None}
+    if args.no_auth:
+        over["auth"] = False
+    return dataclasses.replace(base, **over)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from ..data import default_vocab, load_tokenizer
     from ..runtime import deploy
@@ -36,7 +56,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           + (f", from checkpoint {args.checkpoint}" if args.checkpoint else ""))
     svc = deploy(cfg, vocab=vocab, num_shards=args.shards, store=store, name=args.name,
                  detached=args.detach, checkpoint=args.checkpoint, host=args.host,
-                 address=args.address)
+                 address=args.address, service=service_config(args))
     shards = svc.describe()
     lay = svc.layout
     print(f"  layout      {lay.fingerprint}: {lay.total_rows:,} rows x {lay.row_dim} "
@@ -96,6 +116,18 @@ def register(sub) -> None:
     p.add_argument("--host", default=None,
                    help="address the shards bind to (default: loopback on one node, else the node's)")
     p.add_argument("--detach", action="store_true", help="leave the service running and exit")
+    g = p.add_argument_group("service: security, limits, recovery (ServiceConfig)")
+    g.add_argument("--service-config", metavar="FILE.json", help="ServiceConfig as JSON (keys = its fields)")
+    g.add_argument("--no-auth", action="store_true",
+                   help="no token on the data plane (default: a secret token, handed to attach()ed clients)")
+    g.add_argument("--tls-cert", metavar="PEM", help="server certificate chain, same path on every memory node")
+    g.add_argument("--tls-key", metavar="PEM", help="its private key")
+    g.add_argument("--tls-ca", metavar="PEM", help="CA the clients trust (default: the certificate itself)")
+    g.add_argument("--replicas", type=int, default=None, help="copies of each shard on different nodes (default: 1)")
+    g.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="where shards write recovery checkpoints and reload the newest after a restart")
+    g.add_argument("--checkpoint-every", type=float, default=None, metavar="SECONDS",
+                   help="seconds between automatic recovery checkpoints (default: on demand only)")
     p.set_defaults(func=_cmd_serve)
 
     for name, fn, help_text in (("status", _cmd_status, "per-shard rows, bytes and counters of a running service"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -20,10 +21,9 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..client import EngramClient
-from ..config import EngramConfig, StoreConfig
+from ..config import EngramConfig, ServiceConfig, StoreConfig
 from ..core.layout import ShardPlan, TableLayout
 from ..core.plan import optimizer_state_bytes_per_row
-from ..rpc.server import DEFAULT_MAX_MESSAGE_BYTES
 from .shard_server import ShardServer
 
 __all__ = ["MemoryService", "deploy", "attach", "init_ray", "ray_session", "NAMESPACE", "MEMORY_RESOURCE",
@@ -59,14 +59,22 @@ class MemoryService:
     shard_names: list[str] = field(default_factory=list)
     #: Actor handles: a non-detached named actor lives only while a handle to it does.
     handles: list[Any] = field(default_factory=list, repr=False, compare=False)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+    #: The shards' secret (None without auth); anyone who can reach the Ray cluster can
+    #: attach and read it: the cluster is the trust boundary, the token keeps others out.
+    token: str | None = field(default=None, repr=False)
+    #: PEM of the CA the clients trust, for a TLS service.
+    tls_ca: bytes | None = field(default=None, repr=False)
 
     @property
     def num_shards(self) -> int:
         return len(self.addresses)
 
     def client(self, **kwargs: Any) -> EngramClient:
-        """A new :class:`EngramClient` on this service (``timeout``, ``retries``, ...)."""
-        return EngramClient(self.addresses, self.layout, **kwargs)
+        """A new :class:`EngramClient` on this service (``timeout``, ``retries``, ...), with
+        its token and TLS settings."""
+        kwargs.setdefault("max_message_bytes", self.service.max_message_bytes)
+        return EngramClient(self.addresses, self.layout, token=self.token, tls_ca=self.tls_ca, **kwargs)
 
     def describe(self) -> list[dict[str, Any]]:
         """Every shard's Describe (counters, rows, bytes), over gRPC."""
@@ -202,14 +210,16 @@ def _reserve(name: str, bundle: dict[str, float], num_shards: int, detached: boo
 def deploy(config: EngramConfig, *, vocab: Any = None, num_shards: int = 2,
            store: StoreConfig = StoreConfig(), name: str = "engram", detached: bool = False,
            checkpoint: str | None = None, host: str | None = None,
-           max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, address: str | None = None,
+           service: ServiceConfig = ServiceConfig(), address: str | None = None,
            timeout: float = 600.0, max_resident_gib: float | None = None) -> MemoryService:
     """Start a memory service for ``config`` hashed over ``vocab`` (default: GPT-2).
 
     ``host``: the address servers bind to; by default loopback on a one-node (local) Ray,
     and each memory node's own address on a real cluster. ``detached`` keeps the service up
     after this driver exits (use with ``address="auto"`` on a cluster). ``checkpoint``:
-    load the rows from a checkpoint directory, written with any shard count.
+    load the rows from a checkpoint directory, written with any shard count. ``service``:
+    auth, TLS, limits and recovery (:class:`ServiceConfig`); with ``auth`` a fresh secret
+    token guards the shards, and handles from :func:`attach` hand it to their clients.
     ``max_resident_gib`` (benchmarks): cap the RAM of the whole table's rows; each shard keeps
     its share resident and maps its rows into it (see ``StoreConfig.resident_rows_per_shard``).
     """
@@ -239,6 +249,10 @@ def deploy(config: EngramConfig, *, vocab: Any = None, num_shards: int = 2,
     opts: dict[str, Any] = {"namespace": NAMESPACE, "max_concurrency": 4, "num_cpus": 0}
     if detached:
         opts["lifetime"] = "detached"
+    if service.replicas != 1:
+        raise ValueError(f"ServiceConfig.replicas={service.replicas}: replicated shards are not built yet "
+                         "(issue #7); deploy with replicas=1 and a checkpoint_dir for recovery")
+    token = secrets.token_urlsafe(32) if service.auth else None
     bundle = _shard_bundle(layout, store, num_shards)
     pg = None
     if bundle:
@@ -252,8 +266,8 @@ def deploy(config: EngramConfig, *, vocab: Any = None, num_shards: int = 2,
             place = {"resources": bundle, "scheduling_strategy": PlacementGroupSchedulingStrategy(
                 pg, placement_group_bundle_index=i)}
         actors.append(remote.options(name=n, **opts, **place).remote(
-            layout.to_dict(), num_shards, i, store.to_dict(), host=host,
-            max_message_bytes=max_message_bytes, checkpoint=checkpoint))
+            layout.to_dict(), num_shards, i, store.to_dict(), host=host, service=service.to_dict(),
+            token=token, checkpoint=checkpoint))
     refs = [a.address.remote() for a in actors]
 
     def undo() -> None:
@@ -274,13 +288,15 @@ def deploy(config: EngramConfig, *, vocab: Any = None, num_shards: int = 2,
     except Exception:
         undo()
         raise
+    tls_ca = ray.get(actors[0].tls_ca.remote()) if service.tls_cert else None
     spec = {"name": name, "layout": layout.to_dict(), "store": store.to_dict(), "addresses": addresses,
-            "placement_group": pg}
+            "placement_group": pg, "service": service.to_dict(), "token": token, "tls_ca": tls_ca}
     dir_opts = {k: v for k, v in opts.items() if k in ("namespace", "lifetime")}
     directory = ray.remote(ServiceDirectory).options(name=name, num_cpus=0, **dir_opts).remote(spec, names)
     ray.get(directory.info.remote())
     log.info("memory service %s: %d shards at %s", name, num_shards, ", ".join(addresses))
-    return MemoryService(name, layout, store, addresses, names, handles=[*actors, directory])
+    return MemoryService(name, layout, store, addresses, names, handles=[*actors, directory],
+                         service=service, token=token, tls_ca=tls_ca)
 
 
 def attach(name: str = "engram", *, address: str | None = "auto") -> MemoryService:
@@ -294,4 +310,6 @@ def attach(name: str = "engram", *, address: str | None = "auto") -> MemoryServi
     info = ray.get(directory.info.remote())
     return MemoryService(info["name"], TableLayout.from_dict(info["layout"]),
                          StoreConfig.from_dict(info["store"]), list(info["addresses"]),
-                         list(info["shard_names"]), handles=[directory])
+                         list(info["shard_names"]), handles=[directory],
+                         service=ServiceConfig.from_dict(info["service"]), token=info["token"],
+                         tls_ca=info["tls_ca"])

@@ -35,6 +35,11 @@ def test_deploy_attach_lookup_shutdown(tiny_layout):
         assert all(a.startswith("127.0.0.1:") for a in svc.addresses)  # local Ray: loopback only
         same = attach("t1")
         assert same.addresses == svc.addresses and same.layout.fingerprint == tiny_layout.fingerprint
+        assert same.token == svc.token and len(svc.token) >= 32  # auth is on by default
+        from engram_ray.client import EngramClient
+        from engram_ray.errors import AuthError
+        with pytest.raises(AuthError, match="no token"):
+            EngramClient(svc.addresses, svc.layout)  # a client that did not get the token
         ids = np.random.default_rng(0).integers(0, tiny_layout.total_rows, size=(3, 20))
         with same.client() as client:
             rows = client.lookup(ids)
