@@ -24,7 +24,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grpc
 import numpy as np
@@ -103,13 +103,17 @@ class EngramClient:
     up to 40 % slower with one large message per shard). ``token``: the service's secret
     (``MemoryService.client()`` passes it). ``tls_ca``: PEM of the CA that signed the shards'
     certificates, for a TLS service (``tls_server_name`` overrides the name checked).
+    ``resolver``: returns the shards' current addresses; when a shard stays unavailable after
+    the retries, the client asks it (a restarted shard may serve elsewhere) and keeps trying
+    for up to ``recover_timeout`` seconds before raising :class:`ShardUnavailable`.
     """
 
     def __init__(self, addresses: Sequence[str], layout: TableLayout, *, timeout: float = 10.0,
                  retries: int = 3, backoff: float = 0.05,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, chunk_bytes: int = 1 << 20,
                  connect_timeout: float = 10.0, token: str | None = None,
-                 tls_ca: bytes | None = None, tls_server_name: str | None = None):
+                 tls_ca: bytes | None = None, tls_server_name: str | None = None,
+                 resolver: Callable[[], Sequence[str]] | None = None, recover_timeout: float = 60.0):
         if not addresses:
             raise ValueError("EngramClient: no shard addresses")
         self.addresses = list(addresses)
@@ -126,8 +130,10 @@ class EngramClient:
         if tls_server_name:
             opts.append(("grpc.ssl_target_name_override", tls_server_name))
         self._metadata = auth_metadata(token)
-        creds = grpc.ssl_channel_credentials(root_certificates=tls_ca) if tls_ca else None
-        self._channels = self._io.run(self._open(opts, creds))
+        self._resolver, self.recover_timeout = resolver, float(recover_timeout)
+        self._opts = opts
+        self._creds = grpc.ssl_channel_credentials(root_certificates=tls_ca) if tls_ca else None
+        self._channels = self._io.run(self._open(opts, self._creds))
         self._stubs = [pb_grpc.EngramMemoryStub(ch) for ch in self._channels]
         # A client dropped without close() still stops its thread when collected.
         self._finalizer = weakref.finalize(self, _shutdown, self._io, self._channels)
@@ -145,10 +151,28 @@ class EngramClient:
                                                (limit - 4096) // max(8, layout.row_dim * self.dtype.itemsize)))
 
     # Connection ----------------------------------------------------------------------------
-    async def _open(self, opts, creds) -> list:
+    async def _open(self, opts, creds, addresses: Sequence[str] | None = None) -> list:
+        addresses = self.addresses if addresses is None else addresses
         if creds is not None:
-            return [grpc.aio.secure_channel(a, creds, options=opts) for a in self.addresses]
-        return [grpc.aio.insecure_channel(a, options=opts) for a in self.addresses]
+            return [grpc.aio.secure_channel(a, creds, options=opts) for a in addresses]
+        return [grpc.aio.insecure_channel(a, options=opts) for a in addresses]
+
+    async def _reresolve(self, shard: int) -> None:
+        """Ask the resolver where ``shard`` serves now; move its channel if it moved."""
+        loop = asyncio.get_running_loop()
+        try:
+            now = list(await loop.run_in_executor(None, self._resolver))
+        except Exception as e:  # noqa: BLE001 - the directory may be briefly unreachable too
+            log.warning("resolving shard addresses failed: %s", e)
+            return
+        if now[shard] != self.addresses[shard]:
+            log.warning("shard %d moved: %s -> %s", shard, self.addresses[shard], now[shard])
+            old = self._channels[shard]
+            self.addresses[shard] = now[shard]
+            self._channels[shard] = (await self._open(self._opts, self._creds, [now[shard]]))[0]
+            self._stubs[shard] = pb_grpc.EngramMemoryStub(self._channels[shard])
+            self._count("re_resolved", 1)
+            await old.close()
 
     async def _describe_all(self, timeout: float, wait_for_ready: bool = False) -> list:
         """Every shard's DescribeResponse, or the RpcError it failed with."""
@@ -196,18 +220,32 @@ class EngramClient:
 
     # Calls ---------------------------------------------------------------------------------
     async def _call(self, shard: int, method: str, request, retry_codes) -> Any:
-        """One RPC with retries and backoff; failures become the project's exceptions."""
-        stub_method = getattr(self._stubs[shard], method)
-        for attempt in range(self.retries + 1):
+        """One RPC with retries and backoff; failures become the project's exceptions. With a
+        resolver, a shard that stays unavailable is looked up again and waited for (it may be
+        restarting) for up to ``recover_timeout`` seconds."""
+        attempt, give_up = 0, None
+        while True:
             try:
+                stub_method = getattr(self._stubs[shard], method)  # the stub may have moved
                 return await stub_method(request, timeout=self.timeout, metadata=self._metadata)
             except grpc.RpcError as err:
                 busy = err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and _BUSY in (err.details() or "")
-                if (err.code() in retry_codes or busy) and attempt < self.retries:
+                if not (err.code() in retry_codes or busy):
+                    raise self._error(shard, err) from None
+                if attempt < self.retries:
                     self._count("retries", 1)
                     await asyncio.sleep(self.backoff * (2 ** attempt))
+                    attempt += 1
                     continue
-                raise self._error(shard, err) from None
+                if self._resolver is None or busy:
+                    raise self._error(shard, err) from None
+                now = time.monotonic()
+                give_up = give_up or now + self.recover_timeout
+                if now > give_up:
+                    raise self._error(shard, err) from None
+                self._count("retries", 1)
+                await self._reresolve(shard)
+                await asyncio.sleep(min(1.0, self.backoff * (2 ** attempt)))
 
     async def _gather(self, calls) -> list:
         """Run ``_call``s at once; raise the first failure after all have ended."""
@@ -403,7 +441,7 @@ class EngramClient:
             lat = np.array(self._latencies)
         ids, uniq = c.get("ids", 0), c.get("unique_ids", 0)
         out = {k: c.get(k, 0) for k in ("lookups", "ids", "unique_ids", "bytes_received", "pushes",
-                                        "rows_pushed", "retries", "errors")}
+                                        "rows_pushed", "retries", "re_resolved", "errors")}
         out["dedup_ratio"] = (uniq / ids) if ids else None  # unique ids fetched per id asked
         # Seconds of lookup work on the I/O thread, by stage: dedup (np.unique), encode (build
         # requests), in_flight (calls issued to last answer: transport + shard), decode

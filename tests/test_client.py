@@ -226,3 +226,21 @@ def test_tls_service(tiny_layout, tmp_path):
             EngramClient(c.addresses, tiny_layout, token="t", connect_timeout=2)
     finally:
         c.stop()
+
+
+def test_a_shard_that_moved_is_found_through_the_resolver(tiny_layout):
+    c = Cluster(tiny_layout, 2)
+    where = list(c.addresses)
+    try:
+        client = EngramClient(c.addresses, tiny_layout, timeout=2, retries=1, backoff=0.01,
+                              resolver=lambda: list(where), recover_timeout=20)
+        want = client.lookup(np.arange(tiny_layout.total_rows))
+        c.servers[1][0].stop(0)  # shard 1 dies ...
+        server, port = create_server(c.shards[1], "127.0.0.1", 0)  # ... and comes back elsewhere
+        c.servers[1] = (server, port)
+        where[1] = f"127.0.0.1:{port}"
+        assert np.array_equal(client.lookup(np.arange(tiny_layout.total_rows)), want)
+        assert client.stats()["re_resolved"] == 1 and client.addresses[1] == where[1]
+        client.close()
+    finally:
+        c.stop()

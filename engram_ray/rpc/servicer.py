@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable
 
 import grpc
 
@@ -32,8 +33,12 @@ _STATUS = ((FingerprintMismatch, grpc.StatusCode.FAILED_PRECONDITION),
 class ShardServicer(pb_grpc.EngramMemoryServicer):
     """Serves one :class:`TableShard` as ``engram.v1.EngramMemory``."""
 
-    def __init__(self, shard: TableShard, max_message_bytes: int, *, max_ids_per_request: int = 1 << 20):
+    def __init__(self, shard: TableShard, max_message_bytes: int, *, max_ids_per_request: int = 1 << 20,
+                 recovery_save: Callable[[], str] | None = None):
         self.shard = shard
+        #: Save with no directory: write a recovery checkpoint (None: the shard has no
+        #: checkpoint_dir, and such a request is refused).
+        self.recovery_save = recovery_save
         self.max_message_bytes = int(max_message_bytes)
         self.max_ids_per_request = int(max_ids_per_request)
         self.bytes_served = 0
@@ -114,8 +119,12 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
     def Save(self, request: pb.SaveRequest, context: grpc.ServicerContext) -> pb.SaveResponse:
         try:
             if not request.directory:
-                raise InvalidRequest("Save: directory is empty; give a path on the shard's node")
-            path = self.shard.save(request.directory)
+                if self.recovery_save is None:
+                    raise InvalidRequest("Save: directory is empty and this shard has no checkpoint_dir; "
+                                         "give a path on the shard's node")
+                path = self.recovery_save()
+            else:
+                path = self.shard.save(request.directory)
         except OSError as e:
             self._abort(context, InvalidRequest(f"Save: cannot write {request.directory!r}: {e}"))
         except Exception as e:  # noqa: BLE001

@@ -24,14 +24,13 @@ from ..client import EngramClient
 from ..config import EngramConfig, ServiceConfig, StoreConfig
 from ..core.layout import ShardPlan, TableLayout
 from ..core.plan import optimizer_state_bytes_per_row
-from .shard_server import ShardServer
+from .shard_server import NAMESPACE, ShardServer
 
 __all__ = ["MemoryService", "deploy", "attach", "init_ray", "ray_session", "NAMESPACE", "MEMORY_RESOURCE",
            "MEMORY_GIB_RESOURCE", "shard_gib"]
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "engram_ray"
 #: Custom resource that marks memory nodes in the cluster files: one unit per shard slot.
 MEMORY_RESOURCE = "engram_memory"
 #: Custom resource counting the GiB a memory node gives shards: shards are packed by memory.
@@ -46,6 +45,10 @@ class ServiceDirectory:
 
     def info(self) -> dict[str, Any]:
         return dict(self.spec, shard_names=list(self.shard_names))
+
+    def set_address(self, index: int, address: str) -> None:
+        """A restarted shard announces where it serves now."""
+        self.spec["addresses"][index] = address
 
 
 @dataclass
@@ -74,7 +77,21 @@ class MemoryService:
         """A new :class:`EngramClient` on this service (``timeout``, ``retries``, ...), with
         its token and TLS settings."""
         kwargs.setdefault("max_message_bytes", self.service.max_message_bytes)
+        kwargs.setdefault("resolver", self._resolve)
         return EngramClient(self.addresses, self.layout, token=self.token, tls_ca=self.tls_ca, **kwargs)
+
+    def _resolve(self) -> list[str]:
+        """The shards' addresses now (a restarted shard may serve elsewhere): asked of the
+        service's directory actor, so clients follow restarts without user action."""
+        info = ray.get(ray.get_actor(self.name, namespace=NAMESPACE).info.remote())
+        self.addresses = list(info["addresses"])
+        return self.addresses
+
+    def checkpoint(self) -> list[str]:
+        """Every shard writes a recovery checkpoint now (needs ``checkpoint_dir``); returns
+        their directories once written. What it covers: every update acknowledged before."""
+        with self.client() as c:
+            return c.save("")
 
     def describe(self) -> list[dict[str, Any]]:
         """Every shard's Describe (counters, rows, bytes), over gRPC."""
@@ -247,6 +264,7 @@ def deploy(config: EngramConfig, *, vocab: Any = None, num_shards: int = 2,
     # Shards are packed by memory, not CPU: without num_cpus=0, Ray would hold a CPU per
     # shard once custom resources are named, and a 2-CPU memory node would take 2 shards.
     opts: dict[str, Any] = {"namespace": NAMESPACE, "max_concurrency": 4, "num_cpus": 0}
+    shard_opts = {"max_restarts": service.max_restarts}  # a dead shard comes back (and reloads)
     if detached:
         opts["lifetime"] = "detached"
     if service.replicas != 1:
@@ -265,9 +283,9 @@ def deploy(config: EngramConfig, *, vocab: Any = None, num_shards: int = 2,
         if pg is not None:
             place = {"resources": bundle, "scheduling_strategy": PlacementGroupSchedulingStrategy(
                 pg, placement_group_bundle_index=i)}
-        actors.append(remote.options(name=n, **opts, **place).remote(
+        actors.append(remote.options(name=n, **opts, **shard_opts, **place).remote(
             layout.to_dict(), num_shards, i, store.to_dict(), host=host, service=service.to_dict(),
-            token=token, checkpoint=checkpoint))
+            token=token, checkpoint=checkpoint, name=name))
     refs = [a.address.remote() for a in actors]
 
     def undo() -> None:

@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from ..config import ServiceConfig, StoreConfig
 from ..core.layout import TableLayout
 from ..rpc.server import create_server
+from ..rpc.servicer import ShardServicer
 from ..store import TableShard
+from ..store.recovery import RecoveryCheckpoints
 
 __all__ = ["ShardServer"]
+
+#: Ray namespace of every actor of engram_ray (shards, service directories, workers).
+NAMESPACE = "engram_ray"
 
 log = logging.getLogger(__name__)
 
@@ -28,27 +35,93 @@ class ShardServer:
     def __init__(self, layout: dict[str, Any], num_shards: int, shard_index: int,
                  store: dict[str, Any], *, host: str | None = None, port: int = 0,
                  service: dict[str, Any] | None = None, token: str | None = None,
-                 checkpoint: str | None = None):
+                 checkpoint: str | None = None, name: str | None = None):
         import ray
 
         lay = TableLayout.from_dict(layout)
         cfg = StoreConfig.from_dict(store)
         self.service = svc = ServiceConfig.from_dict(service or {})
-        if checkpoint:
+        self.name, self.index = name, shard_index
+        ctx = ray.get_runtime_context()
+        #: True when Ray restarted this actor after it died.
+        self.restarted = bool(ctx.was_current_actor_reconstructed)
+        self.recovery = None
+        if svc.checkpoint_dir:
+            where = Path(svc.checkpoint_dir) / (name or "engram") / f"shard-{shard_index:04d}-of-{num_shards:04d}"
+            self.recovery = RecoveryCheckpoints(where)
+        t0 = time.perf_counter()
+        restored = self.recovery.load_newest(lay, num_shards, shard_index, cfg) if self.recovery else None
+        #: Where the rows came from: a recovery checkpoint, the deploy's checkpoint, or init.
+        self.source = "init"
+        if restored is not None:
+            self.shard, path = restored
+            self.source = str(path)
+        elif checkpoint:
             self.shard = TableShard.load(checkpoint, lay, num_shards, shard_index, cfg)
+            self.source = checkpoint
         else:
             self.shard = TableShard.create(lay, num_shards, shard_index, cfg)
+        self.load_seconds = time.perf_counter() - t0
         host = host or ray.util.get_node_ip_address()
         tls = None
         if svc.tls_cert:  # read here: the paths are on this node
             tls = (Path(svc.tls_cert).read_bytes(), Path(svc.tls_key).read_bytes())
-        self._server, port = create_server(
-            self.shard, host, port, max_workers=svc.max_workers, max_message_bytes=svc.max_message_bytes,
-            max_ids_per_request=svc.max_ids_per_request, max_concurrent_rpcs=svc.max_concurrent_rpcs,
-            token=token, tls=tls)
+        servicer = ShardServicer(self.shard, svc.max_message_bytes, max_ids_per_request=svc.max_ids_per_request,
+                                 recovery_save=self.save_recovery if self.recovery else None)
+        previous = self._directory_address() if self.restarted else None
+        kw = dict(max_workers=svc.max_workers, max_message_bytes=svc.max_message_bytes,
+                  max_concurrent_rpcs=svc.max_concurrent_rpcs, token=token, tls=tls, servicer=servicer)
+        self._server = None
+        if previous and previous.rsplit(":", 1)[0] == host:
+            # same node: take the old port back, so clients' channels simply reconnect
+            try:
+                self._server, port = create_server(self.shard, host, int(previous.rsplit(":", 1)[1]), **kw)
+            except (OSError, RuntimeError):
+                self._server = None
+        if self._server is None:
+            self._server, port = create_server(self.shard, host, port, **kw)
         self._address = f"{host}:{port}"
-        log.info("shard %d/%d rows [%d, %d) serving on %s", shard_index, num_shards,
-                 self.shard.row_start, self.shard.row_stop, self._address)
+        if self.restarted:
+            self._announce()
+        (log.warning if self.restarted else log.info)(
+            "shard %d/%d rows [%d, %d) serving on %s (rows from %s, %.2f s)%s", shard_index, num_shards,
+            self.shard.row_start, self.shard.row_stop, self._address, self.source, self.load_seconds,
+            " after a restart" if self.restarted else "")
+        self._stop = threading.Event()
+        if svc.checkpoint_every_s and self.recovery is not None:
+            threading.Thread(target=self._checkpoint_loop, name=f"checkpoint-{shard_index}", daemon=True).start()
+
+    # Recovery ------------------------------------------------------------------------------
+    def save_recovery(self) -> str:
+        """Write a recovery checkpoint now; returns its directory."""
+        if self.recovery is None:
+            raise ValueError("this shard has no checkpoint_dir")
+        return str(self.recovery.save(self.shard))
+
+    def _checkpoint_loop(self) -> None:
+        while not self._stop.wait(self.service.checkpoint_every_s):
+            try:
+                self.save_recovery()
+            except Exception:  # noqa: BLE001 - keep serving; the next period tries again
+                log.exception("shard %d: periodic checkpoint failed", self.index)
+
+    def _directory(self):
+        import ray
+        try:
+            return ray.get_actor(self.name, namespace=NAMESPACE) if self.name else None
+        except ValueError:
+            return None
+
+    def _directory_address(self) -> str | None:
+        import ray
+        d = self._directory()
+        return ray.get(d.info.remote())["addresses"][self.index] if d is not None else None
+
+    def _announce(self) -> None:
+        import ray
+        d = self._directory()
+        if d is not None:
+            ray.get(d.set_address.remote(self.index, self._address))
 
     def address(self) -> str:
         return self._address
@@ -62,9 +135,10 @@ class ShardServer:
         """Where the shard runs and what it holds (small metadata only)."""
         import ray
         d = self.shard.describe()
-        d.update(address=self._address, pid=os.getpid(),
-                 node_id=ray.get_runtime_context().get_node_id())
+        d.update(address=self._address, pid=os.getpid(), restarted=self.restarted, source=self.source,
+                 load_seconds=self.load_seconds, node_id=ray.get_runtime_context().get_node_id())
         return d
 
     def stop(self, grace: float = 1.0) -> None:
+        self._stop.set()
         self._server.stop(grace).wait()
