@@ -391,11 +391,15 @@ class EngramClient:
         return sum(r.rows_updated for r in resps)
 
     # Service calls --------------------------------------------------------------------------
-    def describe(self) -> list[dict[str, Any]]:
-        """Every shard's Describe, as dicts (counters included)."""
+    def describe(self, tolerate: bool = False) -> list[dict[str, Any]]:
+        """Every shard's Describe, as dicts (counters included). ``tolerate``: a shard that
+        does not answer gives ``{"shard_index", "address", "error"}`` instead of raising."""
         out = []
         for i, d in enumerate(self._io.run(self._describe_all(self.timeout))):
             if isinstance(d, BaseException):
+                if tolerate:
+                    out.append({"shard_index": i, "address": self.addresses[i], "error": str(self._error(i, d))})
+                    continue
                 raise self._error(i, d) from None
             info = {fd.name: getattr(d, fd.name) for fd in d.DESCRIPTOR.fields if fd.name != "counters"}
             info["counters"] = {fd.name: getattr(d.counters, fd.name) for fd in d.counters.DESCRIPTOR.fields}

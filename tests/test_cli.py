@@ -62,11 +62,6 @@ def test_hash_shows_row_ids(capsys):
     assert out["compressed_ids"][0] == out["compressed_ids"][4]
 
 
-def test_coming_commands_say_so(capsys):
-    assert main(["checkpoint"]) == 2
-    assert "not yet built (issue #7)" in capsys.readouterr().err
-
-
 def test_plan_for_a_100b_table(capsys, tmp_path):
     cfg = tmp_path / "t100.json"
     assert main(["plan", "--table-params", "100e9", "--dtype", "bf16", "--node-ram-gib", "512",

@@ -5,24 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 from .. import __version__
 from . import bench, demo, plan, service, table
 
 __all__ = ["main", "build_parser"]
-
-# Subcommands that later issues build; listed so --help shows the whole tool.
-_COMING = {
-    "checkpoint": ("ask every shard of a running service to save its rows", 7),
-}
-
-
-def _cmd_coming(name: str, issue: int) -> Callable[[argparse.Namespace], int]:
-    def run(_args: argparse.Namespace) -> int:
-        print(f"engram-ray {name}: not yet built (issue #{issue}).", file=sys.stderr)
-        return 2
-    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,10 +25,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in (demo, table, plan, service, bench):
         module.register(sub)
-    for name, (help_text, issue) in _COMING.items():
-        p = sub.add_parser(name, help=f"{help_text} [coming: issue #{issue}]",
-                           description=f"{help_text}. Not yet built (issue #{issue}).")
-        p.set_defaults(func=_cmd_coming(name, issue))
     return parser
 
 

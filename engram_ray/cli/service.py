@@ -10,15 +10,19 @@ from ..config import OptimizerConfig, StoreConfig
 from .common import add_table_args, engram_config, gib
 
 
-def _print_shards(shards: list[dict]) -> None:
-    print(f"  {'shard':>5} {'address':<22} {'rows':>27} {'dtype':>9} {'resident':>11} "
-          f"{'lookups':>9} {'rows served':>12} {'updates':>8} {'rejected':>8}")
+def _print_shards(shards: list[dict], qps: dict[int, float] | None = None) -> None:
+    print(f"  {'shard':>5} {'health':<7} {'address':<22} {'rows':>27} {'dtype':>9} {'resident':>11} "
+          f"{'RSS':>11} {'lookups':>9} {'QPS':>7} {'p50 ms':>7} {'p99 ms':>7} {'updates':>8} {'rejected':>8}")
     for d in shards:
+        if "error" in d:
+            print(f"  {d['shard_index']:>5} {'DOWN':<7} {d['address']:<22} {d['error']}")
+            continue
         c = d["counters"]
         rows = f"[{d['row_start']:,}, {d['row_stop']:,})"
-        print(f"  {d['shard_index']:>5} {d['address']:<22} {rows:>27} {d['dtype']:>9} "
-              f"{gib(d['resident_bytes']):>11} {c['lookups']:>9,} {c['rows_served']:>12,} "
-              f"{c['updates']:>8,} {c['rejected']:>8,}")
+        rate = f"{qps[d['shard_index']]:,.1f}" if qps and d["shard_index"] in qps else "-"
+        print(f"  {d['shard_index']:>5} {'up':<7} {d['address']:<22} {rows:>27} {d['dtype']:>9} "
+              f"{gib(d['resident_bytes']):>11} {gib(d['rss_bytes']):>11} {c['lookups']:>9,} {rate:>7} "
+              f"{c['lookup_p50_ms']:>7.2f} {c['lookup_p99_ms']:>7.2f} {c['updates']:>8,} {c['rejected']:>8,}")
 
 
 def service_config(args: argparse.Namespace):
@@ -78,13 +82,43 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    import time
+
     from ..runtime import attach
 
     svc = attach(args.name, address=args.address)
-    shards = svc.describe()
-    print(f"memory service {svc.name!r}: {svc.num_shards} shards, layout {svc.layout.fingerprint}, "
-          f"{svc.layout.num_params / 1e6:,.1f} M params, {svc.store.dtype}, optimiser {svc.store.optimizer.kind}")
-    _print_shards(shards)
+    with svc.client(timeout=5, retries=0, resolver=None) as client:
+        first = client.describe(tolerate=True)
+        t0 = time.monotonic()
+        time.sleep(args.interval)  # QPS: lookups counted over this interval
+        shards = client.describe(tolerate=True)
+        dt = time.monotonic() - t0
+    before = {d["shard_index"]: d["counters"]["lookups"] for d in first if "error" not in d}
+    qps = {d["shard_index"]: (d["counters"]["lookups"] - before[d["shard_index"]]) / dt
+           for d in shards if "error" not in d and d["shard_index"] in before}
+    down = sum("error" in d for d in shards)
+    print(f"memory service {svc.name!r}: {svc.num_shards} shards ({svc.num_shards - down} up), layout "
+          f"{svc.layout.fingerprint}, {svc.layout.num_params / 1e6:,.1f} M params, {svc.store.dtype}, "
+          f"optimiser {svc.store.optimizer.kind}, auth {'on' if svc.token else 'off'}, "
+          f"TLS {'on' if svc.tls_ca else 'off'}")
+    _print_shards(shards, qps)
+    return 1 if down else 0
+
+
+def _cmd_checkpoint(args: argparse.Namespace) -> int:
+    from ..runtime import attach
+
+    svc = attach(args.name, address=args.address)
+    if args.dir:
+        paths = svc.save(args.dir)
+        print(f"memory service {svc.name!r}: {len(paths)} shards saved into {args.dir} "
+              "(loads into any shard count: engram-ray serve --checkpoint DIR)")
+    else:
+        paths = svc.checkpoint()
+        print(f"memory service {svc.name!r}: recovery checkpoint of {len(paths)} shards "
+              "(each reloads its newest after a restart):")
+    for p in paths:
+        print(f"  {p}")
     return 0
 
 
@@ -130,9 +164,20 @@ def register(sub) -> None:
                    help="seconds between automatic recovery checkpoints (default: on demand only)")
     p.set_defaults(func=_cmd_serve)
 
-    for name, fn, help_text in (("status", _cmd_status, "per-shard rows, bytes and counters of a running service"),
-                                ("stop", _cmd_stop, "shut down a running service")):
+    for name, fn, help_text in (
+            ("status", _cmd_status, "per-shard health, rows, RSS, QPS and p50/p99 of a running service "
+                                    "(exit 1 if a shard is down)"),
+            ("stop", _cmd_stop, "shut down a running service"),
+            ("checkpoint", _cmd_checkpoint, "checkpoint a running service: a recovery point now, or with "
+                                            "--dir a portable checkpoint for any shard count")):
         p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
         p.add_argument("--name", default="engram", help="service name (default: engram)")
         p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+        if name == "status":
+            p.add_argument("--interval", type=float, default=1.0,
+                           help="seconds between the two reads that give QPS (default: 1)")
+        if name == "checkpoint":
+            p.add_argument("--dir", metavar="DIR", help="write a full checkpoint here (a path every memory "
+                                                        "node can write); default: a recovery checkpoint "
+                                                        "into the service's checkpoint_dir")
         p.set_defaults(func=fn)

@@ -16,6 +16,7 @@ import grpc
 from ..errors import CheckpointError, FingerprintMismatch, InvalidRequest, RequestTooLarge
 from ..store import TableShard
 from . import codec
+from .metrics import LatencyHistogram, rss_bytes
 from .generated import engram_pb2 as pb
 from .generated import engram_pb2_grpc as pb_grpc
 
@@ -34,8 +35,14 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
     """Serves one :class:`TableShard` as ``engram.v1.EngramMemory``."""
 
     def __init__(self, shard: TableShard, max_message_bytes: int, *, max_ids_per_request: int = 1 << 20,
-                 recovery_save: Callable[[], str] | None = None):
+                 recovery_save: Callable[[], str] | None = None,
+                 observer: Callable[[str, float, int, bool], None] | None = None):
         self.shard = shard
+        #: Called after each Lookup / ApplyGradients as (method, seconds, rows, ok), e.g. to
+        #: export metrics; must be cheap and must not raise.
+        self.observer = observer
+        self.latency = LatencyHistogram()
+        self.started = time.monotonic()
         #: Save with no directory: write a recovery checkpoint (None: the shard has no
         #: checkpoint_dir, and such a request is refused).
         self.recovery_save = recovery_save
@@ -61,6 +68,13 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
             raise RequestTooLarge(f"{what} of {n} ids exceeds the shard's limit of {self.max_ids_per_request} "
                                   "ids per request; split it")
 
+    def _observe(self, method: str, t0: float, rows: int, ok: bool) -> None:
+        if self.observer is not None:
+            try:
+                self.observer(method, time.perf_counter() - t0, rows, ok)
+            except Exception:  # noqa: BLE001 - metrics must never fail a request
+                log.debug("observer failed", exc_info=True)
+
     def _abort(self, context: grpc.ServicerContext, exc: Exception) -> None:
         self.count_rejected()
         for kind, code in _STATUS:
@@ -83,15 +97,20 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
                     f"shard's {self.max_message_bytes} B message limit; split the request")
             rows = self.shard.gather(ids)
         except Exception as e:  # noqa: BLE001 - every error becomes a status code
+            self._observe("Lookup", t0, 0, False)
             self._abort(context, e)
         resp = pb.LookupResponse(rows=codec.encode(rows, self.shard.store.dtype))
+        took = time.perf_counter() - t0
         with self._lock:  # handlers run on a thread pool
             self.bytes_served += rows.nbytes
-            self.lookup_seconds += time.perf_counter() - t0
+            self.lookup_seconds += took
+        self.latency.record(took)
+        self._observe("Lookup", t0, ids.size, True)
         return resp
 
     def ApplyGradients(self, request: pb.ApplyGradientsRequest,
                        context: grpc.ServicerContext) -> pb.ApplyGradientsResponse:
+        t0 = time.perf_counter()
         try:
             self._check_fingerprint(request.fingerprint)
             ids = codec.decode(request.row_ids, what="row_ids", dtypes=("int64",), ndim=1)
@@ -100,7 +119,9 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
                                  dtypes=("float32", "bfloat16", "float16"))
             n = self.shard.apply_gradients(ids, grads)
         except Exception as e:  # noqa: BLE001
+            self._observe("ApplyGradients", t0, 0, False)
             self._abort(context, e)
+        self._observe("ApplyGradients", t0, n, True)
         return pb.ApplyGradientsResponse(rows_updated=n, update_count=self.shard.counters["updates"])
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeResponse:
@@ -114,7 +135,11 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
             counters=pb.ShardCounters(lookups=c["lookups"], rows_served=c["rows_served"],
                                       bytes_served=self.bytes_served, updates=c["updates"],
                                       rows_updated=c["rows_updated"], rejected=c["rejected"],
-                                      lookup_seconds=self.lookup_seconds))
+                                      lookup_seconds=self.lookup_seconds,
+                                      lookup_p50_ms=1e3 * (self.latency.quantile(0.5) or 0.0),
+                                      lookup_p99_ms=1e3 * (self.latency.quantile(0.99) or 0.0),
+                                      uptime_s=time.monotonic() - self.started),
+            rss_bytes=rss_bytes())
 
     def Save(self, request: pb.SaveRequest, context: grpc.ServicerContext) -> pb.SaveResponse:
         try:

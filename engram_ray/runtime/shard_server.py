@@ -67,7 +67,8 @@ class ShardServer:
         if svc.tls_cert:  # read here: the paths are on this node
             tls = (Path(svc.tls_cert).read_bytes(), Path(svc.tls_key).read_bytes())
         servicer = ShardServicer(self.shard, svc.max_message_bytes, max_ids_per_request=svc.max_ids_per_request,
-                                 recovery_save=self.save_recovery if self.recovery else None)
+                                 recovery_save=self.save_recovery if self.recovery else None,
+                                 observer=_RayMetrics(name or "engram", shard_index, self.shard.nbytes))
         previous = self._directory_address() if self.restarted else None
         kw = dict(max_workers=svc.max_workers, max_message_bytes=svc.max_message_bytes,
                   max_concurrent_rpcs=svc.max_concurrent_rpcs, token=token, tls=tls, servicer=servicer)
@@ -142,3 +143,30 @@ class ShardServer:
     def stop(self, grace: float = 1.0) -> None:
         self._stop.set()
         self._server.stop(grace).wait()
+
+
+class _RayMetrics:
+    """Exports each request to Ray's metrics (Prometheus at the dashboard's metrics port):
+    engram_requests{method,status}, engram_rows{method}, engram_request_seconds{method},
+    engram_resident_bytes, tagged with the service and shard."""
+
+    def __init__(self, service: str, shard: int, resident_bytes: int):
+        from ray.util.metrics import Counter, Gauge, Histogram
+
+        self.tags = {"service": service, "shard": str(shard)}
+        keys = ("service", "shard", "method")
+        self.requests = Counter("engram_requests", "EngramMemory calls served, by outcome",
+                                tag_keys=keys + ("status",))
+        self.rows = Counter("engram_rows", "rows looked up or updated", tag_keys=keys)
+        self.seconds = Histogram("engram_request_seconds", "handler time of EngramMemory calls",
+                                 boundaries=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0],
+                                 tag_keys=keys)
+        Gauge("engram_resident_bytes", "bytes of rows and optimiser state in RAM",
+              tag_keys=("service", "shard")).set(resident_bytes, self.tags)
+
+    def __call__(self, method: str, seconds: float, rows: int, ok: bool) -> None:
+        tags = dict(self.tags, method=method)
+        self.requests.inc(1, dict(tags, status="ok" if ok else "rejected"))
+        if ok:
+            self.rows.inc(rows, tags)
+            self.seconds.observe(seconds, tags)

@@ -53,7 +53,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ShardCounters(_message.Message):
-    __slots__ = ("lookups", "rows_served", "bytes_served", "updates", "rows_updated", "rejected", "lookup_seconds")
+    __slots__ = ("lookups", "rows_served", "bytes_served", "updates", "rows_updated", "rejected", "lookup_seconds", "lookup_p50_ms", "lookup_p99_ms", "uptime_s")
     LOOKUPS_FIELD_NUMBER: _ClassVar[int]
     ROWS_SERVED_FIELD_NUMBER: _ClassVar[int]
     BYTES_SERVED_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,9 @@ class ShardCounters(_message.Message):
     ROWS_UPDATED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     LOOKUP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     lookups: int
     rows_served: int
     bytes_served: int
@@ -68,10 +71,13 @@ class ShardCounters(_message.Message):
     rows_updated: int
     rejected: int
     lookup_seconds: float
-    def __init__(self, lookups: _Optional[int] = ..., rows_served: _Optional[int] = ..., bytes_served: _Optional[int] = ..., updates: _Optional[int] = ..., rows_updated: _Optional[int] = ..., rejected: _Optional[int] = ..., lookup_seconds: _Optional[float] = ...) -> None: ...
+    lookup_p50_ms: float
+    lookup_p99_ms: float
+    uptime_s: float
+    def __init__(self, lookups: _Optional[int] = ..., rows_served: _Optional[int] = ..., bytes_served: _Optional[int] = ..., updates: _Optional[int] = ..., rows_updated: _Optional[int] = ..., rejected: _Optional[int] = ..., lookup_seconds: _Optional[float] = ..., lookup_p50_ms: _Optional[float] = ..., lookup_p99_ms: _Optional[float] = ..., uptime_s: _Optional[float] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("fingerprint", "shard_index", "num_shards", "row_start", "row_stop", "dim", "dtype", "optimizer", "resident_bytes", "max_message_bytes", "counters", "resident_rows", "max_ids_per_request")
+    __slots__ = ("fingerprint", "shard_index", "num_shards", "row_start", "row_stop", "dim", "dtype", "optimizer", "resident_bytes", "max_message_bytes", "counters", "resident_rows", "max_ids_per_request", "rss_bytes")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +91,7 @@ class DescribeResponse(_message.Message):
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_ROWS_FIELD_NUMBER: _ClassVar[int]
     MAX_IDS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     shard_index: int
     num_shards: int
@@ -98,7 +105,8 @@ class DescribeResponse(_message.Message):
     counters: ShardCounters
     resident_rows: int
     max_ids_per_request: int
-    def __init__(self, fingerprint: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., row_start: _Optional[int] = ..., row_stop: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., optimizer: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., counters: _Optional[_Union[ShardCounters, _Mapping]] = ..., resident_rows: _Optional[int] = ..., max_ids_per_request: _Optional[int] = ...) -> None: ...
+    rss_bytes: int
+    def __init__(self, fingerprint: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., row_start: _Optional[int] = ..., row_stop: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., optimizer: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., counters: _Optional[_Union[ShardCounters, _Mapping]] = ..., resident_rows: _Optional[int] = ..., max_ids_per_request: _Optional[int] = ..., rss_bytes: _Optional[int] = ...) -> None: ...
 
 class SaveRequest(_message.Message):
     __slots__ = ("directory",)
