@@ -1,0 +1,46 @@
+"""Shard requests reach Ray's Prometheus endpoint through ray.util.metrics."""
+
+import socket
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from engram_ray import config as C  # noqa: E402
+from engram_ray.core.tokens import CompressedVocab  # noqa: E402
+from engram_ray.runtime import deploy, init_ray  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def test_requests_show_on_the_prometheus_endpoint():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init_ray(num_cpus=2, _metrics_export_port=port)
+    try:
+        svc = deploy(C.tiny(), vocab=CompressedVocab(np.arange(50)), num_shards=1, name="metrics")
+        try:
+            with svc.client() as c:
+                for _ in range(5):
+                    c.lookup(np.arange(100))
+                c.push_gradients([1, 2], np.ones((2, 16), np.float32))
+            found, deadline = {}, time.time() + 60  # Ray exports every few seconds
+            while time.time() < deadline and len(found) < 3:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+                for line in body.splitlines():
+                    if line.startswith("ray_engram_") and 'service="metrics"' in line:
+                        name = line.split("{")[0]
+                        if name in ("ray_engram_requests_total", "ray_engram_rows_total",
+                                    "ray_engram_resident_bytes") and 'method="ApplyGradients"' not in line:
+                            found[name] = float(line.rsplit(" ", 1)[1])
+                time.sleep(1)
+            assert found.get("ray_engram_requests_total") == 5, found
+            assert found.get("ray_engram_rows_total") == 500 and found.get("ray_engram_resident_bytes", 0) > 0
+        finally:
+            svc.shutdown()
+    finally:
+        ray.shutdown()
