@@ -28,5 +28,6 @@ bench: setup
 	$(BIN)/engram-ray bench hash --out results/hash.json
 	$(BIN)/engram-ray bench lookup --out results/lookup.json
 	$(BIN)/engram-ray bench latency-vs-size --out results/latency.json
-	$(BIN)/engram-ray bench offload --out results/offload.json
+	$(BIN)/engram-ray bench offload --profile --out results/offload.json
+	$(BIN)/engram-ray bench load --out results/load.json
 	$(BIN)/engram-ray bench report --results results --out docs/RESULTS.md

@@ -89,3 +89,26 @@ def plot_rates(report: dict[str, Any], path: str | Path, *, x: str, series: dict
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_load(report: dict[str, Any], path: str | Path) -> None:
+    """RSS of the client and of each shard against lookups done (flat = no leak)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [s["lookups"] for s in report["samples"]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(xs, [s["client_rss"] / 2**20 for s in report["samples"]], label="client")
+    for i in range(len(report["samples"][0]["shard_rss"])):
+        ax.plot(xs, [s["shard_rss"][i] / 2**20 for s in report["samples"]], label=f"shard {i}")
+    ax.set_xlabel("lookups done")
+    ax.set_ylabel("RSS (MiB)")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    ax.set_title(f"{report['lookups']:,} lookups x {report['batch']} ids at concurrency "
+                 f"{report['concurrency']}: {report['errors']} errors", fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -86,6 +86,15 @@ def write_results(results: str | Path, out: str | Path) -> Path:
         for v in r["results"]:
             lines.append(f"| {v['resident_gib']:.2f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} |")
         lines.append(_img(folder, out, "latency"))
+    r = _load(folder, "load")
+    if r:
+        m = r["memory"]
+        lines += ["## Load: errors and memory under sustained lookups", "", f"Machine: {_machine(r)}.", "",
+                  f"{r['lookups']:,} lookups of {r['batch']} random ids ({r['ids']:,} ids) at concurrency "
+                  f"{r['concurrency']}, {r['shards']} shards: {r['errors']} errors, {r['retries']} retries, "
+                  f"{r['lookups_per_s']:,.0f} lookups/s, p50 {r['latency_p50_ms']:.1f} ms, p99 "
+                  f"{r['latency_p99_ms']:.1f} ms. RSS growth after warm-up: client {100 * m['client_rss_growth']:+.1f} %, "
+                  f"shards (worst) {100 * m['shard_rss_growth']:+.1f} %.", _img(folder, out, "load")]
     r = _load(folder, "hash")
     if r:
         lines += ["## Hashing throughput", "", f"Machine: {_machine(r)}.", "",

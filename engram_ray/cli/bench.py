@@ -124,6 +124,33 @@ def _cmd_bench_offload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_load(args: argparse.Namespace) -> int:
+    from ..bench import load as bench_load
+    from ..bench.common import write_report
+    from ..data import default_vocab, load_tokenizer
+
+    cfg, source = engram_config(args)
+    vocab = default_vocab(load_tokenizer(args.tokenizer))
+    report = bench_load.run(cfg, vocab, ids=args.ids, batch=args.batch, concurrency=args.concurrency,
+                            shards=args.shards, progress=True)
+    report["source"] = source
+    write_report(report, args.out)
+    m = report["memory"]
+    print(f"load ({source}, {args.shards} shards; {report['machine']['cpu']}, {report['machine']['cores']} cores): "
+          f"{report['lookups']:,} lookups of {args.batch} ids ({report['ids']:,} ids) at concurrency "
+          f"{args.concurrency} in {report['seconds']:.1f} s")
+    print(f"  {report['lookups_per_s']:,.0f} lookups/s, {report['ids_per_s']:,.0f} ids/s; latency p50 "
+          f"{report['latency_p50_ms']:.2f} ms, p99 {report['latency_p99_ms']:.2f} ms")
+    print(f"  errors {report['errors']}, retries {report['retries']}; memory growth after warm-up: client "
+          f"{100 * m['client_rss_growth']:+.1f} %, shards (worst) {100 * m['shard_rss_growth']:+.1f} %")
+
+    def plot(png):
+        from ..bench.plot import plot_load
+        plot_load(report, png)
+    _plot_beside(args.out, plot)
+    return 0 if report["errors"] == 0 else 1
+
+
 def _cmd_bench_latency(args: argparse.Namespace) -> int:
     from ..bench import latency as bench_latency
     from ..bench.common import write_report
@@ -201,6 +228,18 @@ def register(sub) -> None:
                         "the top functions (main thread)")
     b.add_argument("--out", metavar="FILE.json", help="write the report here, and FILE.png")
     b.set_defaults(func=_cmd_bench_offload)
+
+    b = bsub.add_parser("load", help="many lookups at a fixed concurrency: errors and memory over time",
+                        description="Deploy the service on a local Ray and run lookups of random rows "
+                                    "with CONCURRENCY in flight; report errors, throughput, latency and "
+                                    "the RSS of the client and every shard as it runs (exit 1 on any error).")
+    add_table_args(b, "demo")
+    b.add_argument("--ids", type=int, default=1_000_000, help="row ids looked up in all (default: 1000000)")
+    b.add_argument("--batch", type=int, default=256, help="ids per lookup (default: 256)")
+    b.add_argument("--concurrency", type=int, default=32, help="lookups in flight (default: 32)")
+    b.add_argument("--shards", type=int, default=2)
+    b.add_argument("--out", metavar="FILE.json", help="write the report here, and FILE.png")
+    b.set_defaults(func=_cmd_bench_load)
 
     b = bsub.add_parser("latency-vs-size", help="p50/p99 lookup latency as the table grows (O(1) claim)",
                         description="Deploy the table with growing resident sizes and time lookups "
