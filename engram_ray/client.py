@@ -19,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import itertools
 import logging
 import threading
 import time
+import uuid
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -53,6 +55,8 @@ _PUSH_RETRY = (grpc.StatusCode.UNAVAILABLE,)
 #: gRPC's message when a server already serves maximum_concurrent_rpcs calls: the request was
 #: not looked at, so any call (pushes too) may be retried after a backoff.
 _BUSY = "Concurrent RPC limit exceeded"
+#: A primary's answer when a push reached it but not yet every replica: retry the primary.
+_UNREPLICATED = "not on every replica"
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,16 @@ class EngramClient:
                  resolver: Callable[[], Sequence[str]] | None = None, recover_timeout: float = 60.0):
         if not addresses:
             raise ValueError("EngramClient: no shard addresses")
-        self.addresses = list(addresses)
+        #: Per shard, the addresses of its replicas (one for an unreplicated service).
+        self.replicas = [[a] if isinstance(a, str) else list(a) for a in addresses]
+        if not all(self.replicas):
+            raise ValueError("EngramClient: a shard with no replica address")
+        #: Per shard, the replica reads go to now (it moves on failover).
+        self.addresses = [r[0] for r in self.replicas]
+        self._read = [0] * len(self.replicas)
+        self._primary = [0] * len(self.replicas)  # where pushes go: the replica that orders them
+        self._client_id = uuid.uuid4().hex[:12]
+        self._seq = itertools.count(1)
         self.layout = layout
         self.plan = ShardPlan(layout.total_rows, len(self.addresses))
         self.timeout, self.retries, self.backoff = float(timeout), int(retries), float(backoff)
@@ -133,8 +146,10 @@ class EngramClient:
         self._resolver, self.recover_timeout = resolver, float(recover_timeout)
         self._opts = opts
         self._creds = grpc.ssl_channel_credentials(root_certificates=tls_ca) if tls_ca else None
-        self._channels = self._io.run(self._open(opts, self._creds))
-        self._stubs = [pb_grpc.EngramMemoryStub(ch) for ch in self._channels]
+        flat = self._io.run(self._open(opts, self._creds, [a for r in self.replicas for a in r]))
+        self._channels = list(flat)  # every channel ever opened, closed at shutdown
+        it = iter(flat)
+        self._rstubs = [[pb_grpc.EngramMemoryStub(next(it)) for _ in r] for r in self.replicas]
         # A client dropped without close() still stops its thread when collected.
         self._finalizer = weakref.finalize(self, _shutdown, self._io, self._channels)
         self.shards = self._connect(connect_timeout)
@@ -165,24 +180,41 @@ class EngramClient:
         except Exception as e:  # noqa: BLE001 - the directory may be briefly unreachable too
             log.warning("resolving shard addresses failed: %s", e)
             return
-        if now[shard] != self.addresses[shard]:
-            log.warning("shard %d moved: %s -> %s", shard, self.addresses[shard], now[shard])
-            old = self._channels[shard]
-            self.addresses[shard] = now[shard]
-            self._channels[shard] = (await self._open(self._opts, self._creds, [now[shard]]))[0]
-            self._stubs[shard] = pb_grpc.EngramMemoryStub(self._channels[shard])
-            self._count("re_resolved", 1)
-            await old.close()
+        want = [now[shard]] if isinstance(now[shard], str) else list(now[shard])
+        for r, address in enumerate(want[:len(self.replicas[shard])]):
+            if address != self.replicas[shard][r]:
+                log.warning("shard %d replica %d moved: %s -> %s", shard, r, self.replicas[shard][r], address)
+                self.replicas[shard][r] = address
+                ch = (await self._open(self._opts, self._creds, [address]))[0]
+                self._channels.append(ch)
+                self._rstubs[shard][r] = pb_grpc.EngramMemoryStub(ch)
+                self._count("re_resolved", 1)
+        self.addresses[shard] = self.replicas[shard][self._read[shard]]
 
-    async def _describe_all(self, timeout: float, wait_for_ready: bool = False) -> list:
-        """Every shard's DescribeResponse, or the RpcError it failed with."""
+    async def _describe_all(self, timeout: float, wait_for_ready: bool = False,
+                            every_replica: bool = False) -> list:
+        """Per shard, the DescribeResponse of the replica reads go to (or of each replica),
+        or the RpcError it failed with."""
+        stubs = [stub for s, reps in enumerate(self._rstubs)
+                 for r, stub in enumerate(reps) if every_replica or r == self._read[s]]
         return await asyncio.gather(
             *[stub.Describe(pb.DescribeRequest(), timeout=timeout, wait_for_ready=wait_for_ready,
                             metadata=self._metadata)
-              for stub in self._stubs], return_exceptions=True)
+              for stub in stubs], return_exceptions=True)
 
     def _connect(self, timeout: float) -> list[ShardInfo]:
-        answers = self._io.run(self._describe_all(timeout, wait_for_ready=True))
+        flat = iter(self._io.run(self._describe_all(timeout, wait_for_ready=True, every_replica=True)))
+        answers = []
+        for s, reps in enumerate(self.replicas):
+            got = [next(flat) for _ in reps]
+            ok = [r for r, d in enumerate(got) if not isinstance(d, BaseException)]
+            if ok and len(ok) < len(reps):
+                log.warning("shard %d: replicas %s do not answer; using the others",
+                            s, [r for r in range(len(reps)) if r not in ok])
+            if ok:
+                self._read[s] = ok[0]
+                self.addresses[s] = reps[ok[0]]
+            answers.append(got[ok[0]] if ok else got[0])
         infos = []
         for i, d in enumerate(answers):
             if isinstance(d, grpc.RpcError) and d.code() == grpc.StatusCode.UNAUTHENTICATED:
@@ -220,18 +252,42 @@ class EngramClient:
 
     # Calls ---------------------------------------------------------------------------------
     async def _call(self, shard: int, method: str, request, retry_codes) -> Any:
-        """One RPC with retries and backoff; failures become the project's exceptions. With a
-        resolver, a shard that stays unavailable is looked up again and waited for (it may be
-        restarting) for up to ``recover_timeout`` seconds."""
-        attempt, give_up = 0, None
+        """One RPC with failover, retries and backoff; failures become the project's
+        exceptions. Reads go to any replica and move to the next one at once when theirs
+        fails; pushes go to the primary (a backup names it). With a resolver, a shard that
+        stays unavailable is looked up again and waited for (it may be restarting) for up to
+        ``recover_timeout`` seconds."""
+        push = method == "ApplyGradients"
+        n_rep = len(self.replicas[shard])
+        attempt, give_up, tried, hops = 0, None, 0, 0
         while True:
+            r = self._primary[shard] if push else self._read[shard]
             try:
-                stub_method = getattr(self._stubs[shard], method)  # the stub may have moved
+                stub_method = getattr(self._rstubs[shard][r], method)  # the stub may have moved
                 return await stub_method(request, timeout=self.timeout, metadata=self._metadata)
             except grpc.RpcError as err:
-                busy = err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and _BUSY in (err.details() or "")
-                if not (err.code() in retry_codes or busy):
+                code, details = err.code(), err.details() or ""
+                if push and code == grpc.StatusCode.FAILED_PRECONDITION and "primary=" in details \
+                        and hops < 4 * n_rep:
+                    self._primary[shard] = int(details.split("primary=")[1].split()[0]) % n_rep
+                    hops += 1
+                    self._count("redirects", 1)
+                    continue
+                busy = code == grpc.StatusCode.RESOURCE_EXHAUSTED and _BUSY in details
+                if not (code in retry_codes or busy):
                     raise self._error(shard, err) from None
+                pending = push and _UNREPLICATED in details  # the primary is fine: retry it
+                if n_rep > 1 and not busy and not pending and tried < n_rep - 1:
+                    nxt = (r + 1) % n_rep  # the next replica, at once
+                    if push:
+                        self._primary[shard] = nxt
+                    else:
+                        self._read[shard] = nxt
+                        self.addresses[shard] = self.replicas[shard][nxt]
+                    tried += 1
+                    self._count("failovers", 1)
+                    continue
+                tried = 0
                 if attempt < self.retries:
                     self._count("retries", 1)
                     await asyncio.sleep(self.backoff * (2 ** attempt))
@@ -384,38 +440,52 @@ class EngramClient:
             self._call(s, "ApplyGradients",
                        pb.ApplyGradientsRequest(fingerprint=self.layout.fingerprint,
                                                 row_ids=codec.encode(uniq[a:b]),
-                                                grads=codec.encode(summed[a:b], "float32")), _PUSH_RETRY)
+                                                grads=codec.encode(summed[a:b], "float32"),
+                                                request_id=f"{self._client_id}-{next(self._seq)}"),
+                _PUSH_RETRY)
             for s, a, b in self._chunks(uniq, step))
         self._count("pushes", 1)
         self._count("rows_pushed", int(uniq.size))
         return sum(r.rows_updated for r in resps)
 
     # Service calls --------------------------------------------------------------------------
-    def describe(self, tolerate: bool = False) -> list[dict[str, Any]]:
-        """Every shard's Describe, as dicts (counters included). ``tolerate``: a shard that
-        does not answer gives ``{"shard_index", "address", "error"}`` instead of raising."""
+    def describe(self, tolerate: bool = False, every_replica: bool = False) -> list[dict[str, Any]]:
+        """Every shard's Describe (of the copy reads go to, or of every copy), as dicts with
+        counters. ``tolerate``: a copy that does not answer gives ``{"shard_index",
+        "replica", "address", "error"}`` instead of raising."""
+        where = [(i, r) for i, reps in enumerate(self.replicas) for r in range(len(reps))
+                 if every_replica or r == self._read[i]]
         out = []
-        for i, d in enumerate(self._io.run(self._describe_all(self.timeout))):
+        for (i, r), d in zip(where, self._io.run(self._describe_all(self.timeout, every_replica=every_replica))):
+            address = self.replicas[i][r]
             if isinstance(d, BaseException):
                 if tolerate:
-                    out.append({"shard_index": i, "address": self.addresses[i], "error": str(self._error(i, d))})
+                    out.append({"shard_index": i, "replica": r, "address": address,
+                                "error": str(self._error(i, d))})
                     continue
                 raise self._error(i, d) from None
-            info = {fd.name: getattr(d, fd.name) for fd in d.DESCRIPTOR.fields if fd.name != "counters"}
+            info = {fd.name: getattr(d, fd.name) for fd in d.DESCRIPTOR.fields if fd.name not in ("counters", "backups")}
+            info["backups"] = list(d.backups)
             info["counters"] = {fd.name: getattr(d.counters, fd.name) for fd in d.counters.DESCRIPTOR.fields}
-            info["address"] = self.addresses[i]
+            info["address"] = address
+            info["replicas"] = list(self.replicas[i])
             out.append(info)
         return out
 
     def save(self, directory: str) -> list[str]:
-        """Ask every shard to write its part of a checkpoint into ``directory``."""
+        """Ask every shard to write its part of a checkpoint into ``directory`` (one replica
+        each); with ``directory=""`` every replica writes a recovery checkpoint."""
+        every = not directory
+        targets = [(s, stub) for s, reps in enumerate(self._rstubs) for r, stub in enumerate(reps)
+                   if every or r == self._read[s]]
+
         async def save_all():
             return await asyncio.gather(
                 *[stub.Save(pb.SaveRequest(directory=str(directory)), timeout=max(self.timeout, 600),
                             metadata=self._metadata)
-                  for stub in self._stubs], return_exceptions=True)
+                  for _, stub in targets], return_exceptions=True)
         paths = []
-        for i, r in enumerate(self._io.run(save_all())):
+        for (i, _), r in zip(targets, self._io.run(save_all())):
             if isinstance(r, BaseException):
                 raise self._error(i, r) from None
             paths.append(r.header_path)
@@ -445,7 +515,8 @@ class EngramClient:
             lat = np.array(self._latencies)
         ids, uniq = c.get("ids", 0), c.get("unique_ids", 0)
         out = {k: c.get(k, 0) for k in ("lookups", "ids", "unique_ids", "bytes_received", "pushes",
-                                        "rows_pushed", "retries", "re_resolved", "errors")}
+                                        "rows_pushed", "retries", "failovers", "redirects", "re_resolved",
+                                        "errors")}
         out["dedup_ratio"] = (uniq / ids) if ids else None  # unique ids fetched per id asked
         # Seconds of lookup work on the I/O thread, by stage: dedup (np.unique), encode (build
         # requests), in_flight (calls issued to last answer: transport + shard), decode

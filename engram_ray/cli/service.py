@@ -11,16 +11,19 @@ from .common import add_table_args, engram_config, gib
 
 
 def _print_shards(shards: list[dict], qps: dict[int, float] | None = None) -> None:
-    print(f"  {'shard':>5} {'health':<7} {'address':<22} {'rows':>27} {'dtype':>9} {'resident':>11} "
+    print(f"  {'shard':>5} {'health':<7} {'role':<8} {'address':<22} {'rows':>27} {'dtype':>9} {'resident':>11} "
           f"{'RSS':>11} {'lookups':>9} {'QPS':>7} {'p50 ms':>7} {'p99 ms':>7} {'updates':>8} {'rejected':>8}")
     for d in shards:
         if "error" in d:
-            print(f"  {d['shard_index']:>5} {'DOWN':<7} {d['address']:<22} {d['error']}")
+            print(f"  {d['shard_index']:>5} {'DOWN':<7} {'':<8} {d['address']:<22} {d['error']}")
             continue
         c = d["counters"]
         rows = f"[{d['row_start']:,}, {d['row_stop']:,})"
-        rate = f"{qps[d['shard_index']]:,.1f}" if qps and d["shard_index"] in qps else "-"
-        print(f"  {d['shard_index']:>5} {'up':<7} {d['address']:<22} {rows:>27} {d['dtype']:>9} "
+        key = (d["shard_index"], d.get("replica", 0))
+        rate = f"{qps[key]:,.1f}" if qps and key in qps else "-"
+        role = d.get("role") or "single"
+        role = role if role == "single" else f"{role[:7]}"
+        print(f"  {d['shard_index']:>5} {'up':<7} {role:<8} {d['address']:<22} {rows:>27} {d['dtype']:>9} "
               f"{gib(d['resident_bytes']):>11} {gib(d['rss_bytes']):>11} {c['lookups']:>9,} {rate:>7} "
               f"{c['lookup_p50_ms']:>7.2f} {c['lookup_p99_ms']:>7.2f} {c['updates']:>8,} {c['rejected']:>8,}")
 
@@ -88,16 +91,21 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     svc = attach(args.name, address=args.address)
     with svc.client(timeout=5, retries=0, resolver=None) as client:
-        first = client.describe(tolerate=True)
+        first = client.describe(tolerate=True, every_replica=True)
         t0 = time.monotonic()
         time.sleep(args.interval)  # QPS: lookups counted over this interval
-        shards = client.describe(tolerate=True)
+        shards = client.describe(tolerate=True, every_replica=True)
         dt = time.monotonic() - t0
-    before = {d["shard_index"]: d["counters"]["lookups"] for d in first if "error" not in d}
-    qps = {d["shard_index"]: (d["counters"]["lookups"] - before[d["shard_index"]]) / dt
-           for d in shards if "error" not in d and d["shard_index"] in before}
+
+    def key(d):
+        return d["shard_index"], d.get("replica", 0)
+    before = {key(d): d["counters"]["lookups"] for d in first if "error" not in d}
+    qps = {key(d): (d["counters"]["lookups"] - before[key(d)]) / dt
+           for d in shards if "error" not in d and key(d) in before}
     down = sum("error" in d for d in shards)
-    print(f"memory service {svc.name!r}: {svc.num_shards} shards ({svc.num_shards - down} up), layout "
+    copies = len(shards)
+    print(f"memory service {svc.name!r}: {svc.num_shards} shards x {copies // max(1, svc.num_shards)} "
+          f"copies ({copies - down} of {copies} up), layout "
           f"{svc.layout.fingerprint}, {svc.layout.num_params / 1e6:,.1f} M params, {svc.store.dtype}, "
           f"optimiser {svc.store.optimizer.kind}, auth {'on' if svc.token else 'off'}, "
           f"TLS {'on' if svc.tls_ca else 'off'}")

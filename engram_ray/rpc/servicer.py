@@ -17,6 +17,7 @@ from ..errors import CheckpointError, FingerprintMismatch, InvalidRequest, Reque
 from ..store import TableShard
 from . import codec
 from .metrics import LatencyHistogram, rss_bytes
+from .replication import Replication
 from .generated import engram_pb2 as pb
 from .generated import engram_pb2_grpc as pb_grpc
 
@@ -24,7 +25,17 @@ __all__ = ["ShardServicer"]
 
 log = logging.getLogger(__name__)
 
-_STATUS = ((FingerprintMismatch, grpc.StatusCode.FAILED_PRECONDITION),
+class NotPrimary(Exception):
+    """A push reached a backup while the primary is alive (FAILED_PRECONDITION)."""
+
+
+class Unreplicated(Exception):
+    """A push could not reach every replica yet, or this replica is still syncing (UNAVAILABLE)."""
+
+
+_STATUS = ((NotPrimary, grpc.StatusCode.FAILED_PRECONDITION),
+           (Unreplicated, grpc.StatusCode.UNAVAILABLE),
+           (FingerprintMismatch, grpc.StatusCode.FAILED_PRECONDITION),
            (RequestTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
            (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
            (CheckpointError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -43,6 +54,10 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
         self.observer = observer
         self.latency = LatencyHistogram()
         self.started = time.monotonic()
+        #: Replication of this shard's pushes (None: the only copy).
+        self.replication: Replication | None = None
+        #: False while a (re)joining replica copies the primary: data calls get UNAVAILABLE.
+        self.ready = True
         #: Save with no directory: write a recovery checkpoint (None: the shard has no
         #: checkpoint_dir, and such a request is refused).
         self.recovery_save = recovery_save
@@ -90,6 +105,7 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
             self._check_fingerprint(request.fingerprint)
             ids = codec.decode(request.row_ids, what="row_ids", dtypes=("int64",), ndim=1)
             self._check_count(ids.size, "lookup")
+            self._check_ready()
             size = ids.size * self.shard.row_bytes
             if size + 1024 > self.max_message_bytes:
                 raise RequestTooLarge(
@@ -117,12 +133,72 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
             self._check_count(ids.size, "gradient push")
             grads = codec.decode(request.grads, what="grads", ndim=2,
                                  dtypes=("float32", "bfloat16", "float16"))
-            n = self.shard.apply_gradients(ids, grads)
+            self._check_ready()
+            n = self._apply(request, ids, grads)
         except Exception as e:  # noqa: BLE001
             self._observe("ApplyGradients", t0, 0, False)
             self._abort(context, e)
         self._observe("ApplyGradients", t0, n, True)
         return pb.ApplyGradientsResponse(rows_updated=n, update_count=self.shard.counters["updates"])
+
+    def _apply(self, request: pb.ApplyGradientsRequest, ids, grads) -> int:
+        """One push: alone, as a backup (forwarded), or as the primary (apply, then forward)."""
+        repl = self.replication
+        if repl is None:
+            return self.shard.apply_gradients(ids, grads)
+        rid = request.request_id
+        if request.forwarded:
+            with repl.order:
+                repl.primary = request.primary  # follow whoever orders the pushes now
+                done = repl.applied(rid)
+                n = done[0] if done else self.shard.apply_gradients(ids, grads)
+                repl.record(rid, n, True)
+                return n
+        if repl.primary != repl.index:
+            if repl.primary_alive():
+                raise NotPrimary(f"replica {repl.index} is a backup; send pushes to the primary, "
+                                 f"primary={repl.primary} at {repl.peers[repl.primary]}")
+            repl.promote()
+        with repl.order:
+            done = repl.applied(rid)
+            if done and done[1]:
+                return done[0]  # a retry of a push every replica already has
+            n = done[0] if done else self.shard.apply_gradients(ids, grads)
+            repl.record(rid, n, False)
+            failed = repl.forward(request)
+            if failed:  # not acknowledged: the client retries the same id, which re-forwards
+                raise Unreplicated(f"push applied on the primary but not on every replica ({failed}); "
+                                   "retry: it is applied once everywhere")
+            repl.record(rid, n, True)
+            return n
+
+    def _check_ready(self) -> None:
+        if not self.ready:
+            raise Unreplicated(f"replica of shard {self.shard.shard_index} is copying its rows from the "
+                               "primary; use another replica")
+
+    def Snapshot(self, request: pb.SnapshotRequest, context: grpc.ServicerContext):
+        """Stream rows and optimiser state to a joining replica, holding pushes meanwhile."""
+        repl = self.replication
+        try:
+            self._check_fingerprint(request.fingerprint)
+            if repl is not None and repl.role != "primary" and request.join_index == repl.primary and self.ready:
+                repl.promote()  # the primary itself died and rejoins: this copy takes over
+            if repl is None or repl.role != "primary" or not self.ready:
+                raise NotPrimary(f"Snapshot: shard {self.shard.shard_index} here is not a serving primary")
+        except Exception as e:  # noqa: BLE001
+            self._abort(context, e)
+        with repl.order:  # no push is acknowledged until the joiner is forwarded them too
+            with self.shard._lock:
+                parts = {"rows": self.shard.values.copy(), **{k: v.copy() for k, v in self.shard.optimizer.state().items()}}
+            for part, arr in parts.items():
+                per_row = max(1, arr[:1].nbytes)
+                step = max(1, (self.max_message_bytes // 2) // per_row)
+                for a in range(0, max(1, arr.shape[0]), step):
+                    dtype = self.shard.store.dtype if part == "rows" else None
+                    yield pb.SnapshotChunk(part=part, row_offset=a, primary=repl.index,
+                                           data=codec.encode(arr[a:a + step], dtype))
+            repl.join(request.join_index, request.join_address)
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeResponse:
         d = self.shard.describe()
@@ -139,7 +215,12 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
                                       lookup_p50_ms=1e3 * (self.latency.quantile(0.5) or 0.0),
                                       lookup_p99_ms=1e3 * (self.latency.quantile(0.99) or 0.0),
                                       uptime_s=time.monotonic() - self.started),
-            rss_bytes=rss_bytes())
+            rss_bytes=rss_bytes(),
+            role="single" if self.replication is None else self.replication.role,
+            replica=0 if self.replication is None else self.replication.index,
+            primary=0 if self.replication is None else self.replication.primary,
+            backups=[] if self.replication is None or self.replication.role != "primary"
+            else self.replication.backups)
 
     def Save(self, request: pb.SaveRequest, context: grpc.ServicerContext) -> pb.SaveResponse:
         try:

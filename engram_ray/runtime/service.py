@@ -46,9 +46,11 @@ class ServiceDirectory:
     def info(self) -> dict[str, Any]:
         return dict(self.spec, shard_names=list(self.shard_names))
 
-    def set_address(self, index: int, address: str) -> None:
-        """A restarted shard announces where it serves now."""
-        self.spec["addresses"][index] = address
+    def set_address(self, index: int, address: str, replica: int = 0) -> None:
+        """A restarted shard copy announces where it serves now."""
+        self.spec["replicas"][index][replica] = address
+        if replica == 0:
+            self.spec["addresses"][index] = address
 
 
 @dataclass
@@ -68,6 +70,8 @@ class MemoryService:
     token: str | None = field(default=None, repr=False)
     #: PEM of the CA the clients trust, for a TLS service.
     tls_ca: bytes | None = field(default=None, repr=False)
+    #: Per shard, the addresses of its copies (``addresses`` holds replica 0's).
+    replicas: list[list[str]] = field(default_factory=list)
 
     @property
     def num_shards(self) -> int:
@@ -78,14 +82,15 @@ class MemoryService:
         its token and TLS settings."""
         kwargs.setdefault("max_message_bytes", self.service.max_message_bytes)
         kwargs.setdefault("resolver", self._resolve)
-        return EngramClient(self.addresses, self.layout, token=self.token, tls_ca=self.tls_ca, **kwargs)
+        return EngramClient(self.replicas or self.addresses, self.layout, token=self.token,
+                            tls_ca=self.tls_ca, **kwargs)
 
-    def _resolve(self) -> list[str]:
-        """The shards' addresses now (a restarted shard may serve elsewhere): asked of the
+    def _resolve(self) -> list[list[str]]:
+        """The shard copies' addresses now (a restarted copy may serve elsewhere): asked of the
         service's directory actor, so clients follow restarts without user action."""
         info = ray.get(ray.get_actor(self.name, namespace=NAMESPACE).info.remote())
-        self.addresses = list(info["addresses"])
-        return self.addresses
+        self.addresses, self.replicas = list(info["addresses"]), [list(r) for r in info["replicas"]]
+        return self.replicas
 
     def checkpoint(self) -> list[str]:
         """Every shard writes a recovery checkpoint now (needs ``checkpoint_dir``); returns
@@ -116,10 +121,10 @@ class MemoryService:
             return out
 
         shards, directory = live(self.shard_names), live([self.name])
-        pg = None
+        pgs = []
         if directory:
             try:
-                pg = ray.get(directory[0].info.remote(), timeout=timeout).get("placement_group")
+                pgs = ray.get(directory[0].info.remote(), timeout=timeout).get("placement_groups") or []
             except Exception as e:  # noqa: BLE001
                 log.warning("service %s: reading its directory: %s", self.name, e)
         try:
@@ -132,7 +137,7 @@ class MemoryService:
         # A call to a killed actor fails once it is dead: wait for all of them at once.
         pings = [h.__ray_ready__.remote() for h in handles]
         ray.wait(pings, num_returns=len(pings), timeout=timeout)
-        if pg is not None:  # frees the shards' memory-node reservations
+        for pg in pgs:  # frees the shards' memory-node reservations
             remove_placement_group(pg)
         self.handles.clear()
 
@@ -204,15 +209,28 @@ def _shard_bundle(layout: TableLayout, store: StoreConfig, num_shards: int) -> d
     return bundle
 
 
-def _reserve(name: str, bundle: dict[str, float], num_shards: int, detached: bool, timeout: float):
-    """A placement group of one bundle per shard, spread over memory nodes where there are
-    enough (SPREAD packs them only when it must). It is all or nothing: a service never
-    starts half-placed, and an autoscaler sees the whole demand at once and adds nodes."""
-    pg = placement_group([dict(bundle) for _ in range(num_shards)], strategy="SPREAD",
-                         name=f"{name}/shards", lifetime="detached" if detached else None)
-    ready, _ = ray.wait([pg.ready()], timeout=timeout)
-    if not ready:
-        remove_placement_group(pg)
+def _reserve(name: str, bundle: dict[str, float], num_shards: int, replicas: int, detached: bool,
+             timeout: float) -> list:
+    """Placement groups for the shards: one bundle per shard (SPREAD), or with replicas one
+    group per shard whose copies go to different nodes (STRICT_SPREAD) when there are enough
+    memory nodes. Waited for together and all removed if any cannot be placed, so a service
+    never starts half-placed, and an autoscaler sees the whole demand at once."""
+    life = "detached" if detached else None
+    if replicas == 1:
+        pgs = [placement_group([dict(bundle) for _ in range(num_shards)], strategy="SPREAD",
+                               name=f"{name}/shards", lifetime=life)]
+    else:
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get(MEMORY_RESOURCE, 0) > 0)
+        strategy = "STRICT_SPREAD" if nodes >= replicas else "SPREAD"
+        if strategy == "SPREAD":
+            log.warning("service %s: %d memory nodes for %d copies of each shard: some copies share a node",
+                        name, nodes, replicas)
+        pgs = [placement_group([dict(bundle) for _ in range(replicas)], strategy=strategy,
+                               name=f"{name}/shard-{i}", lifetime=life) for i in range(num_shards)]
+    ready, _ = ray.wait([pg.ready() for pg in pgs], num_returns=len(pgs), timeout=timeout)
+    if len(ready) < len(pgs):
+        for pg in pgs:
+            remove_placement_group(pg)
         nodes = [(n["NodeManagerAddress"], {k: n["Resources"][k] for k in (MEMORY_RESOURCE, MEMORY_GIB_RESOURCE)
                                             if k in n["Resources"]})
                  for n in ray.nodes() if n.get("Alive")]
@@ -221,7 +239,7 @@ def _reserve(name: str, bundle: dict[str, float], num_shards: int, detached: boo
             f"{bundle}, memory nodes have {[r for _, r in nodes if r] or 'none'}. Add memory nodes "
             "(or let the autoscaler: raise max_workers of the memory node type), or use more, "
             "smaller shards (engram-ray plan tells how many)")
-    return pg
+    return pgs
 
 
 def deploy(config: EngramConfig, *, vocab: Any = None, num_shards: int = 2,
@@ -267,54 +285,62 @@ def deploy(config: EngramConfig, *, vocab: Any = None, num_shards: int = 2,
     shard_opts = {"max_restarts": service.max_restarts}  # a dead shard comes back (and reloads)
     if detached:
         opts["lifetime"] = "detached"
-    if service.replicas != 1:
-        raise ValueError(f"ServiceConfig.replicas={service.replicas}: replicated shards are not built yet "
-                         "(issue #7); deploy with replicas=1 and a checkpoint_dir for recovery")
     token = secrets.token_urlsafe(32) if service.auth else None
+    R = service.replicas
     bundle = _shard_bundle(layout, store, num_shards)
-    pg = None
-    if bundle:
-        pg = _reserve(name, bundle, num_shards, detached, timeout)
+    pgs = _reserve(name, bundle, num_shards, R, detached, timeout) if bundle else []
     remote = ray.remote(ShardServer)
-    names = [f"{name}/shard-{i}" for i in range(num_shards)]
-    actors = []
-    for i, n in enumerate(names):
-        place = {}
-        if pg is not None:
-            place = {"resources": bundle, "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                pg, placement_group_bundle_index=i)}
-        actors.append(remote.options(name=n, **opts, **shard_opts, **place).remote(
-            layout.to_dict(), num_shards, i, store.to_dict(), host=host, service=service.to_dict(),
-            token=token, checkpoint=checkpoint, name=name))
-    refs = [a.address.remote() for a in actors]
+    # replica 0 of shard i is "<name>/shard-<i>"; replica r > 0 is "<name>/shard-<i>/r<r>"
+    names = [[f"{name}/shard-{i}" + (f"/r{r}" if r else "") for r in range(R)] for i in range(num_shards)]
+    actors: list[list[Any]] = []
+    for i in range(num_shards):
+        row = []
+        for r in range(R):
+            place = {}
+            if pgs:
+                pg, k = (pgs[0], i) if R == 1 else (pgs[i], r)
+                place = {"resources": bundle, "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                    pg, placement_group_bundle_index=k)}
+            row.append(remote.options(name=names[i][r], **opts, **shard_opts, **place).remote(
+                layout.to_dict(), num_shards, i, store.to_dict(), host=host, service=service.to_dict(),
+                token=token, checkpoint=checkpoint, name=name, replica=r))
+        actors.append(row)
+    flat = [a for row in actors for a in row]
+    refs = [a.address.remote() for a in flat]
 
     def undo() -> None:
-        for a in actors:
+        for a in flat:
             ray.kill(a)
-        if pg is not None:
+        for pg in pgs:
             remove_placement_group(pg)
 
     ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
     if pending:
         undo()
         raise TimeoutError(
-            f"{len(pending)} of {num_shards} shards of {name!r} did not start within {timeout:.0f} s "
+            f"{len(pending)} of {len(refs)} shard copies of {name!r} did not start within {timeout:.0f} s "
             f"({layout.nbytes(store.dtype) / num_shards / 2**30:.2f} GiB of rows each). "
             f"Cluster now: {ray.available_resources()}")
     try:
-        addresses = ray.get(refs)
+        got = iter(ray.get(refs))
+        replicas = [[next(got) for _ in range(R)] for _ in range(num_shards)]
+        if R > 1:  # every copy learns its peers; replica 0 starts as the primary
+            ray.get([actors[i][r].set_peers.remote(replicas[i]) for i in range(num_shards) for r in range(R)])
     except Exception:
         undo()
         raise
-    tls_ca = ray.get(actors[0].tls_ca.remote()) if service.tls_cert else None
+    addresses = [row[0] for row in replicas]
+    tls_ca = ray.get(flat[0].tls_ca.remote()) if service.tls_cert else None
     spec = {"name": name, "layout": layout.to_dict(), "store": store.to_dict(), "addresses": addresses,
-            "placement_group": pg, "service": service.to_dict(), "token": token, "tls_ca": tls_ca}
+            "replicas": replicas, "placement_groups": pgs, "service": service.to_dict(), "token": token,
+            "tls_ca": tls_ca}
     dir_opts = {k: v for k, v in opts.items() if k in ("namespace", "lifetime")}
-    directory = ray.remote(ServiceDirectory).options(name=name, num_cpus=0, **dir_opts).remote(spec, names)
+    shard_names = [n for row in names for n in row]
+    directory = ray.remote(ServiceDirectory).options(name=name, num_cpus=0, **dir_opts).remote(spec, shard_names)
     ray.get(directory.info.remote())
-    log.info("memory service %s: %d shards at %s", name, num_shards, ", ".join(addresses))
-    return MemoryService(name, layout, store, addresses, names, handles=[*actors, directory],
-                         service=service, token=token, tls_ca=tls_ca)
+    log.info("memory service %s: %d shards x %d copies at %s", name, num_shards, R, ", ".join(addresses))
+    return MemoryService(name, layout, store, addresses, shard_names, handles=[*flat, directory],
+                         service=service, token=token, tls_ca=tls_ca, replicas=replicas)
 
 
 def attach(name: str = "engram", *, address: str | None = "auto") -> MemoryService:
@@ -330,4 +356,4 @@ def attach(name: str = "engram", *, address: str | None = "auto") -> MemoryServi
                          StoreConfig.from_dict(info["store"]), list(info["addresses"]),
                          list(info["shard_names"]), handles=[directory],
                          service=ServiceConfig.from_dict(info["service"]), token=info["token"],
-                         tls_ca=info["tls_ca"])
+                         tls_ca=info["tls_ca"], replicas=[list(r) for r in info["replicas"]])

@@ -12,6 +12,9 @@ from typing import Any
 
 from ..config import ServiceConfig, StoreConfig
 from ..core.layout import TableLayout
+from ..rpc.auth import auth_metadata
+from ..rpc.generated import engram_pb2 as pb
+from ..rpc.replication import Replication, fetch_snapshot
 from ..rpc.server import create_server
 from ..rpc.servicer import ShardServicer
 from ..store import TableShard
@@ -35,19 +38,22 @@ class ShardServer:
     def __init__(self, layout: dict[str, Any], num_shards: int, shard_index: int,
                  store: dict[str, Any], *, host: str | None = None, port: int = 0,
                  service: dict[str, Any] | None = None, token: str | None = None,
-                 checkpoint: str | None = None, name: str | None = None):
+                 checkpoint: str | None = None, name: str | None = None, replica: int = 0):
         import ray
 
         lay = TableLayout.from_dict(layout)
         cfg = StoreConfig.from_dict(store)
         self.service = svc = ServiceConfig.from_dict(service or {})
-        self.name, self.index = name, shard_index
+        self.name, self.index, self.replica = name, shard_index, replica
+        self.token = token
         ctx = ray.get_runtime_context()
         #: True when Ray restarted this actor after it died.
         self.restarted = bool(ctx.was_current_actor_reconstructed)
         self.recovery = None
         if svc.checkpoint_dir:
             where = Path(svc.checkpoint_dir) / (name or "engram") / f"shard-{shard_index:04d}-of-{num_shards:04d}"
+            if svc.replicas > 1:
+                where = where.with_name(f"{where.name}-r{replica}")
             self.recovery = RecoveryCheckpoints(where)
         t0 = time.perf_counter()
         restored = self.recovery.load_newest(lay, num_shards, shard_index, cfg) if self.recovery else None
@@ -66,7 +72,7 @@ class ShardServer:
         tls = None
         if svc.tls_cert:  # read here: the paths are on this node
             tls = (Path(svc.tls_cert).read_bytes(), Path(svc.tls_key).read_bytes())
-        servicer = ShardServicer(self.shard, svc.max_message_bytes, max_ids_per_request=svc.max_ids_per_request,
+        self.servicer = servicer = ShardServicer(self.shard, svc.max_message_bytes, max_ids_per_request=svc.max_ids_per_request,
                                  recovery_save=self.save_recovery if self.recovery else None,
                                  observer=_RayMetrics(name or "engram", shard_index, self.shard.nbytes))
         previous = self._directory_address() if self.restarted else None
@@ -79,9 +85,13 @@ class ShardServer:
                 self._server, port = create_server(self.shard, host, int(previous.rsplit(":", 1)[1]), **kw)
             except (OSError, RuntimeError):
                 self._server = None
+        rejoin = self.restarted and svc.replicas > 1
+        servicer.ready = not rejoin  # a rejoining copy serves only once it has the primary's rows
         if self._server is None:
             self._server, port = create_server(self.shard, host, port, **kw)
         self._address = f"{host}:{port}"
+        if rejoin:
+            self._rejoin(lay)
         if self.restarted:
             self._announce()
         (log.warning if self.restarted else log.info)(
@@ -91,6 +101,55 @@ class ShardServer:
         self._stop = threading.Event()
         if svc.checkpoint_every_s and self.recovery is not None:
             threading.Thread(target=self._checkpoint_loop, name=f"checkpoint-{shard_index}", daemon=True).start()
+
+    # Replication ---------------------------------------------------------------------------
+    def set_peers(self, peers: list[str]) -> None:
+        """Called by deploy once every copy of this shard serves: ``peers[r]`` is replica r."""
+        self.servicer.replication = Replication(self.replica, list(peers), token=self.token,
+                                                tls_ca=self.tls_ca())
+
+    def _rejoin(self, layout: TableLayout) -> None:
+        """After a restart: copy the rows and optimiser state of the primary, which forwards
+        every later push to this copy; with no live copy left, serve what was loaded."""
+        import grpc
+        import ray
+
+        d = self._directory()
+        peers = list(ray.get(d.info.remote())["replicas"][self.index]) if d is not None else [self._address]
+        peers[self.replica] = self._address
+        repl = Replication(self.replica, peers, token=self.token, tls_ca=self.tls_ca())
+        source, followers = None, []
+        for r, address in enumerate(peers):
+            if r == self.replica:
+                continue
+            try:
+                info = repl.stub(address).Describe(pb.DescribeRequest(), timeout=2.0, metadata=auth_metadata(self.token))
+            except grpc.RpcError:
+                continue
+            if info.role == "primary":
+                source = address
+                break
+            if info.role == "backup" and info.primary == self.replica:
+                followers.append(address)  # it followed this copy: it takes over when asked
+        if source is None and followers:
+            source = followers[0]
+        t0 = time.perf_counter()
+        if source is None:
+            log.error("shard %d replica %d: no live copy to copy from; serving rows from %s as primary",
+                      self.index, self.replica, self.source)
+            repl.primary = self.replica
+        else:
+            arrays, repl.primary = fetch_snapshot(
+                source, layout.fingerprint, self.replica, self._address, store_dtype=self.shard.store.dtype,
+                token=self.token, tls_ca=self.tls_ca(), max_message_bytes=self.service.max_message_bytes)
+            with self.shard._lock:
+                self.shard.values[...] = arrays["rows"]
+                if "adam_m" in arrays:
+                    self.shard.optimizer.load_state(arrays)
+            self.source = f"replica {repl.primary} at {source}"
+        self.load_seconds += time.perf_counter() - t0
+        self.servicer.replication = repl
+        self.servicer.ready = True
 
     # Recovery ------------------------------------------------------------------------------
     def save_recovery(self) -> str:
@@ -116,13 +175,13 @@ class ShardServer:
     def _directory_address(self) -> str | None:
         import ray
         d = self._directory()
-        return ray.get(d.info.remote())["addresses"][self.index] if d is not None else None
+        return ray.get(d.info.remote())["replicas"][self.index][self.replica] if d is not None else None
 
     def _announce(self) -> None:
         import ray
         d = self._directory()
         if d is not None:
-            ray.get(d.set_address.remote(self.index, self._address))
+            ray.get(d.set_address.remote(self.index, self._address, self.replica))
 
     def address(self) -> str:
         return self._address
@@ -137,6 +196,7 @@ class ShardServer:
         import ray
         d = self.shard.describe()
         d.update(address=self._address, pid=os.getpid(), restarted=self.restarted, source=self.source,
+                 replica=self.replica,
                  load_seconds=self.load_seconds, node_id=ray.get_runtime_context().get_node_id())
         return d
 

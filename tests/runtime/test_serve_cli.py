@@ -38,7 +38,7 @@ def test_serve_status_checkpoint_stop(tmp_path):
 
         st = _cli("status", "--name", "clitest", "--address", "auto")
         assert st.returncode == 0, st.stderr[-2000:]
-        assert "memory service 'clitest': 2 shards (2 up)" in st.stdout and "auth on" in st.stdout
+        assert "memory service 'clitest': 2 shards x 1 copies (2 of 2 up)" in st.stdout and "auth on" in st.stdout
         assert st.stdout.count("127.0.0.1:") == 2 and st.stdout.count(" up ") == 2
         for column in ("RSS", "QPS", "p50 ms", "p99 ms"):
             assert column in st.stdout

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65ngram/v1/engram.proto\x12\tengram.v1\"3\n\x05\x41rray\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"G\n\rLookupRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12!\n\x07row_ids\x18\x02 \x01(\x0b\x32\x10.engram.v1.Array\"0\n\x0eLookupResponse\x12\x1e\n\x04rows\x18\x01 \x01(\x0b\x32\x10.engram.v1.Array\"p\n\x15\x41pplyGradientsRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12!\n\x07row_ids\x18\x02 \x01(\x0b\x32\x10.engram.v1.Array\x12\x1f\n\x05grads\x18\x03 \x01(\x0b\x32\x10.engram.v1.Array\"D\n\x16\x41pplyGradientsResponse\x12\x14\n\x0crows_updated\x18\x01 \x01(\x03\x12\x14\n\x0cupdate_count\x18\x02 \x01(\x03\"\x11\n\x0f\x44\x65scribeRequest\"\xdc\x01\n\rShardCounters\x12\x0f\n\x07lookups\x18\x01 \x01(\x03\x12\x13\n\x0brows_served\x18\x02 \x01(\x03\x12\x14\n\x0c\x62ytes_served\x18\x03 \x01(\x03\x12\x0f\n\x07updates\x18\x04 \x01(\x03\x12\x14\n\x0crows_updated\x18\x05 \x01(\x03\x12\x10\n\x08rejected\x18\x06 \x01(\x03\x12\x16\n\x0elookup_seconds\x18\x07 \x01(\x01\x12\x15\n\rlookup_p50_ms\x18\x08 \x01(\x01\x12\x15\n\rlookup_p99_ms\x18\t \x01(\x01\x12\x10\n\x08uptime_s\x18\n \x01(\x01\"\xca\x02\n\x10\x44\x65scribeResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\x05\x12\x12\n\nnum_shards\x18\x03 \x01(\x05\x12\x11\n\trow_start\x18\x04 \x01(\x03\x12\x10\n\x08row_stop\x18\x05 \x01(\x03\x12\x0b\n\x03\x64im\x18\x06 \x01(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x11\n\toptimizer\x18\x08 \x01(\t\x12\x16\n\x0eresident_bytes\x18\t \x01(\x03\x12\x19\n\x11max_message_bytes\x18\n \x01(\x03\x12*\n\x08\x63ounters\x18\x0b \x01(\x0b\x32\x18.engram.v1.ShardCounters\x12\x15\n\rresident_rows\x18\x0c \x01(\x03\x12\x1b\n\x13max_ids_per_request\x18\r \x01(\x03\x12\x11\n\trss_bytes\x18\x0e \x01(\x03\" \n\x0bSaveRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\"3\n\x0cSaveResponse\x12\x13\n\x0bheader_path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t2\xa2\x02\n\x0c\x45ngramMemory\x12=\n\x06Lookup\x12\x18.engram.v1.LookupRequest\x1a\x19.engram.v1.LookupResponse\x12U\n\x0e\x41pplyGradients\x12 .engram.v1.ApplyGradientsRequest\x1a!.engram.v1.ApplyGradientsResponse\x12\x43\n\x08\x44\x65scribe\x12\x1a.engram.v1.DescribeRequest\x1a\x1b.engram.v1.DescribeResponse\x12\x37\n\x04Save\x12\x16.engram.v1.SaveRequest\x1a\x17.engram.v1.SaveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65ngram/v1/engram.proto\x12\tengram.v1\"3\n\x05\x41rray\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"G\n\rLookupRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12!\n\x07row_ids\x18\x02 \x01(\x0b\x32\x10.engram.v1.Array\"0\n\x0eLookupResponse\x12\x1e\n\x04rows\x18\x01 \x01(\x0b\x32\x10.engram.v1.Array\"\xa8\x01\n\x15\x41pplyGradientsRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12!\n\x07row_ids\x18\x02 \x01(\x0b\x32\x10.engram.v1.Array\x12\x1f\n\x05grads\x18\x03 \x01(\x0b\x32\x10.engram.v1.Array\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x11\n\tforwarded\x18\x05 \x01(\x08\x12\x0f\n\x07primary\x18\x06 \x01(\x05\"D\n\x16\x41pplyGradientsResponse\x12\x14\n\x0crows_updated\x18\x01 \x01(\x03\x12\x14\n\x0cupdate_count\x18\x02 \x01(\x03\"\x11\n\x0f\x44\x65scribeRequest\"\xdc\x01\n\rShardCounters\x12\x0f\n\x07lookups\x18\x01 \x01(\x03\x12\x13\n\x0brows_served\x18\x02 \x01(\x03\x12\x14\n\x0c\x62ytes_served\x18\x03 \x01(\x03\x12\x0f\n\x07updates\x18\x04 \x01(\x03\x12\x14\n\x0crows_updated\x18\x05 \x01(\x03\x12\x10\n\x08rejected\x18\x06 \x01(\x03\x12\x16\n\x0elookup_seconds\x18\x07 \x01(\x01\x12\x15\n\rlookup_p50_ms\x18\x08 \x01(\x01\x12\x15\n\rlookup_p99_ms\x18\t \x01(\x01\x12\x10\n\x08uptime_s\x18\n \x01(\x01\"\x8b\x03\n\x10\x44\x65scribeResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\x05\x12\x12\n\nnum_shards\x18\x03 \x01(\x05\x12\x11\n\trow_start\x18\x04 \x01(\x03\x12\x10\n\x08row_stop\x18\x05 \x01(\x03\x12\x0b\n\x03\x64im\x18\x06 \x01(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x11\n\toptimizer\x18\x08 \x01(\t\x12\x16\n\x0eresident_bytes\x18\t \x01(\x03\x12\x19\n\x11max_message_bytes\x18\n \x01(\x03\x12*\n\x08\x63ounters\x18\x0b \x01(\x0b\x32\x18.engram.v1.ShardCounters\x12\x15\n\rresident_rows\x18\x0c \x01(\x03\x12\x1b\n\x13max_ids_per_request\x18\r \x01(\x03\x12\x11\n\trss_bytes\x18\x0e \x01(\x03\x12\x0c\n\x04role\x18\x0f \x01(\t\x12\x0f\n\x07replica\x18\x10 \x01(\x05\x12\x0f\n\x07primary\x18\x11 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kups\x18\x12 \x03(\t\" \n\x0bSaveRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\"3\n\x0cSaveResponse\x12\x13\n\x0bheader_path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"P\n\x0fSnapshotRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x14\n\x0cjoin_address\x18\x02 \x01(\t\x12\x12\n\njoin_index\x18\x03 \x01(\x05\"b\n\rSnapshotChunk\x12\x0c\n\x04part\x18\x01 \x01(\t\x12\x12\n\nrow_offset\x18\x02 \x01(\x03\x12\x1e\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x10.engram.v1.Array\x12\x0f\n\x07primary\x18\x04 \x01(\x05\x32\xe6\x02\n\x0c\x45ngramMemory\x12=\n\x06Lookup\x12\x18.engram.v1.LookupRequest\x1a\x19.engram.v1.LookupResponse\x12U\n\x0e\x41pplyGradients\x12 .engram.v1.ApplyGradientsRequest\x1a!.engram.v1.ApplyGradientsResponse\x12\x43\n\x08\x44\x65scribe\x12\x1a.engram.v1.DescribeRequest\x1a\x1b.engram.v1.DescribeResponse\x12\x37\n\x04Save\x12\x16.engram.v1.SaveRequest\x1a\x17.engram.v1.SaveResponse\x12\x42\n\x08Snapshot\x12\x1a.engram.v1.SnapshotRequest\x1a\x18.engram.v1.SnapshotChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,20 +38,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOOKUPREQUEST']._serialized_end=161
   _globals['_LOOKUPRESPONSE']._serialized_start=163
   _globals['_LOOKUPRESPONSE']._serialized_end=211
-  _globals['_APPLYGRADIENTSREQUEST']._serialized_start=213
-  _globals['_APPLYGRADIENTSREQUEST']._serialized_end=325
-  _globals['_APPLYGRADIENTSRESPONSE']._serialized_start=327
-  _globals['_APPLYGRADIENTSRESPONSE']._serialized_end=395
-  _globals['_DESCRIBEREQUEST']._serialized_start=397
-  _globals['_DESCRIBEREQUEST']._serialized_end=414
-  _globals['_SHARDCOUNTERS']._serialized_start=417
-  _globals['_SHARDCOUNTERS']._serialized_end=637
-  _globals['_DESCRIBERESPONSE']._serialized_start=640
-  _globals['_DESCRIBERESPONSE']._serialized_end=970
-  _globals['_SAVEREQUEST']._serialized_start=972
-  _globals['_SAVEREQUEST']._serialized_end=1004
-  _globals['_SAVERESPONSE']._serialized_start=1006
-  _globals['_SAVERESPONSE']._serialized_end=1057
-  _globals['_ENGRAMMEMORY']._serialized_start=1060
-  _globals['_ENGRAMMEMORY']._serialized_end=1350
+  _globals['_APPLYGRADIENTSREQUEST']._serialized_start=214
+  _globals['_APPLYGRADIENTSREQUEST']._serialized_end=382
+  _globals['_APPLYGRADIENTSRESPONSE']._serialized_start=384
+  _globals['_APPLYGRADIENTSRESPONSE']._serialized_end=452
+  _globals['_DESCRIBEREQUEST']._serialized_start=454
+  _globals['_DESCRIBEREQUEST']._serialized_end=471
+  _globals['_SHARDCOUNTERS']._serialized_start=474
+  _globals['_SHARDCOUNTERS']._serialized_end=694
+  _globals['_DESCRIBERESPONSE']._serialized_start=697
+  _globals['_DESCRIBERESPONSE']._serialized_end=1092
+  _globals['_SAVEREQUEST']._serialized_start=1094
+  _globals['_SAVEREQUEST']._serialized_end=1126
+  _globals['_SAVERESPONSE']._serialized_start=1128
+  _globals['_SAVERESPONSE']._serialized_end=1179
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1181
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1261
+  _globals['_SNAPSHOTCHUNK']._serialized_start=1263
+  _globals['_SNAPSHOTCHUNK']._serialized_end=1361
+  _globals['_ENGRAMMEMORY']._serialized_start=1364
+  _globals['_ENGRAMMEMORY']._serialized_end=1722
 # @@protoc_insertion_point(module_scope)

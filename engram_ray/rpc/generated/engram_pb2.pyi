@@ -31,14 +31,20 @@ class LookupResponse(_message.Message):
     def __init__(self, rows: _Optional[_Union[Array, _Mapping]] = ...) -> None: ...
 
 class ApplyGradientsRequest(_message.Message):
-    __slots__ = ("fingerprint", "row_ids", "grads")
+    __slots__ = ("fingerprint", "row_ids", "grads", "request_id", "forwarded", "primary")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     ROW_IDS_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FORWARDED_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     row_ids: Array
     grads: Array
-    def __init__(self, fingerprint: _Optional[str] = ..., row_ids: _Optional[_Union[Array, _Mapping]] = ..., grads: _Optional[_Union[Array, _Mapping]] = ...) -> None: ...
+    request_id: str
+    forwarded: bool
+    primary: int
+    def __init__(self, fingerprint: _Optional[str] = ..., row_ids: _Optional[_Union[Array, _Mapping]] = ..., grads: _Optional[_Union[Array, _Mapping]] = ..., request_id: _Optional[str] = ..., forwarded: _Optional[bool] = ..., primary: _Optional[int] = ...) -> None: ...
 
 class ApplyGradientsResponse(_message.Message):
     __slots__ = ("rows_updated", "update_count")
@@ -77,7 +83,7 @@ class ShardCounters(_message.Message):
     def __init__(self, lookups: _Optional[int] = ..., rows_served: _Optional[int] = ..., bytes_served: _Optional[int] = ..., updates: _Optional[int] = ..., rows_updated: _Optional[int] = ..., rejected: _Optional[int] = ..., lookup_seconds: _Optional[float] = ..., lookup_p50_ms: _Optional[float] = ..., lookup_p99_ms: _Optional[float] = ..., uptime_s: _Optional[float] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("fingerprint", "shard_index", "num_shards", "row_start", "row_stop", "dim", "dtype", "optimizer", "resident_bytes", "max_message_bytes", "counters", "resident_rows", "max_ids_per_request", "rss_bytes")
+    __slots__ = ("fingerprint", "shard_index", "num_shards", "row_start", "row_stop", "dim", "dtype", "optimizer", "resident_bytes", "max_message_bytes", "counters", "resident_rows", "max_ids_per_request", "rss_bytes", "role", "replica", "primary", "backups")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +98,10 @@ class DescribeResponse(_message.Message):
     RESIDENT_ROWS_FIELD_NUMBER: _ClassVar[int]
     MAX_IDS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    BACKUPS_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     shard_index: int
     num_shards: int
@@ -106,7 +116,11 @@ class DescribeResponse(_message.Message):
     resident_rows: int
     max_ids_per_request: int
     rss_bytes: int
-    def __init__(self, fingerprint: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., row_start: _Optional[int] = ..., row_stop: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., optimizer: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., counters: _Optional[_Union[ShardCounters, _Mapping]] = ..., resident_rows: _Optional[int] = ..., max_ids_per_request: _Optional[int] = ..., rss_bytes: _Optional[int] = ...) -> None: ...
+    role: str
+    replica: int
+    primary: int
+    backups: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, fingerprint: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., row_start: _Optional[int] = ..., row_stop: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., optimizer: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., counters: _Optional[_Union[ShardCounters, _Mapping]] = ..., resident_rows: _Optional[int] = ..., max_ids_per_request: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., role: _Optional[str] = ..., replica: _Optional[int] = ..., primary: _Optional[int] = ..., backups: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SaveRequest(_message.Message):
     __slots__ = ("directory",)
@@ -121,3 +135,25 @@ class SaveResponse(_message.Message):
     header_path: str
     sha256: str
     def __init__(self, header_path: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class SnapshotRequest(_message.Message):
+    __slots__ = ("fingerprint", "join_address", "join_index")
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    JOIN_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    JOIN_INDEX_FIELD_NUMBER: _ClassVar[int]
+    fingerprint: str
+    join_address: str
+    join_index: int
+    def __init__(self, fingerprint: _Optional[str] = ..., join_address: _Optional[str] = ..., join_index: _Optional[int] = ...) -> None: ...
+
+class SnapshotChunk(_message.Message):
+    __slots__ = ("part", "row_offset", "data", "primary")
+    PART_FIELD_NUMBER: _ClassVar[int]
+    ROW_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    part: str
+    row_offset: int
+    data: Array
+    primary: int
+    def __init__(self, part: _Optional[str] = ..., row_offset: _Optional[int] = ..., data: _Optional[_Union[Array, _Mapping]] = ..., primary: _Optional[int] = ...) -> None: ...

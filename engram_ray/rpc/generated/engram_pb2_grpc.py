@@ -56,6 +56,11 @@ class EngramMemoryStub:
                 request_serializer=engram_dot_v1_dot_engram__pb2.SaveRequest.SerializeToString,
                 response_deserializer=engram_dot_v1_dot_engram__pb2.SaveResponse.FromString,
                 _registered_method=True)
+        self.Snapshot = channel.unary_stream(
+                '/engram.v1.EngramMemory/Snapshot',
+                request_serializer=engram_dot_v1_dot_engram__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=engram_dot_v1_dot_engram__pb2.SnapshotChunk.FromString,
+                _registered_method=True)
 
 
 class EngramMemoryServicer:
@@ -90,6 +95,15 @@ class EngramMemoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Snapshot(self, request, context):
+        """This shard's rows and optimiser state, streamed, for a replica that (re)joins: the
+        primary holds its updates while it streams, then forwards every later update to the
+        joining replica, so the copy misses none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngramMemoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +126,11 @@ def add_EngramMemoryServicer_to_server(servicer, server):
                     servicer.Save,
                     request_deserializer=engram_dot_v1_dot_engram__pb2.SaveRequest.FromString,
                     response_serializer=engram_dot_v1_dot_engram__pb2.SaveResponse.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_stream_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=engram_dot_v1_dot_engram__pb2.SnapshotRequest.FromString,
+                    response_serializer=engram_dot_v1_dot_engram__pb2.SnapshotChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +242,33 @@ class EngramMemory:
             '/engram.v1.EngramMemory/Save',
             engram_dot_v1_dot_engram__pb2.SaveRequest.SerializeToString,
             engram_dot_v1_dot_engram__pb2.SaveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/engram.v1.EngramMemory/Snapshot',
+            engram_dot_v1_dot_engram__pb2.SnapshotRequest.SerializeToString,
+            engram_dot_v1_dot_engram__pb2.SnapshotChunk.FromString,
             options,
             channel_credentials,
             insecure,
