@@ -30,4 +30,5 @@ bench: setup
 	$(BIN)/engram-ray bench latency-vs-size --out results/latency.json
 	$(BIN)/engram-ray bench offload --profile --out results/offload.json
 	$(BIN)/engram-ray bench load --out results/load.json
+	$(BIN)/engram-ray bench recovery --out results/recovery.json
 	$(BIN)/engram-ray bench report --results results --out docs/RESULTS.md

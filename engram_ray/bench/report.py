@@ -95,6 +95,19 @@ def write_results(results: str | Path, out: str | Path) -> Path:
                   f"{r['lookups_per_s']:,.0f} lookups/s, p50 {r['latency_p50_ms']:.1f} ms, p99 "
                   f"{r['latency_p99_ms']:.1f} ms. RSS growth after warm-up: client {100 * m['client_rss_growth']:+.1f} %, "
                   f"shards (worst) {100 * m['shard_rss_growth']:+.1f} %.", _img(folder, out, "load")]
+    r = _load(folder, "recovery")
+    if r:
+        lines += ["## Recovery: a killed shard copy", "", f"Machine: {_machine(r)}.", "",
+                  f"{r['shards']} shards; shard 0's first copy is killed during a stream of lookups "
+                  "(one copy: it reloads its recovery checkpoint; two: the other copy serves, and the "
+                  "killed one copies it when it returns).", "",
+                  "| copies | shard MiB | checkpoint s | first lookup after kill s | copy serving again s | "
+                  "reload / copy s | stream lookups meanwhile | failed |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for v in r["results"]:
+            lines.append(f"| {v['replicas']} | {v['shard_mib']:.1f} | {v['checkpoint_s']:.3f} | "
+                         f"{v['first_lookup_after_kill_s']:.3f} | {v['copy_serving_again_s']:.3f} | "
+                         f"{v['reload_s']:.3f} | {v['stream_lookups_during']:,} | {v['stream_failures']} |")
+        lines.append("")
     r = _load(folder, "hash")
     if r:
         lines += ["## Hashing throughput", "", f"Machine: {_machine(r)}.", "",

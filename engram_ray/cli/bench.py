@@ -151,6 +151,27 @@ def _cmd_bench_load(args: argparse.Namespace) -> int:
     return 0 if report["errors"] == 0 else 1
 
 
+def _cmd_bench_recovery(args: argparse.Namespace) -> int:
+    from ..bench import recovery as bench_recovery
+    from ..bench.common import write_report
+    from ..data import default_vocab, load_tokenizer
+
+    cfg, source = engram_config(args)
+    vocab = default_vocab(load_tokenizer(args.tokenizer))
+    report = bench_recovery.run(cfg, vocab, replica_counts=args.replicas, shards=args.shards, progress=True)
+    report["source"] = source
+    write_report(report, args.out)
+    print(f"recovery of a killed shard copy ({source}, {args.shards} shards; {report['machine']['cpu']}, "
+          f"{report['machine']['cores']} cores)")
+    print(f"  {'copies':>6} {'shard MiB':>9} {'checkpoint s':>12} {'1st lookup s':>12} {'serving s':>9} "
+          f"{'reload s':>8} {'stream lookups':>14} {'failed':>6}  rows from")
+    for r in report["results"]:
+        print(f"  {r['replicas']:>6} {r['shard_mib']:>9.1f} {r['checkpoint_s']:>12.3f} "
+              f"{r['first_lookup_after_kill_s']:>12.3f} {r['copy_serving_again_s']:>9.3f} {r['reload_s']:>8.3f} "
+              f"{r['stream_lookups_during']:>14,} {r['stream_failures']:>6}  {r['rows_from']}")
+    return 0
+
+
 def _cmd_bench_latency(args: argparse.Namespace) -> int:
     from ..bench import latency as bench_latency
     from ..bench.common import write_report
@@ -240,6 +261,16 @@ def register(sub) -> None:
     b.add_argument("--shards", type=int, default=2)
     b.add_argument("--out", metavar="FILE.json", help="write the report here, and FILE.png")
     b.set_defaults(func=_cmd_bench_load)
+
+    b = bsub.add_parser("recovery", help="time for a killed shard copy to serve again, and failed lookups "
+                                         "meanwhile, with 1 and 2 copies per shard",
+                        description="Deploy with a recovery checkpoint dir, push, checkpoint, kill shard 0's "
+                                    "first copy during a stream of lookups; time its return.")
+    add_table_args(b, "demo")
+    b.add_argument("--replicas", type=int, nargs="+", default=[1, 2], help="copies per shard (default: 1 2)")
+    b.add_argument("--shards", type=int, default=2)
+    b.add_argument("--out", metavar="FILE.json", help="write the report here")
+    b.set_defaults(func=_cmd_bench_recovery)
 
     b = bsub.add_parser("latency-vs-size", help="p50/p99 lookup latency as the table grows (O(1) claim)",
                         description="Deploy the table with growing resident sizes and time lookups "

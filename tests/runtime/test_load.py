@@ -25,3 +25,16 @@ def test_a_million_ids_at_concurrency_32(tmp_path):
     assert len(rep["samples"]) >= 10 and out.with_suffix(".png").exists()
     print(f"load: {rep['lookups_per_s']:,.0f} lookups/s, p99 {rep['latency_p99_ms']:.1f} ms, "
           f"memory growth {rep['memory']}")
+
+
+def test_bench_recovery_reports_both_replica_counts(tmp_path):
+    out = tmp_path / "recovery.json"
+    r = subprocess.run([sys.executable, "-m", "engram_ray.cli", "bench", "recovery", "--preset", "tiny",
+                        "--out", str(out)], capture_output=True, text=True, timeout=280)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert [x["replicas"] for x in rep["results"]] == [1, 2]
+    one, two = rep["results"]
+    assert "ckpt-00000001" in one["rows_from"] and two["rows_from"].startswith("replica 1 at ")
+    assert two["stream_failures"] == 0  # the other copy served every lookup
+    assert all(x["copy_serving_again_s"] > 0 for x in rep["results"])
