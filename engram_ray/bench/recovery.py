@@ -22,23 +22,9 @@ import numpy as np
 from ..config import EngramConfig, OptimizerConfig, ServiceConfig, StoreConfig
 
 
-def _wait(fn, seconds: float):
-    deadline = time.time() + seconds
-    while True:
-        try:
-            return fn()
-        except Exception:  # noqa: BLE001 - still restarting
-            if time.time() > deadline:
-                raise
-            time.sleep(0.02)
-
-
 def run(config: EngramConfig, vocab: Any, *, replica_counts: Sequence[int] = (1, 2), shards: int = 2,
         pushes: int = 5, progress: bool = False) -> dict[str, Any]:
-    import ray
-
     from ..runtime import deploy, ray_session
-    from ..runtime.shard_server import NAMESPACE
 
     store = StoreConfig(optimizer=OptimizerConfig(kind="adam", lr=1e-3))
     results = []
@@ -71,18 +57,13 @@ def run(config: EngramConfig, vocab: Any, *, replica_counts: Sequence[int] = (1,
                     t = threading.Thread(target=stream, daemon=True)
                     t.start()
                     time.sleep(0.5)
-                    victim = ray.get_actor(f"{name}/shard-0", namespace=NAMESPACE)
-                    pid = ray.get(victim.info.remote())["pid"]
                     before = done[0]
                     t_kill = time.perf_counter()
-                    ray.kill(victim, no_restart=False)
-                    while _alive(pid):
-                        time.sleep(0.005)
+                    svc.kill_shard(0)  # returns once the process is gone
                     probe = np.arange(0, layout.total_rows, max(1, layout.total_rows // 1000))
                     client.lookup(probe)  # the pre-kill client: waits, fails over or re-resolves
                     lookup_s = time.perf_counter() - t_kill
-                    info = _wait(lambda: ray.get(ray.get_actor(f"{name}/shard-0", namespace=NAMESPACE)
-                                                 .info.remote(), timeout=5), 120)
+                    info = svc.shard_info(0)  # waits: it answers once it serves again
                     serving_s = time.perf_counter() - t_kill
                     time.sleep(0.5)
                     stop.set()
@@ -99,11 +80,3 @@ def run(config: EngramConfig, vocab: Any, *, replica_counts: Sequence[int] = (1,
                 svc.shutdown()
     return {"benchmark": "recovery", "config": config.to_dict(), "shards": shards,
             "note": "shard_mib counts rows + Adam m and v", "results": results}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False

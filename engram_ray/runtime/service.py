@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import secrets
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -91,6 +93,36 @@ class MemoryService:
         info = ray.get(ray.get_actor(self.name, namespace=NAMESPACE).info.remote())
         self.addresses, self.replicas = list(info["addresses"]), [list(r) for r in info["replicas"]]
         return self.replicas
+
+    def _copy_name(self, shard: int, replica: int) -> str:
+        return f"{self.name}/shard-{shard}" + (f"/r{replica}" if replica else "")
+
+    def shard_info(self, shard: int, replica: int = 0, timeout: float = 120.0) -> dict[str, Any]:
+        """Where a shard copy runs and what it holds (pid, node, address, where its rows came
+        from), waiting up to ``timeout`` seconds while it restarts."""
+        deadline = time.time() + timeout
+        while True:
+            try:
+                actor = ray.get_actor(self._copy_name(shard, replica), namespace=NAMESPACE)
+                return ray.get(actor.info.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - unavailable while restarting
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def kill_shard(self, shard: int, replica: int = 0, timeout: float = 30.0) -> int:
+        """Kill a shard copy's process, as a crash would (Ray restarts it); returns once the
+        process is gone, with its pid. For drills and tests of recovery."""
+        pid = self.shard_info(shard, replica)["pid"]
+        ray.kill(ray.get_actor(self._copy_name(shard, replica), namespace=NAMESPACE), no_restart=False)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return pid
+            time.sleep(0.005)
+        raise TimeoutError(f"shard {shard} copy {replica} (pid {pid}) still alive after {timeout} s")
 
     def checkpoint(self) -> list[str]:
         """Every shard writes a recovery checkpoint now (needs ``checkpoint_dir``); returns
