@@ -55,7 +55,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if table_arg is None:
         table_arg = "--config FILE.json  (write it with --save-config FILE.json)"
     print(f"  deploy        engram-ray serve --address auto --detach {table_arg} --shards {p.shards} "
-          f"--dtype {p.dtype}" + ("" if train else " --optimizer none"))
+          f"--dtype {p.dtype}" + (f" --replicas {p.replicas}" if p.replicas > 1 else "")
+          + ("" if train else " --optimizer none"))
     return 0
 
 
