@@ -277,7 +277,8 @@ def _reserve(name: str, bundle: dict[str, float], num_shards: int, replicas: int
 def deploy(config: EngramConfig, *, vocab: Any = None, num_shards: int = 2,
            store: StoreConfig = StoreConfig(), name: str = "engram", detached: bool = False,
            checkpoint: str | None = None, host: str | None = None,
-           service: ServiceConfig = ServiceConfig(), address: str | None = None,
+           service: ServiceConfig = ServiceConfig(), replicas: int | None = None,
+           address: str | None = None,
            timeout: float = 600.0, max_resident_gib: float | None = None) -> MemoryService:
     """Start a memory service for ``config`` hashed over ``vocab`` (default: GPT-2).
 
@@ -317,6 +318,8 @@ def deploy(config: EngramConfig, *, vocab: Any = None, num_shards: int = 2,
     shard_opts = {"max_restarts": service.max_restarts}  # a dead shard comes back (and reloads)
     if detached:
         opts["lifetime"] = "detached"
+    if replicas is not None:
+        service = dataclasses.replace(service, replicas=replicas)
     token = secrets.token_urlsafe(32) if service.auth else None
     R = service.replicas
     bundle = _shard_bundle(layout, store, num_shards)

@@ -37,9 +37,18 @@ def main(num_shards: int) -> None:
                           for s in svc.shard_names})
     finally:
         svc.shutdown()
+    # copies of a shard go to different memory nodes when there are enough of them
+    rep = deploy(C.tiny(), vocab=CompressedVocab(np.arange(50)), num_shards=2, name="copies", replicas=2,
+                 timeout=240)
+    try:
+        copy_nodes = [[rep.shard_info(i, r)["node_id"] for r in range(2)] for i in range(2)]
+    finally:
+        rep.shutdown()
     print("RESULT " + json.dumps({"memory_nodes_before": before, "memory_nodes_after": len(memory_nodes()),
                                   "shards_on_memory_nodes": placed, "nodes_used": nodes_used,
-                                  "lookup_ok": ok, "deploy_s": seconds}), flush=True)
+                                  "lookup_ok": ok, "deploy_s": seconds,
+                                  "copies_on_distinct_nodes": [len(set(n)) == 2 for n in copy_nodes]}),
+          flush=True)
 
 
 if __name__ == "__main__":

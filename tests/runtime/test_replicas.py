@@ -11,7 +11,7 @@ ray = pytest.importorskip("ray")
 
 from engram_ray import config as C  # noqa: E402
 from engram_ray.client import EngramClient  # noqa: E402
-from engram_ray.config import OptimizerConfig, ServiceConfig, StoreConfig  # noqa: E402
+from engram_ray.config import OptimizerConfig, StoreConfig  # noqa: E402
 from engram_ray.core.tokens import CompressedVocab  # noqa: E402
 from engram_ray.runtime import deploy, init_ray  # noqa: E402
 from engram_ray.store import TableShard  # noqa: E402
@@ -48,8 +48,7 @@ def _info_when_up(name, seconds=60):
 
 
 def test_killing_a_copy_during_lookups_fails_none_and_loses_no_push(tiny_layout):
-    svc = deploy(C.tiny(), vocab=VOCAB, num_shards=2, store=STORE, name="rep",
-                 service=ServiceConfig(replicas=2))
+    svc = deploy(C.tiny(), vocab=VOCAB, num_shards=2, store=STORE, name="rep", replicas=2)
     try:
         assert [len(r) for r in svc.replicas] == [2, 2] and len(svc.shard_names) == 4
         ids = np.arange(tiny_layout.total_rows)
