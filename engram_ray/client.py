@@ -40,6 +40,7 @@ from .rpc.generated import engram_pb2 as pb
 from .rpc.auth import auth_metadata
 from .rpc.generated import engram_pb2_grpc as pb_grpc
 from .rpc.iothread import IoThread
+from .rpc.replication import NOT_REPLICATED, PRIMARY_IS
 from .rpc.server import DEFAULT_MAX_MESSAGE_BYTES
 
 __all__ = ["EngramClient", "Prefetch", "ShardInfo"]
@@ -55,8 +56,6 @@ _PUSH_RETRY = (grpc.StatusCode.UNAVAILABLE,)
 #: gRPC's message when a server already serves maximum_concurrent_rpcs calls: the request was
 #: not looked at, so any call (pushes too) may be retried after a backoff.
 _BUSY = "Concurrent RPC limit exceeded"
-#: A primary's answer when a push reached it but not yet every replica: retry the primary.
-_UNREPLICATED = "not on every replica"
 
 
 @dataclass(frozen=True)
@@ -267,16 +266,16 @@ class EngramClient:
                 return await stub_method(request, timeout=self.timeout, metadata=self._metadata)
             except grpc.RpcError as err:
                 code, details = err.code(), err.details() or ""
-                if push and code == grpc.StatusCode.FAILED_PRECONDITION and "primary=" in details \
+                if push and code == grpc.StatusCode.FAILED_PRECONDITION and PRIMARY_IS in details \
                         and hops < 4 * n_rep:
-                    self._primary[shard] = int(details.split("primary=")[1].split()[0]) % n_rep
+                    self._primary[shard] = int(details.split(PRIMARY_IS)[1].split()[0]) % n_rep
                     hops += 1
                     self._count("redirects", 1)
                     continue
                 busy = code == grpc.StatusCode.RESOURCE_EXHAUSTED and _BUSY in details
                 if not (code in retry_codes or busy):
                     raise self._error(shard, err) from None
-                pending = push and _UNREPLICATED in details  # the primary is fine: retry it
+                pending = push and NOT_REPLICATED in details  # the primary is fine: retry it
                 if n_rep > 1 and not busy and not pending and tried < n_rep - 1:
                     nxt = (r + 1) % n_rep  # the next replica, at once
                     if push:

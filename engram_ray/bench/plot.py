@@ -6,11 +6,25 @@ from pathlib import Path
 from typing import Any
 
 
-def plot_offload(report: dict[str, Any], path: str | Path) -> None:
-    """Grouped bars: tokens/s of each mode, prefill and decode, with overhead vs local."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: str | Path) -> None:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_offload(report: dict[str, Any], path: str | Path) -> None:
+    """Grouped bars: tokens/s of each mode, prefill and decode, with overhead vs local."""
+    plt = _pyplot()
 
     from .offload import MODES
 
@@ -36,17 +50,12 @@ def plot_offload(report: dict[str, Any], path: str | Path) -> None:
     t = report["table"]
     fig.suptitle(f"Engram table {t['logical_params'] / 1e9:.1f}B params ({t['resident_gib_float32']:.2f} GiB "
                  f"resident) on {t['shards']} shards - {report['device']}", fontsize=10)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_latency(report: dict[str, Any], path: str | Path) -> None:
     """p50/p99 lookup latency against resident table size (log x)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     r = report["results"]
     x = [v["resident_gib"] for v in r]
@@ -59,18 +68,13 @@ def plot_latency(report: dict[str, Any], path: str | Path) -> None:
     ax.set_ylabel(f"lookup of {report['batch_rows']:,} rows (ms)")
     ax.set_title(f"Lookup latency vs table size ({report['shards']} shards)", fontsize=10)
     ax.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_rates(report: dict[str, Any], path: str | Path, *, x: str, series: dict[str, str],
                xlabel: str, ylabel: str, title: str, group: str | None = None) -> None:
     """Lines of ``series`` (result key -> label) against result key ``x``, one per ``group``."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     groups = sorted({r[group] for r in report["results"]}) if group else [None]
@@ -85,17 +89,12 @@ def plot_rates(report: dict[str, Any], path: str | Path, *, x: str, series: dict
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_load(report: dict[str, Any], path: str | Path) -> None:
     """RSS of the client and of each shard against lookups done (flat = no leak)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     xs = [s["lookups"] for s in report["samples"]]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -108,7 +107,4 @@ def plot_load(report: dict[str, Any], path: str | Path) -> None:
     ax.legend()
     ax.set_title(f"{report['lookups']:,} lookups x {report['batch']} ids at concurrency "
                  f"{report['concurrency']}: {report['errors']} errors", fontsize=10)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)

@@ -202,8 +202,8 @@ def _cmd_bench_report(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks, JSON + PNG out: hash, lookup, offload, "
-                                     "latency-vs-size",
+    p = sub.add_parser("bench", help="benchmarks, JSON (+ PNG) out: hash, lookup, offload, load, "
+                                     "recovery, latency-vs-size, report",
                        description="Benchmarks. Each writes JSON with --out.")
     bsub = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     b = bsub.add_parser("hash", help="tokens/s of the n-gram hasher vs the reference's loop",

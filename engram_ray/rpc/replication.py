@@ -31,9 +31,17 @@ from .auth import auth_metadata
 from .generated import engram_pb2 as pb
 from .generated import engram_pb2_grpc as pb_grpc
 
-__all__ = ["Replication"]
+__all__ = ["Replication", "fetch_snapshot", "NOT_REPLICATED", "SYNCING", "PRIMARY_IS"]
 
 log = logging.getLogger(__name__)
+
+# Markers in status details that clients act on (the shard writes them, the client reads them).
+#: UNAVAILABLE from a primary: the push is applied there but not yet on every copy; retry it.
+NOT_REPLICATED = "not on every replica"
+#: UNAVAILABLE from a copy that is still copying the primary's rows: use another copy.
+SYNCING = "copying its rows"
+#: FAILED_PRECONDITION from a backup: ``primary=<r>`` names the copy that takes pushes.
+PRIMARY_IS = "primary="
 
 
 class Replication:
@@ -94,7 +102,7 @@ class Replication:
             try:
                 self.stub(address).ApplyGradients(fwd, timeout=self.timeout, metadata=self._metadata)
             except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.UNAVAILABLE and "copying its rows" not in (e.details() or ""):
+                if e.code() == grpc.StatusCode.UNAVAILABLE and SYNCING not in (e.details() or ""):
                     log.warning("replica %d: backup %d at %s is gone (%s); dropped until it rejoins",
                                 self.index, r, address, e.details())
                     self.in_sync.discard(r)

@@ -17,7 +17,7 @@ from ..errors import CheckpointError, FingerprintMismatch, InvalidRequest, Reque
 from ..store import TableShard
 from . import codec
 from .metrics import LatencyHistogram, rss_bytes
-from .replication import Replication
+from .replication import NOT_REPLICATED, PRIMARY_IS, SYNCING, Replication
 from .generated import engram_pb2 as pb
 from .generated import engram_pb2_grpc as pb_grpc
 
@@ -157,7 +157,7 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
         if repl.primary != repl.index:
             if repl.primary_alive():
                 raise NotPrimary(f"replica {repl.index} is a backup; send pushes to the primary, "
-                                 f"primary={repl.primary} at {repl.peers[repl.primary]}")
+                                 f"{PRIMARY_IS}{repl.primary} at {repl.peers[repl.primary]}")
             repl.promote()
         with repl.order:
             done = repl.applied(rid)
@@ -167,14 +167,14 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
             repl.record(rid, n, False)
             failed = repl.forward(request)
             if failed:  # not acknowledged: the client retries the same id, which re-forwards
-                raise Unreplicated(f"push applied on the primary but not on every replica ({failed}); "
+                raise Unreplicated(f"push applied on the primary but {NOT_REPLICATED} ({failed}); "
                                    "retry: it is applied once everywhere")
             repl.record(rid, n, True)
             return n
 
     def _check_ready(self) -> None:
         if not self.ready:
-            raise Unreplicated(f"replica of shard {self.shard.shard_index} is copying its rows from the "
+            raise Unreplicated(f"replica of shard {self.shard.shard_index} is {SYNCING} from the "
                                "primary; use another replica")
 
     def Snapshot(self, request: pb.SnapshotRequest, context: grpc.ServicerContext):

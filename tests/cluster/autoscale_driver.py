@@ -27,14 +27,11 @@ def main(num_shards: int) -> None:
     seconds = time.time() - t0
     try:
         by_id = {n["NodeID"]: n for n in memory_nodes()}
-        placed = []
-        for shard in svc.shard_names:
-            info = ray.get(ray.get_actor(shard, namespace="engram_ray").info.remote())
-            placed.append(info["node_id"] in by_id)
+        shard_nodes = [svc.shard_info(i)["node_id"] for i in range(num_shards)]
+        placed = [node in by_id for node in shard_nodes]
         with svc.client() as c:
             ok = c.lookup(np.arange(svc.layout.total_rows)).shape[0] == svc.layout.total_rows
-        nodes_used = len({ray.get(ray.get_actor(s, namespace="engram_ray").info.remote())["node_id"]
-                          for s in svc.shard_names})
+        nodes_used = len(set(shard_nodes))
     finally:
         svc.shutdown()
     # copies of a shard go to different memory nodes when there are enough of them

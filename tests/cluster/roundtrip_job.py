@@ -21,8 +21,8 @@ def main(name: str) -> None:
     want = TableShard.create(svc.layout, 1, 0, svc.store).gather(ids)
     nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
     placed = []
-    for shard in svc.shard_names:
-        info = ray.get(ray.get_actor(shard, namespace="engram_ray").info.remote())
+    for shard in range(svc.num_shards):
+        info = svc.shard_info(shard)
         node = nodes[info["node_id"]]
         placed.append({"shard": shard, "address": info["address"], "node_ip": node["NodeManagerAddress"],
                        "engram_memory": node["Resources"].get("engram_memory", 0)})

@@ -26,31 +26,6 @@ def local_ray():
     ray.shutdown()
 
 
-def _info_when_up(name, seconds=30):
-    """A shard serves gRPC from inside its constructor, so Ray may call it unavailable a
-    moment longer than clients do."""
-    deadline = time.time() + seconds
-    while True:
-        try:
-            return ray.get(ray.get_actor(name, namespace="engram_ray").info.remote(), timeout=10)
-        except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
-            if time.time() > deadline:
-                raise
-            time.sleep(0.2)
-
-
-def _wait_dead(pid, seconds=30):
-    import os
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"shard process {pid} still alive after {seconds} s")
-
-
 def _push(client, layout, seed):
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, layout.total_rows, size=(6, 40))
@@ -76,15 +51,12 @@ def test_a_killed_shard_returns_with_every_update_acknowledged_before_its_checkp
         all_ids = np.arange(tiny_layout.total_rows)
         assert np.array_equal(client.lookup(all_ids), everything)
 
-        shard0 = ray.get_actor("rec/shard-0", namespace="engram_ray")
-        old = ray.get(shard0.info.remote())
         t0 = time.perf_counter()
-        ray.kill(shard0, no_restart=False)  # the process dies; Ray restarts the actor
-        _wait_dead(old["pid"])  # ray.kill returns at once: make sure no lookup reaches the old one
+        old_pid = svc.kill_shard(0)  # returns once the process is gone; Ray restarts the actor
         rows = client.lookup(all_ids)  # the same client: it waits, re-resolves, and reads
         recovered_s = time.perf_counter() - t0
-        new = _info_when_up("rec/shard-0")
-        assert new["restarted"] and new["pid"] != old["pid"] and "ckpt-00000001" in new["source"]
+        new = svc.shard_info(0)  # answers once the restarted copy serves
+        assert new["restarted"] and new["pid"] != old_pid and "ckpt-00000001" in new["source"]
         lo, hi = new["row_start"], new["row_stop"]
         # shard 0: exactly its checkpoint (updates 1-2 in, update 3 lost); shard 1: all three
         assert np.array_equal(rows[lo:hi], at_checkpoint[lo:hi])

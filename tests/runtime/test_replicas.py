@@ -34,19 +34,6 @@ def _copy_rows(svc, r, ids):
         return c.lookup(ids)
 
 
-def _info_when_up(name, seconds=60):
-    """The restarted actor answers Ray once its constructor is done, i.e. once it has
-    copied the primary and serves."""
-    deadline = time.time() + seconds
-    while True:
-        try:
-            return ray.get(ray.get_actor(name, namespace="engram_ray").info.remote(), timeout=10)
-        except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
-            if time.time() > deadline:
-                raise
-            time.sleep(0.2)
-
-
 def test_killing_a_copy_during_lookups_fails_none_and_loses_no_push(tiny_layout):
     svc = deploy(C.tiny(), vocab=VOCAB, num_shards=2, store=STORE, name="rep", replicas=2)
     try:
@@ -79,11 +66,9 @@ def test_killing_a_copy_during_lookups_fails_none_and_loses_no_push(tiny_layout)
         push()
         time.sleep(0.5)
         before = done[0]
-        primary = ray.get_actor("rep/shard-0", namespace="engram_ray")  # replica 0: the primary
-        old_pid = ray.get(primary.info.remote())["pid"]
-        ray.kill(primary, no_restart=False)
+        old_pid = svc.kill_shard(0)  # replica 0: the primary
         push()  # while it is down: replica 1 takes over
-        new = _info_when_up("rep/shard-0")
+        new = svc.shard_info(0)  # answers once it has copied the primary and serves
         push()  # after it rejoined as a backup
         time.sleep(0.5)
         stop.set()
