@@ -61,6 +61,7 @@ class Replication:
         self._metadata = auth_metadata(token)
         self._creds = grpc.ssl_channel_credentials(root_certificates=tls_ca) if tls_ca else None
         self._stubs: dict[str, pb_grpc.EngramMemoryStub] = {}
+        self._channels: dict[str, grpc.Channel] = {}
         # request id -> (rows updated, forwarded to every backup); oldest forgotten first
         self._applied: collections.OrderedDict[str, tuple[int, bool]] = collections.OrderedDict()
         self._remember = int(remember)
@@ -77,6 +78,7 @@ class Replication:
         if address not in self._stubs:
             ch = (grpc.secure_channel(address, self._creds) if self._creds is not None
                   else grpc.insecure_channel(address))
+            self._channels[address] = ch
             self._stubs[address] = pb_grpc.EngramMemoryStub(ch)
         return self._stubs[address]
 
@@ -90,6 +92,16 @@ class Replication:
             self._applied.move_to_end(request_id)
             while len(self._applied) > self._remember:
                 self._applied.popitem(last=False)
+
+    def applied_items(self) -> list[tuple[str, int]]:
+        """(request id, rows updated) of the pushes remembered (call under ``order``)."""
+        return [(k, v[0]) for k, v in self._applied.items()]
+
+    def seed(self, items: list[tuple[str, int]]) -> None:
+        """A joiner remembers the pushes already in the rows it copied: forwarded again (a
+        retry), they are acknowledged, not applied a second time."""
+        for rid, rows in items:
+            self.record(rid, rows, True)
 
     def forward(self, request: pb.ApplyGradientsRequest) -> str | None:
         """Send ``request`` to every backup in sync; None if each applied it (or was found
@@ -132,6 +144,12 @@ class Replication:
         if 0 <= index < len(self.peers) and index != self.index:
             self.peers[index] = address
             self.in_sync.add(index)
+            # A channel to the address of the copy that died may sit in gRPC's reconnect
+            # backoff and fail at once: the joiner gets a fresh one.
+            old = self._channels.pop(address, None)
+            self._stubs.pop(address, None)
+            if old is not None:
+                old.close()
 
 
 def fetch_snapshot(address: str, fingerprint: str, join_index: int, join_address: str, *,
@@ -139,7 +157,8 @@ def fetch_snapshot(address: str, fingerprint: str, join_index: int, join_address
                    timeout: float = 3600.0, max_message_bytes: int = 64 << 20
                    ) -> tuple[dict[str, "np.ndarray"], int]:
     """Copy a primary's rows and optimiser state for a joining replica: ``(arrays, primary)``
-    with ``arrays`` keyed "rows", "adam_m", "adam_v", "adam_steps" (those present)."""
+    with ``arrays`` keyed "rows", "adam_m", "adam_v", "adam_steps" (those present), and
+    "applied": the (request id, rows) pairs of the pushes in those rows."""
     import numpy as np
 
     from . import codec
@@ -151,12 +170,16 @@ def fetch_snapshot(address: str, fingerprint: str, join_index: int, join_address
     dtypes = {"rows": ((store_dtype,), 2), "adam_m": (("float32",), 2), "adam_v": (("float32",), 2),
               "adam_steps": (("int64",), 1)}
     pieces: dict[str, list] = collections.defaultdict(list)
+    applied: list[tuple[str, int]] = []
     primary = -1
     try:
         stream = pb_grpc.EngramMemoryStub(channel).Snapshot(
             pb.SnapshotRequest(fingerprint=fingerprint, join_address=join_address, join_index=join_index),
             timeout=timeout, metadata=auth_metadata(token))
         for chunk in stream:
+            if chunk.part == "applied":
+                applied.extend(zip(chunk.applied_ids, chunk.applied_rows))
+                continue
             if chunk.part not in dtypes:
                 raise ValueError(f"snapshot from {address}: unknown part {chunk.part!r}")
             kinds, ndim = dtypes[chunk.part]
@@ -165,5 +188,6 @@ def fetch_snapshot(address: str, fingerprint: str, join_index: int, join_address
             primary = chunk.primary
     finally:
         channel.close()
-    arrays = {k: np.concatenate([a for _, a in sorted(v, key=lambda t: t[0])]) for k, v in pieces.items()}
+    arrays: dict = {k: np.concatenate([a for _, a in sorted(v, key=lambda t: t[0])]) for k, v in pieces.items()}
+    arrays["applied"] = applied
     return arrays, primary

@@ -198,6 +198,9 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
                     dtype = self.shard.store.dtype if part == "rows" else None
                     yield pb.SnapshotChunk(part=part, row_offset=a, primary=repl.index,
                                            data=codec.encode(arr[a:a + step], dtype))
+            done = repl.applied_items()  # ~30 B each, at most `remember` (100k) of them
+            yield pb.SnapshotChunk(part="applied", primary=repl.index, applied_ids=[k for k, _ in done],
+                                   applied_rows=[n for _, n in done])
             repl.join(request.join_index, request.join_address)
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeResponse:

@@ -146,6 +146,7 @@ class ShardServer:
                 self.shard.values[...] = arrays["rows"]
                 if "adam_m" in arrays:
                     self.shard.optimizer.load_state(arrays)
+            repl.seed(arrays["applied"])
             self.source = f"replica {repl.primary} at {source}"
         self.load_seconds += time.perf_counter() - t0
         self.servicer.replication = repl

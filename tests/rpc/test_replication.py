@@ -120,7 +120,7 @@ def test_a_replica_rejoins_by_copying_the_primary(pair, tiny_layout):
         pair.servers[1] = (server, port)
         arrays, primary = fetch_snapshot(pair.addresses[0], fresh.fingerprint, 1, f"127.0.0.1:{port}",
                                          store_dtype="float32")
-        assert primary == 0 and set(arrays) == {"rows", "adam_m", "adam_v", "adam_steps"}
+        assert primary == 0 and set(arrays) == {"rows", "adam_m", "adam_v", "adam_steps", "applied"}
         fresh.values[...] = arrays["rows"]
         fresh.optimizer.load_state(arrays)
         servicer.replication = Replication(1, [pair.addresses[0], f"127.0.0.1:{port}"])
@@ -151,3 +151,59 @@ def test_a_restarted_primary_copies_its_follower_which_takes_over(pair, tiny_lay
         _push(client, tiny_layout, 2)  # to replica 0 first: a backup now, it names the primary
         assert client.stats()["redirects"] == 1
     assert fresh.checksum() == pair.shards[1].checksum()
+
+
+def test_a_push_in_the_copied_rows_is_not_applied_again_when_it_is_retried(pair, tiny_layout):
+    """The primary applied a push but could not forward it (the joiner was still copying);
+    the joiner's copy already holds it, so the retry must not apply it a second time."""
+    import grpc
+    fresh = TableShard.create(tiny_layout, 1, 0, STORE)  # replica 1 restarts with nothing
+    pair.stop(1)
+    servicer = ShardServicer(fresh, 64 << 20)
+    servicer.ready = False
+    server, port = create_server(fresh, "127.0.0.1", 0, servicer=servicer)
+    pair.servers[1] = (server, port)
+    me = f"127.0.0.1:{port}"
+    pair.servicers[0].replication.join(1, me)  # the primary forwards to the new address
+    stub = pb_grpc.EngramMemoryStub(grpc.insecure_channel(pair.addresses[0]))
+    req = pb.ApplyGradientsRequest(fingerprint=fresh.fingerprint, row_ids=codec.encode(np.array([5, 9])),
+                                   grads=codec.encode(np.ones((2, 16), np.float32)), request_id="c-7")
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ApplyGradients(req, timeout=5)  # applied on the primary, not on the syncing copy
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "not on every replica" in e.value.details()
+    arrays, primary = fetch_snapshot(pair.addresses[0], fresh.fingerprint, 1, me, store_dtype="float32")
+    assert ("c-7", 2) in arrays["applied"]
+    fresh.values[...] = arrays["rows"]
+    fresh.optimizer.load_state(arrays)
+    repl = Replication(1, [pair.addresses[0], me])
+    repl.seed(arrays["applied"])
+    servicer.replication, servicer.ready = repl, True
+    assert stub.ApplyGradients(req, timeout=5).rows_updated == 2  # the retry: acknowledged now
+    assert fresh.checksum() == pair.shards[0].checksum()  # applied once on each copy
+    assert fresh.counters["updates"] == 0 and pair.shards[0].counters["updates"] == 1
+
+
+def test_a_copy_back_at_its_old_address_gets_every_later_push(pair, tiny_layout):
+    """The primary's channel to a dead copy sits in gRPC's reconnect backoff; when the copy
+    rejoins at the same address it must be forwarded to, not dropped again."""
+    port = int(pair.addresses[1].rsplit(":", 1)[1])
+    with EngramClient([pair.addresses], tiny_layout, timeout=2) as client:
+        pair.stop(1)
+        _push(client, tiny_layout, 1)  # the dead copy is dropped; the channel backs off
+        assert pair.servicers[0].replication.in_sync == set()
+        fresh = TableShard.create(tiny_layout, 1, 0, STORE)
+        servicer = ShardServicer(fresh, 64 << 20)
+        servicer.ready = False
+        pair.servers[1] = create_server(fresh, "127.0.0.1", port, servicer=servicer)  # same address
+        arrays, primary = fetch_snapshot(pair.addresses[0], fresh.fingerprint, 1, pair.addresses[1],
+                                         store_dtype="float32")
+        fresh.values[...] = arrays["rows"]
+        fresh.optimizer.load_state(arrays)
+        repl = Replication(1, list(pair.addresses))
+        repl.primary = primary
+        repl.seed(arrays["applied"])
+        servicer.replication, servicer.ready = repl, True
+        for seed in (2, 3):
+            _push(client, tiny_layout, seed)
+        assert pair.servicers[0].replication.in_sync == {1}
+    assert fresh.checksum() == pair.shards[0].checksum() and fresh.counters["updates"] == 2

@@ -147,13 +147,17 @@ class SnapshotRequest(_message.Message):
     def __init__(self, fingerprint: _Optional[str] = ..., join_address: _Optional[str] = ..., join_index: _Optional[int] = ...) -> None: ...
 
 class SnapshotChunk(_message.Message):
-    __slots__ = ("part", "row_offset", "data", "primary")
+    __slots__ = ("part", "row_offset", "data", "primary", "applied_ids", "applied_rows")
     PART_FIELD_NUMBER: _ClassVar[int]
     ROW_OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_IDS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_ROWS_FIELD_NUMBER: _ClassVar[int]
     part: str
     row_offset: int
     data: Array
     primary: int
-    def __init__(self, part: _Optional[str] = ..., row_offset: _Optional[int] = ..., data: _Optional[_Union[Array, _Mapping]] = ..., primary: _Optional[int] = ...) -> None: ...
+    applied_ids: _containers.RepeatedScalarFieldContainer[str]
+    applied_rows: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, part: _Optional[str] = ..., row_offset: _Optional[int] = ..., data: _Optional[_Union[Array, _Mapping]] = ..., primary: _Optional[int] = ..., applied_ids: _Optional[_Iterable[str]] = ..., applied_rows: _Optional[_Iterable[int]] = ...) -> None: ...
