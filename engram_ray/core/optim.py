@@ -17,7 +17,7 @@ import numpy as np
 
 from ..config import OptimizerConfig
 
-__all__ = ["SparseOptimizer", "sum_duplicates"]
+__all__ = ["SparseOptimizer", "sum_duplicates", "finite_rows"]
 
 
 def sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -59,17 +59,44 @@ class SparseOptimizer:
     def step(self, w: np.ndarray, local: np.ndarray, g: np.ndarray) -> np.ndarray:
         """New float32 values of rows ``local`` (unique) with current values ``w`` [n, dim]
         and gradients ``g`` [n, dim]; updates the state of those rows."""
+        new, state = self.propose(w, local, g)
+        self.commit(local, state)
+        return new
+
+    def propose(self, w: np.ndarray, local: np.ndarray, g: np.ndarray
+                ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The step without touching any state: new float32 values ``[n, dim]`` and the new
+        state of rows ``local`` (empty for SGD), for :meth:`commit` once the caller has
+        checked them (a shard refuses a step whose values or state would not be finite)."""
         c = self.config
         if c.kind == "none":
             raise ValueError("this table was deployed without an optimiser (optimizer.kind='none'); "
                              "it cannot apply gradients")
         if c.kind == "sgd":
-            return w - np.float32(c.lr) * g
+            with np.errstate(over="ignore", invalid="ignore"):
+                return w - np.float32(c.lr) * g, {}
         t = self.steps[local] + 1
         m = np.float32(c.beta1) * self.m[local] + np.float32(1 - c.beta1) * g
-        v = np.float32(c.beta2) * self.v[local] + np.float32(1 - c.beta2) * (g * g)
-        bc1 = (1.0 - c.beta1 ** t).astype(np.float32)[:, None]
-        bc2 = (1.0 - c.beta2 ** t).astype(np.float32)[:, None]
-        new = w - np.float32(c.lr) * (m / bc1) / (np.sqrt(v / bc2) + np.float32(c.eps))
-        self.m[local], self.v[local], self.steps[local] = m, v, t
-        return new
+        # g*g overflows float32 above |g| ~ 1.8e19: v becomes inf and the row never moves again
+        # (its update is m / sqrt(inf) = 0). Callers check the state with :func:`finite_rows`.
+        with np.errstate(over="ignore", invalid="ignore"):
+            v = np.float32(c.beta2) * self.v[local] + np.float32(1 - c.beta2) * (g * g)
+            bc1 = (1.0 - c.beta1 ** t).astype(np.float32)[:, None]
+            bc2 = (1.0 - c.beta2 ** t).astype(np.float32)[:, None]
+            new = w - np.float32(c.lr) * (m / bc1) / (np.sqrt(v / bc2) + np.float32(c.eps))
+        return new, {"adam_m": m, "adam_v": v, "adam_steps": t}
+
+    def commit(self, local: np.ndarray, state: dict[str, np.ndarray]) -> None:
+        """Store the state :meth:`propose` computed for rows ``local``."""
+        if state:
+            self.m[local], self.v[local], self.steps[local] = state["adam_m"], state["adam_v"], state["adam_steps"]
+
+
+def finite_rows(*arrays: np.ndarray) -> np.ndarray:
+    """``[n]`` bool: True where row i of every ``[n, ...]`` array is finite (integer arrays,
+    such as Adam's step counts, always are)."""
+    ok = np.ones(arrays[0].shape[0], dtype=bool)
+    for a in arrays:
+        if a.dtype.kind not in "iu":
+            ok &= np.isfinite(a.astype(np.float32, copy=False)).reshape(a.shape[0], -1).all(axis=1)
+    return ok

@@ -233,7 +233,7 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
                                          "give a path on the shard's node")
                 path = self.recovery_save()
             else:
-                path = self.shard.save(request.directory)
+                path = self.shard.save(request.directory).path
         except OSError as e:
             self._abort(context, InvalidRequest(f"Save: cannot write {request.directory!r}: {e}"))
         except Exception as e:  # noqa: BLE001

@@ -3,62 +3,168 @@
 A checkpoint is a directory. Each shard writes ``rows-<start>-<stop>.npy`` (raw little-endian
 bytes viewed as unsigned ints of the storage width, since .npy cannot name bfloat16), its
 optimiser state beside it, and last a ``rows-<start>-<stop>.json`` header with the layout
-fingerprint, dtype, dim and a sha256 of the rows. Every file is written to a temp name and
-renamed, so a crash leaves no torn file that looks complete. Loading ``[a, b)`` stitches the
+fingerprint, dtype, dim and a sha256 of every array. Loading ``[a, b)`` stitches the
 overlapping pieces of whatever shard count wrote the checkpoint.
+
+Writing is safe against concurrent saves and a hostile neighbour on the filesystem: every
+file is created under a fresh random temporary name with ``O_EXCL | O_NOFOLLOW`` (a planted
+symlink, or another writer's temporary file, is never written through), relative to the
+directory opened once, then renamed into place; and a save holds an ``flock`` on the
+directory, so two saves into one directory never interleave their files (a header always
+describes the rows beside it). A crash leaves no torn file that looks complete. Over the wire
+a shard writes only under its configured root (:func:`open_under`).
+
+Loading trusts nothing in the files: an unreadable, incomplete or altered header, a truncated
+or flipped array, a missing or short optimiser-state file each raise a
+:class:`~engram_ray.errors.CheckpointError` that names the file and what is wrong.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InvalidRequest
 from .rows import numpy_dtype
 
-__all__ = ["save_shard", "load_range", "list_pieces"]
+__all__ = ["save_shard", "load_range", "list_pieces", "open_under"]
 
 _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+#: Optimiser-state arrays a header may list: (dtype, dims).
+_STATE = {"adam_m": (np.float32, 2), "adam_v": (np.float32, 2), "adam_steps": (np.int64, 1)}
+_FORMAT = "engram-ray-shard-v1"
+_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# Writing ---------------------------------------------------------------------------------
+def _write_file(dir_fd: int, name: str, write) -> None:
+    tmp = f".{name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                 dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
 
 
 def _sha256(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).view(np.uint8)).hexdigest()
 
 
-def save_shard(shard, directory: str | os.PathLike) -> Path:
-    """Write ``shard``'s rows and optimiser state into ``directory``; returns the header path."""
+def open_under(root: str | os.PathLike, requested: str) -> tuple[int, Path]:
+    """Open (creating it) directory ``requested`` inside ``root``, for a Save that came over
+    the wire: ``(directory fd, path)``. ``requested`` is relative to ``root``, or absolute
+    and inside it; ``..``, and a symlink at any level below ``root``, are refused (the walk
+    opens each level with ``O_NOFOLLOW`` relative to the one above, so nothing can swap a
+    level for a symlink between a check and the write)."""
+    if not root:
+        raise InvalidRequest("Save: this service has no save root, so it writes no portable checkpoints; "
+                             "deploy it with ServiceConfig(save_root=DIR) (engram-ray serve --save-root DIR)")
+    base = Path(os.path.abspath(root))
+    req = Path(requested)
+    if req.is_absolute():
+        if os.path.normpath(req) != str(req).rstrip("/") or not req.is_relative_to(base):
+            raise InvalidRequest(f"Save: {requested!r} is not inside the service's save root {str(base)!r}; "
+                                 "give a path relative to it")
+        req = req.relative_to(base)
+    parts = req.parts
+    if not parts or any(p in ("", ".", "..") for p in parts):
+        raise InvalidRequest(f"Save: {requested!r} must name a directory below the save root {str(base)!r}, "
+                             "without '..'")
+    os.makedirs(base, exist_ok=True)
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o755, dir_fd=fd)
+            try:
+                nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as e:
+                raise InvalidRequest(f"Save: {requested!r}: {part!r} below the save root is a symlink or not "
+                                     f"a directory ({e.strerror}); refused") from None
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, base.joinpath(*parts)
+
+
+def save_shard(shard, directory: str | os.PathLike, *, dir_fd: int | None = None):
+    """Write ``shard``'s rows and optimiser state into ``directory`` (created if missing; or
+    the already open ``dir_fd``, with ``directory`` naming it); returns a :class:`Saved`."""
+    from .shard import Saved
+
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
+    own = dir_fd is None
+    if own:
+        d.mkdir(parents=True, exist_ok=True)
+        dir_fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     stem = f"rows-{shard.row_start:013d}-{shard.row_stop:013d}"
-    with shard._lock:  # a consistent snapshot: no update between rows and state
-        values = shard.values.copy()
-        state = {k: v.copy() for k, v in shard.optimizer.state().items()}
-    raw = values.view(_RAW[values.dtype.itemsize])
-    _atomic_write(d / f"{stem}.npy", lambda f: np.save(f, raw))
-    for name, arr in state.items():
-        _atomic_write(d / f"{stem}.{name}.npy", lambda f, a=arr: np.save(f, a))
-    header = {"format": "engram-ray-shard-v1", "fingerprint": shard.fingerprint,
-              "row_start": shard.row_start, "row_stop": shard.row_stop, "dim": shard.dim,
-              "dtype": shard.store.dtype, "optimizer": shard.store.optimizer.kind,
-              "state": sorted(state), "sha256": _sha256(values),
-              "state_sha256": {k: _sha256(v) for k, v in state.items()}}
-    path = d / f"{stem}.json"
-    _atomic_write(path, lambda f: f.write(json.dumps(header, indent=1).encode()))
-    return path
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_EX)  # one save at a time into this directory
+        try:
+            state = shard.snapshot()  # consistent: no update between the rows and the state
+            values = state.pop("rows")
+            _write_file(dir_fd, f"{stem}.npy", lambda f: np.save(f, values.view(_RAW[values.dtype.itemsize])))
+            for name, arr in state.items():
+                _write_file(dir_fd, f"{stem}.{name}.npy", lambda f, a=arr: np.save(f, a))
+            sha = _sha256(values)
+            header = {"format": _FORMAT, "fingerprint": shard.fingerprint,
+                      "row_start": shard.row_start, "row_stop": shard.row_stop, "dim": shard.dim,
+                      "dtype": shard.store.dtype, "optimizer": shard.store.optimizer.kind,
+                      "state": sorted(state), "sha256": sha,
+                      "state_sha256": {k: _sha256(v) for k, v in state.items()}}
+            _write_file(dir_fd, f"{stem}.json", lambda f: f.write(json.dumps(header, indent=1).encode()))
+            os.fsync(dir_fd)
+        finally:
+            fcntl.flock(dir_fd, fcntl.LOCK_UN)
+    finally:
+        if own:
+            os.close(dir_fd)
+    return Saved(str(d / f"{stem}.json"), sha)
+
+
+# Loading ---------------------------------------------------------------------------------
+def _header(path: Path, fingerprint: str) -> dict[str, Any]:
+    """A header, with every field checked; CheckpointError naming the file otherwise."""
+    try:
+        h = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise CheckpointError(f"checkpoint header {path} is unreadable: {e}") from None
+    want = {"format": str, "fingerprint": str, "row_start": int, "row_stop": int, "dim": int,
+            "dtype": str, "state": list, "sha256": str, "state_sha256": dict}
+    bad = [k for k, t in want.items() if not isinstance(h, dict) or type(h.get(k)) is not t]
+    if bad:
+        raise CheckpointError(f"checkpoint header {path} is incomplete or damaged: "
+                              f"{', '.join(bad)} missing or of the wrong type")
+    if h["format"] != _FORMAT:
+        raise CheckpointError(f"checkpoint header {path} has format {h['format']!r}; expected {_FORMAT!r}")
+    if h["fingerprint"] != fingerprint:
+        raise CheckpointError(f"checkpoint {path.name} was written for layout {h['fingerprint']!r}, "
+                              f"not {fingerprint!r}")
+    if not (0 <= h["row_start"] < h["row_stop"]) or h["dim"] < 1 or h["dtype"] not in _DTYPES:
+        raise CheckpointError(f"checkpoint header {path} is damaged: rows [{h['row_start']}, {h['row_stop']}) "
+                              f"of dim {h['dim']} in {h['dtype']!r}")
+    if not set(h["state"]) <= set(_STATE) or set(h["state_sha256"]) != set(h["state"]):
+        raise CheckpointError(f"checkpoint header {path} is damaged: state {h['state']} with checksums "
+                              f"for {sorted(h['state_sha256'])}")
+    h["path"] = path.with_suffix(".npy")
+    return h
 
 
 def list_pieces(directory: str | os.PathLike, fingerprint: str) -> list[dict[str, Any]]:
@@ -66,20 +172,27 @@ def list_pieces(directory: str | os.PathLike, fingerprint: str) -> list[dict[str
     d = Path(directory)
     if not d.is_dir():
         raise CheckpointError(f"checkpoint {str(d)!r} does not exist")
-    pieces = []
-    for hp in sorted(d.glob("rows-*.json")):
-        try:
-            h = json.loads(hp.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"checkpoint header {hp} is unreadable: {e}") from None
-        if h.get("fingerprint") != fingerprint:
-            raise CheckpointError(f"checkpoint {hp.name} was written for layout {h.get('fingerprint')!r}, "
-                                  f"not {fingerprint!r}")
-        h["path"] = hp.with_suffix(".npy")
-        pieces.append(h)
+    pieces = [_header(hp, fingerprint) for hp in sorted(d.glob("rows-*.json"))]
     if not pieces:
         raise CheckpointError(f"checkpoint {str(d)!r} holds no shard headers (rows-*.json)")
     return pieces
+
+
+def _array(path: Path, dtype, shape: tuple[int, ...], sha: str | None, what: str) -> np.ndarray:
+    """A memory-mapped array file, checked for dtype, shape and (``sha``) checksum."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint piece {path.name}: {what} file is missing") from None
+    except (OSError, ValueError, EOFError) as e:  # truncated, or not an .npy at all
+        raise CheckpointError(f"checkpoint piece {path.name}: {what} is unreadable ({e}): "
+                              "the file is truncated or corrupt") from None
+    if arr.dtype != np.dtype(dtype) or arr.shape != shape:
+        raise CheckpointError(f"checkpoint piece {path.name}: {what} is {arr.dtype} {arr.shape}; "
+                              f"the header says {np.dtype(dtype)} {shape}")
+    if sha is not None and _sha256(arr) != sha:
+        raise CheckpointError(f"checkpoint piece {path.name}: {what} fails its checksum: the file is corrupt")
+    return arr
 
 
 def load_range(directory: str | os.PathLike, fingerprint: str, start: int, stop: int, dim: int,
@@ -99,11 +212,10 @@ def load_range(directory: str | os.PathLike, fingerprint: str, start: int, stop:
             break
         if h["dim"] != dim:
             raise CheckpointError(f"checkpoint piece {h['path'].name} has rows of {h['dim']}, not {dim}")
+        n = h["row_stop"] - h["row_start"]
         src_dt = numpy_dtype(h["dtype"])
-        raw = np.load(h["path"], mmap_mode="r")
+        raw = _array(h["path"], _RAW[src_dt.itemsize], (n, dim), None, "rows")
         rows = raw.view(src_dt)
-        if rows.shape != (h["row_stop"] - h["row_start"], dim):
-            raise CheckpointError(f"checkpoint piece {h['path'].name} has shape {rows.shape}")
         if verify and _sha256(rows) != h["sha256"]:
             raise CheckpointError(f"checkpoint piece {h['path'].name} fails its checksum: "
                                   "the file is corrupt")
@@ -111,13 +223,11 @@ def load_range(directory: str | os.PathLike, fingerprint: str, start: int, stop:
         out[lo - start: hi - start] = rows[a:b].astype(out.dtype, copy=False)
         if with_state:
             for name in h["state"]:
-                arr = np.load(h["path"].with_suffix(f".{name}.npy"), mmap_mode="r")
-                if verify and _sha256(arr) != h["state_sha256"][name]:
-                    raise CheckpointError(f"checkpoint piece {h['path'].name}: its {name} state fails "
-                                          "its checksum: the file is corrupt")
+                kind, ndim = _STATE[name]
+                arr = _array(h["path"].with_suffix(f".{name}.npy"), kind, (n, dim)[:ndim],
+                             h["state_sha256"][name] if verify else None, f"its {name} state")
                 if name not in state:
-                    shape = (stop - start,) + arr.shape[1:]
-                    state[name] = np.zeros(shape, dtype=arr.dtype)
+                    state[name] = np.zeros((stop - start,) + arr.shape[1:], dtype=arr.dtype)
                 state[name][lo - start: hi - start] = arr[a:b]
         covered = max(covered, hi)
     if covered < stop:

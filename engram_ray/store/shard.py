@@ -2,26 +2,37 @@
 
 It serves gathers by global row id and applies sparse optimiser steps to pushed gradients.
 Every request is validated in full before anything is touched, so a rejected request changes
-nothing. Updates are serialised by a lock; a lookup running during an update may see a row
-before or after it (as in asynchronous sparse training), never a row half of one and half of
-the other within a row gather (numpy copies whole rows).
+nothing, and no step ever stores a value that is not finite. Updates are serialised by a lock;
+a lookup running during an update sees each row as it was before the update or after it,
+never half of each: gathers read under a sequence lock (below), because numpy copies rows
+with the GIL released, so a copy and a write of the same row can interleave.
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..config import StoreConfig
 from ..core.layout import ShardPlan, TableLayout
-from ..core.optim import SparseOptimizer, sum_duplicates
+from ..core.optim import SparseOptimizer, finite_rows, sum_duplicates
 from ..errors import InvalidRequest
 from .rows import init_rows, numpy_dtype
 
-__all__ = ["TableShard"]
+__all__ = ["TableShard", "Saved", "GRAD_DTYPES"]
+
+#: Gradient dtypes a shard accepts (widened to float32 before anything else).
+GRAD_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+class Saved(NamedTuple):
+    """A checkpoint piece written: its header's path and the sha256 of the rows in it."""
+
+    path: str
+    sha256: str
 
 
 class TableShard:
@@ -50,7 +61,11 @@ class TableShard:
         self.values = values
         opt = store.optimizer if not self.capped else type(store.optimizer)(kind="none")
         self.optimizer = SparseOptimizer(opt, self.resident_rows, dim)
+        #: Serialises writers (updates, restores) and consistent copies (snapshots, saves).
         self._lock = threading.Lock()
+        #: Sequence lock for readers: odd while a writer stores rows. A gather that saw it odd
+        #: or changed copied rows that were being written, and reads them again.
+        self._version = 0
         self.counters = {"lookups": 0, "rows_served": 0, "updates": 0, "rows_updated": 0,
                          "rejected": 0}
 
@@ -99,21 +114,46 @@ class TableShard:
 
     # Serving -------------------------------------------------------------------------
     def gather(self, rows: Any, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows ``[n, dim]`` (storage dtype) for global ids ``rows [n]``, into ``out`` if given."""
+        """Rows ``[n, dim]`` (storage dtype) for global ids ``rows [n]``, into ``out`` if given.
+        Each row is read whole: as it was before a concurrent update, or after it."""
         local = self.local_rows(rows)
         if out is not None and (out.shape != (local.size, self.dim) or out.dtype != self.dtype):
             raise InvalidRequest(f"gather: out is {out.dtype} {out.shape}; expected "
                                  f"{self.dtype} {(local.size, self.dim)}")
         if self.capped:
             local = local % self.resident_rows
-        res = np.take(self.values, local, axis=0, out=out)
+        # Lock-free while no update runs (the common case: lookups never wait for each other);
+        # a copy that overlapped a write is taken again, under the writers' lock after 3 tries.
+        for _ in range(3):
+            v = self._version
+            if v % 2 == 0:
+                res = np.take(self.values, local, axis=0, out=out)
+                if self._version == v:
+                    break
+        else:
+            with self._lock:
+                res = np.take(self.values, local, axis=0, out=out)
         self.counters["lookups"] += 1
         self.counters["rows_served"] += int(local.size)
         return res
 
+    def _store(self, local: np.ndarray | None, values: np.ndarray) -> None:
+        """Write rows (all of them when ``local`` is None); call with ``_lock`` held."""
+        self._version += 1  # odd: readers retry
+        try:
+            if local is None:
+                self.values[...] = values
+            else:
+                self.values[local] = values
+        finally:
+            self._version += 1
+
     def apply_gradients(self, rows: Any, grads: Any) -> int:
-        """One optimiser step on rows ``[n]`` with gradients ``[n, dim]``; duplicate ids are
-        summed first. Returns the number of distinct rows updated."""
+        """One optimiser step on rows ``[n]`` with gradients ``[n, dim]`` (float32, or
+        bfloat16/float16/float64, widened); duplicate ids are summed first. Returns the number
+        of distinct rows updated. Refused, changing nothing, when a gradient or the sum of a
+        row's duplicates is not finite, or when the step would store a value (or optimiser
+        state) that is not finite in the storage dtype."""
         local = self.local_rows(rows)
         if self.capped:
             raise InvalidRequest(f"shard {self.shard_index} keeps {self.resident_rows} of its "
@@ -123,28 +163,77 @@ class TableShard:
         if g.shape != (local.size, self.dim):
             raise InvalidRequest(f"gradients have shape {g.shape}; expected {(local.size, self.dim)} "
                                  f"(one row of {self.dim} per id)")
-        if g.dtype.kind != "f":
-            raise InvalidRequest(f"gradients must be floating point, got dtype {g.dtype}")
+        if g.dtype.name not in GRAD_DTYPES:
+            raise InvalidRequest(f"gradients must be floating point ({', '.join(GRAD_DTYPES)}), "
+                                 f"got dtype {g.dtype}")
         g = g.astype(np.float32, copy=False)
-        if not np.isfinite(g).all():
-            bad = int(np.flatnonzero(~np.isfinite(g).all(axis=1))[0])
-            raise InvalidRequest(f"gradient for row id {int(local[bad]) + self.row_start} is not "
-                                 "finite (NaN or Inf); nothing was applied")
+        bad = ~finite_rows(g) if g.size else np.zeros(0, bool)
+        if bad.any():
+            raise InvalidRequest(f"gradient for row id {self._first(local, bad)} is not finite "
+                                 "(NaN or Inf); nothing was applied")
         if local.size == 0:
             return 0
-        uniq, g = sum_duplicates(local, g)
+        with np.errstate(over="ignore", invalid="ignore"):
+            uniq, g = sum_duplicates(local, g)
+        bad = ~finite_rows(g)
+        if bad.any():
+            raise InvalidRequest(f"gradients for row id {self._first(uniq, bad)} overflow float32 when its "
+                                 "duplicates are summed; nothing was applied (scale the loss down)")
         with self._lock:
             w = self.values[uniq].astype(np.float32)
-            new = self.optimizer.step(w, uniq, g)
-            self.values[uniq] = new.astype(self.dtype, copy=False)
+            new, state = self.optimizer.propose(w, uniq, g)
+            with np.errstate(over="ignore", invalid="ignore"):
+                stored = new.astype(self.dtype)
+            bad = ~finite_rows(stored, *state.values())
+            if bad.any():
+                raise InvalidRequest(
+                    f"the {self.optimizer.config.kind} step for row id {self._first(uniq, bad)} would store "
+                    f"a value that is not finite in {self.store.dtype} (its row or optimiser state "
+                    "overflows: the gradient is too large); nothing was applied")
+            self.optimizer.commit(uniq, state)
+            self._store(uniq, stored)
             self.counters["updates"] += 1
             self.counters["rows_updated"] += int(uniq.size)
         return int(uniq.size)
 
+    def _first(self, local: np.ndarray, bad: np.ndarray) -> int:
+        """The global id of the first flagged row, for an error message."""
+        return int(local[int(np.flatnonzero(bad)[0])]) + self.row_start
+
+    # Whole-shard copies ------------------------------------------------------------------
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """A consistent copy of the rows and the optimiser state ("rows", "adam_m", ...),
+        taken under the writers' lock: no update falls between the arrays."""
+        with self._lock:
+            return {"rows": self.values.copy(), **{k: v.copy() for k, v in self.optimizer.state().items()}}
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        """Replace the rows (and the optimiser state, when given) by ``arrays`` as
+        :meth:`snapshot` returns them; every array is checked before anything is written."""
+        rows = arrays.get("rows")
+        if rows is None or rows.shape != self.values.shape or rows.dtype != self.dtype:
+            got = None if rows is None else (rows.dtype, rows.shape)
+            raise InvalidRequest(f"restore: rows are {got}; expected {(self.dtype, self.values.shape)}")
+        state = self.optimizer.state()
+        given = {k: arrays[k] for k in state if k in arrays}
+        if given and set(given) != set(state):
+            raise InvalidRequest(f"restore: optimiser state {sorted(given)}; expected all of {sorted(state)}")
+        for k, a in given.items():
+            if a.shape != state[k].shape or a.dtype != state[k].dtype:
+                raise InvalidRequest(f"restore: {k} is {a.dtype} {a.shape}; expected "
+                                     f"{state[k].dtype} {state[k].shape}")
+        if not finite_rows(rows, *given.values()).all():
+            raise InvalidRequest("restore: the rows or optimiser state hold values that are not finite")
+        with self._lock:
+            if given:
+                self.optimizer.load_state(given)
+            self._store(None, rows)
+
     # Identity ---------------------------------------------------------------------------
     def checksum(self) -> str:
         """sha256 of the rows' bytes: equal tables have equal checksums."""
-        return hashlib.sha256(np.ascontiguousarray(self.values).view(np.uint8)).hexdigest()
+        with self._lock:  # never of a table half-way through an update
+            return hashlib.sha256(np.ascontiguousarray(self.values).view(np.uint8)).hexdigest()
 
     def describe(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint, "shard_index": self.shard_index,
@@ -155,14 +244,14 @@ class TableShard:
                 "counters": dict(self.counters)}
 
     # Checkpoints -------------------------------------------------------------------------
-    def save(self, directory) -> str:
+    def save(self, directory) -> Saved:
         """Write this shard into checkpoint ``directory`` (see :mod:`.checkpoint`)."""
         from .checkpoint import save_shard
         if self.capped:
             raise InvalidRequest(f"shard {self.shard_index} is a capped benchmark table "
                                  f"({self.resident_rows} of {self.num_rows} rows resident); "
                                  "it has no real rows to checkpoint")
-        return str(save_shard(self, directory))
+        return save_shard(self, directory)
 
     @classmethod
     def load(cls, directory, layout: TableLayout, num_shards: int, shard_index: int,

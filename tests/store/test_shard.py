@@ -184,3 +184,89 @@ def test_a_capped_shard_maps_rows_into_its_resident_store(tiny_layout, tmp_path)
     # a cap above the shard's rows changes nothing
     big = TableShard.create(tiny_layout, 2, 1, StoreConfig(resident_rows_per_shard=10**6))
     assert not big.capped and np.array_equal(big.values, full.values)
+
+
+# Hardening (issue 11): rows are read whole, gradients of any accepted dtype, and no step
+# ever stores a value that is not finite.
+
+def test_a_gather_concurrent_with_updates_never_returns_a_torn_row():
+    """Row r holds the constant k after k SGD steps of gradient -1 (lr 1): a row that mixes
+    two values was read half before and half after an update."""
+    import threading
+    dim, n = 1 << 15, 8  # 128 KiB rows: a copy of one takes long enough to overlap a write
+    s = TableShard(fingerprint="f", row_start=0, row_stop=n, dim=dim,
+                   store=StoreConfig(optimizer=OptimizerConfig(kind="sgd", lr=1.0)),
+                   values=np.zeros((n, dim), np.float32))
+    ids, g = np.arange(n), np.full((n, dim), -1.0, np.float32)
+    stop, torn, reads = threading.Event(), [], [0]
+
+    def read():
+        while not stop.is_set():
+            rows = s.gather(ids)
+            reads[0] += 1
+            torn.extend(int(r) for r in np.flatnonzero(rows.min(axis=1) != rows.max(axis=1)))
+
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    for t in readers:
+        t.start()
+    for _ in range(300):
+        s.apply_gradients(ids, g)
+    stop.set()
+    for t in readers:
+        t.join()
+    assert reads[0] > 10 and not torn, f"{len(torn)} torn rows in {reads[0]} gathers"
+    assert np.all(s.values == 300)
+
+
+def test_bfloat16_and_float16_gradients_are_widened_and_applied(tiny_layout):
+    import ml_dtypes
+    g32 = np.random.default_rng(0).normal(size=(3, 16)).astype(np.float32)
+    for dt in (ml_dtypes.bfloat16, np.float16):
+        g = g32.astype(dt)
+        a = _full(tiny_layout, optimizer=OptimizerConfig(kind="adam", lr=0.1))
+        b = _full(tiny_layout, optimizer=OptimizerConfig(kind="adam", lr=0.1))
+        assert a.apply_gradients(np.array([1, 2, 1]), g) == 2
+        b.apply_gradients(np.array([1, 2, 1]), g.astype(np.float32))
+        assert a.checksum() == b.checksum()
+
+
+@pytest.mark.parametrize("kind,dtype,ids,grad,match", [
+    # each gradient is finite, their sum is not
+    ("adam", "float32", [3, 3], 3e38, "overflow float32 when its duplicates are summed"),
+    # g*g overflows Adam's second moment: the row would never move again
+    ("adam", "float32", [3], 1e20, "would store a value that is not finite"),
+    # finite in float32, beyond float16's range once stored
+    ("sgd", "float16", [3], -1e6, "not finite in float16"),
+    ("sgd", "float32", [3], 3e38, "not finite in float32"),
+])
+def test_a_finite_gradient_that_would_store_a_non_finite_value_is_refused(tiny_layout, kind, dtype, ids, grad, match):
+    s = _full(tiny_layout, dtype=dtype, optimizer=OptimizerConfig(kind=kind, lr=1.0))
+    if kind == "sgd" and dtype == "float32":
+        s.values[3] = -3e38  # w - lr*g = -6e38: overflows
+    before = s.checksum()
+    with pytest.raises(InvalidRequest, match=match) as e:
+        s.apply_gradients(np.array(ids), np.full((len(ids), 16), grad, np.float32))
+    assert "row id 3" in str(e.value) and "nothing was applied" in str(e.value)
+    assert s.checksum() == before and s.counters["updates"] == 0
+    if s.optimizer.v is not None:
+        assert np.isfinite(s.optimizer.v).all() and s.optimizer.steps.sum() == 0
+    # the row still trains with a sane gradient
+    s.apply_gradients(np.array([3]), np.full((1, 16), 0.5, np.float32))
+    assert np.isfinite(s.values[3].astype(np.float32)).all() and s.counters["updates"] == 1
+
+
+def test_snapshot_and_restore_round_trip_and_restore_checks_first(tiny_layout):
+    a = _full(tiny_layout, optimizer=OptimizerConfig(kind="adam", lr=0.1))
+    a.apply_gradients(np.array([5, 6]), np.ones((2, 16), np.float32))
+    snap = a.snapshot()
+    b = _full(tiny_layout, optimizer=OptimizerConfig(kind="adam", lr=0.1))
+    b.restore(snap)
+    assert b.checksum() == a.checksum() and np.array_equal(b.optimizer.steps, a.optimizer.steps)
+    before = b.checksum()
+    for bad, match in [({"rows": snap["rows"][:-1]}, "restore: rows"),
+                       ({**snap, "adam_v": snap["adam_v"][:, :3]}, "adam_v"),
+                       ({"rows": snap["rows"], "adam_m": snap["adam_m"]}, "expected all of"),
+                       ({**snap, "rows": np.full_like(snap["rows"], np.nan)}, "not finite")]:
+        with pytest.raises(InvalidRequest, match=match):
+            b.restore(bad)
+        assert b.checksum() == before
