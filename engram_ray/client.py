@@ -40,8 +40,8 @@ from .rpc.generated import engram_pb2 as pb
 from .rpc.auth import auth_metadata
 from .rpc.generated import engram_pb2_grpc as pb_grpc
 from .rpc.iothread import IoThread
+from .rpc.codec import DEFAULT_MAX_MESSAGE_BYTES, STORAGE_DTYPES
 from .rpc.replication import NOT_REPLICATED, PRIMARY_IS
-from .rpc.server import DEFAULT_MAX_MESSAGE_BYTES
 
 __all__ = ["EngramClient", "Prefetch", "ShardInfo"]
 
@@ -235,6 +235,18 @@ class EngramClient:
                 raise EngramError(f"shard {i} at {self.addresses[i]} owns rows [{d.row_start}, {d.row_stop}) "
                                   f"of {d.num_shards} shards; expected {list(want)} of {len(self.addresses)}: "
                                   "addresses are out of order or from another deployment")
+            # The rest of what a shard says about itself decides how the client reads its
+            # answers: a value no real shard gives is refused, not acted on.
+            bad = ([f"dtype {d.dtype!r} (expected one of {', '.join(STORAGE_DTYPES)})"]
+                   * (d.dtype not in STORAGE_DTYPES)
+                   + [f"dim {d.dim} (the layout's rows have {self.layout.row_dim})"] * (d.dim != self.layout.row_dim)
+                   + [f"max_message_bytes {d.max_message_bytes} (expected at least 65536)"]
+                   * (d.max_message_bytes < 1 << 16)
+                   + [f"max_ids_per_request {d.max_ids_per_request} (expected >= 0)"] * (d.max_ids_per_request < 0))
+            if bad:
+                self.close()
+                raise EngramError(f"shard {i} at {self.addresses[i]} describes itself with {'; '.join(bad)}: "
+                                  "not an engram_ray shard of this layout")
             infos.append(ShardInfo(i, self.addresses[i], d.row_start, d.row_stop, d.dtype, d.max_message_bytes,
                                    d.max_ids_per_request or (1 << 62)))
         return infos
@@ -268,7 +280,7 @@ class EngramClient:
                 code, details = err.code(), err.details() or ""
                 if push and code == grpc.StatusCode.FAILED_PRECONDITION and PRIMARY_IS in details \
                         and hops < 4 * n_rep:
-                    self._primary[shard] = int(details.split(PRIMARY_IS)[1].split()[0]) % n_rep
+                    self._primary[shard] = self._primary_hint(shard, details)
                     hops += 1
                     self._count("redirects", 1)
                     continue
@@ -435,6 +447,7 @@ class EngramClient:
     async def _push(self, flat: np.ndarray, g: np.ndarray) -> int:
         uniq, summed = sum_duplicates(flat, g)
         step = max(1, self.max_rows_per_message * self.dtype.itemsize // 4)  # float32 on the wire
+        chunks = list(self._chunks(uniq, step))
         resps = await self._gather(
             self._call(s, "ApplyGradients",
                        pb.ApplyGradientsRequest(fingerprint=self.layout.fingerprint,
@@ -442,7 +455,11 @@ class EngramClient:
                                                 grads=codec.encode(summed[a:b], "float32"),
                                                 request_id=f"{self._client_id}-{next(self._seq)}"),
                 _PUSH_RETRY)
-            for s, a, b in self._chunks(uniq, step))
+            for s, a, b in chunks)
+        for (s, a, b), r in zip(chunks, resps):
+            if not 0 <= r.rows_updated <= b - a or r.update_count < 0:
+                raise EngramError(f"shard {s} ({self.addresses[s]}) answered a push of {b - a} distinct rows "
+                                  f"with rows_updated={r.rows_updated}, update_count={r.update_count}")
         self._count("pushes", 1)
         self._count("rows_pushed", int(uniq.size))
         return sum(r.rows_updated for r in resps)
@@ -491,6 +508,16 @@ class EngramClient:
         return paths
 
     # Errors and counters ---------------------------------------------------------------------
+    def _primary_hint(self, shard: int, details: str) -> int:
+        """The replica a backup named as the primary (``primary=<r>``), checked."""
+        rest = details.split(PRIMARY_IS, 1)[1].split()
+        word = rest[0] if rest else ""
+        n_rep = len(self.replicas[shard])
+        if not word.isdigit() or not int(word) < n_rep:
+            raise EngramError(f"shard {shard} ({self.addresses[shard]}) named primary {word!r}; expected a "
+                              f"replica index below {n_rep} (details: {details[:200]!r})")
+        return int(word)
+
     def _error(self, shard: int, err: BaseException) -> BaseException:
         if not isinstance(err, grpc.RpcError):
             return err

@@ -272,7 +272,8 @@ class ServiceConfig(_JsonFields):
     max_ids_per_request: int = 1 << 20
     #: Largest message either way, in bytes.
     max_message_bytes: int = 64 << 20
-    #: RPCs one shard serves at once; more get RESOURCE_EXHAUSTED, and clients back off.
+    #: Authenticated EngramMemory calls one shard serves at once; more get RESOURCE_EXHAUSTED,
+    #: and clients back off. Unauthenticated calls and health checks never count against it.
     max_concurrent_rpcs: int = 64
     #: gRPC handler threads per shard.
     max_workers: int = 8
@@ -286,6 +287,16 @@ class ServiceConfig(_JsonFields):
     checkpoint_every_s: float = 0.0
     #: How many times Ray restarts a shard actor that died (-1: always).
     max_restarts: int = -1
+    #: Directory on each memory node under which Save (engram-ray checkpoint --dir, and
+    #: MemoryService.save) may write portable checkpoints; the path a client gives is taken
+    #: relative to it. "" = such saves are refused (recovery checkpoints still work).
+    save_root: str = ""
+    #: Seconds a copy that rejoins may take to stream the primary's rows; past it the primary
+    #: gives the join up (the copy tries again) and pushes stop waiting for it.
+    join_timeout_s: float = 3600.0
+    #: Seconds a shard copy remembers the id of a push it applied, so that a retry of it is
+    #: answered, not applied again (at most the last 1,000,000 pushes, whichever is fewer).
+    dedup_window_s: float = 600.0
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -296,6 +307,8 @@ class ServiceConfig(_JsonFields):
         _check_int(name, "replicas", self.replicas, 1, 16)
         _check_int(name, "max_restarts", self.max_restarts, -1)
         _check_float(name, "checkpoint_every_s", self.checkpoint_every_s, 0.0, 1e9)
+        _check_float(name, "join_timeout_s", self.join_timeout_s, 1.0, 1e7)
+        _check_float(name, "dedup_window_s", self.dedup_window_s, 1.0, 1e7)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise _field_error(name, "tls_cert/tls_key", (self.tls_cert, self.tls_key),
                                "both paths or neither")

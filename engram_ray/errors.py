@@ -4,7 +4,8 @@ an ``EngramError`` (so callers can catch ours); messages name the value and what
 from __future__ import annotations
 
 __all__ = ["EngramError", "InvalidRequest", "FingerprintMismatch", "RequestTooLarge",
-           "ShardUnavailable", "CheckpointError", "AuthError"]
+           "ShardUnavailable", "CheckpointError", "AuthError", "NotPrimary", "Unreplicated",
+           "NotServing"]
 
 
 class EngramError(Exception):
@@ -37,3 +38,19 @@ class ShardUnavailable(EngramError, ConnectionError):
     def __init__(self, shard: int, address: str, cause: str):
         super().__init__(f"shard {shard} at {address} is unavailable: {cause}")
         self.shard, self.address, self.cause = shard, address, cause
+
+
+# Raised inside a shard and sent as status codes (see protos/engram/v1/engram.proto) ----------
+class NotPrimary(EngramError):
+    """A push reached a backup copy while the primary lives (FAILED_PRECONDITION, with the
+    primary named), or a Snapshot reached a copy that is not a serving primary."""
+
+
+class Unreplicated(EngramError):
+    """A push could not reach every copy yet, or this copy is still copying the primary's
+    rows (UNAVAILABLE: retry, or go to another copy)."""
+
+
+class NotServing(EngramError):
+    """This shard copy refuses data calls: none of its recovery checkpoints loads, and no
+    operator has said what to serve instead (UNAVAILABLE)."""

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import (OptimizerConfig, StoreConfig, TrainConfig, model_demo, preset)
+from ..config import (OptimizerConfig, ServiceConfig, StoreConfig, TrainConfig, model_demo, preset)
 from .common import gib
 
 
@@ -32,7 +32,9 @@ def _run(args: argparse.Namespace, *, title: str) -> dict[str, Any]:
     print(f"  data       {cs['corpus']}: {cs['train_tokens']:,} train / {cs['val_tokens']:,} val tokens; "
           f"vocabulary {vocab.num_tokens:,} -> {vocab.size:,} compressed ids")
     with ray_session(args.address):
-        svc = deploy(ecfg, vocab=vocab, num_shards=args.shards, store=store, name=args.name)
+        # a demo's own service may write its checkpoint where the user asked, and nowhere else
+        service = ServiceConfig(save_root=str(Path(args.checkpoint).resolve())) if args.checkpoint else ServiceConfig()
+        svc = deploy(ecfg, vocab=vocab, num_shards=args.shards, store=store, name=args.name, service=service)
         worker = None
         try:
             lay = svc.layout
@@ -60,7 +62,7 @@ def _run(args: argparse.Namespace, *, title: str) -> dict[str, Any]:
             cstats, shards = worker.stats(), svc.describe()
             if args.checkpoint:
                 Path(args.checkpoint).mkdir(parents=True, exist_ok=True)
-                svc.save(str(Path(args.checkpoint) / "engram"))
+                svc.save("engram")  # relative to the save root: <checkpoint>/engram
                 worker.save(str(Path(args.checkpoint) / "dense.pt"))
         finally:
             if worker is not None:

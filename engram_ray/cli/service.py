@@ -1,4 +1,4 @@
-"""``engram-ray serve | status | stop``: run a memory service and look at it."""
+"""``engram-ray serve | status | stop | checkpoint | recover``: run a memory service and look at it."""
 
 from __future__ import annotations
 
@@ -13,19 +13,25 @@ from .common import add_table_args, engram_config, gib
 def _print_shards(shards: list[dict], qps: dict[int, float] | None = None) -> None:
     print(f"  {'shard':>5} {'health':<7} {'role':<8} {'address':<22} {'rows':>27} {'dtype':>9} {'resident':>11} "
           f"{'RSS':>11} {'lookups':>9} {'QPS':>7} {'p50 ms':>7} {'p99 ms':>7} {'updates':>8} {'rejected':>8}")
+    notes = []
     for d in shards:
         if "error" in d:
             print(f"  {d['shard_index']:>5} {'DOWN':<7} {'':<8} {d['address']:<22} {d['error']}")
             continue
+        state = d.get("state") or "serving"
+        notes += [(d["shard_index"], d.get("replica", 0), n) for n in d.get("notes") or ()]
         c = d["counters"]
         rows = f"[{d['row_start']:,}, {d['row_stop']:,})"
         key = (d["shard_index"], d.get("replica", 0))
         rate = f"{qps[key]:,.1f}" if qps and key in qps else "-"
         role = d.get("role") or "single"
         role = role if role == "single" else f"{role[:7]}"
-        print(f"  {d['shard_index']:>5} {'up':<7} {role:<8} {d['address']:<22} {rows:>27} {d['dtype']:>9} "
+        health = {"serving": "up", "syncing": "SYNCING", "refusing": "REFUSES"}.get(state, state)
+        print(f"  {d['shard_index']:>5} {health:<7} {role:<8} {d['address']:<22} {rows:>27} {d['dtype']:>9} "
               f"{gib(d['resident_bytes']):>11} {gib(d['rss_bytes']):>11} {c['lookups']:>9,} {rate:>7} "
               f"{c['lookup_p50_ms']:>7.2f} {c['lookup_p99_ms']:>7.2f} {c['updates']:>8,} {c['rejected']:>8,}")
+    for shard, replica, note in notes:
+        print(f"  shard {shard} copy {replica}: {note}")
 
 
 def service_config(args: argparse.Namespace):
@@ -42,7 +48,8 @@ def service_config(args: argparse.Namespace):
     over = {k: v for k, v in (("tls_cert", args.tls_cert), ("tls_key", args.tls_key), ("tls_ca", args.tls_ca),
                               ("checkpoint_dir", args.checkpoint_dir),
                               ("checkpoint_every_s", args.checkpoint_every),
-                              ("replicas", args.replicas)) if v is not None}
+                              ("replicas", args.replicas), ("save_root", args.save_root))
+            if v is not None}
     if args.no_auth:
         over["auth"] = False
     return dataclasses.replace(base, **over)
@@ -102,10 +109,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     before = {key(d): d["counters"]["lookups"] for d in first if "error" not in d}
     qps = {key(d): (d["counters"]["lookups"] - before[key(d)]) / dt
            for d in shards if "error" not in d and key(d) in before}
-    down = sum("error" in d for d in shards)
+    down = sum("error" in d or d.get("state", "serving") != "serving" for d in shards)
     copies = len(shards)
     print(f"memory service {svc.name!r}: {svc.num_shards} shards x {copies // max(1, svc.num_shards)} "
-          f"copies ({copies - down} of {copies} up), layout "
+          f"copies ({copies - down} of {copies} serving), layout "
           f"{svc.layout.fingerprint}, {svc.layout.num_params / 1e6:,.1f} M params, {svc.store.dtype}, "
           f"optimiser {svc.store.optimizer.kind}, auth {'on' if svc.token else 'off'}, "
           f"TLS {'on' if svc.tls_ca else 'off'}")
@@ -127,6 +134,24 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
               "(each reloads its newest after a restart):")
     for p in paths:
         print(f"  {p}")
+    return 0
+
+
+def _cmd_recover(args: argparse.Namespace) -> int:
+    from ..runtime import attach
+
+    svc = attach(args.name, address=args.address)
+    if not 0 <= args.shard < svc.num_shards:
+        print(f"--shard {args.shard}: the service has shards 0..{svc.num_shards - 1}")
+        return 2
+    source = "init" if args.reset else args.source
+    try:
+        info = svc.recover(args.shard, args.replica, source)
+    except Exception as e:  # noqa: BLE001 - the actor's error, as the operator should read it
+        print(f"shard {args.shard} copy {args.replica}: {getattr(e, 'cause', None) or e}")
+        return 1
+    print(f"shard {args.shard} copy {args.replica} serves again: rows from {info['source']} "
+          f"(now its recovery point; unusable checkpoints renamed *.unusable)")
     return 0
 
 
@@ -170,6 +195,9 @@ def register(sub) -> None:
                    help="where shards write recovery checkpoints and reload the newest after a restart")
     g.add_argument("--checkpoint-every", type=float, default=None, metavar="SECONDS",
                    help="seconds between automatic recovery checkpoints (default: on demand only)")
+    g.add_argument("--save-root", metavar="DIR",
+                   help="directory on each memory node under which `engram-ray checkpoint --dir` may write "
+                        "portable checkpoints (default: none, and such saves are refused)")
     p.set_defaults(func=_cmd_serve)
 
     for name, fn, help_text in (
@@ -185,7 +213,25 @@ def register(sub) -> None:
             p.add_argument("--interval", type=float, default=1.0,
                            help="seconds between the two reads that give QPS (default: 1)")
         if name == "checkpoint":
-            p.add_argument("--dir", metavar="DIR", help="write a full checkpoint here (a path every memory "
-                                                        "node can write); default: a recovery checkpoint "
-                                                        "into the service's checkpoint_dir")
+            p.add_argument("--dir", metavar="DIR", help="write a full checkpoint here, relative to the "
+                                                        "service's --save-root on every memory node; default: "
+                                                        "a recovery checkpoint into its checkpoint_dir")
         p.set_defaults(func=fn)
+
+    p = sub.add_parser(
+        "recover", help="operator's override for a shard that refuses to serve (every recovery "
+                        "checkpoint unusable): serve the initial rows or a checkpoint instead",
+        description="A shard copy whose recovery checkpoints all fail to load does not start again from "
+                    "its initial rows on its own (that would silently lose every update they held): it "
+                    "refuses data calls, and `engram-ray status` shows why. Once you have looked at the "
+                    "evidence, tell it what to serve. The unusable checkpoints are renamed "
+                    "ckpt-N.unusable, never deleted.")
+    p.add_argument("--name", default="engram", help="service name (default: engram)")
+    p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    p.add_argument("--shard", type=int, required=True, help="index of the shard that refuses")
+    p.add_argument("--replica", type=int, default=0, help="its copy (default: 0)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--reset", action="store_true", help="serve the initial rows (every update is lost)")
+    what.add_argument("--from", dest="source", metavar="DIR",
+                      help="serve the rows of this checkpoint directory (on the shard's node)")
+    p.set_defaults(func=_cmd_recover)

@@ -1,22 +1,49 @@
-"""Shared-secret token auth for the data plane: a server interceptor and the client's metadata.
+"""``CallGate``: who may call what on a shard's port, decided before a request's body is read.
 
-The token is generated at deploy time and handed to clients through the service handle; it
-travels as ``authorization: Bearer <token>`` gRPC metadata on every call (over TLS when the
-service has a certificate, so it is not readable on the wire). The health service stays open:
-it says only whether a shard serves.
+Three kinds of call reach a shard, each with its own authority and its own threads:
+
+- ``engram.v1.EngramMemory`` (clients): needs the service token, ``authorization: Bearer
+  <token>`` metadata (or the peer token), when the service has auth. At most
+  ``max_concurrent_rpcs`` run at once; more get RESOURCE_EXHAUSTED at once (clients back off).
+  They run on the server's handler pool.
+- ``engram.v1.EngramPeer`` (the other copies of the shard): needs the peer token, always; a
+  client token is refused, so no client can act as a replica. A pool of its own, so a
+  snapshot stream or a forwarded push never waits behind client lookups or takes their thread.
+- ``grpc.health.v1.Health/Check``: open; answered without reading the request (see
+  :func:`health_handler`).
+
+Why before the body: gRPC Python reads a unary request's body on a handler thread, and waits
+for it there. A caller that sends headers and never the body would hold that thread, and a
+handful of them every thread; a large body would sit in memory before any token is checked.
+So every call the gate refuses -- no token, a wrong one, over the limit -- is answered by a
+client-streaming handler that never touches its request iterator, on a small pool of its own:
+it costs microseconds and no body is buffered beyond gRPC's flow-control window, however the
+caller stalls. Authenticated calls are admitted by the same trick: the gate counts them before
+their body arrives and releases the count whatever happens to the call.
+
+The token travels over TLS when the service has a certificate, so it is not readable on the
+wire. ``hmac.compare_digest`` keeps the comparison constant-time.
 """
 
 from __future__ import annotations
 
 import hmac
+import threading
+from concurrent import futures
 from typing import Callable
 
 import grpc
+from grpc_health.v1 import health_pb2
 
-__all__ = ["TokenAuth", "auth_metadata", "METADATA_KEY"]
+__all__ = ["CallGate", "auth_metadata", "health_handler", "METADATA_KEY", "BUSY"]
 
 METADATA_KEY = "authorization"
-_GUARDED = "/engram.v1.EngramMemory/"
+_MEMORY = "/engram.v1.EngramMemory/"
+_PEER = "/engram.v1.EngramPeer/"
+_HEALTH = "/grpc.health.v1.Health/"
+#: The details of a call refused for being one too many (gRPC's own words, which clients
+#: already recognise as "not looked at: back off and retry").
+BUSY = "Concurrent RPC limit exceeded"
 
 
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
@@ -24,29 +51,111 @@ def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
     return ((METADATA_KEY, f"Bearer {token}"),) if token else None
 
 
-class TokenAuth(grpc.ServerInterceptor):
-    """Refuses EngramMemory calls without the right token with UNAUTHENTICATED, before any
-    handler runs; ``on_reject`` counts them."""
+def _on(pool: futures.ThreadPoolExecutor, fn: Callable) -> Callable:
+    """``fn`` as a behaviour gRPC runs on ``pool`` instead of the server's handler pool."""
+    def behaviour(*args):
+        return fn(*args)
+    behaviour.experimental_thread_pool = pool
+    return behaviour
 
-    def __init__(self, token: str, on_reject: Callable[[], None] = lambda: None):
-        if not token:
-            raise ValueError("TokenAuth: empty token")
-        self._expected = f"Bearer {token}".encode()
-        self._on_reject = on_reject
+
+def health_handler(serving: Callable[[], bool], pool: futures.ThreadPoolExecutor) -> grpc.RpcMethodHandler:
+    """grpc.health.v1.Health/Check, answered without reading the request: SERVING while
+    ``serving()``, NOT_SERVING otherwise, whatever service it names. (Reading the name would
+    let a caller that never sends it hold a thread; the shard has one status anyway.)"""
+    def check(_requests, _context):
+        return health_pb2.HealthCheckResponse(
+            status=health_pb2.HealthCheckResponse.SERVING if serving()
+            else health_pb2.HealthCheckResponse.NOT_SERVING)
+    return grpc.stream_unary_rpc_method_handler(
+        _on(pool, check), response_serializer=health_pb2.HealthCheckResponse.SerializeToString)
+
+
+class CallGate(grpc.ServerInterceptor):
+    """Admits EngramMemory calls with ``token`` (any call when None), EngramPeer calls with
+    ``peer_token`` (none when None), at most ``max_concurrent`` EngramMemory calls at once
+    (no limit when None); answers health checks; refuses the rest on ``open_pool`` without
+    reading them. ``on_reject`` counts refusals."""
+
+    def __init__(self, *, token: str | None, peer_token: str | None, max_concurrent: int | None,
+                 open_pool: futures.ThreadPoolExecutor, peer_pool: futures.ThreadPoolExecutor,
+                 serving: Callable[[], bool], on_reject: Callable[[], None] = lambda: None):
+        if token == "" or peer_token == "":
+            raise ValueError("CallGate: an empty token; pass None for no token")
+        self._client = f"Bearer {token}".encode() if token else None
+        self._peer = f"Bearer {peer_token}".encode() if peer_token else None
+        self._slots = threading.BoundedSemaphore(max_concurrent) if max_concurrent else None
+        self._open, self._peer_pool, self._on_reject = open_pool, peer_pool, on_reject
+        self._health = health_handler(serving, open_pool)
+
+    @staticmethod
+    def _is(got: bytes | None, want: bytes | None) -> bool:
+        return got is not None and want is not None and hmac.compare_digest(got, want)
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
-        if not method.startswith(_GUARDED):
+        if method.startswith(_HEALTH):
+            return self._health if method == _HEALTH + "Check" else None  # None: UNIMPLEMENTED
+        guarded = method.startswith(_MEMORY) or method.startswith(_PEER)
+        if not guarded:
             return continuation(handler_call_details)
-        got = dict(handler_call_details.invocation_metadata or ()).get(METADATA_KEY)
-        if got is not None and hmac.compare_digest(got.encode(), self._expected):
-            return continuation(handler_call_details)
-        reason = "no token" if got is None else "a wrong token"
+        got = None
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == METADATA_KEY:
+                got = value.encode() if isinstance(value, str) else bytes(value)
+                break
+        peer = self._is(got, self._peer)
+        if method.startswith(_PEER):
+            if not peer:
+                return self._refuse(grpc.StatusCode.UNAUTHENTICATED,
+                                    f"{method} is for the copies of a shard and needs their peer token; "
+                                    "clients cannot call it")
+            return self._on_peer_pool(continuation(handler_call_details))
+        if self._client is not None and not (peer or self._is(got, self._client)):
+            reason = "no token" if got is None else "a wrong token"
+            return self._refuse(grpc.StatusCode.UNAUTHENTICATED,
+                                f"{method} with {reason}: this memory service needs its token "
+                                "(attach(name).client() passes it)")
+        handler = continuation(handler_call_details)
+        if handler is None or self._slots is None:
+            return handler
+        if not self._slots.acquire(blocking=False):
+            return self._refuse(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{BUSY}: the shard serves its "
+                                "limit of calls at once (max_concurrent_rpcs); back off and retry")
+        return self._counted(handler)
+
+    def _refuse(self, code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
         on_reject = self._on_reject
 
-        def deny(_request, context):
+        def refuse(_requests, context):  # the request iterator is never read
             on_reject()
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          f"{method} with {reason}: this memory service needs its token "
-                          "(attach(name).client() passes it)")
-        return grpc.unary_unary_rpc_method_handler(deny)
+            context.abort(code, details)
+        return grpc.stream_unary_rpc_method_handler(_on(self._open, refuse))
+
+    def _counted(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """A unary handler that reads its one request itself, so the slot taken for it is
+        given back in every case (body never sent, call cancelled, handler error)."""
+        assert handler.unary_unary is not None, "EngramMemory methods are unary"
+        inner, release = handler.unary_unary, self._slots.release
+
+        def counted(requests, context):
+            try:
+                request = next(requests, None)
+                if request is None:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request message")
+                return inner(request, context)
+            finally:
+                release()
+        return grpc.stream_unary_rpc_method_handler(counted, request_deserializer=handler.request_deserializer,
+                                                    response_serializer=handler.response_serializer)
+
+    def _on_peer_pool(self, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+        if handler is None:
+            return None
+        kw = dict(request_deserializer=handler.request_deserializer,
+                  response_serializer=handler.response_serializer)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(_on(self._peer_pool, handler.unary_unary), **kw)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(_on(self._peer_pool, handler.unary_stream), **kw)
+        raise AssertionError("EngramPeer methods are unary or server-streaming")

@@ -124,6 +124,13 @@ class MemoryService:
             time.sleep(0.005)
         raise TimeoutError(f"shard {shard} copy {replica} (pid {pid}) still alive after {timeout} s")
 
+    def recover(self, shard: int, replica: int = 0, source: str = "init") -> dict[str, Any]:
+        """Operator's override for a shard copy that refuses to serve because none of its
+        recovery checkpoints loads: serve ``source`` ("init": the initial rows, or a checkpoint
+        directory on its node) from now on. Returns the copy's :meth:`shard_info`."""
+        actor = ray.get_actor(self._copy_name(shard, replica), namespace=NAMESPACE)
+        return ray.get(actor.recover.remote(source))
+
     def checkpoint(self) -> list[str]:
         """Every shard writes a recovery checkpoint now (needs ``checkpoint_dir``); returns
         their directories once written. What it covers: every update acknowledged before."""
@@ -321,6 +328,10 @@ def deploy(config: EngramConfig, *, vocab: Any = None, num_shards: int = 2,
     if replicas is not None:
         service = dataclasses.replace(service, replicas=replicas)
     token = secrets.token_urlsafe(32) if service.auth else None
+    # The copies' own credential, for the calls between them (forwards, snapshots). It goes to
+    # the shard actors only, never into the directory that attach() reads: no client holds it,
+    # so no client can act as a replica -- with auth off too.
+    peer_token = secrets.token_urlsafe(32)
     R = service.replicas
     bundle = _shard_bundle(layout, store, num_shards)
     pgs = _reserve(name, bundle, num_shards, R, detached, timeout) if bundle else []
@@ -338,7 +349,7 @@ def deploy(config: EngramConfig, *, vocab: Any = None, num_shards: int = 2,
                     pg, placement_group_bundle_index=k)}
             row.append(remote.options(name=names[i][r], **opts, **shard_opts, **place).remote(
                 layout.to_dict(), num_shards, i, store.to_dict(), host=host, service=service.to_dict(),
-                token=token, checkpoint=checkpoint, name=name, replica=r))
+                token=token, peer_token=peer_token, checkpoint=checkpoint, name=name, replica=r))
         actors.append(row)
     flat = [a for row in actors for a in row]
     refs = [a.address.remote() for a in flat]

@@ -82,6 +82,10 @@ class RecoveryCheckpoints:
 
     def save(self, shard: TableShard) -> Path:
         """Write a new checkpoint of ``shard``; returns its directory once complete."""
+        return self.save_checked(shard)[0]
+
+    def save_checked(self, shard: TableShard) -> tuple[Path, str]:
+        """:meth:`save`, also returning the sha256 of the rows it holds."""
         with self._lock:
             self.directory.mkdir(parents=True, exist_ok=True)
             # numbered past every checkpoint there, unusable ones included (they stay)
@@ -90,14 +94,14 @@ class RecoveryCheckpoints:
             partial = final.with_name(final.name + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
             t0 = time.perf_counter()
-            shard.save(partial)
+            saved = shard.save(partial)
             os.replace(partial, final)  # the checkpoint exists only once it is whole
             _fsync_dir(self.directory)
             for old in self.complete()[self.keep:]:
                 shutil.rmtree(old, ignore_errors=True)
             log.info("shard %d: recovery checkpoint %s in %.2f s", shard.shard_index, final.name,
                      time.perf_counter() - t0)
-            return final
+            return final, saved.sha256
 
     def load_newest(self, layout: TableLayout, num_shards: int, shard_index: int,
                     store: StoreConfig) -> Recovered:

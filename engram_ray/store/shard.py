@@ -77,6 +77,17 @@ class TableShard:
         return cls(fingerprint=layout.fingerprint, row_start=start, row_stop=stop,
                    dim=layout.row_dim, store=store, shard_index=shard_index, num_shards=num_shards)
 
+    @classmethod
+    def empty(cls, layout: TableLayout, num_shards: int, shard_index: int,
+              store: StoreConfig = StoreConfig()) -> "TableShard":
+        """The shard's range with zero rows (lazily mapped, so it costs no RAM until written):
+        a placeholder for a copy that must not serve what it would otherwise load."""
+        start, stop = ShardPlan(layout.total_rows, num_shards).shard_range(shard_index)
+        n = min(stop - start, store.resident_rows_per_shard or stop - start)
+        return cls(fingerprint=layout.fingerprint, row_start=start, row_stop=stop, dim=layout.row_dim,
+                   store=store, shard_index=shard_index, num_shards=num_shards,
+                   values=np.zeros((n, layout.row_dim), dtype=numpy_dtype(store.dtype)))
+
     # ----------------------------------------------------------------------------------
     @property
     def num_rows(self) -> int:
@@ -244,14 +255,15 @@ class TableShard:
                 "counters": dict(self.counters)}
 
     # Checkpoints -------------------------------------------------------------------------
-    def save(self, directory) -> Saved:
-        """Write this shard into checkpoint ``directory`` (see :mod:`.checkpoint`)."""
+    def save(self, directory, *, dir_fd: int | None = None) -> Saved:
+        """Write this shard into checkpoint ``directory`` (see :mod:`.checkpoint`); ``dir_fd``:
+        that directory, already opened (as :func:`~.checkpoint.open_under` does)."""
         from .checkpoint import save_shard
         if self.capped:
             raise InvalidRequest(f"shard {self.shard_index} is a capped benchmark table "
                                  f"({self.resident_rows} of {self.num_rows} rows resident); "
                                  "it has no real rows to checkpoint")
-        return save_shard(self, directory)
+        return save_shard(self, directory, dir_fd=dir_fd)
 
     @classmethod
     def load(cls, directory, layout: TableLayout, num_shards: int, shard_index: int,

@@ -52,10 +52,12 @@ def test_every_rpc_and_field_is_commented():
 
 
 @pytest.fixture
-def served(tiny_layout):
+def served(tiny_layout, tmp_path):
     shard = TableShard.create(tiny_layout, 2, 1, StoreConfig(optimizer=OptimizerConfig(kind="sgd", lr=0.1)))
+    (tmp_path / "saves").mkdir()
+    (tmp_path / "saves" / "afile").write_text("not a directory")
     server, port = create_server(shard, "127.0.0.1", 0, max_message_bytes=MAX_MSG, token=TOKEN,
-                                 max_ids_per_request=MAX_IDS)
+                                 max_ids_per_request=MAX_IDS, save_root=str(tmp_path / "saves"))
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[
         ("grpc.max_send_message_length", 4 * MAX_MSG), ("grpc.max_receive_message_length", 4 * MAX_MSG)])
     yield shard, AuthedStub(channel), channel
@@ -132,7 +134,14 @@ def _malformed(shard):
         "grads wrong fingerprint": (AG, pb.ApplyGradientsRequest(fingerprint="x", row_ids=good_ids, grads=good_g), FP, "serves"),
         "grads id out of range": (AG, pb.ApplyGradientsRequest(fingerprint=fp, row_ids=_ids([lo, hi]), grads=good_g), IA, "is outside"),
         "save without directory": ("Save", pb.SaveRequest(), IA, "directory is empty"),
-        "save to a file path": ("Save", pb.SaveRequest(directory="/proc/version/x"), IA, "cannot write"),
+        "save into a file": ("Save", pb.SaveRequest(directory="afile/x"), IA, "symlink or not a directory"),
+        "save outside the save root": ("Save", pb.SaveRequest(directory="/proc/version/x"), IA,
+                                       "not inside the service's save root"),
+        "save above the save root": ("Save", pb.SaveRequest(directory="../escape"), IA, "without '..'"),
+        "request id too long": (AG, pb.ApplyGradientsRequest(fingerprint=fp, row_ids=good_ids, grads=good_g,
+                                                             request_id="x" * 129), IA, "at most 128 bytes"),
+        "request id not printable": (AG, pb.ApplyGradientsRequest(fingerprint=fp, row_ids=good_ids, grads=good_g,
+                                                                  request_id="a\nb"), IA, "printable ASCII"),
         "lookup without token": (LK, pb.LookupRequest(fingerprint=fp, row_ids=good_ids), UA, "no token", ()),
         "lookup with a wrong token": (LK, pb.LookupRequest(fingerprint=fp, row_ids=good_ids), UA, "a wrong token",
                                       (("authorization", "Bearer guess"),)),
@@ -235,12 +244,15 @@ def test_remote_gradients_equal_the_same_step_applied_locally(served, tiny_layou
 
 def test_save_over_rpc_writes_a_loadable_checkpoint(served, tiny_layout, tmp_path):
     shard, stub, _ = served
-    resp = stub.Save(pb.SaveRequest(directory=str(tmp_path)))
-    assert resp.sha256 == shard.checksum() and Path(resp.header_path).exists()
+    resp = stub.Save(pb.SaveRequest(directory="ckpt/one"))
+    where = tmp_path / "saves" / "ckpt" / "one"
+    assert resp.sha256 == shard.checksum() and Path(resp.header_path).parent == where
     # the other half of the table, then reload as one shard
-    TableShard.create(tiny_layout, 2, 0, shard.store).save(tmp_path)
-    back = TableShard.load(tmp_path, tiny_layout, 1, 0, shard.store)
+    TableShard.create(tiny_layout, 2, 0, shard.store).save(where)
+    back = TableShard.load(where, tiny_layout, 1, 0, shard.store)
     assert np.array_equal(back.values[shard.row_start:], shard.values)
+    # an absolute path inside the root is the same place
+    assert stub.Save(pb.SaveRequest(directory=str(where))).header_path == resp.header_path
 
 
 def test_describe_reports_a_capped_table(tiny_layout):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65ngram/v1/engram.proto\x12\tengram.v1\"3\n\x05\x41rray\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"G\n\rLookupRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12!\n\x07row_ids\x18\x02 \x01(\x0b\x32\x10.engram.v1.Array\"0\n\x0eLookupResponse\x12\x1e\n\x04rows\x18\x01 \x01(\x0b\x32\x10.engram.v1.Array\"\xa8\x01\n\x15\x41pplyGradientsRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12!\n\x07row_ids\x18\x02 \x01(\x0b\x32\x10.engram.v1.Array\x12\x1f\n\x05grads\x18\x03 \x01(\x0b\x32\x10.engram.v1.Array\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x11\n\tforwarded\x18\x05 \x01(\x08\x12\x0f\n\x07primary\x18\x06 \x01(\x05\"D\n\x16\x41pplyGradientsResponse\x12\x14\n\x0crows_updated\x18\x01 \x01(\x03\x12\x14\n\x0cupdate_count\x18\x02 \x01(\x03\"\x11\n\x0f\x44\x65scribeRequest\"\xdc\x01\n\rShardCounters\x12\x0f\n\x07lookups\x18\x01 \x01(\x03\x12\x13\n\x0brows_served\x18\x02 \x01(\x03\x12\x14\n\x0c\x62ytes_served\x18\x03 \x01(\x03\x12\x0f\n\x07updates\x18\x04 \x01(\x03\x12\x14\n\x0crows_updated\x18\x05 \x01(\x03\x12\x10\n\x08rejected\x18\x06 \x01(\x03\x12\x16\n\x0elookup_seconds\x18\x07 \x01(\x01\x12\x15\n\rlookup_p50_ms\x18\x08 \x01(\x01\x12\x15\n\rlookup_p99_ms\x18\t \x01(\x01\x12\x10\n\x08uptime_s\x18\n \x01(\x01\"\x8b\x03\n\x10\x44\x65scribeResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\x05\x12\x12\n\nnum_shards\x18\x03 \x01(\x05\x12\x11\n\trow_start\x18\x04 \x01(\x03\x12\x10\n\x08row_stop\x18\x05 \x01(\x03\x12\x0b\n\x03\x64im\x18\x06 \x01(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x11\n\toptimizer\x18\x08 \x01(\t\x12\x16\n\x0eresident_bytes\x18\t \x01(\x03\x12\x19\n\x11max_message_bytes\x18\n \x01(\x03\x12*\n\x08\x63ounters\x18\x0b \x01(\x0b\x32\x18.engram.v1.ShardCounters\x12\x15\n\rresident_rows\x18\x0c \x01(\x03\x12\x1b\n\x13max_ids_per_request\x18\r \x01(\x03\x12\x11\n\trss_bytes\x18\x0e \x01(\x03\x12\x0c\n\x04role\x18\x0f \x01(\t\x12\x0f\n\x07replica\x18\x10 \x01(\x05\x12\x0f\n\x07primary\x18\x11 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kups\x18\x12 \x03(\t\" \n\x0bSaveRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\"3\n\x0cSaveResponse\x12\x13\n\x0bheader_path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"P\n\x0fSnapshotRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x14\n\x0cjoin_address\x18\x02 \x01(\t\x12\x12\n\njoin_index\x18\x03 \x01(\x05\"\x8d\x01\n\rSnapshotChunk\x12\x0c\n\x04part\x18\x01 \x01(\t\x12\x12\n\nrow_offset\x18\x02 \x01(\x03\x12\x1e\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x10.engram.v1.Array\x12\x0f\n\x07primary\x18\x04 \x01(\x05\x12\x13\n\x0b\x61pplied_ids\x18\x05 \x03(\t\x12\x14\n\x0c\x61pplied_rows\x18\x06 \x03(\x03\x32\xe6\x02\n\x0c\x45ngramMemory\x12=\n\x06Lookup\x12\x18.engram.v1.LookupRequest\x1a\x19.engram.v1.LookupResponse\x12U\n\x0e\x41pplyGradients\x12 .engram.v1.ApplyGradientsRequest\x1a!.engram.v1.ApplyGradientsResponse\x12\x43\n\x08\x44\x65scribe\x12\x1a.engram.v1.DescribeRequest\x1a\x1b.engram.v1.DescribeResponse\x12\x37\n\x04Save\x12\x16.engram.v1.SaveRequest\x1a\x17.engram.v1.SaveResponse\x12\x42\n\x08Snapshot\x12\x1a.engram.v1.SnapshotRequest\x1a\x18.engram.v1.SnapshotChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65ngram/v1/engram.proto\x12\tengram.v1\"3\n\x05\x41rray\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"G\n\rLookupRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12!\n\x07row_ids\x18\x02 \x01(\x0b\x32\x10.engram.v1.Array\"0\n\x0eLookupResponse\x12\x1e\n\x04rows\x18\x01 \x01(\x0b\x32\x10.engram.v1.Array\"\x90\x01\n\x15\x41pplyGradientsRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12!\n\x07row_ids\x18\x02 \x01(\x0b\x32\x10.engram.v1.Array\x12\x1f\n\x05grads\x18\x03 \x01(\x0b\x32\x10.engram.v1.Array\x12\x12\n\nrequest_id\x18\x04 \x01(\tJ\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07\"D\n\x16\x41pplyGradientsResponse\x12\x14\n\x0crows_updated\x18\x01 \x01(\x03\x12\x14\n\x0cupdate_count\x18\x02 \x01(\x03\"\x11\n\x0f\x44\x65scribeRequest\"\xdc\x01\n\rShardCounters\x12\x0f\n\x07lookups\x18\x01 \x01(\x03\x12\x13\n\x0brows_served\x18\x02 \x01(\x03\x12\x14\n\x0c\x62ytes_served\x18\x03 \x01(\x03\x12\x0f\n\x07updates\x18\x04 \x01(\x03\x12\x14\n\x0crows_updated\x18\x05 \x01(\x03\x12\x10\n\x08rejected\x18\x06 \x01(\x03\x12\x16\n\x0elookup_seconds\x18\x07 \x01(\x01\x12\x15\n\rlookup_p50_ms\x18\x08 \x01(\x01\x12\x15\n\rlookup_p99_ms\x18\t \x01(\x01\x12\x10\n\x08uptime_s\x18\n \x01(\x01\"\xbc\x03\n\x10\x44\x65scribeResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\x05\x12\x12\n\nnum_shards\x18\x03 \x01(\x05\x12\x11\n\trow_start\x18\x04 \x01(\x03\x12\x10\n\x08row_stop\x18\x05 \x01(\x03\x12\x0b\n\x03\x64im\x18\x06 \x01(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x11\n\toptimizer\x18\x08 \x01(\t\x12\x16\n\x0eresident_bytes\x18\t \x01(\x03\x12\x19\n\x11max_message_bytes\x18\n \x01(\x03\x12*\n\x08\x63ounters\x18\x0b \x01(\x0b\x32\x18.engram.v1.ShardCounters\x12\x15\n\rresident_rows\x18\x0c \x01(\x03\x12\x1b\n\x13max_ids_per_request\x18\r \x01(\x03\x12\x11\n\trss_bytes\x18\x0e \x01(\x03\x12\x0c\n\x04role\x18\x0f \x01(\t\x12\x0f\n\x07replica\x18\x10 \x01(\x05\x12\x0f\n\x07primary\x18\x11 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kups\x18\x12 \x03(\t\x12\r\n\x05state\x18\x13 \x01(\t\x12\x11\n\trows_from\x18\x14 \x01(\t\x12\r\n\x05notes\x18\x15 \x03(\t\" \n\x0bSaveRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\"3\n\x0cSaveResponse\x12\x13\n\x0bheader_path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"^\n\x0e\x46orwardRequest\x12.\n\x04push\x18\x01 \x01(\x0b\x32 .engram.v1.ApplyGradientsRequest\x12\x0f\n\x07primary\x18\x02 \x01(\x05\x12\x0b\n\x03seq\x18\x03 \x01(\x03\"P\n\x0fSnapshotRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x14\n\x0cjoin_address\x18\x02 \x01(\t\x12\x12\n\njoin_index\x18\x03 \x01(\x05\"\x9a\x01\n\rSnapshotChunk\x12\x0c\n\x04part\x18\x01 \x01(\t\x12\x12\n\nrow_offset\x18\x02 \x01(\x03\x12\x1e\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x10.engram.v1.Array\x12\x0f\n\x07primary\x18\x04 \x01(\x05\x12\x13\n\x0b\x61pplied_ids\x18\x05 \x03(\t\x12\x14\n\x0c\x61pplied_rows\x18\x06 \x03(\x03\x12\x0b\n\x03seq\x18\x07 \x01(\x03\x32\xa2\x02\n\x0c\x45ngramMemory\x12=\n\x06Lookup\x12\x18.engram.v1.LookupRequest\x1a\x19.engram.v1.LookupResponse\x12U\n\x0e\x41pplyGradients\x12 .engram.v1.ApplyGradientsRequest\x1a!.engram.v1.ApplyGradientsResponse\x12\x43\n\x08\x44\x65scribe\x12\x1a.engram.v1.DescribeRequest\x1a\x1b.engram.v1.DescribeResponse\x12\x37\n\x04Save\x12\x16.engram.v1.SaveRequest\x1a\x17.engram.v1.SaveResponse2\x99\x01\n\nEngramPeer\x12G\n\x07\x46orward\x12\x19.engram.v1.ForwardRequest\x1a!.engram.v1.ApplyGradientsResponse\x12\x42\n\x08Snapshot\x12\x1a.engram.v1.SnapshotRequest\x1a\x18.engram.v1.SnapshotChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,23 +39,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOOKUPRESPONSE']._serialized_start=163
   _globals['_LOOKUPRESPONSE']._serialized_end=211
   _globals['_APPLYGRADIENTSREQUEST']._serialized_start=214
-  _globals['_APPLYGRADIENTSREQUEST']._serialized_end=382
-  _globals['_APPLYGRADIENTSRESPONSE']._serialized_start=384
-  _globals['_APPLYGRADIENTSRESPONSE']._serialized_end=452
-  _globals['_DESCRIBEREQUEST']._serialized_start=454
-  _globals['_DESCRIBEREQUEST']._serialized_end=471
-  _globals['_SHARDCOUNTERS']._serialized_start=474
-  _globals['_SHARDCOUNTERS']._serialized_end=694
-  _globals['_DESCRIBERESPONSE']._serialized_start=697
-  _globals['_DESCRIBERESPONSE']._serialized_end=1092
-  _globals['_SAVEREQUEST']._serialized_start=1094
-  _globals['_SAVEREQUEST']._serialized_end=1126
-  _globals['_SAVERESPONSE']._serialized_start=1128
-  _globals['_SAVERESPONSE']._serialized_end=1179
-  _globals['_SNAPSHOTREQUEST']._serialized_start=1181
-  _globals['_SNAPSHOTREQUEST']._serialized_end=1261
-  _globals['_SNAPSHOTCHUNK']._serialized_start=1264
-  _globals['_SNAPSHOTCHUNK']._serialized_end=1405
-  _globals['_ENGRAMMEMORY']._serialized_start=1408
-  _globals['_ENGRAMMEMORY']._serialized_end=1766
+  _globals['_APPLYGRADIENTSREQUEST']._serialized_end=358
+  _globals['_APPLYGRADIENTSRESPONSE']._serialized_start=360
+  _globals['_APPLYGRADIENTSRESPONSE']._serialized_end=428
+  _globals['_DESCRIBEREQUEST']._serialized_start=430
+  _globals['_DESCRIBEREQUEST']._serialized_end=447
+  _globals['_SHARDCOUNTERS']._serialized_start=450
+  _globals['_SHARDCOUNTERS']._serialized_end=670
+  _globals['_DESCRIBERESPONSE']._serialized_start=673
+  _globals['_DESCRIBERESPONSE']._serialized_end=1117
+  _globals['_SAVEREQUEST']._serialized_start=1119
+  _globals['_SAVEREQUEST']._serialized_end=1151
+  _globals['_SAVERESPONSE']._serialized_start=1153
+  _globals['_SAVERESPONSE']._serialized_end=1204
+  _globals['_FORWARDREQUEST']._serialized_start=1206
+  _globals['_FORWARDREQUEST']._serialized_end=1300
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1302
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1382
+  _globals['_SNAPSHOTCHUNK']._serialized_start=1385
+  _globals['_SNAPSHOTCHUNK']._serialized_end=1539
+  _globals['_ENGRAMMEMORY']._serialized_start=1542
+  _globals['_ENGRAMMEMORY']._serialized_end=1832
+  _globals['_ENGRAMPEER']._serialized_start=1835
+  _globals['_ENGRAMPEER']._serialized_end=1988
 # @@protoc_insertion_point(module_scope)

@@ -31,20 +31,16 @@ class LookupResponse(_message.Message):
     def __init__(self, rows: _Optional[_Union[Array, _Mapping]] = ...) -> None: ...
 
 class ApplyGradientsRequest(_message.Message):
-    __slots__ = ("fingerprint", "row_ids", "grads", "request_id", "forwarded", "primary")
+    __slots__ = ("fingerprint", "row_ids", "grads", "request_id")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     ROW_IDS_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    FORWARDED_FIELD_NUMBER: _ClassVar[int]
-    PRIMARY_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     row_ids: Array
     grads: Array
     request_id: str
-    forwarded: bool
-    primary: int
-    def __init__(self, fingerprint: _Optional[str] = ..., row_ids: _Optional[_Union[Array, _Mapping]] = ..., grads: _Optional[_Union[Array, _Mapping]] = ..., request_id: _Optional[str] = ..., forwarded: _Optional[bool] = ..., primary: _Optional[int] = ...) -> None: ...
+    def __init__(self, fingerprint: _Optional[str] = ..., row_ids: _Optional[_Union[Array, _Mapping]] = ..., grads: _Optional[_Union[Array, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ApplyGradientsResponse(_message.Message):
     __slots__ = ("rows_updated", "update_count")
@@ -83,7 +79,7 @@ class ShardCounters(_message.Message):
     def __init__(self, lookups: _Optional[int] = ..., rows_served: _Optional[int] = ..., bytes_served: _Optional[int] = ..., updates: _Optional[int] = ..., rows_updated: _Optional[int] = ..., rejected: _Optional[int] = ..., lookup_seconds: _Optional[float] = ..., lookup_p50_ms: _Optional[float] = ..., lookup_p99_ms: _Optional[float] = ..., uptime_s: _Optional[float] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("fingerprint", "shard_index", "num_shards", "row_start", "row_stop", "dim", "dtype", "optimizer", "resident_bytes", "max_message_bytes", "counters", "resident_rows", "max_ids_per_request", "rss_bytes", "role", "replica", "primary", "backups")
+    __slots__ = ("fingerprint", "shard_index", "num_shards", "row_start", "row_stop", "dim", "dtype", "optimizer", "resident_bytes", "max_message_bytes", "counters", "resident_rows", "max_ids_per_request", "rss_bytes", "role", "replica", "primary", "backups", "state", "rows_from", "notes")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +98,9 @@ class DescribeResponse(_message.Message):
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     PRIMARY_FIELD_NUMBER: _ClassVar[int]
     BACKUPS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FROM_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     shard_index: int
     num_shards: int
@@ -120,7 +119,10 @@ class DescribeResponse(_message.Message):
     replica: int
     primary: int
     backups: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, fingerprint: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., row_start: _Optional[int] = ..., row_stop: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., optimizer: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., counters: _Optional[_Union[ShardCounters, _Mapping]] = ..., resident_rows: _Optional[int] = ..., max_ids_per_request: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., role: _Optional[str] = ..., replica: _Optional[int] = ..., primary: _Optional[int] = ..., backups: _Optional[_Iterable[str]] = ...) -> None: ...
+    state: str
+    rows_from: str
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, fingerprint: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., row_start: _Optional[int] = ..., row_stop: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., optimizer: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., counters: _Optional[_Union[ShardCounters, _Mapping]] = ..., resident_rows: _Optional[int] = ..., max_ids_per_request: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., role: _Optional[str] = ..., replica: _Optional[int] = ..., primary: _Optional[int] = ..., backups: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., rows_from: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SaveRequest(_message.Message):
     __slots__ = ("directory",)
@@ -136,6 +138,16 @@ class SaveResponse(_message.Message):
     sha256: str
     def __init__(self, header_path: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
 
+class ForwardRequest(_message.Message):
+    __slots__ = ("push", "primary", "seq")
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    push: ApplyGradientsRequest
+    primary: int
+    seq: int
+    def __init__(self, push: _Optional[_Union[ApplyGradientsRequest, _Mapping]] = ..., primary: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
+
 class SnapshotRequest(_message.Message):
     __slots__ = ("fingerprint", "join_address", "join_index")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -147,17 +159,19 @@ class SnapshotRequest(_message.Message):
     def __init__(self, fingerprint: _Optional[str] = ..., join_address: _Optional[str] = ..., join_index: _Optional[int] = ...) -> None: ...
 
 class SnapshotChunk(_message.Message):
-    __slots__ = ("part", "row_offset", "data", "primary", "applied_ids", "applied_rows")
+    __slots__ = ("part", "row_offset", "data", "primary", "applied_ids", "applied_rows", "seq")
     PART_FIELD_NUMBER: _ClassVar[int]
     ROW_OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     PRIMARY_FIELD_NUMBER: _ClassVar[int]
     APPLIED_IDS_FIELD_NUMBER: _ClassVar[int]
     APPLIED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     part: str
     row_offset: int
     data: Array
     primary: int
     applied_ids: _containers.RepeatedScalarFieldContainer[str]
     applied_rows: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, part: _Optional[str] = ..., row_offset: _Optional[int] = ..., data: _Optional[_Union[Array, _Mapping]] = ..., primary: _Optional[int] = ..., applied_ids: _Optional[_Iterable[str]] = ..., applied_rows: _Optional[_Iterable[int]] = ...) -> None: ...
+    seq: int
+    def __init__(self, part: _Optional[str] = ..., row_offset: _Optional[int] = ..., data: _Optional[_Union[Array, _Mapping]] = ..., primary: _Optional[int] = ..., applied_ids: _Optional[_Iterable[str]] = ..., applied_rows: _Optional[_Iterable[int]] = ..., seq: _Optional[int] = ...) -> None: ...

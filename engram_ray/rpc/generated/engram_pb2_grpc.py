@@ -56,11 +56,6 @@ class EngramMemoryStub:
                 request_serializer=engram_dot_v1_dot_engram__pb2.SaveRequest.SerializeToString,
                 response_deserializer=engram_dot_v1_dot_engram__pb2.SaveResponse.FromString,
                 _registered_method=True)
-        self.Snapshot = channel.unary_stream(
-                '/engram.v1.EngramMemory/Snapshot',
-                request_serializer=engram_dot_v1_dot_engram__pb2.SnapshotRequest.SerializeToString,
-                response_deserializer=engram_dot_v1_dot_engram__pb2.SnapshotChunk.FromString,
-                _registered_method=True)
 
 
 class EngramMemoryServicer:
@@ -95,15 +90,6 @@ class EngramMemoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Snapshot(self, request, context):
-        """This shard's rows and optimiser state, streamed, for a replica that (re)joins: the
-        primary holds its updates while it streams, then forwards every later update to the
-        joining replica, so the copy misses none.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_EngramMemoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,11 +112,6 @@ def add_EngramMemoryServicer_to_server(servicer, server):
                     servicer.Save,
                     request_deserializer=engram_dot_v1_dot_engram__pb2.SaveRequest.FromString,
                     response_serializer=engram_dot_v1_dot_engram__pb2.SaveResponse.SerializeToString,
-            ),
-            'Snapshot': grpc.unary_stream_rpc_method_handler(
-                    servicer.Snapshot,
-                    request_deserializer=engram_dot_v1_dot_engram__pb2.SnapshotRequest.FromString,
-                    response_serializer=engram_dot_v1_dot_engram__pb2.SnapshotChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -252,6 +233,107 @@ class EngramMemory:
             metadata,
             _registered_method=True)
 
+
+class EngramPeerStub:
+    """Calls between the copies of one shard. Every call needs the peer token, which clients
+    never hold.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Forward = channel.unary_unary(
+                '/engram.v1.EngramPeer/Forward',
+                request_serializer=engram_dot_v1_dot_engram__pb2.ForwardRequest.SerializeToString,
+                response_deserializer=engram_dot_v1_dot_engram__pb2.ApplyGradientsResponse.FromString,
+                _registered_method=True)
+        self.Snapshot = channel.unary_stream(
+                '/engram.v1.EngramPeer/Snapshot',
+                request_serializer=engram_dot_v1_dot_engram__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=engram_dot_v1_dot_engram__pb2.SnapshotChunk.FromString,
+                _registered_method=True)
+
+
+class EngramPeerServicer:
+    """Calls between the copies of one shard. Every call needs the peer token, which clients
+    never hold.
+    """
+
+    def Forward(self, request, context):
+        """A push the primary applied, forwarded to a backup: the backup applies it (or, while it
+        still copies the primary's rows, keeps it and applies it after the copy, in order).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Snapshot(self, request, context):
+        """This shard's rows and optimiser state, streamed, for a copy that (re)joins. The primary
+        copies them in one consistent step and from then on forwards every push to the joiner, so
+        the copy misses none; it streams the copy without holding pushes up, within
+        ServiceConfig.join_timeout_s. The primary first checks, by calling it back, that a copy
+        of this shard with that replica index is copying its rows at join_address.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_EngramPeerServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Forward': grpc.unary_unary_rpc_method_handler(
+                    servicer.Forward,
+                    request_deserializer=engram_dot_v1_dot_engram__pb2.ForwardRequest.FromString,
+                    response_serializer=engram_dot_v1_dot_engram__pb2.ApplyGradientsResponse.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_stream_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=engram_dot_v1_dot_engram__pb2.SnapshotRequest.FromString,
+                    response_serializer=engram_dot_v1_dot_engram__pb2.SnapshotChunk.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'engram.v1.EngramPeer', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('engram.v1.EngramPeer', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class EngramPeer:
+    """Calls between the copies of one shard. Every call needs the peer token, which clients
+    never hold.
+    """
+
+    @staticmethod
+    def Forward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram.v1.EngramPeer/Forward',
+            engram_dot_v1_dot_engram__pb2.ForwardRequest.SerializeToString,
+            engram_dot_v1_dot_engram__pb2.ApplyGradientsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
     @staticmethod
     def Snapshot(request,
             target,
@@ -266,7 +348,7 @@ class EngramMemory:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/engram.v1.EngramMemory/Snapshot',
+            '/engram.v1.EngramPeer/Snapshot',
             engram_dot_v1_dot_engram__pb2.SnapshotRequest.SerializeToString,
             engram_dot_v1_dot_engram__pb2.SnapshotChunk.FromString,
             options,
