@@ -240,8 +240,8 @@ class EngramClient:
             bad = ([f"dtype {d.dtype!r} (expected one of {', '.join(STORAGE_DTYPES)})"]
                    * (d.dtype not in STORAGE_DTYPES)
                    + [f"dim {d.dim} (the layout's rows have {self.layout.row_dim})"] * (d.dim != self.layout.row_dim)
-                   + [f"max_message_bytes {d.max_message_bytes} (expected at least 65536)"]
-                   * (d.max_message_bytes < 1 << 16)
+                   + [f"max_message_bytes {d.max_message_bytes} (expected at least 8192)"]
+                   * (d.max_message_bytes < 8192)
                    + [f"max_ids_per_request {d.max_ids_per_request} (expected >= 0)"] * (d.max_ids_per_request < 0))
             if bad:
                 self.close()
@@ -381,7 +381,10 @@ class EngramClient:
             nonlocal decode_s
             resp = await self._call(shard, "Lookup", request, _LOOKUP_RETRY)
             t = time.perf_counter()
-            rows = codec.decode(resp.rows, what="rows", dtypes=(self.dtype_name,), ndim=2)
+            try:
+                rows = codec.decode(resp.rows, what="rows", dtypes=(self.dtype_name,), ndim=2)
+            except ValueError as e:  # the shard's answer is bad, not the caller's ids
+                raise EngramError(f"shard {shard} ({self.addresses[shard]}) answered a lookup with {e}") from None
             if rows.shape != (b - a, dim):
                 raise EngramError(f"shard {shard} answered {rows.shape} rows for {b - a} ids")
             uniq_rows[a:b] = rows
@@ -513,7 +516,7 @@ class EngramClient:
         rest = details.split(PRIMARY_IS, 1)[1].split()
         word = rest[0] if rest else ""
         n_rep = len(self.replicas[shard])
-        if not word.isdigit() or not int(word) < n_rep:
+        if not (word.isascii() and word.isdigit()) or not int(word) < n_rep:
             raise EngramError(f"shard {shard} ({self.addresses[shard]}) named primary {word!r}; expected a "
                               f"replica index below {n_rep} (details: {details[:200]!r})")
         return int(word)

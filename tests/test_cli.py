@@ -12,7 +12,7 @@ def test_help_lists_the_commands(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for cmd in ("demo", "layout", "hash", "train", "serve", "plan", "status", "checkpoint", "bench"):
+    for cmd in ("demo", "layout", "hash", "train", "serve", "plan", "status", "checkpoint", "recover", "bench"):
         assert cmd in out
 
 

@@ -244,3 +244,91 @@ def test_a_shard_that_moved_is_found_through_the_resolver(tiny_layout):
         client.close()
     finally:
         c.stop()
+
+
+# A shard that lies (issue 11 #12): every answer is checked against the layout, and a bad one
+# is the project's error that names the shard, never wrong rows or a bare ValueError.
+class _Liar:
+    """A real server whose servicer changes one answer; ``patch(servicer)`` does it."""
+
+    def __init__(self, layout, patch, copies=1):
+        from engram_ray.rpc.servicer import ShardServicer
+        self.shard = TableShard.create(layout, 1, 0, STORE)
+        self.servicer = ShardServicer(self.shard, 64 << 20)
+        patch(self.servicer)
+        self.server, port = create_server(self.shard, "127.0.0.1", 0, servicer=self.servicer)
+        self.addresses = [f"127.0.0.1:{port}"] * copies
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.stop(0)
+
+
+def _describe_with(**change):
+    def patch(servicer):
+        real = servicer.Describe
+
+        def describe(request, context):
+            d = real(request, context)
+            for k, v in change.items():
+                setattr(d, k, v)
+            return d
+        servicer.Describe = describe
+    return patch
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(dtype="int64"), "dtype 'int64'"), (dict(dtype=""), "dtype ''"),
+    (dict(dim=15), "dim 15"), (dict(max_message_bytes=0), "max_message_bytes 0"),
+    (dict(max_ids_per_request=-5), "max_ids_per_request -5")])
+def test_a_shard_that_describes_itself_wrongly_is_refused_at_connect(tiny_layout, change, match):
+    from engram_ray.errors import EngramError
+    with _Liar(tiny_layout, _describe_with(**change)) as liar:
+        with pytest.raises(EngramError, match=match):
+            EngramClient(liar.addresses, tiny_layout)
+
+
+@pytest.mark.parametrize("rows_updated,update_count", [(-1, 1), (10**6, 1), (1, -3)])
+def test_a_push_answer_that_cannot_be_is_an_error(tiny_layout, rows_updated, update_count):
+    from engram_ray.errors import EngramError
+    from engram_ray.rpc.generated import engram_pb2 as pb
+
+    def patch(servicer):
+        servicer.ApplyGradients = lambda request, context: pb.ApplyGradientsResponse(
+            rows_updated=rows_updated, update_count=update_count)
+    with _Liar(tiny_layout, patch) as liar, EngramClient(liar.addresses, tiny_layout) as client:
+        with pytest.raises(EngramError, match=f"rows_updated={rows_updated}"):
+            client.push_gradients(np.array([1, 2]), np.ones((2, 16), np.float32))
+
+
+def test_lookup_rows_of_another_dtype_or_shape_are_an_error_not_data(tiny_layout):
+    from engram_ray.errors import EngramError
+    from engram_ray.rpc import codec
+    from engram_ray.rpc.generated import engram_pb2 as pb
+
+    huge = [pb.Array(dtype="float32", shape=shape, data=b"") for shape in ([2**33, 2**31], [2**62, 4])]
+    for rows in [codec.encode(np.zeros((3, 16), np.int64)), codec.encode(np.zeros((3, 8), np.float32)), *huge]:
+        def patch(servicer, rows=rows):
+            servicer.Lookup = lambda request, context: pb.LookupResponse(rows=rows)
+        with _Liar(tiny_layout, patch) as liar, EngramClient(liar.addresses, tiny_layout) as client:
+            with pytest.raises(EngramError, match="shard 0") as e:
+                client.lookup(np.array([1, 2, 3]))
+            assert not isinstance(e.value, InvalidRequest)
+
+
+@pytest.mark.parametrize("hint", ["primary=", "primary=abc", "primary=-1", "primary=7 at x", "primary=99999999999999999999",
+                                  "primary=\u00b2", "primary=\u2460"])
+def test_a_malformed_primary_hint_is_an_error_naming_it(tiny_layout, hint):
+    import grpc
+    from engram_ray.errors import EngramError
+
+    def patch(servicer):
+        def refuse(request, context):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"replica 1 is a backup; {hint}")
+        servicer.ApplyGradients = refuse
+    with _Liar(tiny_layout, patch, copies=2) as liar, EngramClient([liar.addresses], tiny_layout) as client:
+        with pytest.raises(EngramError, match="named primary") as e:
+            client.push_gradients(np.array([1]), np.ones((1, 16), np.float32))
+        assert not isinstance(e.value, ValueError)

@@ -4,8 +4,10 @@ Three kinds of call reach a shard, each with its own authority and its own threa
 
 - ``engram.v1.EngramMemory`` (clients): needs the service token, ``authorization: Bearer
   <token>`` metadata (or the peer token), when the service has auth. At most
-  ``max_concurrent_rpcs`` run at once; more get RESOURCE_EXHAUSTED at once (clients back off).
-  They run on the server's handler pool.
+  ``max_concurrent_rpcs`` client calls run at once; more get RESOURCE_EXHAUSTED at once
+  (clients back off). They run on the server's handler pool. The same calls from a peer (a
+  copy asking whether this one lives, or calling a joiner back) are not counted and run on
+  the peers' pool: clients that fill every slot or thread cannot make a copy look dead.
 - ``engram.v1.EngramPeer`` (the other copies of the shard): needs the peer token, always; a
   client token is refused, so no client can act as a replica. A pool of its own, so a
   snapshot stream or a forwarded push never waits behind client lookups or takes their thread.
@@ -117,6 +119,8 @@ class CallGate(grpc.ServerInterceptor):
                                 f"{method} with {reason}: this memory service needs its token "
                                 "(attach(name).client() passes it)")
         handler = continuation(handler_call_details)
+        if peer:  # a copy of this shard (e.g. asking whether this one lives): never behind clients
+            return self._on_peer_pool(handler)
         if handler is None or self._slots is None:
             return handler
         if not self._slots.acquire(blocking=False):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -49,7 +50,7 @@ def decode(msg: pb.Array, *, what: str, dtypes: Sequence[str], ndim: int,
         raise InvalidRequest(f"{what}: shape {list(shape)} has {len(shape)} dims; expected {ndim}")
     if any(d < 0 for d in shape):
         raise InvalidRequest(f"{what}: shape {list(shape)} has a negative dimension")
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    n = math.prod(shape)  # exact: np.prod in int64 wraps, and a huge shape would pass as 0
     if max_elements is not None and n > max_elements:
         raise InvalidRequest(f"{what}: {n} elements exceed the limit of {max_elements}")
     dt = wire_dtype(msg.dtype)

@@ -149,8 +149,11 @@ class Replication:
 
     def channel(self, address: str) -> grpc.Channel:
         if address not in self._channels:
-            self._channels[address] = (grpc.secure_channel(address, self._creds) if self._creds is not None
-                                       else grpc.insecure_channel(address))
+            # A pool of its own: gRPC shares connections between channels to one address, so a
+            # new channel would inherit the reconnect backoff of the dead copy's connection.
+            opts = [("grpc.use_local_subchannel_pool", 1)]
+            self._channels[address] = (grpc.secure_channel(address, self._creds, options=opts)
+                                       if self._creds is not None else grpc.insecure_channel(address, options=opts))
         return self._channels[address]
 
     def reset_channel(self, address: str) -> None:
@@ -201,6 +204,13 @@ class Replication:
         with self.order:
             if self.buffer is not None:
                 return self.buffer.keep(fwd, ids, grads, self.shard)
+            if self.primary == self.index:
+                # Two copies order pushes: applying the other's would interleave two orders.
+                # Refused, so its pushes fail loudly instead of the copies silently diverging.
+                log.error("replica %d: a forward from replica %d, but this copy is the primary", self.index,
+                          fwd.primary)
+                raise NotPrimary(f"replica {self.index} is a primary itself and takes no forwards from "
+                                 f"replica {fwd.primary}: two primaries; an operator must restart one")
             self.primary = fwd.primary  # follow whoever orders the pushes now
             return self._apply_forwarded(fwd.seq, fwd.push.request_id, ids, grads)
 
@@ -231,12 +241,14 @@ class Replication:
 
     # Roles -------------------------------------------------------------------------------
     def primary_alive(self) -> bool:
-        """Does the primary answer (1 s), as a primary? (A copy restarting at its address
-        answers as something else until it has rejoined.)"""
+        """Is the primary alive? Dead means its connection fails (UNAVAILABLE), or it answers
+        as something other than a primary (a copy restarting at its address). A busy or slow
+        primary is alive: a copy that took over from a live primary would order pushes of its
+        own, and the copies would diverge."""
         try:
-            return self.describe(self.peers[self.primary], 1.0).role == "primary"
-        except grpc.RpcError:
-            return False
+            return self.describe(self.peers[self.primary], 2.0).role == "primary"
+        except grpc.RpcError as e:
+            return e.code() != grpc.StatusCode.UNAVAILABLE
 
     def promote(self) -> None:
         log.warning("replica %d: primary %d at %s is unreachable; taking over as primary",

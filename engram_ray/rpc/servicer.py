@@ -37,6 +37,8 @@ SERVING = "serving"
 SYNCING_STATE = "syncing"
 #: None of the copy's recovery checkpoints loads; data calls get UNAVAILABLE until an operator decides.
 REFUSING = "refusing"
+#: Bytes a push grows by when a primary forwards it (ForwardRequest's own fields, with room).
+FORWARD_OVERHEAD = 64
 
 _STATUS = ((NotPrimary, grpc.StatusCode.FAILED_PRECONDITION),
            (Unreplicated, grpc.StatusCode.UNAVAILABLE),
@@ -119,6 +121,9 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
         """Ids ``[n]`` and gradients ``[n, dim]`` of a push, checked on the wire's terms."""
         self._check_fingerprint(request.fingerprint)
         check_request_id(request.request_id)
+        if request.ByteSize() + FORWARD_OVERHEAD > self.max_message_bytes:
+            raise RequestTooLarge(f"push of {request.ByteSize()} B: a backup must receive it within the "
+                                  f"{self.max_message_bytes} B message limit; split it")
         ids = codec.decode(request.row_ids, what="row_ids", dtypes=("int64",), ndim=1)
         self._check_count(ids.size, "gradient push")
         grads = codec.decode(request.grads, what="grads", ndim=2, dtypes=("float32", "bfloat16", "float16"))

@@ -147,7 +147,7 @@ def _header(path: Path, fingerprint: str) -> dict[str, Any]:
     except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
         raise CheckpointError(f"checkpoint header {path} is unreadable: {e}") from None
     want = {"format": str, "fingerprint": str, "row_start": int, "row_stop": int, "dim": int,
-            "dtype": str, "state": list, "sha256": str, "state_sha256": dict}
+            "dtype": str, "optimizer": str, "state": list, "sha256": str, "state_sha256": dict}
     bad = [k for k, t in want.items() if not isinstance(h, dict) or type(h.get(k)) is not t]
     if bad:
         raise CheckpointError(f"checkpoint header {path} is incomplete or damaged: "
@@ -160,9 +160,10 @@ def _header(path: Path, fingerprint: str) -> dict[str, Any]:
     if not (0 <= h["row_start"] < h["row_stop"]) or h["dim"] < 1 or h["dtype"] not in _DTYPES:
         raise CheckpointError(f"checkpoint header {path} is damaged: rows [{h['row_start']}, {h['row_stop']}) "
                               f"of dim {h['dim']} in {h['dtype']!r}")
-    if not set(h["state"]) <= set(_STATE) or set(h["state_sha256"]) != set(h["state"]):
-        raise CheckpointError(f"checkpoint header {path} is damaged: state {h['state']} with checksums "
-                              f"for {sorted(h['state_sha256'])}")
+    want_state = set(_STATE) if h["optimizer"] == "adam" else set()
+    if set(h["state"]) != want_state or set(h["state_sha256"]) != want_state:
+        raise CheckpointError(f"checkpoint header {path} is damaged: optimiser {h.get('optimizer')!r} with "
+                              f"state {h['state']} and checksums for {sorted(h['state_sha256'])}")
     h["path"] = path.with_suffix(".npy")
     return h
 
@@ -199,7 +200,21 @@ def load_range(directory: str | os.PathLike, fingerprint: str, start: int, stop:
                dtype: str, *, with_state: bool = False, verify: bool = True
                ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Rows ``[start, stop)`` (and optionally Adam state) from a checkpoint written by any
-    number of shards; the rows are converted to ``dtype`` if the checkpoint used another."""
+    number of shards; the rows are converted to ``dtype`` if the checkpoint used another.
+    Holds a shared lock on the directory meanwhile, so a save into it waits (and vice versa)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {str(directory)!r} does not exist or is not a directory "
+                              f"({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return _load_range(directory, fingerprint, start, stop, dim, dtype, with_state, verify)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _load_range(directory, fingerprint, start, stop, dim, dtype, with_state, verify):
     pieces = sorted(list_pieces(directory, fingerprint), key=lambda h: h["row_start"])
     out = np.empty((stop - start, dim), dtype=numpy_dtype(dtype))
     state: dict[str, np.ndarray] = {}

@@ -32,8 +32,8 @@ class Replicated:
     """``R`` copies of one whole-table shard, each on its own server, with the service's
     client token and the copies' peer token."""
 
-    def __init__(self, layout, copies=2, max_message_bytes=64 << 20):
-        self.layout, self.mmb = layout, max_message_bytes
+    def __init__(self, layout, copies=2, max_message_bytes=64 << 20, **server_kw):
+        self.layout, self.mmb, self.server_kw = layout, max_message_bytes, server_kw
         self.shards = [TableShard.create(layout, 1, 0, STORE) for _ in range(copies)]
         self.servicers = [ShardServicer(s, max_message_bytes) for s in self.shards]
         self.servers = [self._serve(s, v) for s, v in zip(self.shards, self.servicers)]
@@ -43,7 +43,7 @@ class Replicated:
 
     def _serve(self, shard, servicer, port=0):
         return create_server(shard, "127.0.0.1", port, servicer=servicer, token=TOKEN, peer_token=PEER,
-                             max_message_bytes=self.mmb)
+                             max_message_bytes=self.mmb, **self.server_kw)
 
     def stop(self, r):
         self.servers[r][0].stop(0)
@@ -392,3 +392,76 @@ def test_a_snapshot_must_come_from_the_copy_it_names(pair, tiny_layout):
         assert pair.shards[1].checksum() == pair.shards[0].checksum() and other.counters["updates"] == 0
     finally:
         impostor.stop(0)
+
+
+# Found by attacking the hardened service (review): a client cannot make a live copy look dead
+def _hold_slots(address, n):
+    """``n`` authenticated calls whose body never arrives: every client slot of a shard taken."""
+    never = threading.Event()
+
+    def stalled():
+        never.wait()
+        yield b""
+    ch = grpc.insecure_channel(address)
+    calls = [ch.stream_unary("/engram.v1.EngramMemory/Lookup").future(stalled(), timeout=30, metadata=CLIENT_MD)
+             for _ in range(n)]
+    time.sleep(0.3)
+    return never, ch, calls
+
+
+def test_a_primary_whose_client_slots_are_all_taken_is_not_taken_over(tiny_layout):
+    pair = Replicated(tiny_layout, copies=2, max_concurrent_rpcs=4, max_workers=4)
+    never, ch, _ = _hold_slots(pair.addresses[0], 4)
+    try:
+        with pytest.raises(grpc.RpcError) as e:  # a push to the backup: referred to the live primary
+            _raw_push(pair.addresses[1], pair.shards[0].fingerprint, "c-1")
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "primary=0" in e.value.details()
+        assert [v.replication.role for v in pair.servicers] == ["primary", "backup"]
+        # and a copy that restarts joins through the busy primary all the same
+        never2, ch2, _ = _hold_slots(pair.addresses[1], 0)
+        fresh, _, _ = pair.restart(1)
+        never3, ch3, _ = _hold_slots(pair.addresses[1], 4)  # the joiner's client slots too
+        pair.join(1)
+        assert fresh.checksum() == pair.shards[0].checksum()
+        never3.set()
+        ch3.close()
+        ch2.close()
+    finally:
+        never.set()
+        ch.close()
+        pair.close()
+
+
+def test_a_primary_takes_no_forward_from_another_primary(pair, tiny_layout):
+    fp = pair.shards[0].fingerprint
+    push = pb.ApplyGradientsRequest(fingerprint=fp, row_ids=codec.encode(np.array([3])),
+                                    grads=codec.encode(np.ones((1, 16), np.float32)), request_id="p-1")
+    before = pair.shards[0].checksum()
+    with pytest.raises(grpc.RpcError) as e:
+        pb_grpc.EngramPeerStub(grpc.insecure_channel(pair.addresses[0])).Forward(
+            pb.ForwardRequest(push=push, primary=1, seq=5), timeout=5, metadata=PEER_MD)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "two primaries" in e.value.details()
+    assert pair.shards[0].checksum() == before and pair.servicers[0].replication.role == "primary"
+
+
+def test_a_push_that_could_not_be_forwarded_within_the_limit_is_refused_before_it_is_applied(tiny_layout):
+    limit = 1 << 16
+    pair = Replicated(tiny_layout, copies=2, max_message_bytes=limit)
+    try:
+        fp = pair.shards[0].fingerprint
+        fits = [pb.ApplyGradientsRequest(fingerprint=fp, row_ids=codec.encode(np.arange(n)),
+                                         grads=codec.encode(np.ones((n, 16), np.float32)), request_id="b" * k)
+                for n in range(880, 920) for k in range(1, 129, 4)]
+        # a push that fits the limit by itself, but not once wrapped for a backup
+        req = max((r for r in fits if r.ByteSize() <= limit), key=lambda r: r.ByteSize())
+        assert limit - 64 < req.ByteSize() <= limit
+        call = grpc.insecure_channel(pair.addresses[0]).unary_unary("/engram.v1.EngramMemory/ApplyGradients")
+        with pytest.raises(grpc.RpcError) as e:
+            call(req.SerializeToString(), timeout=5, metadata=CLIENT_MD)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "split it" in e.value.details()
+        assert pair.shards[0].counters["updates"] == pair.shards[1].counters["updates"] == 0
+        with pair.client() as client:  # the client's own pushes fit, forwarded and all
+            client.push_gradients(np.arange(4000), np.ones((4000, 16), np.float32))
+        assert pair.shards[0].checksum() == pair.shards[1].checksum()
+    finally:
+        pair.close()

@@ -92,3 +92,65 @@ def test_periodic_checkpoints_and_a_shard_without_a_checkpoint_dir(tiny_layout, 
             plain.checkpoint()
     finally:
         plain.shutdown()
+
+
+def _damage_rows(ckpt):
+    """Flip a byte in a checkpoint's rows: it no longer verifies."""
+    rows = next(p for p in ckpt.glob("rows-*.npy") if p.name.count(".") == 1)
+    data = bytearray(rows.read_bytes())
+    data[-3] ^= 0xFF
+    rows.write_bytes(bytes(data))
+
+
+def test_damaged_checkpoints_fall_back_then_refuse_until_an_operator_decides(tiny_layout, tmp_path, capsys):
+    """Issue 11 #2 and #3 on a real restarted actor: a damaged newest checkpoint falls back to
+    the one before (and says why); all damaged, the shard refuses to serve, keeps them, and
+    status shows it, until `recover` says what to serve."""
+    from pathlib import Path
+
+    from engram_ray.cli import main as cli
+    from engram_ray.errors import ShardUnavailable
+
+    service = ServiceConfig(checkpoint_dir=str(tmp_path))
+    svc = deploy(C.tiny(), vocab=VOCAB, num_shards=1, store=STORE, name="bad", service=service)
+    try:
+        client = svc.client(timeout=5, retries=1, backoff=0.05, recover_timeout=5)
+        all_ids = np.arange(tiny_layout.total_rows)
+        _push(client, tiny_layout, 1)
+        first = Path(svc.checkpoint()[0])
+        at_first = client.lookup(all_ids)
+        _push(client, tiny_layout, 2)
+        second = Path(svc.checkpoint()[0])
+        _damage_rows(second)
+        svc.kill_shard(0)
+        info = svc.shard_info(0)
+        assert info["state"] == "serving" and info["source"] == str(first)
+        assert any(second.name in n and "checksum" in n for n in info["notes"])
+        assert np.array_equal(client.lookup(all_ids), at_first)
+        assert (second.parent / (second.name + ".unusable") / "WHY.txt").exists()  # evidence, set aside
+
+        _damage_rows(first)  # now every checkpoint is damaged
+        svc.kill_shard(0)
+        info = svc.shard_info(0)
+        assert info["state"] == "refusing" and "none of its 1 recovery checkpoints" in info["refusal"]
+        assert first.is_dir() and (first.parent / (second.name + ".unusable")).is_dir()  # nothing deleted
+        with pytest.raises(ShardUnavailable, match="refuses to serve"):
+            client.lookup(all_ids[:5])
+        with pytest.raises(ShardUnavailable, match="refuses to serve"):
+            svc.checkpoint()  # no recovery checkpoint of placeholder rows, no pruning of evidence
+        assert [p.name for p in first.parent.iterdir() if not p.name.endswith(".unusable")] == [first.name]
+        assert cli(["status", "--name", "bad", "--address", "auto", "--interval", "0.1"]) == 1
+        out = capsys.readouterr().out
+        assert "REFUSES" in out and "engram-ray recover" in out and "0 of 1 serving" in out
+
+        assert cli(["recover", "--name", "bad", "--address", "auto", "--shard", "0", "--reset"]) == 0
+        info = svc.shard_info(0)
+        assert info["state"] == "serving" and "operator override" in info["source"]
+        fresh = TableShard.create(tiny_layout, 1, 0, STORE)
+        assert np.array_equal(client.lookup(all_ids), fresh.values)
+        assert (first.parent / (first.name + ".unusable")).is_dir()
+        svc.kill_shard(0)  # the accepted rows are its recovery point now: no refusal after a restart
+        assert svc.shard_info(0)["state"] == "serving"
+        client.close()
+    finally:
+        svc.shutdown()
