@@ -159,6 +159,7 @@ class EngramClient:
         self.dtype_name = dtypes.pop()
         self.dtype = codec.wire_dtype(self.dtype_name)
         limit = min([max_message_bytes, chunk_bytes + 4096] + [s.max_message_bytes for s in self.shards])
+        self._message_limit = limit
         # ~1 MiB messages (chunk_bytes): several per shard are in flight at once, so a shard
         # gathers the next while the last is on the wire; ids (8 B) are smaller than rows.
         self.max_rows_per_message = max(1, min(min(s.max_ids_per_request for s in self.shards),
@@ -449,7 +450,9 @@ class EngramClient:
 
     async def _push(self, flat: np.ndarray, g: np.ndarray) -> int:
         uniq, summed = sum_duplicates(flat, g)
-        step = max(1, self.max_rows_per_message * self.dtype.itemsize // 4)  # float32 on the wire
+        # an id (8 B) and a float32 gradient row per unique row, under the message limit with
+        # room for a primary to wrap the push for its backups
+        step = max(1, min(self.max_rows_per_message, (self._message_limit - 4096) // (8 + 4 * self.layout.row_dim)))
         chunks = list(self._chunks(uniq, step))
         resps = await self._gather(
             self._call(s, "ApplyGradients",
