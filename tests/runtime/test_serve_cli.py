@@ -20,7 +20,7 @@ def test_serve_status_checkpoint_stop(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     serve = subprocess.Popen([sys.executable, "-m", "engram_ray.cli", "serve", "--preset", "tiny",
                               "--shards", "2", "--name", "clitest", "--dtype", "bfloat16",
-                              "--checkpoint-dir", str(tmp_path / "recovery")],
+                              "--checkpoint-dir", str(tmp_path / "recovery"), "--save-root", str(tmp_path)],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines = []
     try:
@@ -38,7 +38,7 @@ def test_serve_status_checkpoint_stop(tmp_path):
 
         st = _cli("status", "--name", "clitest", "--address", "auto")
         assert st.returncode == 0, st.stderr[-2000:]
-        assert "memory service 'clitest': 2 shards x 1 copies (2 of 2 up)" in st.stdout and "auth on" in st.stdout
+        assert "memory service 'clitest': 2 shards x 1 copies (2 of 2 serving)" in st.stdout and "auth on" in st.stdout
         assert st.stdout.count("127.0.0.1:") == 2 and st.stdout.count(" up ") == 2
         for column in ("RSS", "QPS", "p50 ms", "p99 ms"):
             assert column in st.stdout
@@ -46,9 +46,11 @@ def test_serve_status_checkpoint_stop(tmp_path):
         ck = _cli("checkpoint", "--name", "clitest", "--address", "auto")
         assert ck.returncode == 0 and "recovery checkpoint of 2 shards" in ck.stdout, ck.stderr[-2000:]
         assert len(list((tmp_path / "recovery" / "clitest").glob("shard-*/ckpt-00000001"))) == 2
-        full = _cli("checkpoint", "--name", "clitest", "--address", "auto", "--dir", str(tmp_path / "full"))
+        full = _cli("checkpoint", "--name", "clitest", "--address", "auto", "--dir", "full")
         assert full.returncode == 0 and "2 shards saved into" in full.stdout
         assert len(list((tmp_path / "full").glob("rows-*.json"))) == 2
+        out = _cli("checkpoint", "--name", "clitest", "--address", "auto", "--dir", "/etc/engram")
+        assert out.returncode == 2 and "not inside the service's save root" in out.stderr, out.stderr[-2000:]
 
         missing = _cli("status", "--name", "nope", "--address", "auto")
         assert missing.returncode == 2 and "no memory service named 'nope'" in missing.stderr

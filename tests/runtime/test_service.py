@@ -10,7 +10,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from engram_ray import config as C  # noqa: E402
-from engram_ray.config import OptimizerConfig, StoreConfig  # noqa: E402
+from engram_ray.config import OptimizerConfig, ServiceConfig, StoreConfig  # noqa: E402
 from engram_ray.core.tokens import CompressedVocab  # noqa: E402
 from engram_ray.runtime import attach, deploy, init_ray  # noqa: E402
 from engram_ray.store import TableShard  # noqa: E402
@@ -76,17 +76,18 @@ def test_another_process_attaches_by_name(tiny_layout):
 
 def test_checkpoint_then_redeploy_with_another_shard_count(tiny_layout, tmp_path):
     store = StoreConfig(optimizer=OptimizerConfig(kind="adam", lr=0.1))
-    svc = deploy(C.tiny(), vocab=VOCAB, num_shards=3, store=store, name="ck")
+    svc = deploy(C.tiny(), vocab=VOCAB, num_shards=3, store=store, name="ck",
+                 service=ServiceConfig(save_root=str(tmp_path)))
     ids = np.arange(0, tiny_layout.total_rows, 7)
     try:
         with svc.client() as c:
             c.push_gradients(ids, np.ones((ids.size, 16), np.float32))
             trained = c.lookup(np.arange(tiny_layout.total_rows))
-        paths = svc.save(str(tmp_path))
-        assert len(paths) == 3
+        paths = svc.save("ckpt")  # below the save root
+        assert len(paths) == 3 and all(p.startswith(str(tmp_path / "ckpt")) for p in paths)
     finally:
         svc.shutdown()
-    again = deploy(C.tiny(), vocab=VOCAB, num_shards=2, store=store, name="ck2", checkpoint=str(tmp_path))
+    again = deploy(C.tiny(), vocab=VOCAB, num_shards=2, store=store, name="ck2", checkpoint=str(tmp_path / "ckpt"))
     try:
         with again.client() as c:
             assert np.array_equal(c.lookup(np.arange(tiny_layout.total_rows)), trained)
