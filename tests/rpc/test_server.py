@@ -264,3 +264,28 @@ def test_describe_reports_a_capped_table(tiny_layout):
         assert (d.resident_rows, d.row_stop - d.row_start, d.optimizer) == (100, tiny_layout.total_rows, "none")
     finally:
         server.stop(0)
+
+
+def test_a_retried_push_is_applied_once_on_a_single_copy(served, tiny_layout):
+    """R=1 too: the shard remembers the ids of the pushes it applied (dedup_window_s)."""
+    shard, stub, _ = served
+    req = pb.ApplyGradientsRequest(fingerprint=shard.fingerprint, row_ids=_ids([shard.row_start + 2]),
+                                   grads=codec.encode(np.ones((1, 16), np.float32)), request_id="client-1")
+    assert stub.ApplyGradients(req).rows_updated == 1
+    once = shard.checksum()
+    assert stub.ApplyGradients(req).rows_updated == 1  # the retry: answered, not applied
+    assert shard.checksum() == once and shard.counters["updates"] == 1
+
+
+def test_bfloat16_and_float16_gradients_are_applied_over_the_wire(served, tiny_layout):
+    import ml_dtypes
+    shard, stub, _ = served
+    local = TableShard.create(tiny_layout, 2, 1, shard.store)
+    g = np.random.default_rng(1).normal(size=(2, 16)).astype(np.float32)
+    ids = np.array([shard.row_start + 4, shard.row_start + 8])
+    for dt, name in ((ml_dtypes.bfloat16, "bfloat16"), (np.float16, "float16")):
+        r = stub.ApplyGradients(pb.ApplyGradientsRequest(fingerprint=shard.fingerprint, row_ids=_ids(ids),
+                                                         grads=codec.encode(g.astype(dt), name)))
+        assert r.rows_updated == 2
+        local.apply_gradients(ids, g.astype(dt).astype(np.float32))
+    assert shard.checksum() == local.checksum()
