@@ -37,10 +37,11 @@ from .errors import (AuthError, EngramError, FingerprintMismatch, InvalidRequest
                      ShardUnavailable)
 from .rpc import codec
 from .rpc.generated import engram_pb2 as pb
-from .rpc.auth import auth_metadata
+from .rpc.auth import BUSY, auth_metadata
 from .rpc.generated import engram_pb2_grpc as pb_grpc
 from .rpc.iothread import IoThread
-from .rpc.codec import DEFAULT_MAX_MESSAGE_BYTES, STORAGE_DTYPES
+from .config import STORE_DTYPES
+from .rpc.codec import DEFAULT_MAX_MESSAGE_BYTES
 from .rpc.replication import NOT_REPLICATED, PRIMARY_IS
 
 __all__ = ["EngramClient", "Prefetch", "ShardInfo"]
@@ -53,9 +54,6 @@ _ERRORS = {grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
            grpc.StatusCode.UNAUTHENTICATED: AuthError}
 _LOOKUP_RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _PUSH_RETRY = (grpc.StatusCode.UNAVAILABLE,)
-#: gRPC's message when a server already serves maximum_concurrent_rpcs calls: the request was
-#: not looked at, so any call (pushes too) may be retried after a backoff.
-_BUSY = "Concurrent RPC limit exceeded"
 
 
 @dataclass(frozen=True)
@@ -238,8 +236,8 @@ class EngramClient:
                                   "addresses are out of order or from another deployment")
             # The rest of what a shard says about itself decides how the client reads its
             # answers: a value no real shard gives is refused, not acted on.
-            bad = ([f"dtype {d.dtype!r} (expected one of {', '.join(STORAGE_DTYPES)})"]
-                   * (d.dtype not in STORAGE_DTYPES)
+            bad = ([f"dtype {d.dtype!r} (expected one of {', '.join(STORE_DTYPES)})"]
+                   * (d.dtype not in STORE_DTYPES)
                    + [f"dim {d.dim} (the layout's rows have {self.layout.row_dim})"] * (d.dim != self.layout.row_dim)
                    + [f"max_message_bytes {d.max_message_bytes} (expected at least 8192)"]
                    * (d.max_message_bytes < 8192)
@@ -285,7 +283,7 @@ class EngramClient:
                     hops += 1
                     self._count("redirects", 1)
                     continue
-                busy = code == grpc.StatusCode.RESOURCE_EXHAUSTED and _BUSY in details
+                busy = code == grpc.StatusCode.RESOURCE_EXHAUSTED and BUSY in details
                 if not (code in retry_codes or busy):
                     raise self._error(shard, err) from None
                 pending = push and NOT_REPLICATED in details  # the primary is fine: retry it

@@ -185,7 +185,8 @@ def _from_dict(cls: type, data: Mapping[str, Any]) -> Any:
 
 
 _OPTIMIZERS = ("adam", "sgd", "none")
-_STORE_DTYPES = ("float32", "bfloat16", "float16")
+#: Dtypes a table's rows are stored (and served) in.
+STORE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _check_float(cls_name: str, name: str, value: Any, lo: float, hi: float, *,
@@ -247,8 +248,8 @@ class StoreConfig(_JsonFields):
             object.__setattr__(self, "optimizer", _from_dict(OptimizerConfig, self.optimizer))
         aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
         object.__setattr__(self, "dtype", aliases.get(self.dtype, self.dtype))
-        if self.dtype not in _STORE_DTYPES:
-            raise _field_error(name, "dtype", self.dtype, f"one of {', '.join(_STORE_DTYPES)}")
+        if self.dtype not in STORE_DTYPES:
+            raise _field_error(name, "dtype", self.dtype, f"one of {', '.join(STORE_DTYPES)}")
         _check_float(name, "init_std", self.init_std, 0.0, 1e6)
         _check_int(name, "init_seed", self.init_seed, 0, 2**63 - 1)
         _check_int(name, "resident_rows_per_shard", self.resident_rows_per_shard, 0)

@@ -43,8 +43,8 @@ METADATA_KEY = "authorization"
 _MEMORY = "/engram.v1.EngramMemory/"
 _PEER = "/engram.v1.EngramPeer/"
 _HEALTH = "/grpc.health.v1.Health/"
-#: The details of a call refused for being one too many (gRPC's own words, which clients
-#: already recognise as "not looked at: back off and retry").
+#: The details of a call refused for being one too many (gRPC's own words): the request was
+#: not looked at, so the client may retry any call, pushes too, after a backoff.
 BUSY = "Concurrent RPC limit exceeded"
 
 

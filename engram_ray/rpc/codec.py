@@ -7,15 +7,14 @@ from typing import Sequence
 
 import numpy as np
 
+from ..config import STORE_DTYPES
 from ..errors import InvalidRequest
 from ..store.rows import numpy_dtype
 from .generated import engram_pb2 as pb
 
-__all__ = ["encode", "decode", "wire_dtype", "WIRE_DTYPES", "STORAGE_DTYPES", "DEFAULT_MAX_MESSAGE_BYTES"]
+__all__ = ["encode", "decode", "wire_dtype", "WIRE_DTYPES", "DEFAULT_MAX_MESSAGE_BYTES"]
 
-WIRE_DTYPES = ("int64", "float32", "bfloat16", "float16")
-#: Dtypes rows are stored and served in.
-STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+WIRE_DTYPES = ("int64", *STORE_DTYPES)
 #: 64 MiB: a 4096-token batch of the paper layout (2 layers x 16 heads x 80 x bf16) is 21 MB.
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 

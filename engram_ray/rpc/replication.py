@@ -74,13 +74,10 @@ GAVE_UP = "gave its join up"
 
 @dataclass
 class Join:
-    """A copy joining through this primary (primary side)."""
+    """A copy joining through this primary (primary side), until its last chunk is sent."""
 
     index: int
-    address: str
     started: float
-    #: Set once its copy's last chunk is sent: a full member from then on.
-    done: bool = False
 
 
 @dataclass
@@ -262,7 +259,7 @@ class Replication:
         seq)``, a consistent copy to stream; every push from now on is forwarded to it."""
         with self.order:
             arrays, applied, seq = self.shard.snapshot(), self.log.items(), self.seq
-            join = Join(index, address, time.monotonic())
+            join = Join(index, time.monotonic())
             self._joins[index] = join  # supersedes an earlier attempt of the same copy
             self.peers[index] = address
             self.in_sync.add(index)
@@ -282,8 +279,7 @@ class Replication:
         with self.order:
             if self._joins.get(join.index) is not join:
                 return False
-            join.done = True
-            del self._joins[join.index]
+            del self._joins[join.index]  # a full member from now on
             return True
 
     def abandon_join(self, join: Join) -> None:
@@ -317,8 +313,7 @@ class Replication:
             self.shard.restore(arrays)
             self.log.seed(applied)
             self.primary, self.seq = primary, seq
-            kept = sorted(self.buffer.items if self.buffer is not None and self.buffer.primary == primary
-                          else [], key=lambda t: t[0])
+            kept = sorted(self.buffer.items if self.buffer.primary == primary else [], key=lambda t: t[0])
             self.buffer = None
             n = 0
             for s, rid, ids, grads in kept:

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import STORE_DTYPES
 from ..errors import CheckpointError, InvalidRequest
 from .rows import numpy_dtype
 
@@ -41,7 +42,6 @@ _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32}
 #: Optimiser-state arrays a header may list: (dtype, dims).
 _STATE = {"adam_m": (np.float32, 2), "adam_v": (np.float32, 2), "adam_steps": (np.int64, 1)}
 _FORMAT = "engram-ray-shard-v1"
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 # Writing ---------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def _header(path: Path, fingerprint: str) -> dict[str, Any]:
     if h["fingerprint"] != fingerprint:
         raise CheckpointError(f"checkpoint {path.name} was written for layout {h['fingerprint']!r}, "
                               f"not {fingerprint!r}")
-    if not (0 <= h["row_start"] < h["row_stop"]) or h["dim"] < 1 or h["dtype"] not in _DTYPES:
+    if not (0 <= h["row_start"] < h["row_stop"]) or h["dim"] < 1 or h["dtype"] not in STORE_DTYPES:
         raise CheckpointError(f"checkpoint header {path} is damaged: rows [{h['row_start']}, {h['row_stop']}) "
                               f"of dim {h['dim']} in {h['dtype']!r}")
     want_state = set(_STATE) if h["optimizer"] == "adam" else set()
