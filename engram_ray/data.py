@@ -18,9 +18,10 @@ import os
 import sysconfig
 import tarfile
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -127,7 +128,9 @@ def corpus_documents(name: str | os.PathLike, cache_dir: Path | None = None
                 # "_gut_f" files are the First Folio spellings of the same plays: skip duplicates.
                 if "/texts/" in m.name and m.name.endswith("_gut.txt") and m.isfile():
                     names.append(Path(m.name).name)
-                    texts.append(tar.extractfile(m).read().decode("utf-8", errors="replace"))
+                    f = tar.extractfile(m)
+                    assert f is not None  # a regular file (checked above)
+                    texts.append(f.read().decode("utf-8", errors="replace"))
         return names, texts
     path = Path(name)
     if path.is_file():

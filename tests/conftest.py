@@ -47,6 +47,7 @@ def reference_hashes() -> dict:
 def tiny_layout():
     """The tiny preset over a 50-id vocabulary: 8,214 rows of 16."""
     import numpy as np
+
     from engram_ray import config as C
     from engram_ray.core.layout import TableLayout
     from engram_ray.core.tokens import CompressedVocab

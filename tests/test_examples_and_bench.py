@@ -20,12 +20,13 @@ def test_example_runs_and_checks_itself():
 
 
 def test_reference_loop_baseline_gives_the_same_ids():
-    from engram_ray.core.hashing import NgramHasher
     import numpy as np
+
+    from engram_ray.core.hashing import NgramHasher
     h = NgramHasher(C.tiny(), 500, 3)
     x = np.random.default_rng(0).integers(0, 500, size=(3, 17))
     got, want = h.hash(x), bench_hash.reference_loop(h, x)
-    assert all(np.array_equal(got[l], want[l]) for l in h.layer_ids)
+    assert all(np.array_equal(got[layer], want[layer]) for layer in h.layer_ids)
 
 
 def test_bench_hash_writes_well_formed_json(tmp_path, capsys):
@@ -83,7 +84,7 @@ def test_bench_offload_writes_json_and_a_plot(tmp_path):
     assert all(v["prefill_tokens_per_s"] > 0 and v["decode_tokens_per_s"] > 0 for v in rep["results"].values())
     assert rep["table"]["capped"] and rep["table"]["resident_rows"] < rep["table"]["logical_rows"]
     assert "decode:remote_vs_local" in rep["overhead"] and rep["machine"]["cores"] >= 1
-    for mode, v in rep["results"].items():  # spread around the median
+    for v in rep["results"].values():  # spread around the median
         sp = v["prefill_spread_s"]
         assert sp["min"] <= v["prefill_s"] <= sp["max"] and sp["q1"] <= sp["q3"]
     # the breakdown adds up to the run, and only Engram modes hash and fetch

@@ -5,7 +5,8 @@ side by side with the reference's algorithm (a Python loop of ``mix % p`` per he
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +27,7 @@ def reference_loop(hasher: NgramHasher, x: np.ndarray) -> dict[int, np.ndarray]:
         m = hasher.multipliers(layer)
         shifts = [x] + [np.pad(x, ((0, 0), (k, 0)), constant_values=hasher.compressed_pad_id)[:, :T]
                         for k in range(1, cfg.max_ngram_size)]
-        heads = []
+        heads: list[np.ndarray] = []
         for n, primes in zip(cfg.orders, hasher.table_sizes(layer)):
             mix = shifts[0] * m[0]
             for k in range(1, n):
@@ -56,10 +57,10 @@ def run(config: EngramConfig, *, vocab_size: int = 32962, shapes=DEFAULT_SHAPES,
         x = rng.integers(0, vocab_size, size=(B, T))
         # Repeat small shapes inside one timing so each sample is long enough to measure.
         inner = max(1, min_tokens // (B * T))
-        ours = lambda: [hasher.hash(x) for _ in range(inner)]  # noqa: E731
-        ref = lambda: [reference_loop(hasher, x) for _ in range(inner)]  # noqa: E731
+        ours = lambda x=x, inner=inner: [hasher.hash(x) for _ in range(inner)]  # noqa: E731
+        ref = lambda x=x, inner=inner: [reference_loop(hasher, x) for _ in range(inner)]  # noqa: E731
         got, want = hasher.hash(x), reference_loop(hasher, x)
-        assert all(np.array_equal(got[l], want[l]) for l in config.layer_ids)
+        assert all(np.array_equal(got[layer], want[layer]) for layer in config.layer_ids)
         t_ours, t_ref = [], []
         for _ in range(repeats):
             t_ours.append(_time(ours))

@@ -8,7 +8,8 @@ times lookups of random rows through the client: p50 and p99 should stay flat.
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -32,7 +32,8 @@ def run(config: EngramConfig, vocab: Any, *, ids: int = 1_000_000, batch: int = 
                 rng = np.random.default_rng(0)
                 n_rows = svc.layout.total_rows
                 client.lookup(rng.integers(0, n_rows, batch))  # warm the channels
-                samples, errors, done = [], 0, 0
+                samples: list[dict[str, Any]] = []
+                errors, done = 0, 0
                 bar = None
                 if progress:
                     from tqdm import tqdm

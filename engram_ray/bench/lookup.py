@@ -6,7 +6,8 @@ median is quoted, so drift on a shared machine biases neither side."""
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

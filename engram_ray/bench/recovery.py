@@ -15,7 +15,8 @@ import os
 import tempfile
 import threading
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -45,7 +46,7 @@ def run(config: EngramConfig, vocab: Any, *, replica_counts: Sequence[int] = (1,
                     checkpoint_s = time.perf_counter() - t0
                     failures, done, stop = [0], [0], threading.Event()
 
-                    def stream():
+                    def stream(svc, layout, stop, done, failures):
                         with svc.client() as reader:
                             r = np.random.default_rng(1)
                             while not stop.is_set():
@@ -54,7 +55,7 @@ def run(config: EngramConfig, vocab: Any, *, replica_counts: Sequence[int] = (1,
                                     done[0] += 1
                                 except Exception:  # noqa: BLE001 - counted
                                     failures[0] += 1
-                    t = threading.Thread(target=stream, daemon=True)
+                    t = threading.Thread(target=stream, args=(svc, layout, stop, done, failures), daemon=True)
                     t.start()
                     time.sleep(0.5)
                     before = done[0]

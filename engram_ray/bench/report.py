@@ -40,7 +40,8 @@ def write_results(results: str | Path, out: str | Path) -> Path:
                   f"logical), {t['resident_gib_float32']:.2f} GiB resident"
                   + (" (rows map into the resident store: every lookup still reads a random row of a large "
                      "array in RAM)" if t["capped"] else "") + f", {t['shards']} shards. Workload: "
-                  f"{r['workload']['prefill_sequences']} prefill sequences of Uniform{tuple(r['workload']['length_uniform'])} "
+                  f"{r['workload']['prefill_sequences']} prefill sequences of "
+                  f"Uniform{tuple(r['workload']['length_uniform'])} "
                   f"tokens; decode batch {r['workload']['decode_batch']} x {r['workload']['decode_tokens']} tokens. "
                   f"Median of {r['repeats']}, {r['order']}.", "",
                   "| mode | prefill tokens/s | decode tokens/s |", "|---|---:|---:|"]
@@ -49,7 +50,8 @@ def write_results(results: str | Path, out: str | Path) -> Path:
         o = r["overhead"]
         lines += ["", "| overhead | prefill | decode |", "|---|---:|---:|"]
         for x, ref in (("remote", "local"), ("remote_lazy", "local"), ("remote", "no_engram"), ("local", "no_engram")):
-            lines.append(f"| {x} vs {ref} | {100 * o[f'prefill:{x}_vs_{ref}']:+.1f} % | {100 * o[f'decode:{x}_vs_{ref}']:+.1f} % |")
+            pre, dec = o[f"prefill:{x}_vs_{ref}"], o[f"decode:{x}_vs_{ref}"]
+            lines.append(f"| {x} vs {ref} | {100 * pre:+.1f} % | {100 * dec:+.1f} % |")
         lines += ["", f"Lookups: p50 {r['lookup_p50_ms']:.1f} ms, p99 {r['lookup_p99_ms']:.1f} ms; dedup ratio "
                   f"{r['dedup_ratio']:.2f}."]
         if "breakdown" in r:
@@ -75,8 +77,8 @@ def write_results(results: str | Path, out: str | Path) -> Path:
                   "| shards | rows | client rows/s | client GB/s | in-process GB/s | time ratio |",
                   "|---:|---:|---:|---:|---:|---:|"]
         for v in r["results"]:
-            lines.append(f"| {v['shards']} | {v['rows']:,} | {v['client_rows_per_s']:,.0f} | {v['client_gb_per_s']:.2f} | "
-                         f"{v['local_gb_per_s']:.2f} | {v['client_over_local']:.1f}x |")
+            lines.append(f"| {v['shards']} | {v['rows']:,} | {v['client_rows_per_s']:,.0f} | "
+                         f"{v['client_gb_per_s']:.2f} | {v['local_gb_per_s']:.2f} | {v['client_over_local']:.1f}x |")
         lines.append(_img(folder, out, "lookup"))
     r = _load(folder, "latency")
     if r:
@@ -93,7 +95,8 @@ def write_results(results: str | Path, out: str | Path) -> Path:
                   f"{r['lookups']:,} lookups of {r['batch']} random ids ({r['ids']:,} ids) at concurrency "
                   f"{r['concurrency']}, {r['shards']} shards: {r['errors']} errors, {r['retries']} retries, "
                   f"{r['lookups_per_s']:,.0f} lookups/s, p50 {r['latency_p50_ms']:.1f} ms, p99 "
-                  f"{r['latency_p99_ms']:.1f} ms. RSS growth after warm-up: client {100 * m['client_rss_growth']:+.1f} %, "
+                  f"{r['latency_p99_ms']:.1f} ms. RSS growth after warm-up: "
+                  f"client {100 * m['client_rss_growth']:+.1f} %, "
                   f"shards (worst) {100 * m['shard_rss_growth']:+.1f} %.", _img(folder, out, "load")]
     r = _load(folder, "recovery")
     if r:
@@ -111,9 +114,11 @@ def write_results(results: str | Path, out: str | Path) -> Path:
     r = _load(folder, "hash")
     if r:
         lines += ["## Hashing throughput", "", f"Machine: {_machine(r)}.", "",
-                  f"{r['source']} layout ({r['layers']} layers x {r['heads_per_layer']} heads), against the reference's "
+                  f"{r['source']} layout ({r['layers']} layers x {r['heads_per_layer']} heads), "
+                  "against the reference's "
                   f"per-head loop, interleaved; median of {r['repeats']}.", "",
-                  "| phase | batch | seq | ours tokens/s | reference tokens/s | speedup |", "|---|---:|---:|---:|---:|---:|"]
+                  "| phase | batch | seq | ours tokens/s | reference tokens/s | speedup |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for v in r["results"]:
             lines.append(f"| {v['phase']} | {v['batch']} | {v['seq_len']} | {v['ours_tokens_per_s']:,.0f} | "
                          f"{v['reference_tokens_per_s']:,.0f} | {v['speedup']:.2f}x |")

@@ -40,12 +40,12 @@ class SparseOptimizer:
 
     def __init__(self, config: OptimizerConfig, num_rows: int, dim: int):
         self.config = config
-        self.m = self.v = self.steps = None
-        if config.kind == "adam":
-            # np.zeros maps untouched pages lazily: state costs RAM only for rows trained.
-            self.m = np.zeros((num_rows, dim), dtype=np.float32)
-            self.v = np.zeros((num_rows, dim), dtype=np.float32)
-            self.steps = np.zeros(num_rows, dtype=np.int64)
+        # Adam's moments [num_rows, dim] and step counts [num_rows]; SGD keeps none (0 rows).
+        # np.zeros maps untouched pages lazily: state costs RAM only for rows trained.
+        n = num_rows if config.kind == "adam" else 0
+        self.m = np.zeros((n, dim), dtype=np.float32)
+        self.v = np.zeros((n, dim), dtype=np.float32)
+        self.steps = np.zeros(n, dtype=np.int64)
 
     def state(self) -> dict[str, np.ndarray]:
         if self.config.kind != "adam":

@@ -165,7 +165,7 @@ class CompressedVocab:
 
     # Construction --------------------------------------------------------------------
     @classmethod
-    def from_keys(cls, keys: list[str | None]) -> "CompressedVocab":
+    def from_keys(cls, keys: list[str | None]) -> CompressedVocab:
         """Assign compressed ids to per-token keys in first-seen order."""
         key2new: dict[str | None, int] = {}
         # setdefault with len() assigns ids in first-seen order in one C-level pass.
@@ -175,7 +175,7 @@ class CompressedVocab:
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, *, cache_dir: str | Path | None = None,
-                       use_cache: bool = True) -> "CompressedVocab":
+                       use_cache: bool = True) -> CompressedVocab:
         """Build from a ``tokenizers.Tokenizer`` or a transformers fast tokenizer.
 
         The result is cached on disk under the tokenizer's content hash, so the second
