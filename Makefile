@@ -1,11 +1,12 @@
 # Two commands do everything on a fresh machine (see README.md):
 #   make demo   set up .venv and run the main job on a local, in-process Ray
 #   make test   set up .venv and run the test suite
+#   make lint   ruff and mypy (CI runs it before the tests)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test setup clean bench
+.PHONY: demo test lint setup clean bench
 
 setup: $(VENV)/.installed
 
@@ -19,6 +20,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Lint, import order and types (configured in pyproject.toml); .ci/run runs it before the tests.
+lint: setup
+	$(BIN)/ruff check engram_ray tests examples scripts
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
