@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _load(folder: Path, name: str) -> dict[str, Any] | None:
+def _read(folder: Path, name: str) -> dict[str, Any] | None:
     p = folder / f"{name}.json"
     return json.loads(p.read_text()) if p.exists() else None
 
@@ -25,104 +25,138 @@ def _img(folder: Path, out: Path, name: str) -> str:
     return f"\n![{name}]({os.path.relpath(png, out.parent)})\n" if png.exists() else ""
 
 
+def _offload(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
+    """Section: what the table costs by where it lives, with the time breakdown."""
+    t = r["table"]
+    lines = ["## Offload: what the Engram table costs by where it lives", "",
+              f"Machine: {_machine(r)}; device {r['device']}.", "",
+              f"Table: {t['logical_params'] / 1e9:.2f}B parameters ({t['logical_gib_float32']:.1f} GiB float32 "
+              f"logical), {t['resident_gib_float32']:.2f} GiB resident"
+              + (" (rows map into the resident store: every lookup still reads a random row of a large "
+                 "array in RAM)" if t["capped"] else "") + f", {t['shards']} shards. Workload: "
+              f"{r['workload']['prefill_sequences']} prefill sequences of "
+              f"Uniform{tuple(r['workload']['length_uniform'])} "
+              f"tokens; decode batch {r['workload']['decode_batch']} x {r['workload']['decode_tokens']} tokens. "
+              f"Median of {r['repeats']}, {r['order']}.", "",
+              "| mode | prefill tokens/s | decode tokens/s |", "|---|---:|---:|"]
+    for m, v in r["results"].items():
+        lines.append(f"| {m} | {v['prefill_tokens_per_s']:,.0f} | {v['decode_tokens_per_s']:,.0f} |")
+    o = r["overhead"]
+    lines += ["", "| overhead | prefill | decode |", "|---|---:|---:|"]
+    for x, ref in (("remote", "local"), ("remote_lazy", "local"), ("remote", "no_engram"), ("local", "no_engram")):
+        pre, dec = o[f"prefill:{x}_vs_{ref}"], o[f"decode:{x}_vs_{ref}"]
+        lines.append(f"| {x} vs {ref} | {100 * pre:+.1f} % | {100 * dec:+.1f} % |")
+    lines += ["", f"Lookups: p50 {r['lookup_p50_ms']:.1f} ms, p99 {r['lookup_p99_ms']:.1f} ms; dedup ratio "
+              f"{r['dedup_ratio']:.2f}."]
+    if "breakdown" in r:
+        lines += _offload_breakdown(r)
+    lines.append(_img(folder, out, "offload"))
+    return lines
+
+
+def _offload_breakdown(r: dict[str, Any]) -> list[str]:
+    """Where an offload run's time goes, per phase and mode, and the client's cost per lookup."""
+    lines = ["", "Where a run's time goes (mean seconds per run; *wait* is time blocked for rows, "
+              "*issue* the caller's cost of starting a fetch, *compute* the rest):", "",
+              "| phase:mode | total s | spread (min-max) s | compute | hash | issue | wait |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for key, b in r["breakdown"].items():
+        phase, mode = key.split(":")
+        sp = r["results"][mode][f"{phase}_spread_s"]
+        lines.append(f"| {key} | {b['total_s']:.3f} | {sp['min']:.3f}-{sp['max']:.3f} | {b['compute_s']:.3f} | "
+                     f"{b['hash_s']:.3f} | {b['issue_s']:.3f} | {b['wait_s']:.3f} |")
+    pl = r["per_lookup"]
+    lines += ["", "Per lookup, on the client's I/O thread (ms): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in pl["client_io_ms"].items())
+              + f"; {pl['rpcs_per_lookup']:.1f} RPCs per lookup, shard handler "
+              f"{pl['server_handler_ms_per_rpc']:.2f} ms per RPC."]
+    return lines
+
+
+def _lookup(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
+    """Section: the client's data plane against an in-process gather."""
+    lines = ["## Lookup data plane: client vs in-process gather", "", f"Machine: {_machine(r)}.", "",
+              f"{r['table_rows']:,} rows of {r['row_bytes']} B; {r['transport']}. Median of {r['repeats']}.", "",
+              "| shards | rows | client rows/s | client GB/s | in-process GB/s | time ratio |",
+              "|---:|---:|---:|---:|---:|---:|"]
+    for v in r["results"]:
+        lines.append(f"| {v['shards']} | {v['rows']:,} | {v['client_rows_per_s']:,.0f} | "
+                     f"{v['client_gb_per_s']:.2f} | {v['local_gb_per_s']:.2f} | {v['client_over_local']:.1f}x |")
+    lines.append(_img(folder, out, "lookup"))
+    return lines
+
+
+def _latency(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
+    """Section: lookup latency against resident table size."""
+    lines = ["## Lookup latency vs table size (O(1))", "", f"Machine: {_machine(r)}.", "",
+              f"{r['batch_rows']:,} random rows per lookup, {r['calls_per_size']} lookups per size, "
+              f"{r['shards']} shards; {r['note']}.", "", "| resident GiB | p50 ms | p99 ms |", "|---:|---:|---:|"]
+    for v in r["results"]:
+        lines.append(f"| {v['resident_gib']:.2f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} |")
+    lines.append(_img(folder, out, "latency"))
+    return lines
+
+
+def _load(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
+    """Section: errors and memory growth under sustained lookups."""
+    m = r["memory"]
+    lines = ["## Load: errors and memory under sustained lookups", "", f"Machine: {_machine(r)}.", "",
+              f"{r['lookups']:,} lookups of {r['batch']} random ids ({r['ids']:,} ids) at concurrency "
+              f"{r['concurrency']}, {r['shards']} shards: {r['errors']} errors, {r['retries']} retries, "
+              f"{r['lookups_per_s']:,.0f} lookups/s, p50 {r['latency_p50_ms']:.1f} ms, p99 "
+              f"{r['latency_p99_ms']:.1f} ms. RSS growth after warm-up: "
+              f"client {100 * m['client_rss_growth']:+.1f} %, "
+              f"shards (worst) {100 * m['shard_rss_growth']:+.1f} %.", _img(folder, out, "load")]
+    return lines
+
+
+def _recovery(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
+    """Section: a killed shard copy: reload or copy, and the lookups meanwhile."""
+    lines = ["## Recovery: a killed shard copy", "", f"Machine: {_machine(r)}.", "",
+              f"{r['shards']} shards; shard 0's first copy is killed during a stream of lookups "
+              "(one copy: it reloads its recovery checkpoint; two: the other copy serves, and the "
+              "killed one copies it when it returns).", "",
+              "| copies | shard MiB | checkpoint s | first lookup after kill s | copy serving again s | "
+              "reload / copy s | stream lookups meanwhile | failed |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for v in r["results"]:
+        lines.append(f"| {v['replicas']} | {v['shard_mib']:.1f} | {v['checkpoint_s']:.3f} | "
+                     f"{v['first_lookup_after_kill_s']:.3f} | {v['copy_serving_again_s']:.3f} | "
+                     f"{v['reload_s']:.3f} | {v['stream_lookups_during']:,} | {v['stream_failures']} |")
+    lines.append("")
+    return lines
+
+
+def _hash(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
+    """Section: hashing throughput against the reference's loop."""
+    lines = ["## Hashing throughput", "", f"Machine: {_machine(r)}.", "",
+              f"{r['source']} layout ({r['layers']} layers x {r['heads_per_layer']} heads), "
+              "against the reference's "
+              f"per-head loop, interleaved; median of {r['repeats']}.", "",
+              "| phase | batch | seq | ours tokens/s | reference tokens/s | speedup |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for v in r["results"]:
+        lines.append(f"| {v['phase']} | {v['batch']} | {v['seq_len']} | {v['ours_tokens_per_s']:,.0f} | "
+                     f"{v['reference_tokens_per_s']:,.0f} | {v['speedup']:.2f}x |")
+    lines.append(_img(folder, out, "hash"))
+    return lines
+
+
+#: Sections in page order, each rendered from ``<folder>/<name>.json`` when it exists.
+SECTIONS = {"offload": _offload, "lookup": _lookup, "latency": _latency, "load": _load,
+            "recovery": _recovery, "hash": _hash}
+
+
 def write_results(results: str | Path, out: str | Path) -> Path:
+    """Write the results page ``out`` from the benchmark JSON files in ``results``."""
     folder, out = Path(results), Path(out)
     lines = ["# Benchmark results", "",
              "Generated by `make bench` (`engram-ray bench ...` then `engram-ray bench report`) from the "
              f"JSON in `{folder}/`. Ratios are measured side by side in one run; absolute figures hold "
              "only for the machine named with each.", ""]
-    r = _load(folder, "offload")
-    if r:
-        t = r["table"]
-        lines += ["## Offload: what the Engram table costs by where it lives", "",
-                  f"Machine: {_machine(r)}; device {r['device']}.", "",
-                  f"Table: {t['logical_params'] / 1e9:.2f}B parameters ({t['logical_gib_float32']:.1f} GiB float32 "
-                  f"logical), {t['resident_gib_float32']:.2f} GiB resident"
-                  + (" (rows map into the resident store: every lookup still reads a random row of a large "
-                     "array in RAM)" if t["capped"] else "") + f", {t['shards']} shards. Workload: "
-                  f"{r['workload']['prefill_sequences']} prefill sequences of "
-                  f"Uniform{tuple(r['workload']['length_uniform'])} "
-                  f"tokens; decode batch {r['workload']['decode_batch']} x {r['workload']['decode_tokens']} tokens. "
-                  f"Median of {r['repeats']}, {r['order']}.", "",
-                  "| mode | prefill tokens/s | decode tokens/s |", "|---|---:|---:|"]
-        for m, v in r["results"].items():
-            lines.append(f"| {m} | {v['prefill_tokens_per_s']:,.0f} | {v['decode_tokens_per_s']:,.0f} |")
-        o = r["overhead"]
-        lines += ["", "| overhead | prefill | decode |", "|---|---:|---:|"]
-        for x, ref in (("remote", "local"), ("remote_lazy", "local"), ("remote", "no_engram"), ("local", "no_engram")):
-            pre, dec = o[f"prefill:{x}_vs_{ref}"], o[f"decode:{x}_vs_{ref}"]
-            lines.append(f"| {x} vs {ref} | {100 * pre:+.1f} % | {100 * dec:+.1f} % |")
-        lines += ["", f"Lookups: p50 {r['lookup_p50_ms']:.1f} ms, p99 {r['lookup_p99_ms']:.1f} ms; dedup ratio "
-                  f"{r['dedup_ratio']:.2f}."]
-        if "breakdown" in r:
-            lines += ["", "Where a run's time goes (mean seconds per run; *wait* is time blocked for rows, "
-                      "*issue* the caller's cost of starting a fetch, *compute* the rest):", "",
-                      "| phase:mode | total s | spread (min-max) s | compute | hash | issue | wait |",
-                      "|---|---:|---:|---:|---:|---:|---:|"]
-            for key, b in r["breakdown"].items():
-                phase, mode = key.split(":")
-                sp = r["results"][mode][f"{phase}_spread_s"]
-                lines.append(f"| {key} | {b['total_s']:.3f} | {sp['min']:.3f}-{sp['max']:.3f} | {b['compute_s']:.3f} | "
-                             f"{b['hash_s']:.3f} | {b['issue_s']:.3f} | {b['wait_s']:.3f} |")
-            pl = r["per_lookup"]
-            lines += ["", "Per lookup, on the client's I/O thread (ms): "
-                      + ", ".join(f"{k} {v:.2f}" for k, v in pl["client_io_ms"].items())
-                      + f"; {pl['rpcs_per_lookup']:.1f} RPCs per lookup, shard handler "
-                      f"{pl['server_handler_ms_per_rpc']:.2f} ms per RPC."]
-        lines.append(_img(folder, out, "offload"))
-    r = _load(folder, "lookup")
-    if r:
-        lines += ["## Lookup data plane: client vs in-process gather", "", f"Machine: {_machine(r)}.", "",
-                  f"{r['table_rows']:,} rows of {r['row_bytes']} B; {r['transport']}. Median of {r['repeats']}.", "",
-                  "| shards | rows | client rows/s | client GB/s | in-process GB/s | time ratio |",
-                  "|---:|---:|---:|---:|---:|---:|"]
-        for v in r["results"]:
-            lines.append(f"| {v['shards']} | {v['rows']:,} | {v['client_rows_per_s']:,.0f} | "
-                         f"{v['client_gb_per_s']:.2f} | {v['local_gb_per_s']:.2f} | {v['client_over_local']:.1f}x |")
-        lines.append(_img(folder, out, "lookup"))
-    r = _load(folder, "latency")
-    if r:
-        lines += ["## Lookup latency vs table size (O(1))", "", f"Machine: {_machine(r)}.", "",
-                  f"{r['batch_rows']:,} random rows per lookup, {r['calls_per_size']} lookups per size, "
-                  f"{r['shards']} shards; {r['note']}.", "", "| resident GiB | p50 ms | p99 ms |", "|---:|---:|---:|"]
-        for v in r["results"]:
-            lines.append(f"| {v['resident_gib']:.2f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} |")
-        lines.append(_img(folder, out, "latency"))
-    r = _load(folder, "load")
-    if r:
-        m = r["memory"]
-        lines += ["## Load: errors and memory under sustained lookups", "", f"Machine: {_machine(r)}.", "",
-                  f"{r['lookups']:,} lookups of {r['batch']} random ids ({r['ids']:,} ids) at concurrency "
-                  f"{r['concurrency']}, {r['shards']} shards: {r['errors']} errors, {r['retries']} retries, "
-                  f"{r['lookups_per_s']:,.0f} lookups/s, p50 {r['latency_p50_ms']:.1f} ms, p99 "
-                  f"{r['latency_p99_ms']:.1f} ms. RSS growth after warm-up: "
-                  f"client {100 * m['client_rss_growth']:+.1f} %, "
-                  f"shards (worst) {100 * m['shard_rss_growth']:+.1f} %.", _img(folder, out, "load")]
-    r = _load(folder, "recovery")
-    if r:
-        lines += ["## Recovery: a killed shard copy", "", f"Machine: {_machine(r)}.", "",
-                  f"{r['shards']} shards; shard 0's first copy is killed during a stream of lookups "
-                  "(one copy: it reloads its recovery checkpoint; two: the other copy serves, and the "
-                  "killed one copies it when it returns).", "",
-                  "| copies | shard MiB | checkpoint s | first lookup after kill s | copy serving again s | "
-                  "reload / copy s | stream lookups meanwhile | failed |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for v in r["results"]:
-            lines.append(f"| {v['replicas']} | {v['shard_mib']:.1f} | {v['checkpoint_s']:.3f} | "
-                         f"{v['first_lookup_after_kill_s']:.3f} | {v['copy_serving_again_s']:.3f} | "
-                         f"{v['reload_s']:.3f} | {v['stream_lookups_during']:,} | {v['stream_failures']} |")
-        lines.append("")
-    r = _load(folder, "hash")
-    if r:
-        lines += ["## Hashing throughput", "", f"Machine: {_machine(r)}.", "",
-                  f"{r['source']} layout ({r['layers']} layers x {r['heads_per_layer']} heads), "
-                  "against the reference's "
-                  f"per-head loop, interleaved; median of {r['repeats']}.", "",
-                  "| phase | batch | seq | ours tokens/s | reference tokens/s | speedup |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for v in r["results"]:
-            lines.append(f"| {v['phase']} | {v['batch']} | {v['seq_len']} | {v['ours_tokens_per_s']:,.0f} | "
-                         f"{v['reference_tokens_per_s']:,.0f} | {v['speedup']:.2f}x |")
-        lines.append(_img(folder, out, "hash"))
+    for name, section in SECTIONS.items():
+        r = _read(folder, name)
+        if r:
+            lines += section(r, folder, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines).rstrip() + "\n")
     return out
