@@ -5,6 +5,8 @@ What a shard holds: its rows in the storage dtype, plus, when it trains, the opt
 state beside them (Adam: m and v in float32 and a step count per row, as
 :class:`~engram_ray.core.optim.SparseOptimizer` keeps them). A node gives the shards
 ``(1 - headroom)`` of its RAM; the rest is for the OS, Ray's object store and gRPC buffers.
+The same :func:`shard_bytes` sizes the plan's shards and what ``deploy`` reserves per shard
+(:func:`shard_gib` of :data:`MEMORY_GIB_RESOURCE`): one formula for both.
 
 What a token costs on the wire: each Engram layer looks up ``heads_per_layer`` rows per
 token. A batch's ids repeat (common n-grams), and the client fetches each distinct row once,
@@ -18,11 +20,19 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..config import StoreConfig
 from .layout import TableLayout, dtype_bytes
 
-__all__ = ["CapacityPlan", "plan_capacity", "optimizer_state_bytes_per_row"]
+__all__ = ["CapacityPlan", "MEMORY_GIB_RESOURCE", "MEMORY_RESOURCE", "bytes_per_row", "optimizer_state_bytes_per_row",
+           "plan_capacity", "resident_rows_per_shard", "shard_bytes", "shard_gib"]
 
 GIB = 2**30
+
+#: Ray custom resource that marks memory nodes: one unit per shard slot. The cluster files
+#: (cluster/*.yaml, which cannot import it) spell the same name; a test checks they do.
+MEMORY_RESOURCE = "engram_memory"
+#: Ray custom resource counting the GiB a memory node gives shards: shards are packed by it.
+MEMORY_GIB_RESOURCE = "engram_memory_gib"
 
 
 def optimizer_state_bytes_per_row(kind: str, dim: int) -> int:
@@ -32,6 +42,40 @@ def optimizer_state_bytes_per_row(kind: str, dim: int) -> int:
     if kind in ("sgd", "none"):
         return 0
     raise ValueError(f"optimizer {kind!r}: expected adam, sgd or none")
+
+
+def bytes_per_row(row_dim: int, dtype: str, optimizer: str) -> int:
+    """Bytes one resident row takes in a shard: the row in its storage dtype and the
+    optimiser's state beside it."""
+    return row_dim * dtype_bytes(dtype)[1] + optimizer_state_bytes_per_row(optimizer, row_dim)
+
+
+def shard_bytes(layout: TableLayout, num_shards: int, *, dtype: str, optimizer: str,
+                resident_rows_per_shard: int = 0) -> int:
+    """Bytes of rows and optimiser state one of ``num_shards`` shards holds (the largest:
+    shards own equal ranges, the last one the remainder); a resident cap bounds its rows."""
+    rows = -(-layout.total_rows // num_shards)
+    if resident_rows_per_shard:
+        rows = min(rows, resident_rows_per_shard)
+    return rows * bytes_per_row(layout.row_dim, dtype, optimizer)
+
+
+def shard_gib(layout: TableLayout, store: StoreConfig, num_shards: int) -> int:
+    """Whole GiB one shard reserves of a node's ``engram_memory_gib`` (see
+    :data:`MEMORY_GIB_RESOURCE`): :func:`shard_bytes` for ``store``, rounded up, at least 1."""
+    need = shard_bytes(layout, num_shards, dtype=store.dtype, optimizer=store.optimizer.kind,
+                       resident_rows_per_shard=store.resident_rows_per_shard)
+    return max(1, -(-need // GIB))
+
+
+def resident_rows_per_shard(layout: TableLayout, dtype: str, num_shards: int, max_resident_gib: float) -> int:
+    """Benchmarks: the ``StoreConfig.resident_rows_per_shard`` that keeps the whole table's
+    rows (``dtype``, optimiser state not counted) within ``max_resident_gib``, split evenly
+    over the shards; 0 (no cap) when every row fits."""
+    if max_resident_gib <= 0:
+        raise ValueError(f"max_resident_gib={max_resident_gib}: expected a positive size in GiB")
+    per_shard = max(1, int(max_resident_gib * GIB // layout.row_bytes(dtype) // num_shards))
+    return per_shard if per_shard * num_shards < layout.total_rows else 0
 
 
 @dataclass(frozen=True)
@@ -68,7 +112,7 @@ class CapacityPlan:
 
     def ray_resources(self) -> dict[str, float]:
         """Custom resources each memory node should declare (see cluster/)."""
-        return {"engram_memory": self.shards_per_node, "engram_memory_gib": math.floor(self.usable_gib_per_node)}
+        return {MEMORY_RESOURCE: self.shards_per_node, MEMORY_GIB_RESOURCE: math.floor(self.usable_gib_per_node)}
 
 
 def plan_capacity(layout: TableLayout, *, dtype: str = "bfloat16", node_ram_gib: float = 512.0,
@@ -97,19 +141,18 @@ def plan_capacity(layout: TableLayout, *, dtype: str = "bfloat16", node_ram_gib:
     if tokens_per_s < 0:
         raise ValueError(f"tokens_per_s={tokens_per_s}: expected >= 0")
     dim, rows = layout.row_dim, layout.total_rows
-    per_row = dim * width + optimizer_state_bytes_per_row(optimizer, dim)
-    one_copy = rows * per_row
+    one_copy = rows * bytes_per_row(dim, name, optimizer)
     usable = node_ram_gib * (1 - headroom) * GIB
     if shards is None:
         # the fewest nodes that hold every copy, each running shards_per_node shards
         nodes = max(replicas, math.ceil(replicas * one_copy / usable))
         shards = max(1, math.ceil(nodes * shards_per_node / replicas))
-    shard_bytes = math.ceil(rows / shards) * per_row
-    if shard_bytes > usable:
-        raise ValueError(f"one shard needs {shard_bytes / GIB:.1f} GiB but a node gives shards "
+    one_shard = shard_bytes(layout, shards, dtype=name, optimizer=optimizer)
+    if one_shard > usable:
+        raise ValueError(f"one shard needs {one_shard / GIB:.1f} GiB but a node gives shards "
                          f"{usable / GIB:.1f} GiB ({node_ram_gib:g} GiB less {headroom:.0%} headroom): "
                          "use more shards or larger nodes")
-    fit = min(shards_per_node, int(usable // shard_bytes))  # shards one node can hold
+    fit = min(shards_per_node, int(usable // one_shard))  # shards one node can hold
     # replicas of a shard go to different nodes, so a node holds at most one copy of each
     nodes = max(replicas, math.ceil(shards * replicas / fit))
     on_fullest = math.ceil(shards * replicas / nodes)
@@ -121,9 +164,9 @@ def plan_capacity(layout: TableLayout, *, dtype: str = "bfloat16", node_ram_gib:
         table_params=layout.num_params, table_rows=rows, row_dim=dim, dtype=name, optimizer=optimizer,
         replicas=replicas, table_bytes=rows * dim * width, resident_bytes=replicas * one_copy,
         node_ram_gib=node_ram_gib, headroom=headroom, usable_gib_per_node=usable / GIB, shards=shards,
-        shards_per_node=fit, memory_nodes=nodes, shard_gib=shard_bytes / GIB,
-        gib_per_node=on_fullest * shard_bytes / GIB,
-        free_gib_per_node=node_ram_gib - on_fullest * shard_bytes / GIB, ids_per_token=ids_per_token,
+        shards_per_node=fit, memory_nodes=nodes, shard_gib=one_shard / GIB,
+        gib_per_node=on_fullest * one_shard / GIB,
+        free_gib_per_node=node_ram_gib - on_fullest * one_shard / GIB, ids_per_token=ids_per_token,
         dedup_ratio=dedup_ratio, lookup_bytes_per_token=lookup, push_bytes_per_token=push,
         tokens_per_s=tokens_per_s, lookup_gbit_per_s=lookup * tokens_per_s * 8 / 1e9,
         train_gbit_per_s=(lookup + push) * tokens_per_s * 8 / 1e9)

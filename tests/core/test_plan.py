@@ -85,3 +85,39 @@ def test_every_plan_fits_its_nodes(table_100b, ram, headroom, replicas, spn, opt
     assert p.gib_per_node <= p.usable_gib_per_node + 1e-9
     assert p.memory_nodes >= replicas and p.memory_nodes * p.shards_per_node >= p.shards * replicas
     assert p.shards * p.shard_gib * GIB >= table_100b.total_rows * (p.resident_bytes / replicas / table_100b.total_rows)
+
+
+def test_one_shard_formula_for_the_plan_and_the_deploy_reservation(table_100b):
+    from engram_ray.config import OptimizerConfig, StoreConfig
+    from engram_ray.core.plan import bytes_per_row, shard_bytes, shard_gib
+
+    assert bytes_per_row(80, "bf16", "adam") == 160 + 2 * 4 * 80 + 8
+    assert bytes_per_row(80, "float32", "none") == 320
+    p = plan_capacity(table_100b, dtype="bf16", node_ram_gib=512, optimizer="adam", shards=8)
+    one = shard_bytes(table_100b, 8, dtype="bfloat16", optimizer="adam")
+    assert one == math.ceil(table_100b.total_rows / 8) * bytes_per_row(80, "bf16", "adam")
+    assert p.shard_gib == one / GIB
+    store = StoreConfig(dtype="bfloat16", optimizer=OptimizerConfig(kind="adam"))
+    assert shard_gib(table_100b, store, 8) == math.ceil(p.shard_gib)  # what deploy reserves
+    # a resident cap bounds the rows a shard holds, and so what it reserves (at least 1 GiB)
+    capped = StoreConfig(resident_rows_per_shard=1000)
+    assert shard_bytes(table_100b, 8, dtype="float32", optimizer="adam", resident_rows_per_shard=1000) == \
+        1000 * bytes_per_row(80, "float32", "adam")
+    assert shard_gib(table_100b, capped, 8) == 1
+
+
+def test_a_resident_cap_splits_evenly_or_is_not_needed(table_100b):
+    from engram_ray.core.plan import resident_rows_per_shard
+
+    per_shard = resident_rows_per_shard(table_100b, "float32", 2, 1 / 16)
+    assert per_shard == 2**26 // 320 // 2 and per_shard * 2 * 320 <= 2**26
+    assert resident_rows_per_shard(table_100b, "float32", 2, 1e6) == 0  # every row fits: no cap
+    with pytest.raises(ValueError, match="max_resident_gib=0"):
+        resident_rows_per_shard(table_100b, "float32", 2, 0)
+
+
+def test_the_memory_resource_names_are_the_ones_the_cluster_files_declare():
+    from engram_ray.core.plan import MEMORY_GIB_RESOURCE, MEMORY_RESOURCE
+
+    # users type these into their cluster files: renaming them breaks every deployed cluster
+    assert (MEMORY_RESOURCE, MEMORY_GIB_RESOURCE) == ("engram_memory", "engram_memory_gib")
