@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import STORE_DTYPES
 from .common import add_table_args, engram_config
 
 
@@ -34,7 +35,8 @@ def _cmd_bench_hash(args: argparse.Namespace) -> int:
     for r in report["results"]:
         r["tokens"] = r["batch"] * r["seq_len"]
     _plot_beside(args.out, lambda png: plot_rates(
-        report, png, x="tokens", series={"ours_tokens_per_s": "NgramHasher", "reference_tokens_per_s": "reference loop"},
+        report, png, x="tokens",
+        series={"ours_tokens_per_s": "NgramHasher", "reference_tokens_per_s": "reference loop"},
         xlabel="tokens per call (batch x seq)", ylabel="tokens/s",
         title=f"Hashing throughput ({source}, {report['layers']} layers x {report['heads_per_layer']} heads)"))
     return 0
@@ -96,7 +98,8 @@ def _cmd_bench_offload(args: argparse.Namespace) -> int:
     t = report["table"]
     print(f"Engram offload ({source}: {t['logical_params'] / 1e9:.2f}B params, {t['logical_gib_float32']:.1f} GiB "
           f"fp32 logical, {t['resident_gib_float32']:.2f} GiB resident{' (capped)' if t['capped'] else ''}, "
-          f"{t['shards']} shards; {report['machine']['cpu']}, {report['machine']['cores']} cores, device {report['device']})")
+          f"{t['shards']} shards; {report['machine']['cpu']}, {report['machine']['cores']} cores, "
+          f"device {report['device']})")
     print(f"  {'mode':<12} {'prefill tok/s':>14} {'decode tok/s':>13}")
     for m, r in report["results"].items():
         print(f"  {m:<12} {r['prefill_tokens_per_s']:>14,.0f} {r['decode_tokens_per_s']:>13,.0f}")
@@ -119,7 +122,8 @@ def _cmd_bench_offload(args: argparse.Namespace) -> int:
     if report["profile_top"]:
         print("  cProfile of one remote run, main thread, top functions by own time:")
         for r in report["profile_top"][:12]:
-            print(f"    {r['own_s']:>7.3f} s own {r['cumulative_s']:>7.3f} s cum {r['calls']:>7} calls  {r['function']}")
+            print(f"    {r['own_s']:>7.3f} s own {r['cumulative_s']:>7.3f} s cum {r['calls']:>7} calls  "
+                  f"{r['function']}")
     _plot_beside(args.out, lambda png: plot_offload(report, png))
     return 0
 
@@ -201,11 +205,7 @@ def _cmd_bench_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks, JSON (+ PNG) out: hash, lookup, offload, load, "
-                                     "recovery, latency-vs-size, report",
-                       description="Benchmarks. Each writes JSON with --out.")
-    bsub = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+def _add_hash(bsub) -> None:
     b = bsub.add_parser("hash", help="tokens/s of the n-gram hasher vs the reference's loop",
                         description="Hashing throughput at prefill and decode shapes, "
                                     "interleaved with the reference algorithm.")
@@ -214,6 +214,8 @@ def register(sub) -> None:
     b.add_argument("--out", metavar="FILE.json", help="write the report here")
     b.set_defaults(func=_cmd_bench_hash)
 
+
+def _add_lookup(bsub) -> None:
     b = bsub.add_parser("lookup", help="rows/s and GB/s through the client vs an in-process gather",
                         description="Deploy the memory service on a local Ray with each shard count "
                                     "and time client lookups against gathering the same rows in-process.")
@@ -221,11 +223,13 @@ def register(sub) -> None:
     b.add_argument("--shards", type=int, nargs="+", default=[1, 2], help="shard counts (default: 1 2)")
     b.add_argument("--batch", type=int, nargs="+", default=[1024, 16384, 131072],
                    help="distinct rows per lookup (default: 1024 16384 131072)")
-    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    b.add_argument("--dtype", default="float32", choices=STORE_DTYPES)
     b.add_argument("--repeats", type=int, default=7, help="timed repetitions, median quoted (default: 7)")
     b.add_argument("--out", metavar="FILE.json", help="write the report here")
     b.set_defaults(func=_cmd_bench_lookup)
 
+
+def _add_offload(bsub) -> None:
     b = bsub.add_parser("offload", help="throughput with no Engram / table in-process / remote with "
                                         "prefetch / remote on demand, interleaved",
                         description="What the Engram table costs by where it lives; the 100B layout "
@@ -250,6 +254,8 @@ def register(sub) -> None:
     b.add_argument("--out", metavar="FILE.json", help="write the report here, and FILE.png")
     b.set_defaults(func=_cmd_bench_offload)
 
+
+def _add_load(bsub) -> None:
     b = bsub.add_parser("load", help="many lookups at a fixed concurrency: errors and memory over time",
                         description="Deploy the service on a local Ray and run lookups of random rows "
                                     "with CONCURRENCY in flight; report errors, throughput, latency and "
@@ -262,6 +268,8 @@ def register(sub) -> None:
     b.add_argument("--out", metavar="FILE.json", help="write the report here, and FILE.png")
     b.set_defaults(func=_cmd_bench_load)
 
+
+def _add_recovery(bsub) -> None:
     b = bsub.add_parser("recovery", help="time for a killed shard copy to serve again, and failed lookups "
                                          "meanwhile, with 1 and 2 copies per shard",
                         description="Deploy with a recovery checkpoint dir, push, checkpoint, kill shard 0's "
@@ -272,6 +280,8 @@ def register(sub) -> None:
     b.add_argument("--out", metavar="FILE.json", help="write the report here")
     b.set_defaults(func=_cmd_bench_recovery)
 
+
+def _add_latency_vs_size(bsub) -> None:
     b = bsub.add_parser("latency-vs-size", help="p50/p99 lookup latency as the table grows (O(1) claim)",
                         description="Deploy the table with growing resident sizes and time lookups "
                                     "of random rows.")
@@ -284,8 +294,24 @@ def register(sub) -> None:
     b.add_argument("--out", metavar="FILE.json", help="write the report here, and FILE.png")
     b.set_defaults(func=_cmd_bench_latency)
 
+
+def _add_report(bsub) -> None:
     b = bsub.add_parser("report", help="render the results page (Markdown) from benchmark JSON files",
                         description="Regenerate docs/RESULTS.md from results/*.json: no figure is typed by hand.")
     b.add_argument("--results", default="results", help="folder of benchmark JSON + PNG (default: results)")
     b.add_argument("--out", default="docs/RESULTS.md", help="Markdown to write (default: docs/RESULTS.md)")
     b.set_defaults(func=_cmd_bench_report)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks, JSON (+ PNG) out: hash, lookup, offload, load, "
+                                     "recovery, latency-vs-size, report",
+                       description="Benchmarks. Each writes JSON with --out.")
+    bsub = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    _add_hash(bsub)
+    _add_lookup(bsub)
+    _add_offload(bsub)
+    _add_load(bsub)
+    _add_recovery(bsub)
+    _add_latency_vs_size(bsub)
+    _add_report(bsub)
