@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import secrets
@@ -34,7 +33,7 @@ import numpy as np
 
 from ..config import STORE_DTYPES
 from ..errors import CheckpointError, InvalidRequest
-from .rows import numpy_dtype
+from .rows import numpy_dtype, sha256_hex
 
 __all__ = ["save_shard", "load_range", "list_pieces", "open_under"]
 
@@ -59,10 +58,6 @@ def _write_file(dir_fd: int, name: str, write) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dir_fd)
         raise
-
-
-def _sha256(arr: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(arr).view(np.uint8)).hexdigest()
 
 
 def open_under(root: str | os.PathLike, requested: str) -> tuple[int, Path]:
@@ -111,7 +106,7 @@ def save_shard(shard, directory: str | os.PathLike, *, dir_fd: int | None = None
 
     d = Path(directory)
     own = dir_fd is None
-    if own:
+    if dir_fd is None:
         d.mkdir(parents=True, exist_ok=True)
         dir_fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     stem = f"rows-{shard.row_start:013d}-{shard.row_stop:013d}"
@@ -123,12 +118,12 @@ def save_shard(shard, directory: str | os.PathLike, *, dir_fd: int | None = None
             _write_file(dir_fd, f"{stem}.npy", lambda f: np.save(f, values.view(_RAW[values.dtype.itemsize])))
             for name, arr in state.items():
                 _write_file(dir_fd, f"{stem}.{name}.npy", lambda f, a=arr: np.save(f, a))
-            sha = _sha256(values)
+            sha = sha256_hex(values)
             header = {"format": _FORMAT, "fingerprint": shard.fingerprint,
                       "row_start": shard.row_start, "row_stop": shard.row_stop, "dim": shard.dim,
                       "dtype": shard.store.dtype, "optimizer": shard.store.optimizer.kind,
                       "state": sorted(state), "sha256": sha,
-                      "state_sha256": {k: _sha256(v) for k, v in state.items()}}
+                      "state_sha256": {k: sha256_hex(v) for k, v in state.items()}}
             _write_file(dir_fd, f"{stem}.json", lambda f: f.write(json.dumps(header, indent=1).encode()))
             os.fsync(dir_fd)
         finally:
@@ -191,7 +186,7 @@ def _array(path: Path, dtype, shape: tuple[int, ...], sha: str | None, what: str
     if arr.dtype != np.dtype(dtype) or arr.shape != shape:
         raise CheckpointError(f"checkpoint piece {path.name}: {what} is {arr.dtype} {arr.shape}; "
                               f"the header says {np.dtype(dtype)} {shape}")
-    if sha is not None and _sha256(arr) != sha:
+    if sha is not None and sha256_hex(arr) != sha:
         raise CheckpointError(f"checkpoint piece {path.name}: {what} fails its checksum: the file is corrupt")
     return arr
 
@@ -231,7 +226,7 @@ def _load_range(directory, fingerprint, start, stop, dim, dtype, with_state, ver
         src_dt = numpy_dtype(h["dtype"])
         raw = _array(h["path"], _RAW[src_dt.itemsize], (n, dim), None, "rows")
         rows = raw.view(src_dt)
-        if verify and _sha256(rows) != h["sha256"]:
+        if verify and sha256_hex(rows) != h["sha256"]:
             raise CheckpointError(f"checkpoint piece {h['path'].name} fails its checksum: "
                                   "the file is corrupt")
         a, b = lo - h["row_start"], hi - h["row_start"]

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from ..core.rows import INIT_BLOCK_ROWS, init_rows_f32
 
-__all__ = ["INIT_BLOCK_ROWS", "numpy_dtype", "init_rows"]
+__all__ = ["INIT_BLOCK_ROWS", "numpy_dtype", "init_rows", "sha256_hex"]
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -28,3 +30,9 @@ def init_rows(start: int, stop: int, dim: int, *, seed: int, std: float, dtype: 
     if out is None:
         out = np.empty((stop - start, dim), dtype=numpy_dtype(dtype))
     return init_rows_f32(start, stop, dim, seed=seed, std=std, out=out)
+
+
+def sha256_hex(arr: np.ndarray) -> str:
+    """sha256 of an array's bytes (C order), without copying a contiguous one: the checksum
+    of a shard's rows and of every checkpoint file's payload."""
+    return hashlib.sha256(np.ascontiguousarray(arr).view(np.uint8).data).hexdigest()

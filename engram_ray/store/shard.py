@@ -10,7 +10,6 @@ with the GIL released, so a copy and a write of the same row can interleave.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from typing import Any, NamedTuple
 
@@ -20,7 +19,7 @@ from ..config import StoreConfig
 from ..core.layout import ShardPlan, TableLayout
 from ..core.optim import SparseOptimizer, finite_rows, sum_duplicates
 from ..errors import InvalidRequest
-from .rows import init_rows, numpy_dtype
+from .rows import init_rows, numpy_dtype, sha256_hex
 
 __all__ = ["TableShard", "Saved", "GRAD_DTYPES"]
 
@@ -71,7 +70,7 @@ class TableShard:
 
     @classmethod
     def create(cls, layout: TableLayout, num_shards: int, shard_index: int,
-               store: StoreConfig = StoreConfig()) -> "TableShard":
+               store: StoreConfig = StoreConfig()) -> TableShard:
         """The shard ``shard_index`` of ``num_shards`` equal ranges of ``layout``'s rows."""
         start, stop = ShardPlan(layout.total_rows, num_shards).shard_range(shard_index)
         return cls(fingerprint=layout.fingerprint, row_start=start, row_stop=stop,
@@ -79,7 +78,7 @@ class TableShard:
 
     @classmethod
     def empty(cls, layout: TableLayout, num_shards: int, shard_index: int,
-              store: StoreConfig = StoreConfig()) -> "TableShard":
+              store: StoreConfig = StoreConfig()) -> TableShard:
         """The shard's range with zero rows (lazily mapped, so it costs no RAM until written):
         a placeholder for a copy that must not serve what it would otherwise load."""
         start, stop = ShardPlan(layout.total_rows, num_shards).shard_range(shard_index)
@@ -244,7 +243,7 @@ class TableShard:
     def checksum(self) -> str:
         """sha256 of the rows' bytes: equal tables have equal checksums."""
         with self._lock:  # never of a table half-way through an update
-            return hashlib.sha256(np.ascontiguousarray(self.values).view(np.uint8)).hexdigest()
+            return sha256_hex(self.values)
 
     def describe(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint, "shard_index": self.shard_index,
@@ -267,7 +266,7 @@ class TableShard:
 
     @classmethod
     def load(cls, directory, layout: TableLayout, num_shards: int, shard_index: int,
-             store: StoreConfig = StoreConfig()) -> "TableShard":
+             store: StoreConfig = StoreConfig()) -> TableShard:
         """Shard ``shard_index`` of ``num_shards`` from a checkpoint written with any shard count."""
         from .checkpoint import load_range
         start, stop = ShardPlan(layout.total_rows, num_shards).shard_range(shard_index)

@@ -64,7 +64,8 @@ DAMAGE = {
     "header without optimizer": (lambda d: _edit_header(d, optimizer=None), "optimizer missing"),
     "state file missing": (lambda d: next(d.glob("rows-*.adam_v.npy")).unlink(), "adam_v state file is missing"),
     "state file short": (lambda d: _cut(next(d.glob("rows-*.adam_m.npy")), 0.9), "adam_m state is unreadable"),
-    "state file flipped": (lambda d: _flip(next(d.glob("rows-*.adam_steps.npy"))), "adam_steps state fails its checksum"),
+    "state file flipped": (lambda d: _flip(next(d.glob("rows-*.adam_steps.npy"))),
+                           "adam_steps state fails its checksum"),
     "state file of another shape": (lambda d: np.save(next(d.glob("rows-*.adam_v.npy")), np.zeros((3, 16), np.float32)),
                                     r"header says float32 \(8214, 16\)"),
 }
@@ -93,9 +94,9 @@ def test_concurrent_saves_into_one_directory_always_verify(tiny_layout, tmp_path
     s = _trained(tiny_layout)
     rng = np.random.default_rng(0)
     for round_ in range(15):
-        errors = []
+        errors: list[Exception] = []
 
-        def save():
+        def save(errors=errors):
             try:
                 s.save(tmp_path)
             except Exception as e:  # noqa: BLE001
