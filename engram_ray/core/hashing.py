@@ -90,7 +90,7 @@ class NgramHasher:
         self._mult_ln = np.stack([self._multipliers[layer] for layer in config.layer_ids])
 
     @classmethod
-    def from_vocab(cls, config: EngramConfig, vocab) -> "NgramHasher":
+    def from_vocab(cls, config: EngramConfig, vocab) -> NgramHasher:
         """Build from a :class:`~engram_ray.core.tokens.CompressedVocab`, compressing the pad id."""
         return cls(config, vocab.size, vocab.compress_id(config.pad_id))
 
@@ -145,13 +145,19 @@ class NgramHasher:
         Returns ``({layer_id: [B, T_new, H]}, new_history [B, N-1])``; the ids equal those of
         hashing each whole sequence at once (tested), so decoding reads the same rows.
         """
+        ids_lbth, history = self.hash_step_stacked(history_bn, new_ids_bt)
+        return self._split(ids_lbth), history
+
+    def hash_step_stacked(self, history_bn: np.ndarray, new_ids_bt: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`hash_step` but one array ``[L, B, T_new, H]`` in ``layer_ids`` order."""
         x = self._check_ids(new_ids_bt)
         hist = np.asarray(history_bn)
         if hist.shape != (x.shape[0], self.history_len):
             raise ValueError(f"NgramHasher.hash_step: history shape {hist.shape}; expected "
                              f"({x.shape[0]}, {self.history_len}) = (batch, max_ngram_size-1)")
         xp = np.concatenate([hist.astype(np.int64, copy=False), x], axis=1)
-        return self._split(self._hash_padded(xp)), xp[:, -self.history_len:].copy()
+        return self._hash_padded(xp), xp[:, -self.history_len:].copy()
 
     def _split(self, ids_lbth: np.ndarray) -> dict[int, np.ndarray]:
         return {layer: ids_lbth[i] for i, layer in enumerate(self.config.layer_ids)}
