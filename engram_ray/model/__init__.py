@@ -3,7 +3,7 @@ model, plus the memory interface. Nothing here knows of Ray or gRPC."""
 
 from .attention import KVCache
 from .engram import EngramLayer
-from .memory import LocalMemory, MemoryFetch
+from .memory import LocalMemory, Memory, MemoryFetch
 from .transformer import EngramLM
 
-__all__ = ["EngramLM", "EngramLayer", "KVCache", "LocalMemory", "MemoryFetch"]
+__all__ = ["EngramLM", "EngramLayer", "KVCache", "LocalMemory", "Memory", "MemoryFetch"]

@@ -51,6 +51,9 @@ class Block(nn.Module):
 class EngramLM(nn.Module):
     """The language model. ``engram=None`` gives the plain backbone (the no-Engram baseline)."""
 
+    rope_cos: torch.Tensor  # buffers [max_seq_len, head_dim/2], registered in __init__
+    rope_sin: torch.Tensor
+
     def __init__(self, cfg: ModelConfig, engram: EngramConfig | None = None):
         super().__init__()
         if engram is not None and max(engram.layer_ids) >= cfg.n_layers:
@@ -68,14 +71,17 @@ class EngramLM(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
         #: Engram layer id -> index into the fetch (the order of EngramConfig.layer_ids).
-        self.engram_index = {l: i for i, l in enumerate(engram.layer_ids)} if engram else {}
+        self.engram_index = {layer: i for i, layer in enumerate(engram.layer_ids)} if engram else {}
+        #: Per block, the index of its rows in the fetch (None: not an Engram layer).
+        self.fetch_slots: list[int | None] = [self.engram_index.get(i) for i in range(cfg.n_layers)]
 
     @staticmethod
     def _init(m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
+            bias = getattr(m, "bias", None)  # nn.Embedding has none
+            if isinstance(bias, torch.Tensor):
+                nn.init.zeros_(bias)
 
     def new_cache(self, batch: int, device=None) -> KVCache:
         c = self.cfg
@@ -97,8 +103,8 @@ class EngramLM(nn.Module):
         cos = self.rope_cos[start_pos:start_pos + T]
         sin = self.rope_sin[start_pos:start_pos + T]
         h = self.tok_emb(tokens)[:, :, None].expand(B, T, self.cfg.hc_mult, self.cfg.dim)
-        for block in self.blocks:
-            rows = fetch.rows(self.engram_index[block.layer]) if block.engram is not None else None
+        for block, slot in zip(self.blocks, self.fetch_slots):
+            rows = fetch.rows(slot) if slot is not None and fetch is not None else None
             h = block(h, cos, sin, rows, cache, start_pos)
         return self.head(self.norm(h.sum(dim=2)))
 

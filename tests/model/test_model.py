@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from engram_ray import config as C
-from engram_ray.core.hashing import NgramHasher
-from engram_ray.core.layout import TableLayout
+from engram_ray.config import OptimizerConfig
+from engram_ray.core.indexer import RowIndexer
 from engram_ray.core.tokens import CompressedVocab
 from engram_ray.model import EngramLM, LocalMemory
 from engram_ray.model.engram import EngramLayer
@@ -22,17 +22,14 @@ class Setup:
         self.mc = dataclasses.replace(C.model_tiny(), hc_mult=hc_mult, ffn=ffn)
         self.ec = C.tiny()  # Engram at layers 1 and 2
         self.vocab = CompressedVocab(np.arange(self.mc.vocab_size) // 2)
-        self.layout = TableLayout.build(self.ec, self.vocab)
-        self.hasher = NgramHasher.from_vocab(self.ec, self.vocab)
+        self.indexer = RowIndexer.build(self.ec, self.vocab)
         torch.manual_seed(0)
         self.model = EngramLM(self.mc, self.ec)
-        self.memory = LocalMemory(self.layout, init_std=0.5)
+        self.memory = LocalMemory(self.indexer.layout, init_std=0.5,
+                                  optimizer=OptimizerConfig(kind="adam", lr=3e-2))
 
-    def rows(self, tokens):
-        return self.layout.row_ids_stacked(self.hasher.hash_stacked(self.vocab(tokens.numpy())))
-
-    def logits(self, tokens):
-        return self.model(tokens, self.memory.fetch(self.rows(tokens)))
+    def logits(self, tokens, fetch=None):
+        return self.model(tokens, fetch or self.memory.fetch(self.indexer.rows(tokens.numpy())))
 
 
 @pytest.mark.parametrize("hc_mult,ffn", [(1, "moe"), (4, "moe"), (1, "dense")])
@@ -123,13 +120,11 @@ def test_incremental_decoding_equals_the_full_forward(hc_mult):
     tok = torch.randint(0, s.mc.vocab_size, (3, 14))
     full = s.logits(tok)
     cache = s.model.new_cache(3)
-    hist = s.hasher.new_history(3)
-    comp = s.vocab(tok.numpy())
+    hist = s.indexer.new_history(3)
     steps = []
     pos = 0
     for n in (5, 1, 1, 4, 3):  # a prompt, then single tokens, then chunks
-        head_ids, hist = s.hasher.hash_step(hist, comp[:, pos:pos + n])
-        rows = np.stack([s.layout.row_ids(l, head_ids[l]) for l in s.ec.layer_ids])
+        rows, hist = s.indexer.step(hist, tok[:, pos:pos + n].numpy())
         steps.append(s.model(tok[:, pos:pos + n], s.memory.fetch(rows), cache=cache, start_pos=pos))
         pos += n
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
@@ -142,21 +137,22 @@ def test_a_short_training_run_lowers_the_loss():
     phrases = rng.integers(0, s.mc.vocab_size, size=(6, 8))
     seq = np.concatenate([phrases[i] for i in rng.integers(0, 6, size=200)])
     dense = torch.optim.AdamW(s.model.parameters(), lr=3e-3)
-    sparse = torch.optim.SparseAdam([s.memory.table], lr=3e-2)
-    losses = []
-    for step in range(40):
+    losses, updated = [], []
+    for _ in range(40):
         starts = rng.integers(0, seq.size - 33, size=8)
-        batch = torch.as_tensor(np.stack([seq[a:a + 33] for a in starts]))
-        x, y = batch[:, :-1], batch[:, 1:]
-        logits = s.logits(x)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        batch = np.stack([seq[a:a + 33] for a in starts])
+        rows = s.indexer.rows(batch[:, :-1])
+        fetch = s.memory.fetch(rows)
+        x, y = torch.as_tensor(batch[:, :-1]), torch.as_tensor(batch[:, 1:])
+        loss = F.cross_entropy(s.logits(x, fetch).flatten(0, 1), y.flatten())
         (loss + s.model.aux_loss()).backward()
         dense.step()
-        sparse.step()
         dense.zero_grad()
-        sparse.zero_grad()
+        # the sparse Adam step on exactly the rows this batch read
+        updated.append((s.memory.update(fetch), np.unique(rows).size))
         losses.append(loss.item())
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+    assert all(got == want for got, want in updated), updated
 
 
 def test_bad_model_configs_and_calls():

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from engram_ray import config as C
 from engram_ray.client import EngramClient
 from engram_ray.config import OptimizerConfig, StoreConfig
-from engram_ray.core.hashing import NgramHasher
+from engram_ray.core.indexer import RowIndexer
 from engram_ray.core.layout import TableLayout
 from engram_ray.core.tokens import CompressedVocab
-from engram_ray.model import EngramLM, LocalMemory
+from engram_ray.model import EngramLM, LocalMemory, Memory, MemoryFetch
 from engram_ray.rpc import create_server
 from engram_ray.runtime.remote_memory import RemoteMemory
 from engram_ray.store import TableShard
@@ -23,8 +23,8 @@ from engram_ray.store import TableShard
 def test_local_and_remote_memory_agree_on_logits_and_updated_rows(kind):
     mc, ec = C.model_tiny(), C.tiny()
     vocab = CompressedVocab(np.arange(mc.vocab_size) // 2)
-    layout = TableLayout.build(ec, vocab)
-    hasher = NgramHasher.from_vocab(ec, vocab)
+    indexer = RowIndexer.build(ec, vocab)
+    layout = indexer.layout
     store = StoreConfig(init_std=0.5, optimizer=OptimizerConfig(kind=kind, lr=0.05))
     shards = [TableShard.create(layout, 3, i, store) for i in range(3)]
     servers = [create_server(s, "127.0.0.1", 0) for s in shards]
@@ -37,15 +37,18 @@ def test_local_and_remote_memory_agree_on_logits_and_updated_rows(kind):
         remote = RemoteMemory(client)
         tok = torch.randint(0, mc.vocab_size, (4, 24))
         tok[:, 10:14] = tok[:, :4]  # repeated n-grams: duplicate rows in the batch
-        rows = layout.row_ids_stacked(hasher.hash_stacked(vocab(tok.numpy())))
-        for step in range(2):
+        rows = indexer.rows(tok.numpy())
+        assert isinstance(local, Memory) and isinstance(remote, Memory)
+        for _ in range(2):
             f_l, f_r = local.fetch(rows), remote.fetch(rows)
+            assert isinstance(f_l, MemoryFetch) and isinstance(f_r, MemoryFetch)
             logits_l, logits_r = model_l(tok, f_l), model_r(tok, f_r)
             assert torch.equal(logits_l, logits_r)
             F.cross_entropy(logits_l.flatten(0, 1), tok.flatten()).backward()
             F.cross_entropy(logits_r.flatten(0, 1), tok.flatten()).backward()
-            n_l, n_r = local.apply_gradients(), f_r.push_gradients()
+            n_l, n_r = local.update(f_l), remote.update(f_r)
             assert n_l == n_r == np.unique(rows).size
+            assert local.update(f_l) == remote.update(f_r) == 0  # a fetch's gradient applies once
             assert f_r.fetch_seconds > 0 and f_r.wait_seconds >= 0
         remote_table = client.lookup(np.arange(layout.total_rows))
         assert np.array_equal(remote_table, local.table.detach().numpy())
@@ -98,12 +101,19 @@ def test_on_demand_fetch_reads_the_same_rows_later():
         server.stop(0)
 
 
-def test_capped_local_memory_maps_rows_into_its_resident_table():
+def test_a_memory_updates_only_its_own_fetches():
     ec = C.tiny()
     layout = TableLayout.build(ec, CompressedVocab(np.arange(50)))
-    full = LocalMemory(layout)
-    capped = LocalMemory(layout, resident_rows=500)
-    assert capped.table.shape == (500, layout.row_dim)
-    rows = np.array([[[[3, 503, 1003, 7]]], [[[8000, 8, 9, 10]]]])
-    got = capped.fetch(rows).rows(0)
-    assert torch.equal(got, full.fetch(rows % 500).rows(0))
+    shard = TableShard.create(layout, 1, 0)
+    server, port = create_server(shard, "127.0.0.1", 0)
+    client = EngramClient([f"127.0.0.1:{port}"], layout)
+    try:
+        remote, local = RemoteMemory(client), LocalMemory(layout)
+        rows = np.zeros((2, 1, 1, ec.heads_per_layer), np.int64)
+        with pytest.raises(ValueError, match="RemoteMemory.update: pass a fetch of this memory"):
+            remote.update(local.fetch(rows))
+        with pytest.raises(ValueError, match="LocalMemory.update: pass a fetch of this memory"):
+            local.update(RemoteMemory(client).fetch(rows))
+    finally:
+        client.close()
+        server.stop(0)
