@@ -13,7 +13,7 @@ import numpy as np
 import ray
 
 from engram_ray import config
-from engram_ray.core.hashing import NgramHasher
+from engram_ray.core.indexer import RowIndexer
 from engram_ray.data import default_vocab, load_corpus, load_tokenizer
 from engram_ray.runtime import deploy
 
@@ -27,10 +27,10 @@ def main() -> None:
     try:
         print(f"service {svc.name!r}: {svc.num_shards} shards at {', '.join(svc.addresses)}; "
               f"{svc.layout.total_rows:,} rows x {svc.layout.row_dim}")
-        hasher = NgramHasher.from_vocab(cfg, vocab)
+        indexer = RowIndexer.build(cfg, vocab, layout=svc.layout)   # tokens -> the service's rows
         corpus = load_corpus("stdlib", tok)
-        batch_bt = vocab(corpus.val[:8 * 256].astype(np.int64).reshape(8, 256))   # [B=8, T=256]
-        rows_lbth = svc.layout.row_ids_stacked(hasher.hash_stacked(batch_bt))    # [L, B, T, H]
+        batch_bt = corpus.val[:8 * 256].astype(np.int64).reshape(8, 256)       # [B=8, T=256]
+        rows_lbth = indexer.rows(batch_bt)                                      # [L, B, T, H]
 
         with svc.client() as client:
             t0 = time.perf_counter()

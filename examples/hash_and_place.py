@@ -12,8 +12,8 @@ import sys
 import numpy as np
 
 from engram_ray import config
-from engram_ray.core.hashing import NgramHasher
-from engram_ray.core.layout import ShardPlan, TableLayout
+from engram_ray.core.indexer import RowIndexer
+from engram_ray.core.layout import ShardPlan
 from engram_ray.data import default_vocab, load_tokenizer
 
 
@@ -21,17 +21,16 @@ def main(text: str, num_shards: int = 4) -> None:
     cfg = config.paper_27b()
     tok = load_tokenizer()
     vocab = default_vocab(tok)
-    hasher = NgramHasher.from_vocab(cfg, vocab)
-    layout = TableLayout.build(cfg, vocab)
+    indexer = RowIndexer.build(cfg, vocab)  # compress -> hash -> offset into the global rows
+    layout = indexer.layout
     plan = ShardPlan(layout.total_rows, num_shards)
 
     ids_bt = np.array([tok.encode(text, add_special_tokens=False).ids])
-    comp_bt = vocab(ids_bt)
-    rows_lbth = layout.row_ids_stacked(hasher.hash_stacked(comp_bt))  # [L, B, T, H]
+    rows_lbth = indexer.rows(ids_bt)  # [L, B, T, H]
     shard, local = plan.locate(rows_lbth)
 
     print(f"{layout.num_params / 1e9:.2f}B-parameter table ({layout.fingerprint}), "
-          f"{num_shards} shards; {comp_bt.size} tokens x {len(cfg.layer_ids)} layers x "
+          f"{num_shards} shards; {ids_bt.size} tokens x {len(cfg.layer_ids)} layers x "
           f"{layout.num_heads} heads = {rows_lbth.size} row lookups")
     for t, tid in enumerate(ids_bt[0]):
         first = rows_lbth[0, 0, t, 0]
@@ -41,11 +40,10 @@ def main(text: str, num_shards: int = 4) -> None:
     print("  lookups per shard:", per_shard.tolist())
 
     # Decoding token by token reads the same rows as hashing the whole text at once.
-    hist = hasher.new_history(1)
-    for t in range(comp_bt.shape[1]):
-        step, hist = hasher.hash_step(hist, comp_bt[:, t:t + 1])
-        for li, layer in enumerate(cfg.layer_ids):
-            assert np.array_equal(layout.row_ids(layer, step[layer])[0, 0], rows_lbth[li, 0, t])
+    hist = indexer.new_history(1)
+    for t in range(ids_bt.shape[1]):
+        step_lbth, hist = indexer.step(hist, ids_bt[:, t:t + 1])   # [L, 1, 1, H]
+        assert np.array_equal(step_lbth[:, :, 0], rows_lbth[:, :, t])
     print("  incremental decoding reads the same rows: yes")
 
 

@@ -10,8 +10,8 @@ on a shared machine biases none, medians quoted:
 
 Prefill (each sequence alone, its length drawn from Uniform(min_len, max_len), as the paper's
 workload of 512 sequences of Uniform(100, 1024), scaled down) and decode (a batch of sequences
-generating token by token with a KV cache) are timed apart. Hashing is inside the timing: it is
-part of what a worker pays.
+generating token by token with a KV cache) are timed apart. Indexing (compress, hash, offset)
+is inside the timing: it is part of what a worker pays.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import EngramConfig, ModelConfig, StoreConfig, OptimizerConfig
-from ..core.hashing import NgramHasher
+from ..config import EngramConfig, ModelConfig, OptimizerConfig, StoreConfig
+from ..core.indexer import RowIndexer
 from ..model import EngramLM, LocalMemory
 
 MODES = ("no_engram", "local", "remote", "remote_lazy")
@@ -36,14 +36,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _prefill(model, memory, hasher, layout, seqs, device, acc) -> float:
+def _prefill(model, memory, indexer, seqs, device, acc) -> float:
     _sync(device)
     t0 = time.perf_counter()
-    for ids, comp in seqs:
+    for ids, tokens_bt in seqs:  # the same tokens on the device and on the host
         fetch = None
         if memory is not None:
             t1 = time.perf_counter()
-            rows = layout.row_ids_stacked(hasher.hash_stacked(comp))
+            rows = indexer.rows(tokens_bt)
             t2 = time.perf_counter()
             fetch = memory.fetch(rows, requires_grad=False)
             acc["hash_s"] += t2 - t1
@@ -55,20 +55,20 @@ def _prefill(model, memory, hasher, layout, seqs, device, acc) -> float:
     return time.perf_counter() - t0
 
 
-def _decode(model, memory, hasher, layout, vocab, prompt, steps, device, acc) -> float:
+def _decode(model, memory, indexer, prompt, steps, device, acc) -> float:
     B, P = prompt.shape
     cache = model.new_cache(B, device=device)
     _sync(device)
     t0 = time.perf_counter()
-    hist = hasher.new_history(B)
+    hist = indexer.new_history(B)
     new = prompt
     pos = 0
     for _ in range(steps + 1):  # the prompt, then `steps` single tokens
         fetch = None
         if memory is not None:
             t1 = time.perf_counter()
-            heads, hist = hasher.hash_step(hist, vocab(new.cpu().numpy()))
-            rows = np.stack([layout.row_ids(l, heads[l]) for l in layout.layer_ids])
+            # the sampled ids come to the host to be indexed (the backbone alone never waits)
+            rows, hist = indexer.step(hist, new.cpu().numpy())
             t2 = time.perf_counter()
             fetch = memory.fetch(rows, requires_grad=False)
             acc["hash_s"] += t2 - t1
@@ -96,7 +96,8 @@ def _profile(fn, top: int = 20) -> list[dict[str, Any]]:
     prof = cProfile.Profile()
     prof.runcall(fn)
     st = pstats.Stats(prof)
-    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]
+    # Stats.stats: {(file, line, name): (calls, ncalls, own, cumulative, callers)}; typeshed omits it
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]  # type: ignore[attr-defined]
     return [{"function": f"{Path(f).name}:{line}({name})", "calls": nc, "own_s": tt, "cumulative_s": ct}
             for (f, line, name), (_, nc, tt, ct, _) in rows]
 
@@ -114,8 +115,8 @@ def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np
     rng = np.random.default_rng(0)
     lens = rng.integers(min_len, max_len + 1, size=sequences)
     starts = rng.integers(0, tokens.size - max_len - 1, size=sequences)
-    seqs = [(torch.as_tensor(tokens[a:a + n].astype(np.int64))[None].to(dev),
-             vocab(tokens[a:a + n].astype(np.int64))[None]) for a, n in zip(starts, lens)]
+    host = [tokens[a:a + n].astype(np.int64)[None] for a, n in zip(starts, lens)]   # [1, n] each
+    seqs = [(torch.from_numpy(t).to(dev), t) for t in host]
     ps = rng.integers(0, tokens.size - decode_prompt - 1, size=decode_batch)
     prompt = torch.as_tensor(np.stack([tokens[a:a + decode_prompt] for a in ps]).astype(np.int64)).to(dev)
     if decode_prompt + decode_tokens + 1 > model_cfg.max_seq_len or max_len > model_cfg.max_seq_len:
@@ -129,7 +130,7 @@ def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np
             layout = svc.layout
             resident = sum(d["resident_rows"] for d in svc.describe())
             client = svc.client()
-            hasher = NgramHasher.from_vocab(engram_cfg, vocab)
+            indexer = RowIndexer.build(engram_cfg, vocab, layout=layout)
             torch.manual_seed(0)
             with_engram = EngramLM(model_cfg, engram_cfg).eval().to(dev)
             torch.manual_seed(0)
@@ -153,8 +154,8 @@ def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np
                     model, mem = setups[mode]
                     acc_p, acc_d = (parts[mode]["prefill"], parts[mode]["decode"]) if rep else ({}, {})
                     acc_p, acc_d = collections.defaultdict(float, acc_p), collections.defaultdict(float, acc_d)
-                    p = _prefill(model, mem, hasher, layout, seqs, dev, acc_p)
-                    d = _decode(model, mem, hasher, layout, vocab, prompt, decode_tokens, dev, acc_d)
+                    p = _prefill(model, mem, indexer, seqs, dev, acc_p)
+                    d = _decode(model, mem, indexer, prompt, decode_tokens, dev, acc_d)
                     if rep:
                         times[mode]["prefill"].append(p)
                         times[mode]["decode"].append(d)
@@ -166,10 +167,10 @@ def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np
                 bar.close()
             top = None
             if profile:  # one more remote run under cProfile, after the timed ones
-                top = _profile(lambda: (_prefill(*setups["remote"], hasher, layout, seqs, dev,
+                top = _profile(lambda: (_prefill(*setups["remote"], indexer, seqs, dev,
                                                  collections.defaultdict(float)),
-                                        _decode(*setups["remote"], hasher, layout, vocab, prompt,
-                                                decode_tokens, dev, collections.defaultdict(float))))
+                                        _decode(*setups["remote"], indexer, prompt, decode_tokens,
+                                                dev, collections.defaultdict(float))))
             cstats = client.stats()
             server = svc.describe()
             client.close()

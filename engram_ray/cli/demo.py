@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import (OptimizerConfig, ServiceConfig, StoreConfig, TrainConfig, model_demo, preset)
+from ..config import OptimizerConfig, ServiceConfig, StoreConfig, TrainConfig, model_demo, preset
 from .common import gib
 
 
@@ -97,8 +97,8 @@ def _print_summary(r: dict[str, Any]) -> None:
     print(f"  loss         val {v0:.3f} -> {v1:.3f}  (train {r['train_loss_first10']:.3f} -> "
           f"{r['train_loss_last10']:.3f});  val by step: "
           + ", ".join(f"{x['step']}:{x['loss']:.2f}" for x in r["val_loss"]))
-    print(f"  throughput   {r['tokens']:,} tokens in {r['train_seconds']:.0f} s = {r['tokens_per_second']:,.0f} tokens/s "
-          f"(whole run {r['total_seconds']:.0f} s)")
+    print(f"  throughput   {r['tokens']:,} tokens in {r['train_seconds']:.0f} s = "
+          f"{r['tokens_per_second']:,.0f} tokens/s (whole run {r['total_seconds']:.0f} s)")
     print(f"  lookups      {r['lookups']:,} calls for {r['ids_requested']:,} row ids -> {r['unique_rows_fetched']:,} "
           f"unique rows fetched (dedup ratio {r['dedup_ratio']:.2f}), {r['bytes_received'] / 2**20:,.1f} MiB received, "
           f"p50 {r['lookup_p50_ms']:.1f} ms / p99 {r['lookup_p99_ms']:.1f} ms")

@@ -54,23 +54,21 @@ def _cmd_layout(args: argparse.Namespace) -> int:
 def _cmd_hash(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..core.hashing import NgramHasher
-    from ..core.layout import TableLayout
+    from ..core.indexer import RowIndexer
     from ..data import default_vocab, load_tokenizer
 
     cfg, source = engram_config(args)
     tok = load_tokenizer(args.tokenizer)
     vocab = default_vocab(tok)
-    hasher = NgramHasher.from_vocab(cfg, vocab)
-    layout = TableLayout.build(cfg, vocab)
+    indexer = RowIndexer.build(cfg, vocab)
+    layout = indexer.layout
     enc = tok.encode(args.text, add_special_tokens=False)
     if not enc.ids:
         print("engram-ray hash: the text encodes to no tokens", file=sys.stderr)
         return 2
     ids = np.array([enc.ids], dtype=np.int64)
-    comp = vocab(ids)
-    heads = hasher.hash(comp)
-    rows = {layer: layout.row_ids(layer, h)[0] for layer, h in heads.items()}
+    comp = vocab(ids)  # shown beside the rows
+    rows = dict(zip(layout.layer_ids, indexer.rows(ids)[:, 0]))  # {layer: [T, H]}
     if args.json:
         print(json.dumps({"fingerprint": layout.fingerprint, "tokens": enc.tokens,
                           "token_ids": ids[0].tolist(), "compressed_ids": comp[0].tolist(),
