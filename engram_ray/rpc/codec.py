@@ -8,8 +8,8 @@ from typing import Sequence
 import numpy as np
 
 from ..config import STORE_DTYPES
+from ..core.dtypes import numpy_dtype
 from ..errors import InvalidRequest
-from ..store.rows import numpy_dtype
 from .generated import engram_pb2 as pb
 
 __all__ = ["encode", "decode", "wire_dtype", "WIRE_DTYPES", "DEFAULT_MAX_MESSAGE_BYTES"]

@@ -7,21 +7,10 @@ import hashlib
 
 import numpy as np
 
+from ..core.dtypes import numpy_dtype
 from ..core.rows import INIT_BLOCK_ROWS, init_rows_f32
 
 __all__ = ["INIT_BLOCK_ROWS", "numpy_dtype", "init_rows", "sha256_hex"]
-
-
-def numpy_dtype(name: str) -> np.dtype:
-    """float32 / float16 natively; bfloat16 through ml_dtypes (numpy has none)."""
-    if name == "float32":
-        return np.dtype(np.float32)
-    if name == "float16":
-        return np.dtype(np.float16)
-    if name == "bfloat16":
-        import ml_dtypes
-        return np.dtype(ml_dtypes.bfloat16)
-    raise ValueError(f"storage dtype {name!r}: expected float32, bfloat16 or float16")
 
 
 def init_rows(start: int, stop: int, dim: int, *, seed: int, std: float, dtype: str = "float32",
