@@ -102,6 +102,90 @@ def _profile(fn, top: int = 20) -> list[dict[str, Any]]:
             for (f, line, name), (_, nc, tt, ct, _) in rows]
 
 
+def _workload(tokens: np.ndarray, dev: torch.device, *, sequences: int, min_len: int, max_len: int,
+              decode_batch: int, decode_prompt: int):
+    """Prefill sequences (each on the device and on the host, ``[1, n]``), their lengths, and
+    the decode prompt ``[decode_batch, decode_prompt]`` on the device; fixed by seed 0."""
+    rng = np.random.default_rng(0)
+    lens = rng.integers(min_len, max_len + 1, size=sequences)
+    starts = rng.integers(0, tokens.size - max_len - 1, size=sequences)
+    host = [tokens[a:a + n].astype(np.int64)[None] for a, n in zip(starts, lens)]   # [1, n] each
+    seqs = [(torch.from_numpy(t).to(dev), t) for t in host]
+    ps = rng.integers(0, tokens.size - decode_prompt - 1, size=decode_batch)
+    prompt = torch.as_tensor(np.stack([tokens[a:a + decode_prompt] for a in ps]).astype(np.int64)).to(dev)
+    return lens, seqs, prompt
+
+
+def _interleave(setups, indexer, seqs, prompt, decode_tokens: int, dev: torch.device, repeats: int,
+                progress: bool):
+    """Run every mode ``repeats + 1`` times, a b c d a b c d ...; returns the counted seconds
+    ``{mode: {phase: [s, ...]}}`` and their parts ``{mode: {phase: {hash_s, issue_s, wait_s}}}``."""
+    times: dict[str, dict[str, list[float]]] = {m: {"prefill": [], "decode": []} for m in MODES}
+    # Seconds of each run spent hashing, issuing fetches and blocked in rows(), by mode
+    # and phase; the rest of a run is the model's compute.
+    parts = {m: {ph: dict.fromkeys(("hash_s", "issue_s", "wait_s"), 0.0) for ph in ("prefill", "decode")}
+             for m in MODES}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=(repeats + 1) * len(MODES), desc="bench offload", unit="run")
+    for rep in range(repeats + 1):  # repetition 0 warms up and is not counted
+        for mode in MODES:
+            model, mem = setups[mode]
+            acc_p, acc_d = (parts[mode]["prefill"], parts[mode]["decode"]) if rep else ({}, {})
+            acc_p, acc_d = collections.defaultdict(float, acc_p), collections.defaultdict(float, acc_d)
+            p = _prefill(model, mem, indexer, seqs, dev, acc_p)
+            d = _decode(model, mem, indexer, prompt, decode_tokens, dev, acc_d)
+            if rep:
+                times[mode]["prefill"].append(p)
+                times[mode]["decode"].append(d)
+                parts[mode]["prefill"].update(acc_p)
+                parts[mode]["decode"].update(acc_d)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return times, parts
+
+
+def _throughput(times, parts, prefill_tokens: int, decode_tokens_total: int, repeats: int):
+    """Per mode: median tokens/s and spreads; per phase and mode: where the time went; and each
+    mode's throughput loss against the backbone alone and against the local table."""
+    res: dict[str, Any] = {}
+    for mode in MODES:
+        tp = float(np.median(times[mode]["prefill"]))
+        td = float(np.median(times[mode]["decode"]))
+        res[mode] = {"prefill_tokens_per_s": prefill_tokens / tp, "decode_tokens_per_s": decode_tokens_total / td,
+                     "prefill_s": tp, "decode_s": td,
+                     "prefill_spread_s": _spread(times[mode]["prefill"]),
+                     "decode_spread_s": _spread(times[mode]["decode"])}
+    breakdown = {}
+    for mode in MODES:
+        for phase in ("prefill", "decode"):
+            total = float(np.mean(times[mode][phase]))
+            b = {k: v / repeats for k, v in parts[mode][phase].items()}
+            b["compute_s"] = total - sum(b.values())  # the model's forward (and Python around it)
+            breakdown[f"{phase}:{mode}"] = {"total_s": total, **b}
+    overhead = {}
+    for phase in ("prefill", "decode"):
+        key = f"{phase}_tokens_per_s"
+        for x in ("local", "remote", "remote_lazy"):
+            for ref in ("no_engram", "local"):
+                if x != ref:
+                    overhead[f"{phase}:{x}_vs_{ref}"] = 1 - res[x][key] / res[ref][key]
+    return res, breakdown, overhead
+
+
+def _per_lookup(cstats: dict[str, Any], server: list[dict[str, Any]]) -> dict[str, Any]:
+    """Client I/O time per lookup, RPCs per lookup and the shards' handler time per RPC."""
+    n_lookups = max(1, cstats["lookups"])
+    server_rpcs = sum(d["counters"]["lookups"] for d in server)
+    return {"client_io_ms": {k: 1e3 * v / n_lookups for k, v in cstats["io_seconds"].items()},
+            "rpcs_per_lookup": server_rpcs / n_lookups,
+            "server_handler_ms_per_rpc": 1e3 * sum(d["counters"]["lookup_seconds"] for d in server)
+            / max(1, server_rpcs)}
+
+
 @torch.no_grad()
 def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np.ndarray, *,
         shards: int = 2, max_resident_gib: float | None = 1.0, sequences: int = 8, min_len: int = 32,
@@ -112,13 +196,8 @@ def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                        else ("cpu" if device == "auto" else device))
-    rng = np.random.default_rng(0)
-    lens = rng.integers(min_len, max_len + 1, size=sequences)
-    starts = rng.integers(0, tokens.size - max_len - 1, size=sequences)
-    host = [tokens[a:a + n].astype(np.int64)[None] for a, n in zip(starts, lens)]   # [1, n] each
-    seqs = [(torch.from_numpy(t).to(dev), t) for t in host]
-    ps = rng.integers(0, tokens.size - decode_prompt - 1, size=decode_batch)
-    prompt = torch.as_tensor(np.stack([tokens[a:a + decode_prompt] for a in ps]).astype(np.int64)).to(dev)
+    lens, seqs, prompt = _workload(tokens, dev, sequences=sequences, min_len=min_len, max_len=max_len,
+                                   decode_batch=decode_batch, decode_prompt=decode_prompt)
     if decode_prompt + decode_tokens + 1 > model_cfg.max_seq_len or max_len > model_cfg.max_seq_len:
         raise ValueError(f"sequences up to {max(max_len, decode_prompt + decode_tokens + 1)} tokens exceed "
                          f"the backbone's max_seq_len={model_cfg.max_seq_len}")
@@ -140,31 +219,7 @@ def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np
             setups = {"no_engram": (backbone, None), "local": (with_engram, local),
                       "remote": (with_engram, RemoteMemory(client, device=dev)),
                       "remote_lazy": (with_engram, RemoteMemory(client, device=dev, prefetch=False))}
-            times: dict[str, dict[str, list[float]]] = {m: {"prefill": [], "decode": []} for m in MODES}
-            # Seconds of each run spent hashing, issuing fetches and blocked in rows(), by mode
-            # and phase; the rest of a run is the model's compute.
-            parts = {m: {ph: dict.fromkeys(("hash_s", "issue_s", "wait_s"), 0.0) for ph in ("prefill", "decode")}
-                     for m in MODES}
-            bar = None
-            if progress:
-                from tqdm import tqdm
-                bar = tqdm(total=(repeats + 1) * len(MODES), desc="bench offload", unit="run")
-            for rep in range(repeats + 1):  # repetition 0 warms up and is not counted
-                for mode in MODES:
-                    model, mem = setups[mode]
-                    acc_p, acc_d = (parts[mode]["prefill"], parts[mode]["decode"]) if rep else ({}, {})
-                    acc_p, acc_d = collections.defaultdict(float, acc_p), collections.defaultdict(float, acc_d)
-                    p = _prefill(model, mem, indexer, seqs, dev, acc_p)
-                    d = _decode(model, mem, indexer, prompt, decode_tokens, dev, acc_d)
-                    if rep:
-                        times[mode]["prefill"].append(p)
-                        times[mode]["decode"].append(d)
-                        parts[mode]["prefill"].update(acc_p)
-                        parts[mode]["decode"].update(acc_d)
-                    if bar is not None:
-                        bar.update(1)
-            if bar is not None:
-                bar.close()
+            times, parts = _interleave(setups, indexer, seqs, prompt, decode_tokens, dev, repeats, progress)
             top = None
             if profile:  # one more remote run under cProfile, after the timed ones
                 top = _profile(lambda: (_prefill(*setups["remote"], indexer, seqs, dev,
@@ -177,34 +232,7 @@ def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np
         finally:
             svc.shutdown()
     prefill_tokens, decode_tokens_total = int(lens.sum()), decode_batch * (decode_prompt + decode_tokens)
-    res: dict[str, Any] = {}
-    for mode in MODES:
-        tp = float(np.median(times[mode]["prefill"]))
-        td = float(np.median(times[mode]["decode"]))
-        res[mode] = {"prefill_tokens_per_s": prefill_tokens / tp, "decode_tokens_per_s": decode_tokens_total / td,
-                     "prefill_s": tp, "decode_s": td,
-                     "prefill_spread_s": _spread(times[mode]["prefill"]),
-                     "decode_spread_s": _spread(times[mode]["decode"])}
-    breakdown = {}
-    for mode in MODES:
-        for phase in ("prefill", "decode"):
-            total = float(np.mean(times[mode][phase]))
-            b = {k: v / repeats for k, v in parts[mode][phase].items()}
-            b["compute_s"] = total - sum(b.values())  # the model's forward (and Python around it)
-            breakdown[f"{phase}:{mode}"] = {"total_s": total, **b}
-    n_lookups = max(1, cstats["lookups"])
-    server_rpcs = sum(d["counters"]["lookups"] for d in server)
-    per_lookup = {"client_io_ms": {k: 1e3 * v / n_lookups for k, v in cstats["io_seconds"].items()},
-                  "rpcs_per_lookup": server_rpcs / n_lookups,
-                  "server_handler_ms_per_rpc": 1e3 * sum(d["counters"]["lookup_seconds"] for d in server)
-                  / max(1, server_rpcs)}
-    overhead = {}
-    for phase in ("prefill", "decode"):
-        key = f"{phase}_tokens_per_s"
-        for x in ("local", "remote", "remote_lazy"):
-            for ref in ("no_engram", "local"):
-                if x != ref:
-                    overhead[f"{phase}:{x}_vs_{ref}"] = 1 - res[x][key] / res[ref][key]
+    res, breakdown, overhead = _throughput(times, parts, prefill_tokens, decode_tokens_total, repeats)
     return {
         "benchmark": "offload", "engram": engram_cfg.to_dict(), "model": model_cfg.to_dict(),
         "table": {"logical_rows": layout.total_rows, "logical_params": layout.num_params,
@@ -218,6 +246,6 @@ def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np
         "results": res, "overhead": overhead,
         "lookup_p50_ms": cstats["latency_p50_ms"], "lookup_p99_ms": cstats["latency_p99_ms"],
         "dedup_ratio": cstats["dedup_ratio"],
-        "breakdown": breakdown, "per_lookup": per_lookup, "profile_top": top,
+        "breakdown": breakdown, "per_lookup": _per_lookup(cstats, server), "profile_top": top,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
     }

@@ -13,9 +13,26 @@ from ..config import OptimizerConfig, ServiceConfig, StoreConfig, TrainConfig, m
 from .common import gib
 
 
-def _run(args: argparse.Namespace, *, title: str) -> dict[str, Any]:
+def _train(worker: Any, tcfg: TrainConfig) -> tuple[list[dict[str, float]], list[tuple[int, float]], float]:
+    """Train in chunks of ``eval_every`` steps with a validation after each; returns every
+    step's metrics, ``(step, val_loss)`` from step 0, and the seconds spent training."""
     from tqdm import tqdm
 
+    val = [(0, worker.evaluate())]
+    steps: list[dict[str, float]] = []
+    bar = tqdm(total=tcfg.steps, desc="training", unit="step")
+    t_train = time.perf_counter()
+    while len(steps) < tcfg.steps:
+        chunk = worker.train(min(tcfg.eval_every, tcfg.steps - len(steps)))
+        steps.extend(chunk)
+        val.append((len(steps), worker.evaluate()))
+        bar.update(len(chunk))
+        bar.set_postfix(loss=f"{chunk[-1]['loss']:.2f}", val=f"{val[-1][1]:.2f}")
+    bar.close()
+    return steps, val, time.perf_counter() - t_train
+
+
+def _run(args: argparse.Namespace, *, title: str) -> dict[str, Any]:
     from ..data import default_vocab, load_corpus, load_tokenizer
     from ..runtime import deploy, ray_session, start_worker
 
@@ -46,18 +63,7 @@ def _run(args: argparse.Namespace, *, title: str) -> dict[str, Any]:
             print(f"  worker     {winfo['device']}, {winfo['threads']} threads: Engram-MoE with "
                   f"{winfo['params'] / 1e6:.1f} M dense params, {mcfg.n_layers} layers, Engram at "
                   f"{list(ecfg.layer_ids)}, {mcfg.n_routed_experts} routed + {mcfg.n_shared_experts} shared experts")
-            val = [(0, worker.evaluate())]
-            steps: list[dict[str, float]] = []
-            bar = tqdm(total=tcfg.steps, desc="training", unit="step")
-            t_train = time.perf_counter()
-            while len(steps) < tcfg.steps:
-                chunk = worker.train(min(tcfg.eval_every, tcfg.steps - len(steps)))
-                steps.extend(chunk)
-                val.append((len(steps), worker.evaluate()))
-                bar.update(len(chunk))
-                bar.set_postfix(loss=f"{chunk[-1]['loss']:.2f}", val=f"{val[-1][1]:.2f}")
-            bar.close()
-            train_s = time.perf_counter() - t_train
+            steps, val, train_s = _train(worker, tcfg)
             sample = worker.generate(args.prompt, args.sample_tokens)
             cstats, shards = worker.stats(), svc.describe()
             if args.checkpoint:
