@@ -10,8 +10,9 @@ import importlib
 from typing import Any
 
 from .service import MemoryService, attach, deploy, init_ray, ray_session
+from .spec import ServiceSpec
 
-__all__ = ["BackboneWorker", "MemoryService", "RemoteMemory", "WorkerHandle", "attach", "deploy",
+__all__ = ["BackboneWorker", "MemoryService", "RemoteMemory", "ServiceSpec", "WorkerHandle", "attach", "deploy",
            "init_ray", "ray_session", "start_worker"]
 
 _LAZY = {"BackboneWorker": ".worker", "WorkerHandle": ".worker", "start_worker": ".worker",

@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import ServiceConfig, StoreConfig
-from ..core.layout import TableLayout
 from ..errors import EngramError, NotServing
 from ..rpc.peer import join_copy
 from ..rpc.replication import Replication
@@ -19,11 +17,9 @@ from ..rpc.server import create_server
 from ..rpc.servicer import REFUSING, SERVING, SYNCING_STATE, ShardServicer
 from ..store import TableShard
 from ..store.recovery import Recovered, RecoveryCheckpoints
+from .spec import NAMESPACE, ServiceSpec
 
-__all__ = ["ShardServer"]
-
-#: Ray namespace of every actor of engram_ray (shards, service directories, workers).
-NAMESPACE = "engram_ray"
+__all__ = ["NAMESPACE", "ShardServer"]
 
 log = logging.getLogger(__name__)
 
@@ -39,38 +35,29 @@ class ShardServer:
     until an operator calls :meth:`recover` (``engram-ray recover``).
     """
 
-    def __init__(self, layout: dict[str, Any], num_shards: int, shard_index: int,
-                 store: dict[str, Any], *, host: str | None = None, port: int = 0,
-                 service: dict[str, Any] | None = None, token: str | None = None,
-                 peer_token: str | None = None, checkpoint: str | None = None,
-                 name: str | None = None, replica: int = 0):
+    def __init__(self, spec: ServiceSpec, shard_index: int, replica: int = 0, *, host: str | None = None,
+                 port: int = 0, peer_token: str | None = None, checkpoint: str | None = None):
+        """``spec``: the service as deploy planned it (its addresses are read from the
+        service's directory, as they change); ``peer_token``: the copies' own credential,
+        given to shard actors only, never kept in the spec."""
         import ray
 
-        self.layout = lay = TableLayout.from_dict(layout)
-        self.store = cfg = StoreConfig.from_dict(store)
-        self.service = svc = ServiceConfig.from_dict(service or {})
-        self.name, self.index, self.replica, self.num_shards = name, shard_index, replica, num_shards
-        self.token, self.peer_token = token, peer_token
+        self.layout, self.store, self.service = spec.layout, spec.store, spec.service
+        svc = spec.service
+        self.name, self.index, self.replica, self.num_shards = spec.name, shard_index, replica, spec.num_shards
+        self.token, self.peer_token = spec.token, peer_token
         ctx = ray.get_runtime_context()
         #: True when Ray restarted this actor after it died.
         self.restarted = bool(ctx.was_current_actor_reconstructed)
-        self.recovery = None
-        if svc.checkpoint_dir:
-            where = Path(svc.checkpoint_dir) / (name or "engram") / f"shard-{shard_index:04d}-of-{num_shards:04d}"
-            if svc.replicas > 1:
-                where = where.with_name(f"{where.name}-r{replica}")
-            self.recovery = RecoveryCheckpoints(where)
+        where = spec.recovery_dir(shard_index, replica)
+        self.recovery = RecoveryCheckpoints(where) if where is not None else None
         t0 = time.perf_counter()
         self.shard, source, refusal = self._load(checkpoint)
         self.load_seconds = time.perf_counter() - t0
-        host = host or ray.util.get_node_ip_address()
-        tls = None
-        if svc.tls_cert:  # read here: the paths are on this node
-            tls = (Path(svc.tls_cert).read_bytes(), Path(svc.tls_key).read_bytes())
         self.servicer = servicer = ShardServicer(
             self.shard, svc.max_message_bytes, max_ids_per_request=svc.max_ids_per_request,
             recovery_save=self.save_recovery if self.recovery else None, save_root=svc.save_root,
-            dedup_window_s=svc.dedup_window_s, observer=_RayMetrics(name or "engram", shard_index, self.shard.nbytes))
+            dedup_window_s=svc.dedup_window_s, observer=_RayMetrics(self.name, shard_index, self.shard.nbytes))
         servicer.rows_from = source
         servicer.notes = [f"recovery checkpoint {p} is unusable: {why}" for p, why in self._unusable]
         if refusal:
@@ -78,31 +65,39 @@ class ShardServer:
         rejoin = self.restarted and svc.replicas > 1
         if rejoin:  # a rejoining copy serves only once it has the primary's rows
             servicer.state = SYNCING_STATE
+        self._address = self._start_server(host or ray.util.get_node_ip_address(), port)
+        if rejoin:
+            self._rejoin(refusal)
+        if self.restarted:
+            self._announce()
+        (log.warning if self.restarted or refusal else log.info)(
+            "shard %d/%d rows [%d, %d) %s on %s (rows from %s, %.2f s)%s", shard_index, self.num_shards,
+            self.shard.row_start, self.shard.row_stop, servicer.state, self._address, servicer.rows_from,
+            self.load_seconds, " after a restart" if self.restarted else "")
+        self._stop = threading.Event()
+        if svc.checkpoint_every_s and self.recovery is not None:
+            threading.Thread(target=self._checkpoint_loop, name=f"checkpoint-{shard_index}", daemon=True).start()
+
+    def _start_server(self, host: str, port: int) -> str:
+        """Start the gRPC server on ``host``; returns its address. A restarted copy on the
+        same node takes its old port back, so clients' channels simply reconnect."""
+        svc = self.service
+        tls = None
+        if svc.tls_cert:  # read here: the paths are on this node
+            tls = (Path(svc.tls_cert).read_bytes(), Path(svc.tls_key).read_bytes())
+        kw: dict[str, Any] = dict(max_workers=svc.max_workers, max_message_bytes=svc.max_message_bytes,
+                                  max_concurrent_rpcs=svc.max_concurrent_rpcs, token=self.token,
+                                  peer_token=self.peer_token, tls=tls, servicer=self.servicer)
         previous = self._directory_address() if self.restarted else None
-        kw = dict(max_workers=svc.max_workers, max_message_bytes=svc.max_message_bytes,
-                  max_concurrent_rpcs=svc.max_concurrent_rpcs, token=token, peer_token=peer_token,
-                  tls=tls, servicer=servicer)
         self._server = None
         if previous and previous.rsplit(":", 1)[0] == host:
-            # same node: take the old port back, so clients' channels simply reconnect
             try:
                 self._server, port = create_server(self.shard, host, int(previous.rsplit(":", 1)[1]), **kw)
             except (OSError, RuntimeError):
                 self._server = None
         if self._server is None:
             self._server, port = create_server(self.shard, host, port, **kw)
-        self._address = f"{host}:{port}"
-        if rejoin:
-            self._rejoin(refusal)
-        if self.restarted:
-            self._announce()
-        (log.warning if self.restarted or refusal else log.info)(
-            "shard %d/%d rows [%d, %d) %s on %s (rows from %s, %.2f s)%s", shard_index, num_shards,
-            self.shard.row_start, self.shard.row_stop, servicer.state, self._address, servicer.rows_from,
-            self.load_seconds, " after a restart" if self.restarted else "")
-        self._stop = threading.Event()
-        if svc.checkpoint_every_s and self.recovery is not None:
-            threading.Thread(target=self._checkpoint_loop, name=f"checkpoint-{shard_index}", daemon=True).start()
+        return f"{host}:{port}"
 
     def _load(self, checkpoint: str | None) -> tuple[TableShard, str, str]:
         """``(shard, where its rows came from, refusal)``; a refusal ("" if none) comes with
@@ -114,10 +109,10 @@ class ShardServer:
         if found.shard is not None:
             return found.shard, str(found.path), ""
         what = f"shard {i} copy {self.replica}" if self.service.replicas > 1 else f"shard {i}"
-        fix = (f"An operator decides: engram-ray recover --name {self.name or 'engram'} --shard {i}"
+        fix = (f"An operator decides: engram-ray recover --name {self.name} --shard {i}"
                + (f" --replica {self.replica}" if self.service.replicas > 1 else "")
                + " --reset (serve the initial rows) or --from DIR (a checkpoint)")
-        if found.refused:
+        if found.refused and self.recovery is not None:
             reasons = "; ".join(f"{p.name}: {why}" for p, why in found.unusable)
             return (TableShard.empty(lay, self.num_shards, i, cfg), "nothing (refusing)",
                     f"{what} refuses to serve: none of its {len(found.unusable)} recovery checkpoints in "
@@ -153,7 +148,7 @@ class ShardServer:
 
         for attempt in range(attempts):
             d = self._directory()
-            peers = list(ray.get(d.info.remote())["replicas"][self.index]) if d is not None else [self._address]
+            peers = list(ray.get(d.spec.remote()).replicas[self.index]) if d is not None else [self._address]
             peers[self.replica] = self._address
             repl = self._replication(peers)
             source, followers = None, []
@@ -245,14 +240,14 @@ class ShardServer:
     def _directory(self):
         import ray
         try:
-            return ray.get_actor(self.name, namespace=NAMESPACE) if self.name else None
+            return ray.get_actor(self.name, namespace=NAMESPACE)
         except ValueError:
             return None
 
     def _directory_address(self) -> str | None:
         import ray
         d = self._directory()
-        return ray.get(d.info.remote())["replicas"][self.index][self.replica] if d is not None else None
+        return ray.get(d.spec.remote()).replicas[self.index][self.replica] if d is not None else None
 
     def _announce(self) -> None:
         import ray
@@ -280,7 +275,8 @@ class ShardServer:
 
     def stop(self, grace: float = 1.0) -> None:
         self._stop.set()
-        self._server.stop(grace).wait()
+        if self._server is not None:
+            self._server.stop(grace).wait()
         if self.servicer.replication is not None:
             self.servicer.replication.close()
 

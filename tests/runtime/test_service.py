@@ -13,6 +13,7 @@ from engram_ray import config as C  # noqa: E402
 from engram_ray.config import OptimizerConfig, ServiceConfig, StoreConfig  # noqa: E402
 from engram_ray.core.tokens import CompressedVocab  # noqa: E402
 from engram_ray.runtime import attach, deploy, init_ray  # noqa: E402
+from engram_ray.runtime.spec import NAMESPACE, ServiceSpec  # noqa: E402
 from engram_ray.store import TableShard  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -152,3 +153,41 @@ def test_a_100b_table_deploys_with_a_resident_cap():
             assert c.lookup(ids).shape == (3, svc.layout.row_dim)
     finally:
         svc.shutdown()
+
+
+def test_the_directory_keeps_the_spec_attach_reads_and_never_the_peer_token():
+    import pickle
+
+    svc = deploy(C.tiny(), vocab=VOCAB, num_shards=1, name="spec", replicas=2)
+    try:
+        spec = ray.get(ray.get_actor("spec", namespace=NAMESPACE).spec.remote())  # through Ray: pickled
+        assert isinstance(spec, ServiceSpec) and spec.copies == 2 and spec.num_shards == 1
+        same = attach("spec")
+        assert same.shard_names == svc.shard_names == spec.copy_names == ["spec/shard-0", "spec/shard-0/r1"]
+        assert same.replicas == svc.replicas == [list(r) for r in spec.replicas]
+        assert same.addresses == svc.addresses and same.token == svc.token == spec.token
+        assert same.layout == svc.layout and same.store == svc.store and same.service == svc.service
+        # the copies hold a peer credential of their own; the directory (what attach reads) never does
+        copy = ray.get_actor(spec.copy_name(0, 1), namespace=NAMESPACE)
+        peer = ray.get(copy.__ray_call__.remote(lambda self: self.peer_token))
+        assert peer and peer != spec.token and peer.encode() not in pickle.dumps(spec)
+    finally:
+        svc.shutdown()
+
+
+def test_a_process_is_seen_gone_on_its_own_node():
+    """kill_shard's check, run where the copy's process lives: here in place, and through a
+    task pinned to the node (as for a copy on another machine, where os.kill sees nothing)."""
+    from engram_ray.runtime.processes import probe_on_node, wait_gone
+
+    node = ray.get_runtime_context().get_node_id()
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        assert wait_gone(node, proc.pid, 0.2) is False
+        assert probe_on_node(node, proc.pid, 0.2) is False
+    finally:
+        proc.kill()
+        proc.wait()
+    assert wait_gone(node, proc.pid, 5) is True
+    assert probe_on_node(node, proc.pid, 5) is True
+    assert probe_on_node("ab" * 28, proc.pid, 5) is True  # a node that is gone took its processes along
