@@ -10,12 +10,13 @@ import numpy as np
 import ray
 
 from engram_ray import config as C
+from engram_ray.core.plan import MEMORY_RESOURCE
 from engram_ray.core.tokens import CompressedVocab
 from engram_ray.runtime import deploy, init_ray
 
 
 def memory_nodes() -> list[dict]:
-    return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("engram_memory", 0) > 0]
+    return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get(MEMORY_RESOURCE, 0) > 0]
 
 
 def main(num_shards: int) -> None:

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import ray
 
+from engram_ray.core.plan import MEMORY_RESOURCE
 from engram_ray.runtime import attach
 from engram_ray.store import TableShard
 
@@ -25,7 +26,7 @@ def main(name: str) -> None:
         info = svc.shard_info(shard)
         node = nodes[info["node_id"]]
         placed.append({"shard": shard, "address": info["address"], "node_ip": node["NodeManagerAddress"],
-                       "engram_memory": node["Resources"].get("engram_memory", 0)})
+                       "engram_memory": node["Resources"].get(MEMORY_RESOURCE, 0)})
     print("RESULT " + json.dumps({"rows_equal": bool(np.array_equal(rows, want)), "rows": int(ids.size),
                                   "shards": placed, "nodes": len(nodes)}), flush=True)
 
