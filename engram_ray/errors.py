@@ -40,17 +40,34 @@ class ShardUnavailable(EngramError, ConnectionError):
         self.shard, self.address, self.cause = shard, address, cause
 
 
-# Raised inside a shard and sent as status codes (see protos/engram/v1/engram.proto) ----------
+# Raised inside a shard and sent as status codes, with a structured signal beside them in the
+# call's trailing metadata (see engram_ray.rpc.wire and protos/engram/v1/engram.proto) ----------
 class NotPrimary(EngramError):
     """A push reached a backup copy while the primary lives (FAILED_PRECONDITION, with the
     primary named), or a Snapshot reached a copy that is not a serving primary."""
+
+    def __init__(self, message: str, *, primary: int | None = None):
+        super().__init__(message)
+        #: The replica index of the copy that takes pushes, when this copy knows it.
+        self.primary = primary
 
 
 class Unreplicated(EngramError):
     """A push could not reach every copy yet, or this copy is still copying the primary's
     rows (UNAVAILABLE: retry, or go to another copy)."""
 
+    def __init__(self, message: str, *, syncing: bool = False):
+        super().__init__(message)
+        #: True: this copy is still copying the primary's rows (go to another copy); False: a
+        #: push is applied on the primary but not yet on every copy (retry the primary).
+        self.syncing = syncing
+
 
 class NotServing(EngramError):
     """This shard copy refuses data calls: none of its recovery checkpoints loads, and no
-    operator has said what to serve instead (UNAVAILABLE)."""
+    operator has said what to serve instead; or it gave up joining (UNAVAILABLE)."""
+
+    def __init__(self, message: str, *, gave_up: bool = False):
+        super().__init__(message)
+        #: True: a joining copy gave its join up and answers forwards as a dead copy would.
+        self.gave_up = gave_up

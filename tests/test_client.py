@@ -318,17 +318,104 @@ def test_lookup_rows_of_another_dtype_or_shape_are_an_error_not_data(tiny_layout
             assert not isinstance(e.value, InvalidRequest)
 
 
-@pytest.mark.parametrize("hint", ["primary=", "primary=abc", "primary=-1", "primary=7 at x", "primary=99999999999999999999",
-                                  "primary=\u00b2", "primary=\u2460"])
-def test_a_malformed_primary_hint_is_an_error_naming_it(tiny_layout, hint):
-    import grpc
-    from engram_ray.errors import EngramError
-
+# Replication signals are structured (rpc/wire.py): the client acts on the trailing metadata
+# alone, checked, and never on the text of the details.
+def _refuse_pushes_with(code, metadata, details="replica 1 is a backup; primary=1 at 127.0.0.1:1"):
     def patch(servicer):
         def refuse(request, context):
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"replica 1 is a backup; {hint}")
+            context.set_trailing_metadata(metadata)
+            context.abort(code, details)
         servicer.ApplyGradients = refuse
+    return patch
+
+
+def _push_one(client):
+    return client.push_gradients(np.array([1]), np.ones((1, 16), np.float32))
+
+
+@pytest.mark.parametrize("primary", ["", "abc", "-1", "2", "7", "99999999999999999999", "01", " 1", "+1", "1.0",
+                                     "0x1", None, ("0", "1")])
+def test_a_malformed_primary_hint_is_an_error_naming_it(tiny_layout, primary):
+    import grpc
+
+    from engram_ray.errors import EngramError
+    values = () if primary is None else (primary,) if isinstance(primary, str) else primary
+    md = (("engram-signal", "not-primary"),) + tuple(("engram-primary", v) for v in values)
+    patch = _refuse_pushes_with(grpc.StatusCode.FAILED_PRECONDITION, md)
     with _Liar(tiny_layout, patch, copies=2) as liar, EngramClient([liar.addresses], tiny_layout) as client:
         with pytest.raises(EngramError, match="named primary") as e:
-            client.push_gradients(np.array([1]), np.ones((1, 16), np.float32))
+            _push_one(client)
         assert not isinstance(e.value, ValueError)
+        assert client.stats()["redirects"] == 0
+
+
+def test_a_primary_that_cannot_be_sent_is_an_error_too(tiny_layout):
+    """gRPC refuses to send a header value that is not printable ASCII: still our error."""
+    import grpc
+
+    from engram_ray.errors import EngramError
+    for value in ("\u00b2", "\u2460", "1\n"):
+        md = (("engram-signal", "not-primary"), ("engram-primary", value))
+        with _Liar(tiny_layout, _refuse_pushes_with(grpc.StatusCode.FAILED_PRECONDITION, md), copies=2) as liar, \
+                EngramClient([liar.addresses], tiny_layout) as client:
+            with pytest.raises(EngramError) as e:
+                _push_one(client)
+            assert not isinstance(e.value, ValueError) and client.stats()["redirects"] == 0
+
+
+@pytest.mark.parametrize("code,metadata", [
+    ("FAILED_PRECONDITION", ()),  # "primary=1" in the details only: text is not a signal
+    ("FAILED_PRECONDITION", (("engram-signal", "primary"), ("engram-primary", "1"))),  # not a signal we know
+    ("FAILED_PRECONDITION", (("engram-signal", "not-primary"), ("engram-signal", "not-primary"),
+                             ("engram-primary", "1"))),  # sent twice
+    ("FAILED_PRECONDITION", (("engram-signal", "NOT-PRIMARY"), ("engram-primary", "1"))),
+    ("INVALID_ARGUMENT", (("engram-signal", "not-primary"), ("engram-primary", "1"))),  # not its status
+])
+def test_only_a_well_formed_signal_redirects_a_push(tiny_layout, code, metadata):
+    import grpc
+
+    from engram_ray.errors import FingerprintMismatch, InvalidRequest
+    status = getattr(grpc.StatusCode, code)
+    with _Liar(tiny_layout, _refuse_pushes_with(status, metadata), copies=2) as liar, \
+            EngramClient([liar.addresses], tiny_layout) as client:
+        want = FingerprintMismatch if code == "FAILED_PRECONDITION" else InvalidRequest
+        with pytest.raises(want, match="primary=1 at"):  # the details are passed on, for people
+            _push_one(client)
+        assert client.stats()["redirects"] == 0
+
+
+def test_backups_that_keep_naming_each_other_end_in_an_error(tiny_layout):
+    import grpc
+
+    from engram_ray.errors import FingerprintMismatch
+    md = (("engram-signal", "not-primary"), ("engram-primary", "1"))
+    with _Liar(tiny_layout, _refuse_pushes_with(grpc.StatusCode.FAILED_PRECONDITION, md), copies=2) as liar, \
+            EngramClient([liar.addresses], tiny_layout) as client:
+        with pytest.raises(FingerprintMismatch):
+            _push_one(client)
+        assert client.stats()["redirects"] == 8  # 4 per copy, then the refusal stands
+
+
+def test_busy_is_retried_for_pushes_too_and_unreplicated_retries_the_same_copy(tiny_layout):
+    """``busy`` (the gate's limit): any call is retried after a backoff, on the same copy;
+    ``unreplicated``: the push is retried on the primary, not failed over."""
+    import grpc
+    for signal, code in (("busy", grpc.StatusCode.RESOURCE_EXHAUSTED), ("unreplicated", grpc.StatusCode.UNAVAILABLE)):
+        calls = []
+
+        def patch(servicer, signal=signal, code=code, calls=calls):
+            real = servicer.ApplyGradients
+
+            def flaky(request, context):
+                calls.append(request.request_id)
+                if len(calls) < 3:
+                    context.set_trailing_metadata((("engram-signal", signal),))
+                    context.abort(code, "try again")
+                return real(request, context)
+            servicer.ApplyGradients = flaky
+        with _Liar(tiny_layout, patch, copies=2) as liar, \
+                EngramClient([liar.addresses], tiny_layout, retries=3, backoff=0.01) as client:
+            assert _push_one(client) == 1
+            st = client.stats()
+            assert (st["retries"], st["failovers"], st["redirects"]) == (2, 0, 0), (signal, st)
+            assert len(set(calls)) == 1  # one push, retried under its request id

@@ -4,8 +4,9 @@ Three kinds of call reach a shard, each with its own authority and its own threa
 
 - ``engram.v1.EngramMemory`` (clients): needs the service token, ``authorization: Bearer
   <token>`` metadata (or the peer token), when the service has auth. At most
-  ``max_concurrent_rpcs`` client calls run at once; more get RESOURCE_EXHAUSTED at once
-  (clients back off). They run on the server's handler pool. The same calls from a peer (a
+  ``max_concurrent_rpcs`` client calls run at once; more get RESOURCE_EXHAUSTED at once, with
+  the ``busy`` signal (:mod:`.wire`: the request was not looked at, so clients back off and
+  retry any call, pushes too). They run on the server's handler pool. The same calls from a peer (a
   copy asking whether this one lives, or calling a joiner back) are not counted and run on
   the peers' pool: clients that fill every slot or thread cannot make a copy look dead.
 - ``engram.v1.EngramPeer`` (the other copies of the shard): needs the peer token, always; a
@@ -31,33 +32,26 @@ from __future__ import annotations
 
 import hmac
 import threading
+from collections.abc import Callable
 from concurrent import futures
-from typing import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2
 
-__all__ = ["CallGate", "auth_metadata", "health_handler", "METADATA_KEY", "BUSY"]
+from .wire import BUSY, METADATA_KEY, Metadata, auth_metadata, signal_metadata
 
-METADATA_KEY = "authorization"
+__all__ = ["CallGate", "auth_metadata", "health_handler", "METADATA_KEY"]
+
 _MEMORY = "/engram.v1.EngramMemory/"
 _PEER = "/engram.v1.EngramPeer/"
 _HEALTH = "/grpc.health.v1.Health/"
-#: The details of a call refused for being one too many (gRPC's own words): the request was
-#: not looked at, so the client may retry any call, pushes too, after a backoff.
-BUSY = "Concurrent RPC limit exceeded"
-
-
-def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
-    """The metadata a client sends with ``token`` (None: no auth)."""
-    return ((METADATA_KEY, f"Bearer {token}"),) if token else None
 
 
 def _on(pool: futures.ThreadPoolExecutor, fn: Callable) -> Callable:
     """``fn`` as a behaviour gRPC runs on ``pool`` instead of the server's handler pool."""
     def behaviour(*args):
         return fn(*args)
-    behaviour.experimental_thread_pool = pool
+    behaviour.experimental_thread_pool = pool  # type: ignore[attr-defined]  # read by grpc's server
     return behaviour
 
 
@@ -124,15 +118,19 @@ class CallGate(grpc.ServerInterceptor):
         if handler is None or self._slots is None:
             return handler
         if not self._slots.acquire(blocking=False):
-            return self._refuse(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{BUSY}: the shard serves its "
-                                "limit of calls at once (max_concurrent_rpcs); back off and retry")
+            return self._refuse(grpc.StatusCode.RESOURCE_EXHAUSTED, "Concurrent RPC limit exceeded: the shard "
+                                "serves its limit of calls at once (max_concurrent_rpcs); back off and retry",
+                                signal_metadata(BUSY))
         return self._counted(handler)
 
-    def _refuse(self, code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
+    def _refuse(self, code: grpc.StatusCode, details: str,
+                signal: Metadata | None = None) -> grpc.RpcMethodHandler:
         on_reject = self._on_reject
 
         def refuse(_requests, context):  # the request iterator is never read
             on_reject()
+            if signal is not None:
+                context.set_trailing_metadata(signal)
             context.abort(code, details)
         return grpc.stream_unary_rpc_method_handler(_on(self._open, refuse))
 
@@ -140,6 +138,7 @@ class CallGate(grpc.ServerInterceptor):
         """A unary handler that reads its one request itself, so the slot taken for it is
         given back in every case (body never sent, call cancelled, handler error)."""
         assert handler.unary_unary is not None, "EngramMemory methods are unary"
+        assert self._slots is not None, "only a gate with a limit counts calls"
         inner, release = handler.unary_unary, self._slots.release
 
         def counted(requests, context):

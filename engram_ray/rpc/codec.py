@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -12,11 +12,9 @@ from ..core.dtypes import numpy_dtype
 from ..errors import InvalidRequest
 from .generated import engram_pb2 as pb
 
-__all__ = ["encode", "decode", "wire_dtype", "WIRE_DTYPES", "DEFAULT_MAX_MESSAGE_BYTES"]
+__all__ = ["encode", "decode", "wire_dtype", "WIRE_DTYPES"]
 
 WIRE_DTYPES = ("int64", *STORE_DTYPES)
-#: 64 MiB: a 4096-token batch of the paper layout (2 layers x 16 heads x 80 x bf16) is 21 MB.
-DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 
 
 def wire_dtype(name: str) -> np.dtype:

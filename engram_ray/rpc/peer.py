@@ -11,19 +11,19 @@ message limit, and together they must tile exactly the rows and state it expects
 from __future__ import annotations
 
 import collections
-from typing import Iterator
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
 
 from ..errors import EngramError, InvalidRequest, NotPrimary, NotServing, Unreplicated
 from . import codec
-from .auth import auth_metadata
 from .generated import engram_pb2 as pb
 from .generated import engram_pb2_grpc as pb_grpc
 from .pushlog import check_request_id
-from .replication import SYNCING, Replication
+from .replication import Replication
 from .servicer import REFUSING, SERVING, SYNCING_STATE, ShardServicer
+from .wire import DEFAULT_MAX_MESSAGE_BYTES, auth_metadata
 
 __all__ = ["PeerServicer", "fetch_snapshot", "join_copy", "Snapshot"]
 
@@ -46,7 +46,7 @@ class PeerServicer(pb_grpc.EngramPeerServicer):
             repl = m.replication
             if repl is None:
                 if m.state == SYNCING_STATE:
-                    raise Unreplicated(f"replica is {SYNCING}; retry once it has joined")
+                    raise Unreplicated("replica is copying its rows; retry once it has joined", syncing=True)
                 raise NotPrimary(f"shard {m.shard.shard_index} here has no other copies; nothing to forward to it")
             n = repl.forwarded(request, ids, grads)
         except Exception as e:  # noqa: BLE001 - every error becomes a status code
@@ -55,21 +55,10 @@ class PeerServicer(pb_grpc.EngramPeerServicer):
 
     def Snapshot(self, request: pb.SnapshotRequest, context: grpc.ServicerContext) -> Iterator[pb.SnapshotChunk]:
         """Stream a consistent copy to a joining copy, without holding pushes up."""
-        m, repl = self.memory, self.memory.replication
         try:
-            m._check_fingerprint(request.fingerprint)
-            if repl is None:
-                raise NotPrimary(f"Snapshot: shard {m.shard.shard_index} here has no other copies")
-            if not 0 <= request.join_index < len(repl.peers) or request.join_index == repl.index:
-                raise InvalidRequest(f"Snapshot: join_index {request.join_index}; expected another of the "
-                                     f"{len(repl.peers)} replicas")
-            if repl.role != "primary" and request.join_index == repl.primary and m.serving:
-                repl.promote()  # the primary itself died and rejoins: this copy takes over
-            if repl.role != "primary" or not m.serving:
-                raise NotPrimary(f"Snapshot: shard {m.shard.shard_index} here is not a serving primary")
-            self._check_joiner(request)
+            repl = self._primary_for(request)
         except Exception as e:  # noqa: BLE001
-            m.abort(context, e)
+            self.memory.abort(context, e)
         join, arrays, applied, seq = repl.begin_join(request.join_index, request.join_address)
         finished = False
         try:
@@ -87,10 +76,27 @@ class PeerServicer(pb_grpc.EngramPeerServicer):
             if not finished:
                 repl.abandon_join(join)
 
-    def _check_joiner(self, request: pb.SnapshotRequest) -> None:
+    def _primary_for(self, request: pb.SnapshotRequest) -> Replication:
+        """This copy's replication, if it is the serving primary a join may copy (a backup
+        whose primary is the very copy that joins takes over first)."""
+        m, repl = self.memory, self.memory.replication
+        m._check_fingerprint(request.fingerprint)
+        if repl is None:
+            raise NotPrimary(f"Snapshot: shard {m.shard.shard_index} here has no other copies")
+        if not 0 <= request.join_index < len(repl.peers) or request.join_index == repl.index:
+            raise InvalidRequest(f"Snapshot: join_index {request.join_index}; expected another of the "
+                                 f"{len(repl.peers)} replicas")
+        if repl.role != "primary" and request.join_index == repl.primary and m.serving:
+            repl.promote()  # the primary itself died and rejoins: this copy takes over
+        if repl.role != "primary" or not m.serving:
+            raise NotPrimary(f"Snapshot: shard {m.shard.shard_index} here is not a serving primary")
+        self._check_joiner(request, repl)
+        return repl
+
+    def _check_joiner(self, request: pb.SnapshotRequest, repl: Replication) -> None:
         """The copy that joins must answer at ``join_address`` as itself, copying its rows:
         nobody may point the primary's forwards at an address of their choosing."""
-        m, repl = self.memory, self.memory.replication
+        m = self.memory
         address = request.join_address
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
@@ -146,7 +152,7 @@ class Snapshot(dict):
 def fetch_snapshot(address: str, fingerprint: str, join_index: int, join_address: str, *,
                    expect: dict[str, tuple[str, tuple[int, ...]]], peer_token: str | None = None,
                    tls_ca: bytes | None = None, timeout: float = 3600.0,
-                   max_message_bytes: int = 64 << 20) -> Snapshot:
+                   max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Snapshot:
     """Copy a primary's rows and optimiser state for a joining copy. ``expect``: part ->
     (dtype, shape) of each array the copy holds ("rows" always): the chunks must tile exactly
     these, or :class:`EngramError` says what the primary sent instead."""
@@ -163,28 +169,7 @@ def fetch_snapshot(address: str, fingerprint: str, join_index: int, join_address
             pb.SnapshotRequest(fingerprint=fingerprint, join_address=join_address, join_index=join_index),
             timeout=timeout, metadata=auth_metadata(peer_token))
         for chunk in stream:
-            if out.seq >= 0:
-                raise EngramError(f"{src}: a {chunk.part!r} chunk after the end")
-            if out.primary not in (-1, chunk.primary):
-                raise EngramError(f"{src}: chunks from replicas {out.primary} and {chunk.primary}")
-            out.primary = chunk.primary
-            if chunk.part == "end":
-                out.seq = chunk.seq
-            elif chunk.part == "applied":
-                if len(chunk.applied_ids) != len(chunk.applied_rows) or min(chunk.applied_rows, default=0) < 0:
-                    raise EngramError(f"{src}: applied ids and row counts do not match")
-                for rid in chunk.applied_ids:
-                    check_request_id(rid)
-                out.applied.extend(zip(chunk.applied_ids, chunk.applied_rows))
-            elif chunk.part in expect:
-                dtype, shape = expect[chunk.part]
-                arr = codec.decode(chunk.data, what=f"{src}: {chunk.part}", dtypes=(dtype,), ndim=len(shape))
-                if arr.shape[1:] != shape[1:] or not 0 <= chunk.row_offset <= shape[0] - arr.shape[0]:
-                    raise EngramError(f"{src}: {chunk.part} piece {arr.shape} at row {chunk.row_offset} does not "
-                                      f"fit {shape}")
-                pieces[chunk.part].append((chunk.row_offset, arr))
-            else:
-                raise EngramError(f"{src}: unexpected part {chunk.part!r}; this copy holds {sorted(expect)}")
+            _take_chunk(src, chunk, expect, out, pieces)
     except InvalidRequest as e:
         raise EngramError(f"{src}: {e}") from None
     finally:
@@ -194,17 +179,49 @@ def fetch_snapshot(address: str, fingerprint: str, join_index: int, join_address
     if set(pieces) != set(expect):
         raise EngramError(f"{src}: parts {sorted(pieces)}; expected {sorted(expect)}")
     for part, got in pieces.items():
-        dtype, shape = expect[part]
-        got.sort(key=lambda t: t[0])
-        at = 0
-        for offset, arr in got:
-            if offset != at:
-                raise EngramError(f"{src}: {part} pieces leave a gap or overlap at row {at} (next at {offset})")
-            at += arr.shape[0]
-        if at != shape[0]:
-            raise EngramError(f"{src}: {part} covers {at} rows; expected {shape[0]}")
-        out[part] = np.concatenate([a for _, a in got]) if len(got) > 1 else got[0][1].copy()
+        out[part] = _tile(f"{src}: {part}", got, expect[part][1][0])
     return out
+
+
+def _take_chunk(src: str, chunk: pb.SnapshotChunk, expect: dict[str, tuple[str, tuple[int, ...]]], out: Snapshot,
+                pieces: dict[str, list[tuple[int, np.ndarray]]]) -> None:
+    """One chunk of a snapshot stream, checked, into ``out`` (end, applied ids) or ``pieces``."""
+    if out.seq >= 0:
+        raise EngramError(f"{src}: a {chunk.part!r} chunk after the end")
+    if out.primary not in (-1, chunk.primary):
+        raise EngramError(f"{src}: chunks from replicas {out.primary} and {chunk.primary}")
+    out.primary = chunk.primary
+    if chunk.part == "end":
+        out.seq = chunk.seq
+    elif chunk.part == "applied":
+        if len(chunk.applied_ids) != len(chunk.applied_rows) or min(chunk.applied_rows, default=0) < 0:
+            raise EngramError(f"{src}: applied ids and row counts do not match")
+        for rid in chunk.applied_ids:
+            check_request_id(rid)
+        out.applied.extend(zip(chunk.applied_ids, chunk.applied_rows))
+    elif chunk.part in expect:
+        dtype, shape = expect[chunk.part]
+        arr = codec.decode(chunk.data, what=f"{src}: {chunk.part}", dtypes=(dtype,), ndim=len(shape))
+        if arr.shape[1:] != shape[1:] or not 0 <= chunk.row_offset <= shape[0] - arr.shape[0]:
+            raise EngramError(f"{src}: {chunk.part} piece {arr.shape} at row {chunk.row_offset} does not "
+                              f"fit {shape}")
+        pieces[chunk.part].append((chunk.row_offset, arr))
+    else:
+        raise EngramError(f"{src}: unexpected part {chunk.part!r}; this copy holds {sorted(expect)}")
+
+
+def _tile(what: str, got: list[tuple[int, np.ndarray]], rows: int) -> np.ndarray:
+    """The pieces ``(row offset, array)`` of one part as one array of ``rows`` rows; they must
+    tile it exactly (no gap, no overlap)."""
+    got.sort(key=lambda t: t[0])
+    at = 0
+    for offset, arr in got:
+        if offset != at:
+            raise EngramError(f"{what} pieces leave a gap or overlap at row {at} (next at {offset})")
+        at += arr.shape[0]
+    if at != rows:
+        raise EngramError(f"{what} covers {at} rows; expected {rows}")
+    return np.concatenate([a for _, a in got]) if len(got) > 1 else got[0][1].copy()
 
 
 def join_copy(servicer: ShardServicer, replica: int, peers: list[str], source: int, *,

@@ -17,7 +17,8 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from ..errors import InvalidRequest
 

@@ -7,15 +7,17 @@ with the peer token) to every other replica before it acks, one push at a time, 
 replica in sync applies the same pushes in the same order, and an acknowledged push is on
 every replica in sync. A backup whose connection fails (UNAVAILABLE: its process is gone) is
 dropped from the set in sync, and pushes go on; one that answers too slowly fails the push
-instead (UNAVAILABLE to the client, which retries). Limit: a backup that is alive but cut off
-from the primary (a network partition) would keep serving reads of rows that stop changing;
-on one cluster network a refused connection means a dead process, which is what this handles.
+instead (UNAVAILABLE with the ``unreplicated`` signal, so the client retries the primary).
+Limit: a backup that is alive but cut off from the primary (a network partition) would keep
+serving reads of rows that stop changing; on one cluster network a refused connection means a
+dead process, which is what this handles.
 
 A push carries a request id; every replica remembers the ids it applied (:class:`PushLog`), so
 a push retried after a failover (it may have reached some replicas) is applied once
 everywhere. A backup that gets a push from a client checks the primary: alive, it refers the
-client to it (FAILED_PRECONDITION); unreachable, it becomes the primary itself (every copy
-holds every acknowledged push, so any survivor may take over).
+client to it (FAILED_PRECONDITION with the ``not-primary`` signal, which names the primary:
+see :mod:`.wire`); unreachable, it becomes the primary itself (every copy holds every
+acknowledged push, so any survivor may take over).
 
 Joining. A restarted replica copies the primary's state (EngramPeer.Snapshot) without holding
 pushes up: under its push lock the primary takes a consistent copy of rows, optimiser state and
@@ -44,32 +46,21 @@ import grpc
 import numpy as np
 
 from ..errors import EngramError, InvalidRequest, NotPrimary, NotServing, Unreplicated
-from .auth import auth_metadata
+from . import wire
 from .generated import engram_pb2 as pb
 from .generated import engram_pb2_grpc as pb_grpc
 from .pushlog import PushLog
 
-__all__ = ["Replication", "JoinBuffer", "NOT_REPLICATED", "SYNCING", "PRIMARY_IS", "JOIN_BUFFER_BYTES",
-           "GAVE_UP"]
+__all__ = ["Replication", "SingleCopy", "JoinBuffer", "JOIN_BUFFER_BYTES"]
 
-if TYPE_CHECKING:  # the client imports the markers below and needs no store
+if TYPE_CHECKING:
     from ..store import TableShard
 
 log = logging.getLogger(__name__)
 
-# Markers in status details that clients act on (the shard writes them, the client reads them).
-#: UNAVAILABLE from a primary: the push is applied there but not yet on every copy; retry it.
-NOT_REPLICATED = "not on every replica"
-#: UNAVAILABLE from a copy that is still copying the primary's rows: use another copy.
-SYNCING = "copying its rows"
-#: FAILED_PRECONDITION from a backup: ``primary=<r>`` names the copy that takes pushes.
-PRIMARY_IS = "primary="
-
 #: Bytes of pushes a joining copy keeps while it copies the primary's rows; beyond them it
 #: gives the join up (and tries again) rather than grow without bound.
 JOIN_BUFFER_BYTES = 256 << 20
-#: UNAVAILABLE from a joining copy that gave its join up: the primary drops it, as a dead copy.
-GAVE_UP = "gave its join up"
 
 
 @dataclass
@@ -96,18 +87,36 @@ class JoinBuffer:
 
     def keep(self, fwd: pb.ForwardRequest, ids: np.ndarray, grads: np.ndarray, shard: TableShard) -> int:
         if self.abandoned:
-            raise NotServing(f"replica {GAVE_UP} ({self.abandoned}); it joins again")
+            raise NotServing(f"replica gave its join up ({self.abandoned}); it joins again", gave_up=True)
         if fwd.primary != self.primary:
-            raise Unreplicated(f"replica is {SYNCING} from replica {self.primary}, not {fwd.primary}; "
-                               "retry once it has joined")
+            raise Unreplicated(f"replica is copying its rows from replica {self.primary}, not {fwd.primary}; "
+                               "retry once it has joined", syncing=True)
         size = ids.nbytes + grads.nbytes
         if self.nbytes + size > self.budget:
             self.abandon(f"more than {self.budget} B of pushes arrived while it copied the rows")
-            raise NotServing(f"replica {GAVE_UP} ({self.abandoned}); it joins again")
+            raise NotServing(f"replica gave its join up ({self.abandoned}); it joins again", gave_up=True)
         shard.local_rows(ids)  # ids outside the shard: refused now, not after the copy
         self.items.append((fwd.seq, fwd.push.request_id, ids.copy(), grads.copy()))
         self.nbytes += size
         return int(np.unique(ids).size)
+
+
+class SingleCopy:
+    """Pushes to a shard's only copy: each applied once per request id (see :class:`PushLog`);
+    what :meth:`Replication.push` is for a replicated shard."""
+
+    def __init__(self, shard: TableShard, pushlog: PushLog):
+        self.shard, self.log = shard, pushlog
+        self._lock = threading.Lock()  # a retry waits for the first attempt, then is answered
+
+    def push(self, request: pb.ApplyGradientsRequest, ids: np.ndarray, grads: np.ndarray) -> int:
+        with self._lock:
+            done = self.log.get(request.request_id)
+            if done is not None:
+                return done.rows
+            n = self.shard.apply_gradients(ids, grads)
+            self.log.record(request.request_id, n)
+            return n
 
 
 class Replication:
@@ -132,7 +141,7 @@ class Replication:
         #: Joiner side: pushes kept while this copy copies the primary (None: not joining).
         self.buffer: JoinBuffer | None = None
         self._joins: dict[int, Join] = {}  # primary side: copies joining now, by replica index
-        self.metadata = auth_metadata(peer_token)
+        self.metadata = wire.auth_metadata(peer_token)
         self._creds = grpc.ssl_channel_credentials(root_certificates=tls_ca) if tls_ca else None
         self._channels: dict[str, grpc.Channel] = {}
 
@@ -171,7 +180,7 @@ class Replication:
         if self.primary != self.index:
             if self.primary_alive():
                 raise NotPrimary(f"replica {self.index} is a backup; send pushes to the primary, "
-                                 f"{PRIMARY_IS}{self.primary} at {self.peers[self.primary]}")
+                                 f"primary={self.primary} at {self.peers[self.primary]}", primary=self.primary)
             self.promote()
         rid = request.request_id
         with self.order:
@@ -187,7 +196,7 @@ class Replication:
                 self.log.record(rid, n, complete=False, seq=seq)
             failed = self.forward(pb.ForwardRequest(push=request, primary=self.index, seq=seq))
             if failed:  # not acknowledged: the client retries the same id, which re-forwards
-                raise Unreplicated(f"push applied on the primary but {NOT_REPLICATED} ({failed}); "
+                raise Unreplicated(f"push applied on the primary but not on every replica ({failed}); "
                                    "retry: it is applied once everywhere")
             self.log.record(rid, n, complete=True, seq=seq)
             return n
@@ -228,7 +237,8 @@ class Replication:
                                                                       metadata=self.metadata)
             except grpc.RpcError as e:
                 details = e.details() or ""
-                if e.code() != grpc.StatusCode.UNAVAILABLE or SYNCING in details:
+                syncing = wire.read_signal(e.trailing_metadata(), e.code()).name == wire.SYNCING
+                if e.code() != grpc.StatusCode.UNAVAILABLE or syncing:  # alive: the push fails
                     return f"replica {r} at {address}: {e.code().name}: {details}"
                 log.warning("replica %d: backup %d at %s is gone (%s); dropped until it rejoins",
                             self.index, r, address, details)

@@ -8,10 +8,10 @@ import grpc
 
 from ..store import TableShard
 from .auth import CallGate
-from .codec import DEFAULT_MAX_MESSAGE_BYTES
 from .generated import engram_pb2_grpc as pb_grpc
 from .peer import PeerServicer
 from .servicer import ShardServicer
+from .wire import DEFAULT_MAX_IDS_PER_REQUEST, DEFAULT_MAX_MESSAGE_BYTES
 
 __all__ = ["create_server", "SERVICE_NAME", "DEFAULT_MAX_MESSAGE_BYTES"]
 
@@ -24,7 +24,7 @@ PEER_THREADS = 4
 
 def create_server(shard: TableShard, host: str = "127.0.0.1", port: int = 0, *,
                   max_workers: int = 8, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                  max_ids_per_request: int = 1 << 20, max_concurrent_rpcs: int | None = None,
+                  max_ids_per_request: int = DEFAULT_MAX_IDS_PER_REQUEST, max_concurrent_rpcs: int | None = None,
                   token: str | None = None, peer_token: str | None = None,
                   tls: tuple[bytes, bytes] | None = None, save_root: str = "",
                   servicer: ShardServicer | None = None) -> tuple[grpc.Server, int]:

@@ -1,9 +1,10 @@
 """``ShardServicer``: decode -> :class:`TableShard` -> encode, and errors as status codes.
 
 Thin on purpose: validation of ids and values lives in the shard, wire validation in the
-codec, the order of pushes across copies in :class:`~.replication.Replication`, who may call
-at all in :class:`~.auth.CallGate`; this class maps their exceptions onto gRPC status codes,
-keeps the copy's serving state, and counts.
+codec, the order of pushes in :class:`~.replication.Replication` (or
+:class:`~.replication.SingleCopy` for a shard's only copy), who may call at all in
+:class:`~.auth.CallGate`; this class maps their exceptions onto gRPC status codes and the
+signals of :mod:`.wire`, keeps the copy's serving state, and counts.
 """
 
 from __future__ import annotations
@@ -12,20 +13,28 @@ import logging
 import os
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import NoReturn
 
 import grpc
 
-from ..errors import (CheckpointError, FingerprintMismatch, InvalidRequest, NotPrimary, NotServing,
-                      RequestTooLarge, Unreplicated)
+from ..errors import (
+    CheckpointError,
+    FingerprintMismatch,
+    InvalidRequest,
+    NotPrimary,
+    NotServing,
+    RequestTooLarge,
+    Unreplicated,
+)
 from ..store import TableShard
 from ..store.checkpoint import open_under
-from . import codec
+from . import codec, wire
 from .generated import engram_pb2 as pb
 from .generated import engram_pb2_grpc as pb_grpc
 from .metrics import LatencyHistogram, rss_bytes
 from .pushlog import PushLog, check_request_id
-from .replication import SYNCING, Replication
+from .replication import Replication, SingleCopy
 
 __all__ = ["ShardServicer", "SERVING", "SYNCING_STATE", "REFUSING"]
 
@@ -53,7 +62,8 @@ _STATUS = ((NotPrimary, grpc.StatusCode.FAILED_PRECONDITION),
 class ShardServicer(pb_grpc.EngramMemoryServicer):
     """Serves one :class:`TableShard` as ``engram.v1.EngramMemory``."""
 
-    def __init__(self, shard: TableShard, max_message_bytes: int, *, max_ids_per_request: int = 1 << 20,
+    def __init__(self, shard: TableShard, max_message_bytes: int, *,
+                 max_ids_per_request: int = wire.DEFAULT_MAX_IDS_PER_REQUEST,
                  recovery_save: Callable[[], tuple[str, str]] | None = None,
                  observer: Callable[[str, float, int, bool], None] | None = None,
                  save_root: str = "", dedup_window_s: float = 600.0):
@@ -70,9 +80,12 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
         #: With REFUSING: what is wrong and what an operator can do (the data calls' error).
         self.refusal = ""
         #: Where the rows came from, and what went wrong on the way (Describe).
-        self.rows_from, self.notes = "init", []
+        self.rows_from: str = "init"
+        self.notes: list[str] = []
         #: Request ids of the pushes applied here (shared with the replication, if any).
         self.pushlog = PushLog(window_s=dedup_window_s)
+        #: Pushes while there is no replication: the only copy, each applied once per id.
+        self.single = SingleCopy(shard, self.pushlog)
         #: Save with no directory: write a recovery checkpoint, returning (its directory, the
         #: sha256 of its rows) (None: the shard has no checkpoint_dir; such a Save is refused).
         self.recovery_save = recovery_save
@@ -83,7 +96,6 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
         self.bytes_served = 0
         self.lookup_seconds = 0.0
         self._lock = threading.Lock()
-        self._push_lock = threading.Lock()  # an unreplicated copy's pushes, with their ids
 
     # State ---------------------------------------------------------------------------------
     @property
@@ -96,8 +108,8 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
 
     def _check_serving(self) -> None:
         if self.state == SYNCING_STATE:
-            raise Unreplicated(f"replica of shard {self.shard.shard_index} is {SYNCING} from the "
-                               "primary; use another replica")
+            raise Unreplicated(f"replica of shard {self.shard.shard_index} is copying its rows from the "
+                               "primary; use another replica", syncing=True)
         if self.state == REFUSING:
             raise NotServing(self.refusal)
 
@@ -136,14 +148,19 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
             except Exception:  # noqa: BLE001 - metrics must never fail a request
                 log.debug("observer failed", exc_info=True)
 
-    def abort(self, context: grpc.ServicerContext, exc: Exception) -> None:
-        """End the call with ``exc`` as its status code (counted as a rejection)."""
+    def abort(self, context: grpc.ServicerContext, exc: Exception) -> NoReturn:
+        """End the call with ``exc`` as its status code, and its signal (:mod:`.wire`) in the
+        trailing metadata (counted as a rejection)."""
         self.count_rejected()
         for kind, code in _STATUS:
             if isinstance(exc, kind):
+                signal = wire.metadata_for(exc)
+                if signal is not None:
+                    context.set_trailing_metadata(signal)
                 context.abort(code, str(exc))
         log.exception("shard %d: unexpected error", self.shard.shard_index)
         context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        raise AssertionError("unreachable: grpc's context.abort() raises")
 
     # RPCs ---------------------------------------------------------------------------------
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
@@ -177,25 +194,13 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
         try:
             ids, grads = self.decode_push(request)
             self._check_serving()
-            if self.replication is not None:
-                n = self.replication.push(request, ids, grads)
-            else:
-                n = self._push_alone(request.request_id, ids, grads)
+            order = self.replication if self.replication is not None else self.single
+            n = order.push(request, ids, grads)
         except Exception as e:  # noqa: BLE001
             self._observe("ApplyGradients", t0, 0, False)
             self.abort(context, e)
         self._observe("ApplyGradients", t0, n, True)
         return pb.ApplyGradientsResponse(rows_updated=n, update_count=self.shard.counters["updates"])
-
-    def _push_alone(self, request_id: str, ids, grads) -> int:
-        """A push to the only copy: applied once per request id (see :class:`PushLog`)."""
-        with self._push_lock:
-            done = self.pushlog.get(request_id)
-            if done is not None:
-                return done.rows
-            n = self.shard.apply_gradients(ids, grads)
-            self.pushlog.record(request_id, n)
-            return n
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeResponse:
         d = self.shard.describe()

@@ -78,7 +78,7 @@ def test_calls_whose_body_never_arrives_starve_nothing(shard_process):
         for i in range(60):  # 15 times the shard's handler threads
             call = attacker.stream_unary(methods[i % len(methods)])
             held.append(call.future(stalled(), timeout=60))
-        for i in range(10):  # health watchers and snapshot streams that never send their request
+        for _ in range(10):  # health watchers and snapshot streams that never send their request
             for m in ("/grpc.health.v1.Health/Watch", "/engram.v1.EngramPeer/Snapshot"):
                 held.append(attacker.stream_stream(m)(stalled(), timeout=60))
         time.sleep(0.5)

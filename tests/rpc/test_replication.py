@@ -85,6 +85,11 @@ def _push(client, layout, seed, n=30):
     return ids, g, client.push_gradients(ids, g)
 
 
+def _signal(err):
+    """The engram-* trailing metadata of a refusal, as a dict."""
+    return {k: v for k, v in err.trailing_metadata() or () if k.startswith("engram-")}
+
+
 def _raw_push(address, fp, rid, ids=(3, 4), extra=b"", metadata=CLIENT_MD):
     """An ApplyGradients sent as raw bytes (``extra`` appended: fields the proto no longer has)."""
     req = pb.ApplyGradientsRequest(fingerprint=fp, row_ids=codec.encode(np.array(ids)),
@@ -154,6 +159,11 @@ def test_a_replica_rejoins_by_copying_the_primary(pair, tiny_layout):
         fresh, servicer, _ = pair.restart(1)  # a backup dies and comes back with nothing
         with pytest.raises(ShardUnavailable):  # it serves nothing until it has the rows
             EngramClient([[pair.addresses[1]]], tiny_layout, token=TOKEN, retries=0).lookup(np.arange(3))
+        with pytest.raises(grpc.RpcError) as e:  # a copy copying its rows says so: "go elsewhere"
+            pb_grpc.EngramMemoryStub(grpc.insecure_channel(pair.addresses[1])).Lookup(
+                pb.LookupRequest(fingerprint=fresh.fingerprint, row_ids=codec.encode(np.arange(3))), timeout=5,
+                metadata=CLIENT_MD)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and _signal(e.value) == {"engram-signal": "syncing"}
         snap = pair.join(1)
         assert snap.primary == 0 and set(snap) == {"rows", "adam_m", "adam_v", "adam_steps"}
         assert servicer.state == "serving" and fresh.checksum() == pair.shards[0].checksum()
@@ -182,6 +192,7 @@ def test_a_push_in_the_copied_rows_is_not_applied_again_when_it_is_retried(pair,
     with pytest.raises(grpc.RpcError) as e:
         _raw_push(pair.addresses[0], fresh.fingerprint, "c-7", ids=(5, 9))
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "not on every replica" in e.value.details()
+    assert _signal(e.value) == {"engram-signal": "unreplicated"}
     snap = pair.join(1)
     assert ("c-7", 2) in snap.applied
     assert _raw_push(pair.addresses[0], fresh.fingerprint, "c-7", ids=(5, 9)).rows_updated == 2  # the retry
@@ -288,6 +299,12 @@ def test_a_joiner_that_stops_reading_gives_its_join_up_and_pushes_go_on(tiny_lay
             assert primary.in_sync == set() and not primary._joins
             _push(client, tiny_layout, 2)
         assert "more than 1 B of pushes" in repl.buffer.abandoned
+        push = pb.ApplyGradientsRequest(fingerprint=pair.shards[0].fingerprint, row_ids=codec.encode(np.array([3])),
+                                        grads=codec.encode(np.ones((1, 16), np.float32)), request_id="f-1")
+        with pytest.raises(grpc.RpcError) as e:  # what the primary saw: a copy that gave up, as if dead
+            pb_grpc.EngramPeerStub(grpc.insecure_channel(pair.addresses[1])).Forward(
+                pb.ForwardRequest(push=push, primary=0, seq=9), timeout=5, metadata=PEER_MD)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and _signal(e.value) == {"engram-signal": "gave-up"}
         with pytest.raises(Exception, match="given up meanwhile"):
             repl.install({}, [], 0, 0)
         assert pair.servicers[1].state == "syncing"
@@ -363,6 +380,7 @@ def test_the_old_peer_fields_in_a_client_push_are_ignored(pair, tiny_layout):
     with pytest.raises(grpc.RpcError) as e:  # to the backup: referred to the primary, not applied
         _raw_push(pair.addresses[1], fp, "c-2", extra=b"\x28\x01\x30\xe7\x07")  # primary=999
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "primary=0" in e.value.details()
+    assert _signal(e.value) == {"engram-signal": "not-primary", "engram-primary": "0"}
     assert pair.shards[1].counters["updates"] == 1
     assert [v.replication.role for v in pair.servicers] == ["primary", "backup"]
 
@@ -416,6 +434,7 @@ def test_a_primary_whose_client_slots_are_all_taken_is_not_taken_over(tiny_layou
         with pytest.raises(grpc.RpcError) as e:  # a push to the backup: referred to the live primary
             _raw_push(pair.addresses[1], pair.shards[0].fingerprint, "c-1")
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "primary=0" in e.value.details()
+        assert _signal(e.value) == {"engram-signal": "not-primary", "engram-primary": "0"}
         assert [v.replication.role for v in pair.servicers] == ["primary", "backup"]
         # and a copy that restarts joins through the busy primary all the same
         never2, ch2, _ = _hold_slots(pair.addresses[1], 0)
@@ -441,6 +460,7 @@ def test_a_primary_takes_no_forward_from_another_primary(pair, tiny_layout):
         pb_grpc.EngramPeerStub(grpc.insecure_channel(pair.addresses[0])).Forward(
             pb.ForwardRequest(push=push, primary=1, seq=5), timeout=5, metadata=PEER_MD)
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "two primaries" in e.value.details()
+    assert _signal(e.value) == {"engram-signal": "not-primary"}  # it knows of no other primary
     assert pair.shards[0].checksum() == before and pair.servicers[0].replication.role == "primary"
 
 

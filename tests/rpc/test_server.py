@@ -13,8 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engram_ray.config import OptimizerConfig, StoreConfig
-from engram_ray.rpc import SERVICE_NAME, create_server
-from engram_ray.rpc import codec
+from engram_ray.rpc import SERVICE_NAME, codec, create_server
 from engram_ray.rpc.generated import engram_pb2 as pb
 from engram_ray.rpc.generated import engram_pb2_grpc as pb_grpc
 from engram_ray.store import TableShard
@@ -84,7 +83,8 @@ def test_lookup_round_trip_equals_gather(served):
     rows = codec.decode(resp.rows, what="rows", dtypes=("float32",), ndim=2)
     assert np.array_equal(rows, shard.gather(ids))
     d = stub.Describe(pb.DescribeRequest())
-    assert (d.row_start, d.row_stop, d.dim, d.dtype, d.num_shards) == (shard.row_start, shard.row_stop, 16, "float32", 2)
+    assert (d.row_start, d.row_stop, d.dim, d.dtype, d.num_shards) == \
+        (shard.row_start, shard.row_stop, 16, "float32", 2)
     assert d.counters.lookups >= 1 and d.max_message_bytes == MAX_MSG
     assert d.counters.lookup_seconds > 0 and d.counters.bytes_served == rows.nbytes
 
@@ -109,30 +109,34 @@ def _malformed(shard):
     many = _ids(np.full(MAX_IDS + 1, lo))  # 120 KB: under the message limit, over the id limit
     UA = grpc.StatusCode.UNAUTHENTICATED
     bad_g = lambda a: pb.ApplyGradientsRequest(fingerprint=fp, row_ids=good_ids, grads=codec.encode(a))  # noqa: E731
+    lk = lambda ids: pb.LookupRequest(fingerprint=fp, row_ids=ids)  # noqa: E731
+    raw = lambda dtype, shape, data: pb.Array(dtype=dtype, shape=shape, data=data)  # noqa: E731
+    ag = lambda grads, ids=good_ids: pb.ApplyGradientsRequest(fingerprint=fp, row_ids=ids, grads=grads)  # noqa: E731
     return {
         "wrong fingerprint": (LK, pb.LookupRequest(fingerprint="engram-0000", row_ids=good_ids), FP, "serves"),
         "missing fingerprint": (LK, pb.LookupRequest(row_ids=good_ids), FP, "request is for table layout ''"),
-        "id below range": (LK, pb.LookupRequest(fingerprint=fp, row_ids=_ids([lo - 1])), IA, f"row id {lo - 1} is outside"),
-        "id above range": (LK, pb.LookupRequest(fingerprint=fp, row_ids=_ids([hi])), IA, f"row id {hi} is outside"),
-        "negative id": (LK, pb.LookupRequest(fingerprint=fp, row_ids=_ids([-5])), IA, "row id -5"),
-        "truncated bytes": (LK, pb.LookupRequest(fingerprint=fp, row_ids=pb.Array(dtype="int64", shape=[2], data=b"\0" * 15)), IA, "truncated or padded"),
-        "padded bytes": (LK, pb.LookupRequest(fingerprint=fp, row_ids=pb.Array(dtype="int64", shape=[1], data=b"\0" * 9)), IA, "truncated or padded"),
-        "ids as float32": (LK, pb.LookupRequest(fingerprint=fp, row_ids=codec.encode(np.array([1.0], np.float32))), IA, "dtype 'float32'; expected int64"),
-        "unknown dtype": (LK, pb.LookupRequest(fingerprint=fp, row_ids=pb.Array(dtype="int128", shape=[1], data=b"\0" * 16)), IA, "dtype 'int128'"),
-        "ids 2-D": (LK, pb.LookupRequest(fingerprint=fp, row_ids=pb.Array(dtype="int64", shape=[1, 1], data=b"\0" * 8)), IA, "has 2 dims; expected 1"),
-        "negative dim": (LK, pb.LookupRequest(fingerprint=fp, row_ids=pb.Array(dtype="int64", shape=[-1], data=b"")), IA, "negative dimension"),
+        "id below range": (LK, lk(_ids([lo - 1])), IA, f"row id {lo - 1} is outside"),
+        "id above range": (LK, lk(_ids([hi])), IA, f"row id {hi} is outside"),
+        "negative id": (LK, lk(_ids([-5])), IA, "row id -5"),
+        "truncated bytes": (LK, lk(raw("int64", [2], b"\0" * 15)), IA, "truncated or padded"),
+        "padded bytes": (LK, lk(raw("int64", [1], b"\0" * 9)), IA, "truncated or padded"),
+        "ids as float32": (LK, lk(codec.encode(np.array([1.0], np.float32))), IA, "dtype 'float32'; expected int64"),
+        "unknown dtype": (LK, lk(raw("int128", [1], b"\0" * 16)), IA, "dtype 'int128'"),
+        "ids 2-D": (LK, lk(raw("int64", [1, 1], b"\0" * 8)), IA, "has 2 dims; expected 1"),
+        "negative dim": (LK, lk(raw("int64", [-1], b"")), IA, "negative dimension"),
         "missing ids": (LK, pb.LookupRequest(fingerprint=fp), IA, "dtype ''"),
-        "response too large": (LK, pb.LookupRequest(fingerprint=fp, row_ids=_ids(big)), RE, "split the request"),
-        "request too large": (LK, pb.LookupRequest(fingerprint=fp, row_ids=_ids(np.full(40_000, lo))), RE, ""),
-        "grads NaN": (AG, pb.ApplyGradientsRequest(fingerprint=fp, row_ids=good_ids, grads=codec.encode(np.full((2, dim), np.nan, np.float32))), IA, "not finite"),
-        "grads Inf": (AG, pb.ApplyGradientsRequest(fingerprint=fp, row_ids=good_ids, grads=codec.encode(np.full((2, dim), -np.inf, np.float32))), IA, "not finite"),
-        "grads shape": (AG, pb.ApplyGradientsRequest(fingerprint=fp, row_ids=good_ids, grads=codec.encode(np.ones((3, dim), np.float32))), IA, r"shape \(3, 16\)"),
-        "grads width": (AG, pb.ApplyGradientsRequest(fingerprint=fp, row_ids=good_ids, grads=codec.encode(np.ones((2, dim + 1), np.float32))), IA, r"expected \(2, 16\)"),
-        "grads int64": (AG, pb.ApplyGradientsRequest(fingerprint=fp, row_ids=good_ids, grads=codec.encode(np.ones((2, dim), np.int64))), IA, "dtype 'int64'"),
-        "grads 1-D": (AG, pb.ApplyGradientsRequest(fingerprint=fp, row_ids=good_ids, grads=codec.encode(np.ones(2 * dim, np.float32))), IA, "has 1 dims; expected 2"),
-        "grads truncated": (AG, pb.ApplyGradientsRequest(fingerprint=fp, row_ids=good_ids, grads=pb.Array(dtype="float32", shape=[2, dim], data=b"\0" * 7)), IA, "truncated"),
-        "grads wrong fingerprint": (AG, pb.ApplyGradientsRequest(fingerprint="x", row_ids=good_ids, grads=good_g), FP, "serves"),
-        "grads id out of range": (AG, pb.ApplyGradientsRequest(fingerprint=fp, row_ids=_ids([lo, hi]), grads=good_g), IA, "is outside"),
+        "response too large": (LK, lk(_ids(big)), RE, "split the request"),
+        "request too large": (LK, lk(_ids(np.full(40_000, lo))), RE, ""),
+        "grads NaN": (AG, bad_g(np.full((2, dim), np.nan, np.float32)), IA, "not finite"),
+        "grads Inf": (AG, bad_g(np.full((2, dim), -np.inf, np.float32)), IA, "not finite"),
+        "grads shape": (AG, bad_g(np.ones((3, dim), np.float32)), IA, r"shape \(3, 16\)"),
+        "grads width": (AG, bad_g(np.ones((2, dim + 1), np.float32)), IA, r"expected \(2, 16\)"),
+        "grads int64": (AG, bad_g(np.ones((2, dim), np.int64)), IA, "dtype 'int64'"),
+        "grads 1-D": (AG, bad_g(np.ones(2 * dim, np.float32)), IA, "has 1 dims; expected 2"),
+        "grads truncated": (AG, ag(raw("float32", [2, dim], b"\0" * 7)), IA, "truncated"),
+        "grads wrong fingerprint": (AG, pb.ApplyGradientsRequest(fingerprint="x", row_ids=good_ids, grads=good_g),
+                                    FP, "serves"),
+        "grads id out of range": (AG, ag(good_g, _ids([lo, hi])), IA, "is outside"),
         "save without directory": ("Save", pb.SaveRequest(), IA, "directory is empty"),
         "save into a file": ("Save", pb.SaveRequest(directory="afile/x"), IA, "symlink or not a directory"),
         "save outside the save root": ("Save", pb.SaveRequest(directory="/proc/version/x"), IA,
@@ -172,6 +176,7 @@ def test_malformed_requests_get_their_status_and_change_nothing(served, kind):
         getattr(stub, method)(request, timeout=10, metadata=metadata[0] if metadata else GOOD)
     assert e.value.code() == code, e.value.details()
     assert re.search(pattern, e.value.details()), e.value.details()
+    assert not [k for k, _ in e.value.trailing_metadata() or () if k.startswith("engram-")]  # no signal
     assert shard.checksum() == before
     if code != grpc.StatusCode.RESOURCE_EXHAUSTED or pattern:  # gRPC itself refuses oversized requests
         assert shard.counters["rejected"] == rejected + 1
@@ -221,6 +226,7 @@ def test_too_many_calls_at_once_are_refused_and_the_shard_serves_on(tiny_layout)
             stub.Lookup(req, timeout=10)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "Concurrent RPC limit exceeded" in e.value.details()
+        assert ("engram-signal", "busy") in tuple(e.value.trailing_metadata())  # what clients act on
         gate.set()
         assert all(list(f.result().rows.shape) == [1, 16] for f in held)
         assert stub.Lookup(req, timeout=10).rows.shape == [1, 16]  # serving again

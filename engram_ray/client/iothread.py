@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import threading
-from typing import Any, Coroutine
+from collections.abc import Coroutine
+from typing import Any
 
-__all__ = ["IoThread"]
+__all__ = ["IoThread", "shutdown"]
+
+log = logging.getLogger(__name__)
 
 
 class IoThread:
@@ -61,3 +65,14 @@ class IoThread:
             self._thread.join(timeout)
             if not self._thread.is_alive():
                 self.loop.close()
+
+
+def shutdown(io: IoThread, channels: list[Any]) -> None:
+    """Close ``channels`` (``grpc.aio`` channels of ``io``'s loop) there, then stop the loop;
+    for a client's finalizer, so it runs once, from close() or when the client is collected."""
+    async def close_all() -> None:
+        await asyncio.gather(*[ch.close() for ch in channels], return_exceptions=True)
+    try:
+        io.close(close_all())
+    except Exception:  # noqa: BLE001 - closing must not raise over the caller's own error
+        log.debug("closing client channels failed", exc_info=True)

@@ -1,0 +1,196 @@
+"""``EngramClient``: rows by global id from a sharded memory service, fetched ahead of need.
+
+The facade over the parts of :mod:`engram_ray.client`: it checks what the caller hands over
+and gives it to the client's own I/O thread (:class:`~.iothread.IoThread`), where
+:class:`~.transfers.Transfers` plans, calls and reassembles. :meth:`EngramClient.prefetch`
+returns in tens of microseconds, and ``Prefetch.result()`` waits for the rows, already in the
+caller's order. The asyncio forms await the same futures, so an event loop is never blocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+
+from ..core.layout import ShardPlan, TableLayout
+from ..errors import EngramError
+from ..rpc import codec, wire
+from ..rpc.generated import engram_pb2 as pb
+from . import plan, shards
+from .calls import ShardCalls
+from .iothread import IoThread, shutdown
+from .replicas import ReplicaSet, Resolver, channel_options
+from .shards import ShardInfo
+from .stats import ClientStats
+from .transfers import Prefetch, Transfers
+
+__all__ = ["EngramClient"]
+
+def _policy(name: str, doc: str) -> property:
+    """An attribute of the client that its calls read (``timeout``, ``retries``, ...)."""
+    return property(lambda self: getattr(self._calls, name), lambda self, v: setattr(self._calls, name, v), doc=doc)
+
+
+class EngramClient:
+    """Client of a memory service: ``addresses[i]`` serves shard ``i`` of ``layout`` (or is
+    the list of the addresses of its copies).
+
+    ``timeout`` is per message, ``retries`` the attempts after the first for lookups,
+    ``chunk_bytes`` the target size of one response (see :class:`~.plan.MessageSizes`).
+    ``token``: the service's secret (``MemoryService.client()`` passes it). ``tls_ca``: PEM of
+    the CA that signed the shards' certificates, for a TLS service (``tls_server_name``
+    overrides the name checked). ``resolver``: returns the shards' current addresses; when a
+    shard stays unavailable after the retries, the client asks it (a restarted shard may serve
+    elsewhere) and keeps trying for up to ``recover_timeout`` seconds before raising
+    :class:`~engram_ray.errors.ShardUnavailable`.
+    """
+
+    timeout = _policy("timeout", "Seconds per message.")
+    retries = _policy("retries", "Attempts after the first, with backoff.")
+    backoff = _policy("backoff", "Seconds before the first retry (doubling after).")
+    recover_timeout = _policy("recover_timeout", "Seconds to wait for a shard through the resolver.")
+
+    def __init__(self, addresses: Sequence[Any], layout: TableLayout, *, timeout: float = 10.0,
+                 retries: int = 3, backoff: float = 0.05,
+                 max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES, chunk_bytes: int = 1 << 20,
+                 connect_timeout: float = 10.0, token: str | None = None,
+                 tls_ca: bytes | None = None, tls_server_name: str | None = None,
+                 resolver: Resolver | None = None, recover_timeout: float = 60.0):
+        creds = grpc.ssl_channel_credentials(root_certificates=tls_ca) if tls_ca else None
+        self._replicas = ReplicaSet(addresses, channel_options(max_message_bytes, tls_server_name), creds)
+        self.layout = layout
+        self.plan = ShardPlan(layout.total_rows, self._replicas.num_shards)
+        self._stats = ClientStats()
+        self._calls = ShardCalls(self._replicas, timeout=timeout, retries=retries, backoff=backoff,
+                                 metadata=wire.auth_metadata(token), resolver=resolver,
+                                 recover_timeout=recover_timeout, count=self._stats.count)
+        self._io = IoThread(name=f"engram-client-{id(self):x}")
+        # A client dropped without close() still stops its thread when collected.
+        self._finalizer = weakref.finalize(self, shutdown, self._io, self._replicas.channels)
+        try:
+            self._io.run(self._replicas.open())
+            self.shards = self._connect(connect_timeout)
+        except BaseException:
+            self.close()
+            raise
+        self.dtype_name = self.shards[0].dtype
+        self.dtype = codec.wire_dtype(self.dtype_name)
+        sizes = plan.MessageSizes.fit(
+            max_message_bytes=max_message_bytes, chunk_bytes=chunk_bytes,
+            shard_message_bytes=[s.max_message_bytes for s in self.shards],
+            shard_max_ids=[s.max_ids_per_request for s in self.shards],
+            row_dim=layout.row_dim, row_itemsize=self.dtype.itemsize)
+        self.max_rows_per_message = sizes.lookup_rows
+        self._transfers = Transfers(self._calls, layout, self.plan, sizes, self.dtype_name, self._stats)
+
+    def _connect(self, timeout: float) -> list[ShardInfo]:
+        """Describe every copy; per shard, reads go to the first that answers, which must be a
+        shard of this layout, in order (see :mod:`.shards`)."""
+        answers = self._io.run(self._calls.each(self._replicas.where(every_replica=True), "Describe",
+                                                pb.DescribeRequest(), timeout, wait_for_ready=True))
+        picked = shards.pick_read_copies(self._replicas, answers)
+        infos = [shards.shard_info(i, self.addresses[i], d, self.layout, self.plan) for i, d in enumerate(picked)]
+        dtypes = {s.dtype for s in infos}
+        if len(dtypes) != 1:
+            raise EngramError(f"shards disagree on the storage dtype: {sorted(dtypes)}")
+        return infos
+
+    @property
+    def replicas(self) -> list[list[str]]:
+        """Per shard, the addresses of its copies (one for an unreplicated service)."""
+        return self._replicas.replicas
+
+    @property
+    def addresses(self) -> list[str]:
+        """Per shard, the address of the copy reads go to now (it moves on failover)."""
+        return self._replicas.addresses
+
+    def close(self) -> None:
+        """Close the channels and stop the I/O thread (idempotent)."""
+        self._finalizer()
+
+    def __enter__(self) -> EngramClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Lookups -------------------------------------------------------------------------------
+    def prefetch(self, row_ids: Any) -> Prefetch:
+        """Start fetching the rows of ``row_ids`` (any shape); returns at once."""
+        return self.prefetch_many([row_ids])[0]
+
+    def prefetch_many(self, row_ids: Sequence[Any]) -> list[Prefetch]:
+        """:meth:`prefetch` for several arrays (e.g. one per Engram layer) with one hand-over
+        to the I/O thread: each wake-up of that thread costs the caller a syscall and a GIL
+        round trip. Requests go out in the order given."""
+        items = []
+        for r in row_ids:
+            ids, flat = plan.flat_ids(r, self.layout.total_rows, copy=True)  # the I/O thread reads them later
+            items.append((flat, ids.shape, Prefetch(int(flat.size))))
+        self._stats.count("lookups", len(items))
+        self._stats.count("ids", sum(int(f.size) for f, _, _ in items))
+        self._io.submit(self._transfers.start(items))
+        return [p for _, _, p in items]
+
+    def lookup(self, row_ids: Any, timeout: float | None = None) -> np.ndarray:
+        """Rows ``[*row_ids.shape, dim]`` in the shards' storage dtype."""
+        return self.prefetch(row_ids).result(timeout)
+
+    async def alookup(self, row_ids: Any) -> np.ndarray:
+        """:meth:`lookup` for callers in an event loop."""
+        return await self.prefetch(row_ids)
+
+    # Training ------------------------------------------------------------------------------
+    def push_gradients(self, row_ids: Any, grads: Any, timeout: float | None = None) -> int:
+        """Send row gradients ``[*ids.shape, dim]`` to their shards (duplicates summed here);
+        returns the number of distinct rows updated."""
+        return self._io.submit(self._transfers.push(*self._check_push(row_ids, grads))).result(timeout)
+
+    async def apush_gradients(self, row_ids: Any, grads: Any) -> int:
+        """:meth:`push_gradients` for callers in an event loop."""
+        return await asyncio.wrap_future(self._io.submit(self._transfers.push(*self._check_push(row_ids, grads))))
+
+    def _check_push(self, row_ids: Any, grads: Any) -> tuple[np.ndarray, np.ndarray]:
+        ids, flat = plan.flat_ids(row_ids, self.layout.total_rows)
+        return flat, plan.check_grads(ids.shape, grads, self.layout.row_dim)
+
+    # Service calls --------------------------------------------------------------------------
+    def describe(self, tolerate: bool = False, every_replica: bool = False) -> list[dict[str, Any]]:
+        """Every shard's Describe (of the copy reads go to, or of every copy), as dicts with
+        counters. ``tolerate``: a copy that does not answer gives ``{"shard_index",
+        "replica", "address", "error"}`` instead of raising."""
+        where = self._replicas.where(every_replica)
+        answers = self._io.run(self._calls.each(where, "Describe", pb.DescribeRequest(), self.timeout))
+        out = []
+        for (i, r), d in zip(where, answers):
+            address = self.replicas[i][r]
+            if not isinstance(d, BaseException):
+                out.append(shards.describe_dict(d, address, self.replicas[i]))
+            elif tolerate:
+                out.append({"shard_index": i, "replica": r, "address": address, "error": str(self._calls.error(i, d))})
+            else:
+                raise self._calls.error(i, d) from None
+        return out
+
+    def save(self, directory: str) -> list[str]:
+        """Ask every shard to write its part of a checkpoint into ``directory`` (one replica
+        each); with ``directory=""`` every replica writes a recovery checkpoint."""
+        where = self._replicas.where(every_replica=not directory)
+        answers = self._io.run(self._calls.each(where, "Save", pb.SaveRequest(directory=str(directory)),
+                                                max(self.timeout, 600)))
+        for (i, _), r in zip(where, answers):
+            if isinstance(r, BaseException):
+                raise self._calls.error(i, r) from None
+        return [r.header_path for r in answers]
+
+    def stats(self) -> dict[str, Any]:
+        """Requests, ids, unique ids, dedup ratio, bytes, retries, errors, latency percentiles,
+        and the seconds of lookup work on the I/O thread by stage (see :mod:`.stats`)."""
+        return self._stats.report()
+

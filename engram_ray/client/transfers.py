@@ -1,0 +1,148 @@
+"""Lookups and pushes on the client's I/O thread: plan (:mod:`.plan`), call every message at
+once (:mod:`.calls`), check and place each answer as it lands; and ``Prefetch``, the caller's
+handle on rows on their way."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import time
+import uuid
+from collections.abc import Generator
+from typing import Any
+
+import numpy as np
+
+from ..core.layout import ShardPlan, TableLayout
+from ..core.optim import sum_duplicates
+from ..errors import EngramError
+from ..rpc import codec
+from ..rpc.generated import engram_pb2 as pb
+from . import plan
+from .calls import ShardCalls
+from .stats import ClientStats
+
+__all__ = ["Prefetch", "Transfers"]
+
+
+class Prefetch:
+    """Rows on their way. ``result()`` (or ``await``) gives ``[*ids.shape, dim]``."""
+
+    def __init__(self, num_ids: int):
+        self._num_ids = num_ids
+        self._future: concurrent.futures.Future[np.ndarray] = concurrent.futures.Future()
+        #: Issue-to-arrival seconds, set on the I/O thread when the last response is in.
+        self._seconds: float | None = None
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    @property
+    def fetch_seconds(self) -> float | None:
+        """Time from issue to the last response (None while in flight)."""
+        return self._seconds
+
+    def result(self, timeout: float | None = None) -> np.ndarray:
+        try:
+            return self._future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"lookup of {self._num_ids} ids: not complete after {timeout} s") from None
+
+    def __await__(self) -> Generator[Any, None, np.ndarray]:
+        return asyncio.wrap_future(self._future).__await__()
+
+
+async def _gather(calls: list[Any]) -> list[Any]:
+    """Run calls at once; raise the first failure after all have ended."""
+    out = await asyncio.gather(*calls, return_exceptions=True)
+    for r in out:
+        if isinstance(r, BaseException):
+            raise r
+    return out
+
+
+class Transfers:
+    """Lookups and pushes of ``layout``'s rows, stored as ``dtype_name``, over ``calls``."""
+
+    def __init__(self, calls: ShardCalls, layout: TableLayout, shard_plan: ShardPlan, sizes: plan.MessageSizes,
+                 dtype_name: str, stats: ClientStats):
+        self.calls, self.layout, self.bounds, self.sizes = calls, layout, shard_plan.bounds, sizes
+        self.dtype_name, self.dtype = dtype_name, codec.wire_dtype(dtype_name)
+        self.stats = stats
+        self._client_id = uuid.uuid4().hex[:12]
+        self._seq = itertools.count(1)
+        self._tasks: set[asyncio.Task] = set()  # lookups in flight (touched on the I/O thread only)
+
+    # Lookups -------------------------------------------------------------------------------
+    async def start(self, items: list[tuple[np.ndarray, tuple[int, ...], Prefetch]]) -> None:
+        """Start a lookup task per item; tasks start in this order, so their requests do too."""
+        for flat, shape, p in items:
+            task = asyncio.get_running_loop().create_task(self._into(flat, shape, p))
+            self._tasks.add(task)  # the loop holds tasks weakly: keep each until it ends
+            task.add_done_callback(self._tasks.discard)
+
+    async def _into(self, flat: np.ndarray, shape: tuple[int, ...], p: Prefetch) -> None:
+        try:
+            p._future.set_result(await self.lookup(flat, shape, p))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the Prefetch
+            p._future.set_exception(e)
+
+    async def lookup(self, flat: np.ndarray, shape: tuple[int, ...], p: Prefetch) -> np.ndarray:
+        t0 = time.perf_counter()
+        uniq, inverse = plan.dedup(flat)
+        t1 = time.perf_counter()
+        uniq_rows = np.empty((uniq.size, self.layout.row_dim), dtype=self.dtype)
+        decode_s = [0.0]
+        calls = [self._chunk(s, a, b, pb.LookupRequest(fingerprint=self.layout.fingerprint,
+                                                       row_ids=codec.encode(uniq[a:b])), uniq_rows, decode_s)
+                 for s, a, b in plan.split(uniq, self.bounds, self.sizes.lookup_rows)]
+        t2 = time.perf_counter()
+        await _gather(calls)
+        t3 = time.perf_counter()
+        p._seconds = t3 - t0
+        out = plan.scatter(uniq_rows, inverse, shape)
+        stages = {"dedup": t1 - t0, "encode": t2 - t1, "in_flight": t3 - t2 - decode_s[0],
+                  "decode": decode_s[0] + time.perf_counter() - t3}
+        self.stats.lookup_done(unique_ids=int(uniq.size), nbytes=uniq_rows.nbytes, stages=stages,
+                               latency=p._seconds)
+        return out
+
+    async def _chunk(self, shard: int, a: int, b: int, request: pb.LookupRequest, uniq_rows: np.ndarray,
+                     decode_s: list[float]) -> None:
+        """Rows ``uniq_rows[a:b]`` from ``shard``, copied into place as they land, while the
+        other messages are in flight; an answer of another dtype or shape is the shard's error."""
+        resp = await self.calls.call(shard, "Lookup", request)
+        t = time.perf_counter()
+        where = f"shard {shard} ({self.calls.replicas.addresses[shard]})"
+        try:
+            rows = codec.decode(resp.rows, what="rows", dtypes=(self.dtype_name,), ndim=2)
+        except ValueError as e:  # the shard's answer is bad, not the caller's ids
+            raise EngramError(f"{where} answered a lookup with {e}") from None
+        if rows.shape != (b - a, self.layout.row_dim):
+            raise EngramError(f"{where} answered {rows.shape} rows for {b - a} ids")
+        uniq_rows[a:b] = rows
+        decode_s[0] += time.perf_counter() - t
+
+    # Pushes --------------------------------------------------------------------------------
+    async def push(self, flat: np.ndarray, g: np.ndarray) -> int:
+        """Gradients ``g [n, dim]`` of ids ``flat [n]``, duplicates summed, to their shards;
+        returns the number of distinct rows updated."""
+        uniq, summed = sum_duplicates(flat, g)
+        chunks = plan.split(uniq, self.bounds, self.sizes.push_rows)
+        resps = await _gather([self.calls.call(s, "ApplyGradients", self._push_request(uniq[a:b], summed[a:b]))
+                               for s, a, b in chunks])
+        for (s, a, b), r in zip(chunks, resps):
+            if not 0 <= r.rows_updated <= b - a or r.update_count < 0:
+                raise EngramError(f"shard {s} ({self.calls.replicas.addresses[s]}) answered a push of {b - a} "
+                                  f"distinct rows with rows_updated={r.rows_updated}, "
+                                  f"update_count={r.update_count}")
+        self.stats.count("pushes", 1)
+        self.stats.count("rows_pushed", int(uniq.size))
+        return sum(r.rows_updated for r in resps)
+
+    def _push_request(self, ids: np.ndarray, grads: np.ndarray) -> pb.ApplyGradientsRequest:
+        """A push, named (client id, sequence number) so a retry of it is applied once."""
+        return pb.ApplyGradientsRequest(fingerprint=self.layout.fingerprint, row_ids=codec.encode(ids),
+                                        grads=codec.encode(grads, "float32"),
+                                        request_id=f"{self._client_id}-{next(self._seq)}")
