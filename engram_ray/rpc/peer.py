@@ -27,9 +27,6 @@ from .wire import DEFAULT_MAX_MESSAGE_BYTES, auth_metadata
 
 __all__ = ["PeerServicer", "fetch_snapshot", "join_copy", "Snapshot"]
 
-#: Array parts of a snapshot: (dtype, or None for the storage dtype; dims).
-_PARTS = {"rows": (None, 2), "adam_m": ("float32", 2), "adam_v": ("float32", 2), "adam_steps": ("int64", 1)}
-
 
 class PeerServicer(pb_grpc.EngramPeerServicer):
     """EngramPeer for the copy served by ``memory``."""

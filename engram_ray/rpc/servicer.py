@@ -18,6 +18,7 @@ from typing import NoReturn
 
 import grpc
 
+from ..config import STORE_DTYPES
 from ..errors import (
     CheckpointError,
     FingerprintMismatch,
@@ -138,7 +139,8 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
                                   f"{self.max_message_bytes} B message limit; split it")
         ids = codec.decode(request.row_ids, what="row_ids", dtypes=("int64",), ndim=1)
         self._check_count(ids.size, "gradient push")
-        grads = codec.decode(request.grads, what="grads", ndim=2, dtypes=("float32", "bfloat16", "float16"))
+        # gradients travel in any storage dtype; the shard widens them to float32
+        grads = codec.decode(request.grads, what="grads", ndim=2, dtypes=STORE_DTYPES)
         return ids, grads
 
     def _observe(self, method: str, t0: float, rows: int, ok: bool) -> None:
