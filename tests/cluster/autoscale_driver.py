@@ -3,6 +3,7 @@ needs, deploy it (the placement group's demand makes the autoscaler add memory n
 report where each shard landed. Prints one line ``RESULT {json}``."""
 
 import json
+import os
 import sys
 import time
 
@@ -19,6 +20,26 @@ def memory_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get(MEMORY_RESOURCE, 0) > 0]
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _kill_from_another_node(svc) -> dict:
+    """kill_shard of a copy on a memory node, from this driver on the head: it must wait for
+    the process on the copy's node (every fake node runs on this machine, so the truth can be
+    read here too)."""
+    info = svc.shard_info(0)
+    old = svc.kill_shard(0)
+    gone = not _pid_alive(old)
+    back = svc.shard_info(0)
+    return {"remote": info["node_id"] != ray.get_runtime_context().get_node_id(), "pid": old == info["pid"],
+            "gone": gone, "restarted": back["pid"] != old and back["restarted"]}
+
+
 def main(num_shards: int) -> None:
     init_ray("auto")
     before = len(memory_nodes())
@@ -33,6 +54,7 @@ def main(num_shards: int) -> None:
         with svc.client() as c:
             ok = c.lookup(np.arange(svc.layout.total_rows)).shape[0] == svc.layout.total_rows
         nodes_used = len(set(shard_nodes))
+        killed = _kill_from_another_node(svc)
     finally:
         svc.shutdown()
     # copies of a shard go to different memory nodes when there are enough of them
@@ -44,7 +66,7 @@ def main(num_shards: int) -> None:
         rep.shutdown()
     print("RESULT " + json.dumps({"memory_nodes_before": before, "memory_nodes_after": len(memory_nodes()),
                                   "shards_on_memory_nodes": placed, "nodes_used": nodes_used,
-                                  "lookup_ok": ok, "deploy_s": seconds,
+                                  "lookup_ok": ok, "deploy_s": seconds, "kill_shard": killed,
                                   "copies_on_distinct_nodes": [len(set(n)) == 2 for n in copy_nodes]}),
           flush=True)
 

@@ -91,6 +91,8 @@ def test_more_shards_than_memory_nodes_scale_the_memory_nodes(tmp_path):
         assert result["memory_nodes_before"] == 1 and result["memory_nodes_after"] >= 2
         assert result["shards_on_memory_nodes"] == [True] * 4 and result["nodes_used"] == 2
         assert result["lookup_ok"]
+        # kill_shard from the head of a copy on a memory node: returns once that process is gone
+        assert result["kill_shard"] == {"remote": True, "pid": True, "gone": True, "restarted": True}
         assert result["copies_on_distinct_nodes"] == [True, True]  # STRICT_SPREAD per shard
     finally:
         subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
