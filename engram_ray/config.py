@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import types
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 __all__ = [
     "EngramConfig",
@@ -66,7 +67,7 @@ class _JsonFields:
     def to_dict(self) -> dict[str, Any]:
         def plain(v: Any) -> Any:
             return list(v) if isinstance(v, tuple) else v
-        return {k: plain(v) for k, v in dataclasses.asdict(self).items()}
+        return {k: plain(v) for k, v in dataclasses.asdict(self).items()}  # type: ignore[call-overload]  # mixed into dataclasses only
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Any:
@@ -161,7 +162,7 @@ class EngramConfig(_JsonFields):
         return text
 
     @classmethod
-    def from_json(cls, path_or_text: str | Path) -> "EngramConfig":
+    def from_json(cls, path_or_text: str | Path) -> EngramConfig:
         """Load from a JSON file path, or from JSON text (anything starting with ``{`` or ``[``)."""
         text = str(path_or_text)
         if not text.lstrip().startswith(("{", "[")):

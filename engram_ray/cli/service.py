@@ -10,7 +10,7 @@ from ..config import OptimizerConfig, StoreConfig
 from .common import add_table_args, engram_config, gib
 
 
-def _print_shards(shards: list[dict], qps: dict[int, float] | None = None) -> None:
+def _print_shards(shards: list[dict], qps: dict[tuple[int, int], float] | None = None) -> None:
     print(f"  {'shard':>5} {'health':<7} {'role':<8} {'address':<22} {'rows':>27} {'dtype':>9} {'resident':>11} "
           f"{'RSS':>11} {'lookups':>9} {'QPS':>7} {'p50 ms':>7} {'p99 ms':>7} {'updates':>8} {'rejected':>8}")
     notes = []

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -66,12 +67,12 @@ class TableLayout:
             raise ValueError(f"TableLayout.row_dim={self.row_dim}: expected >= 1")
 
     @classmethod
-    def build(cls, config: EngramConfig, vocab: Any) -> "TableLayout":
+    def build(cls, config: EngramConfig, vocab: Any) -> TableLayout:
         """Layout for ``config`` hashed over a :class:`CompressedVocab` ``vocab``."""
         primes = head_primes(config)
         return cls(
             layer_ids=config.layer_ids,
-            head_sizes=tuple(tuple(p for order in primes[l] for p in order) for l in config.layer_ids),
+            head_sizes=tuple(tuple(p for order in primes[layer] for p in order) for layer in config.layer_ids),
             max_ngram_size=config.max_ngram_size,
             n_head_per_ngram=config.n_head_per_ngram,
             row_dim=config.row_dim,
@@ -146,7 +147,7 @@ class TableLayout:
         return d
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TableLayout":
+    def from_dict(cls, data: Mapping[str, Any]) -> TableLayout:
         names = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - names)
         if unknown:

@@ -134,16 +134,16 @@ def test_incremental_decoding_equals_hashing_the_whole_sequence(seed, cuts, n, b
     x = np.random.default_rng(seed).integers(0, 500, size=(B, sum(cuts)))
     full = h.hash(x)
     hist = h.new_history(B)
-    pieces = {l: [] for l in cfg.layer_ids}
+    pieces: dict[int, list] = {layer: [] for layer in cfg.layer_ids}
     start = 0
     for c in cuts:
         step, hist = h.hash_step(hist, x[:, start:start + c])
-        for l in cfg.layer_ids:
-            pieces[l].append(step[l])
+        for layer in cfg.layer_ids:
+            pieces[layer].append(step[layer])
         start += c
         assert hist.tolist() == np.concatenate([np.full((B, n - 1), 7), x[:, :start]], 1)[:, -(n - 1):].tolist()
-    for l in cfg.layer_ids:
-        assert np.array_equal(np.concatenate(pieces[l], axis=1), full[l])
+    for layer in cfg.layer_ids:
+        assert np.array_equal(np.concatenate(pieces[layer], axis=1), full[layer])
 
 
 def test_hash_stacked_equals_hash():
@@ -153,8 +153,8 @@ def test_hash_stacked_equals_hash():
     stacked = h.hash_stacked(x)
     per = h.hash(x)
     assert stacked.shape == (2, 4, 33, cfg.heads_per_layer)
-    for i, l in enumerate(cfg.layer_ids):
-        assert np.array_equal(stacked[i], per[l])
+    for i, layer in enumerate(cfg.layer_ids):
+        assert np.array_equal(stacked[i], per[layer])
 
 
 _DIGEST_SNIPPET = """
