@@ -6,7 +6,7 @@ import argparse
 import signal
 import threading
 
-from ..config import OptimizerConfig, StoreConfig
+from ..config import STORE_DTYPES, OptimizerConfig, StoreConfig
 from .common import add_table_args, engram_config, gib
 
 
@@ -171,7 +171,7 @@ def register(sub) -> None:
                                    "serve until Ctrl-C (or --detach).")
     add_table_args(p, "demo")
     p.add_argument("--shards", type=int, default=2, help="number of shards (default: 2)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default="float32", choices=STORE_DTYPES,
                    help="storage dtype of the rows (default: float32)")
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd", "none"],
                    help="sparse optimiser for pushed gradients (default: adam)")

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..config import StoreConfig
+from ..config import STORE_DTYPES, StoreConfig
 from ..core.layout import ShardPlan, TableLayout
 from ..core.optim import SparseOptimizer, finite_rows, sum_duplicates
 from ..errors import InvalidRequest
@@ -24,7 +24,7 @@ from .rows import init_rows, numpy_dtype, sha256_hex
 __all__ = ["TableShard", "Saved", "GRAD_DTYPES"]
 
 #: Gradient dtypes a shard accepts (widened to float32 before anything else).
-GRAD_DTYPES = ("float32", "bfloat16", "float16", "float64")
+GRAD_DTYPES = (*STORE_DTYPES, "float64")
 
 
 class Saved(NamedTuple):
