@@ -387,12 +387,13 @@ def test_only_a_well_formed_signal_redirects_a_push(tiny_layout, code, metadata)
 def test_backups_that_keep_naming_each_other_end_in_an_error(tiny_layout):
     import grpc
 
-    from engram_ray.errors import FingerprintMismatch
+    from engram_ray.errors import EngramError, FingerprintMismatch
     md = (("engram-signal", "not-primary"), ("engram-primary", "1"))
     with _Liar(tiny_layout, _refuse_pushes_with(grpc.StatusCode.FAILED_PRECONDITION, md), copies=2) as liar, \
             EngramClient([liar.addresses], tiny_layout) as client:
-        with pytest.raises(FingerprintMismatch):
+        with pytest.raises(EngramError, match="redirect loop") as caught:
             _push_one(client)
+        assert not isinstance(caught.value, FingerprintMismatch)
         assert client.stats()["redirects"] == 8  # 4 per copy, then the refusal stands
 
 
@@ -419,3 +420,18 @@ def test_busy_is_retried_for_pushes_too_and_unreplicated_retries_the_same_copy(t
             st = client.stats()
             assert (st["retries"], st["failovers"], st["redirects"]) == (2, 0, 0), (signal, st)
             assert len(set(calls)) == 1  # one push, retried under its request id
+
+
+def test_a_shard_busy_past_the_retries_is_unavailable_not_too_large(tiny_layout):
+    """``busy`` means overloaded for now: once the retries are spent the caller gets
+    ShardUnavailable (retry later), not RequestTooLarge (change the request)."""
+    import grpc
+
+    from engram_ray.errors import RequestTooLarge, ShardUnavailable
+    md = (("engram-signal", "busy"),)
+    with _Liar(tiny_layout, _refuse_pushes_with(grpc.StatusCode.RESOURCE_EXHAUSTED, md)) as liar, \
+            EngramClient([liar.addresses], tiny_layout, retries=2, backoff=0.01) as client:
+        with pytest.raises(ShardUnavailable, match="busy") as caught:
+            _push_one(client)
+        assert not isinstance(caught.value, RequestTooLarge)
+        assert client.stats()["retries"] == 2

@@ -36,14 +36,6 @@ _PUSH_RETRY = (grpc.StatusCode.UNAVAILABLE,)
 _HOPS_PER_COPY = 4
 
 
-def _signal(err: grpc.RpcError) -> wire.Signal:
-    """The structured signal of a failed call (none if the error carries no metadata)."""
-    try:
-        return wire.read_signal(err.trailing_metadata(), err.code())
-    except Exception:  # noqa: BLE001 - an error object without metadata: no signal
-        return wire.Signal()
-
-
 class _Attempts:
     """Where one call stands: retries spent, copies tried since the last retry, redirects."""
 
@@ -79,7 +71,7 @@ class ShardCalls:
     async def _after(self, shard: int, push: bool, r: int, err: grpc.RpcError, at: _Attempts) -> None:
         """Decide what follows the failure ``err`` of copy ``r``: return to try again (after
         a redirect, failover or backoff), or raise the error the caller gets."""
-        code, sig = err.code(), _signal(err)
+        code, sig = err.code(), wire.signal_of(err)
         n_rep = self.replicas.copies(shard)
         if push and sig.name == wire.NOT_PRIMARY and at.hops < _HOPS_PER_COPY * n_rep:
             self.replicas.redirect(shard, self._named_primary(shard, sig, err))
@@ -132,9 +124,14 @@ class ShardCalls:
         """The project's exception for ``err`` from ``shard`` (other exceptions as they are)."""
         if not isinstance(err, grpc.RpcError):
             return err
-        code, details = err.code(), err.details()
+        code, details, sig = err.code(), err.details(), wire.signal_of(err)
         self._count("errors", 1)
         address = self.replicas.addresses[shard]
+        if sig.name == wire.BUSY:  # overloaded, not a request too large: a transient failure
+            return ShardUnavailable(shard, address, f"busy (at its limit of calls) after {self.retries} retries")
+        if sig.name == wire.NOT_PRIMARY:  # only after the redirects ran out
+            return EngramError(f"shard {shard} ({address}): its copies keep naming another copy as the "
+                               f"primary (a redirect loop); last refusal: {details}")
         if code in _ERRORS:
             return _ERRORS[code](f"shard {shard} ({address}): {details}")
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

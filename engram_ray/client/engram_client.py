@@ -85,8 +85,12 @@ class EngramClient:
             shard_message_bytes=[s.max_message_bytes for s in self.shards],
             shard_max_ids=[s.max_ids_per_request for s in self.shards],
             row_dim=layout.row_dim, row_itemsize=self.dtype.itemsize)
-        self.max_rows_per_message = sizes.lookup_rows
         self._transfers = Transfers(self._calls, layout, self.plan, sizes, self.dtype_name, self._stats)
+
+    @property
+    def max_rows_per_message(self) -> int:
+        """Rows in one lookup message, fitted to this client's and every shard's limits."""
+        return self._transfers.sizes.lookup_rows
 
     def _connect(self, timeout: float) -> list[ShardInfo]:
         """Describe every copy; per shard, reads go to the first that answers, which must be a

@@ -237,7 +237,7 @@ class Replication:
                                                                       metadata=self.metadata)
             except grpc.RpcError as e:
                 details = e.details() or ""
-                syncing = wire.read_signal(e.trailing_metadata(), e.code()).name == wire.SYNCING
+                syncing = wire.signal_of(e).name == wire.SYNCING
                 if e.code() != grpc.StatusCode.UNAVAILABLE or syncing:  # alive: the push fails
                     return f"replica {r} at {address}: {e.code().name}: {details}"
                 log.warning("replica %d: backup %d at %s is gone (%s); dropped until it rejoins",

@@ -39,7 +39,8 @@ from ..errors import NotPrimary, NotServing, Unreplicated
 
 __all__ = ["METADATA_KEY", "auth_metadata", "DEFAULT_MAX_MESSAGE_BYTES", "DEFAULT_MAX_IDS_PER_REQUEST",
            "SIGNAL_KEY", "PRIMARY_KEY", "NOT_PRIMARY", "UNREPLICATED", "SYNCING", "NOT_SERVING", "GAVE_UP",
-           "BUSY", "SIGNAL_STATUS", "Signal", "signal_metadata", "metadata_for", "read_signal", "primary_index"]
+           "BUSY", "SIGNAL_STATUS", "Signal", "signal_metadata", "metadata_for", "read_signal", "signal_of",
+           "primary_index"]
 
 #: The metadata key of the token: ``authorization: Bearer <token>``.
 METADATA_KEY = "authorization"
@@ -117,6 +118,15 @@ def read_signal(metadata: Iterable[tuple[str, str | bytes]] | None, code: grpc.S
         return Signal(name)
     # Several values are passed on joined (no index reads so), for the caller to refuse.
     return Signal(name, ",".join(v if isinstance(v, str) else repr(v) for v in primaries))
+
+
+def signal_of(err: grpc.RpcError) -> Signal:
+    """The checked signal of a failed call (none if the error object carries no metadata,
+    as errors raised before a call reaches the wire do)."""
+    try:
+        return read_signal(err.trailing_metadata(), err.code())
+    except Exception:  # noqa: BLE001 - not an RPC's error: no signal
+        return Signal()
 
 
 def primary_index(signal: Signal, replicas: int) -> int | None:
