@@ -29,8 +29,10 @@ def _gone_within(pid: int, timeout: float) -> bool:
             os.kill(pid, 0)
         except ProcessLookupError:
             return True
-        except PermissionError:  # the pid now belongs to another user's process: ours is gone
-            return True
+        except PermissionError:
+            # EPERM: a process has this pid but runs as another user -- a shard started under
+            # its own uid (a container runtime_env) is exactly that, so it counts as alive.
+            pass
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.005)
@@ -62,7 +64,11 @@ def probe_on_node(node_id: str, pid: int, timeout: float) -> bool:
 
 def wait_gone(node_id: str, pid: int, timeout: float) -> bool:
     """True once the process ``pid`` of node ``node_id`` has exited, False if it is still
-    there after ``timeout`` seconds."""
-    if node_id == ray.get_runtime_context().get_node_id():
+    there after ``timeout`` seconds (a remote check may take up to ``PROBE_START_S`` more to
+    start)."""
+    # Under Ray Client (ray://) this process is not on the node Ray names as ours: always ask
+    # the node.
+    local = not ray.util.client.ray.is_connected()
+    if local and node_id == ray.get_runtime_context().get_node_id():
         return _gone_within(pid, timeout)
     return probe_on_node(node_id, pid, timeout)

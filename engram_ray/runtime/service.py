@@ -330,7 +330,11 @@ def _register(spec: ServiceSpec, placement: Placement, *, detached: bool) -> Any
     if detached:
         opts["lifetime"] = "detached"
     directory: Any = ray.remote(ServiceDirectory).options(**opts).remote(spec, placement.groups)
-    ray.get(directory.spec.remote())
+    try:
+        ray.get(directory.spec.remote())
+    except BaseException:
+        ray.kill(directory)  # a detached one would keep the name, and the next deploy would clash
+        raise
     return directory
 
 
