@@ -186,8 +186,22 @@ def _from_dict(cls: type, data: Mapping[str, Any]) -> Any:
 
 
 _OPTIMIZERS = ("adam", "sgd", "none")
-#: Dtypes a table's rows are stored (and served) in.
-STORE_DTYPES = ("float32", "bfloat16", "float16")
+#: Dtypes a table's rows are stored (and served) in, with their width in bytes: the one
+#: list (the codec, checkpoints, plan and the CLI read it from here).
+STORE_DTYPE_BYTES: Mapping[str, int] = types.MappingProxyType({"float32": 4, "bfloat16": 2, "float16": 2})
+STORE_DTYPES = tuple(STORE_DTYPE_BYTES)
+#: Short names accepted wherever a storage dtype is given.
+DTYPE_ALIASES: Mapping[str, str] = types.MappingProxyType({"fp32": "float32", "f32": "float32", "bf16": "bfloat16",
+                                                     "fp16": "float16", "f16": "float16", "half": "float16"})
+
+
+def store_dtype(name: str) -> str:
+    """The canonical storage dtype of ``name`` (``bf16``-style aliases and any case accepted)."""
+    canonical = DTYPE_ALIASES.get(str(name).lower(), str(name).lower())
+    if canonical not in STORE_DTYPE_BYTES:
+        raise ValueError(f"storage dtype {name!r}: expected one of {', '.join(STORE_DTYPES)} "
+                         f"(or {', '.join(DTYPE_ALIASES)})")
+    return canonical
 
 
 def _check_float(cls_name: str, name: str, value: Any, lo: float, hi: float, *,
@@ -247,10 +261,13 @@ class StoreConfig(_JsonFields):
         name = type(self).__name__
         if isinstance(self.optimizer, Mapping):
             object.__setattr__(self, "optimizer", _from_dict(OptimizerConfig, self.optimizer))
-        aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-        object.__setattr__(self, "dtype", aliases.get(self.dtype, self.dtype))
-        if self.dtype not in STORE_DTYPES:
+        try:
+            dtype = store_dtype(self.dtype) if isinstance(self.dtype, str) else None
+        except ValueError:
+            dtype = None
+        if dtype is None:
             raise _field_error(name, "dtype", self.dtype, f"one of {', '.join(STORE_DTYPES)}")
+        object.__setattr__(self, "dtype", dtype)
         _check_float(name, "init_std", self.init_std, 0.0, 1e6)
         _check_int(name, "init_seed", self.init_seed, 0, 2**63 - 1)
         _check_int(name, "resident_rows_per_shard", self.resident_rows_per_shard, 0)

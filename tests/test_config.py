@@ -95,3 +95,21 @@ def test_other_configs_round_trip_and_refuse_unknown_keys(cfg):
 def test_bad_values_in_other_configs_name_the_field(cls, field, value, match):
     with pytest.raises(ValueError, match=match):
         cls(**{field: value})
+
+
+def test_storage_dtypes_are_one_list_with_one_alias_table():
+    import numpy as np
+
+    from engram_ray.core.dtypes import numpy_dtype
+    from engram_ray.core.layout import DTYPE_BYTES, dtype_bytes
+    from engram_ray.rpc.codec import WIRE_DTYPES
+    assert C.STORE_DTYPES == tuple(C.STORE_DTYPE_BYTES) == tuple(DTYPE_BYTES)
+    assert set(C.STORE_DTYPES) <= set(WIRE_DTYPES)
+    for name, width in C.STORE_DTYPE_BYTES.items():
+        assert np.dtype(numpy_dtype(name)).itemsize == width
+    for alias, name in C.DTYPE_ALIASES.items():  # the config and the planner read aliases alike
+        assert C.StoreConfig(dtype=alias).dtype == name == dtype_bytes(alias)[0]
+    with pytest.raises(ValueError, match="'int8'"):
+        C.StoreConfig(dtype="int8")
+    with pytest.raises(ValueError, match="'int8'"):
+        dtype_bytes("int8")

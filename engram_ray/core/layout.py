@@ -18,24 +18,18 @@ from typing import Any
 
 import numpy as np
 
-from ..config import EngramConfig
+from ..config import STORE_DTYPE_BYTES, EngramConfig, store_dtype
 from .hashing import head_primes
 
 __all__ = ["TableLayout", "ShardPlan", "DTYPE_BYTES", "dtype_bytes"]
 
-#: Storage dtypes a deployment may choose, and their width. (Names as numpy / ml_dtypes
-#: spell them; ``core`` needs only the width.)
-DTYPE_BYTES: Mapping[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
-_DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
-                  "f16": "float16", "half": "float16"}
+#: Storage dtypes and their widths (defined once, in :mod:`engram_ray.config`).
+DTYPE_BYTES: Mapping[str, int] = STORE_DTYPE_BYTES
 
 
 def dtype_bytes(dtype: str) -> tuple[str, int]:
     """Canonical storage dtype name and its width, accepting ``bf16``-style aliases."""
-    name = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
-    if name not in DTYPE_BYTES:
-        raise ValueError(f"storage dtype {dtype!r}: expected one of "
-                         f"{', '.join(DTYPE_BYTES)} (or bf16, fp16, fp32)")
+    name = store_dtype(dtype)
     return name, DTYPE_BYTES[name]
 
 
