@@ -165,6 +165,12 @@ def _cmd_stop(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    _add_serve(sub)
+    _add_service_commands(sub)
+    _add_recover(sub)
+
+
+def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="deploy a memory service (local Ray, or --address auto on a cluster)",
                        description="Start one shard actor per shard, on memory nodes where the "
                                    "cluster has them; print addresses, layout and resident GiB; "
@@ -200,6 +206,9 @@ def register(sub) -> None:
                         "portable checkpoints (default: none, and such saves are refused)")
     p.set_defaults(func=_cmd_serve)
 
+
+def _add_service_commands(sub) -> None:
+    """status, stop and checkpoint: commands on a running service, found by name."""
     for name, fn, help_text in (
             ("status", _cmd_status, "per-shard health, rows, RSS, QPS and p50/p99 of a running service "
                                     "(exit 1 if a shard is down)"),
@@ -218,6 +227,8 @@ def register(sub) -> None:
                                                         "a recovery checkpoint into its checkpoint_dir")
         p.set_defaults(func=fn)
 
+
+def _add_recover(sub) -> None:
     p = sub.add_parser(
         "recover", help="operator's override for a shard that refuses to serve (every recovery "
                         "checkpoint unusable): serve the initial rows or a checkpoint instead",
