@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..config import EngramConfig, ModelConfig
-from .attention import Attention, KVCache, rope_tables
+from .attention import Attention, KVCache, RowPositions, rope_tables
 from .engram import EngramLayer
 from .hyper import HyperConnection
 from .memory import MemoryFetch
@@ -35,7 +35,8 @@ class Block(nn.Module):
         self.hc_ffn = HyperConnection(cfg.hc_mult, 2 * layer + 1)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                rows: torch.Tensor | None, cache: KVCache | None, start_pos: int) -> torch.Tensor:
+                rows: torch.Tensor | None, cache: KVCache | None,
+                start_pos: int | RowPositions) -> torch.Tensor:
         if self.engram is not None:
             state = cache.extra.get(("conv", self.layer)) if cache is not None else None
             out, state = self.engram(h, rows, state)
@@ -89,23 +90,32 @@ class EngramLM(nn.Module):
                        device=device or self.head.weight.device, dtype=self.head.weight.dtype)
 
     def forward(self, tokens: torch.Tensor, fetch: MemoryFetch | None = None,
-                cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
         """Logits ``[B, T, vocab]`` for tokens ``[B, T]`` at positions ``start_pos..``.
 
         ``fetch`` supplies the Engram rows of exactly these tokens (required when the model has
-        Engram layers); ``cache`` makes decoding incremental.
+        Engram layers); ``cache`` makes decoding incremental. ``start_pos`` may be a CPU int
+        tensor ``[B]`` with a cache: each row continues its own sequence at its own position
+        (a serving engine's decode batch of sequences of different lengths).
         """
         B, T = tokens.shape
-        if start_pos + T > self.cfg.max_seq_len:
-            raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len={self.cfg.max_seq_len}")
+        at: int | RowPositions = start_pos if isinstance(start_pos, int) else \
+            RowPositions.of(start_pos, T, tokens.device)
+        end = at.end if isinstance(at, RowPositions) else at + T
+        if end > self.cfg.max_seq_len:
+            raise ValueError(f"positions up to {end} exceed max_seq_len={self.cfg.max_seq_len}")
         if self.engram_index and fetch is None:
             raise ValueError("this model has Engram layers: pass the fetch of the batch's rows")
-        cos = self.rope_cos[start_pos:start_pos + T]
-        sin = self.rope_sin[start_pos:start_pos + T]
+        if isinstance(at, RowPositions):
+            if cache is None:
+                raise ValueError("per-row positions need a cache (they continue cached sequences)")
+            cos, sin = self.rope_cos[at.pos_bt][:, None], self.rope_sin[at.pos_bt][:, None]  # [B, 1, T, hd/2]
+        else:
+            cos, sin = self.rope_cos[at:end], self.rope_sin[at:end]
         h = self.tok_emb(tokens)[:, :, None].expand(B, T, self.cfg.hc_mult, self.cfg.dim)
         for block, slot in zip(self.blocks, self.fetch_slots):
             rows = fetch.rows(slot) if slot is not None and fetch is not None else None
-            h = block(h, cos, sin, rows, cache, start_pos)
+            h = block(h, cos, sin, rows, cache, at)
         return self.head(self.norm(h.sum(dim=2)))
 
     def aux_loss(self) -> torch.Tensor:

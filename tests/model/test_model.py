@@ -130,6 +130,50 @@ def test_incremental_decoding_equals_the_full_forward(hc_mult):
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
 
+@pytest.mark.parametrize("hc_mult", [1, 4])
+def test_rows_at_their_own_positions_decode_as_each_sequence_alone(hc_mult):
+    """A serving batch: two sequences of different lengths, prefilled alone, then decoded
+    together with per-row positions (``start_pos`` a tensor), give each one's solo logits."""
+    s = Setup(hc_mult)
+    s.model.eval()
+    lens, steps = (6, 3), 4
+    tok = [torch.randint(0, s.mc.vocab_size, (1, n + steps)) for n in lens]
+
+    def alone(t, n):  # prefill n tokens then decode one at a time, batch 1
+        cache, hist = s.model.new_cache(1), s.indexer.new_history(1)
+        out = []
+        for a, b in [(0, n)] + [(p, p + 1) for p in range(n, n + steps)]:
+            rows, hist = s.indexer.step(hist, t[:, a:b].numpy())
+            out.append(s.model(t[:, a:b], s.memory.fetch(rows), cache=cache, start_pos=a)[:, -1])
+        return torch.cat(out), cache, hist
+
+    solo = [alone(t, n) for t, n in zip(tok, lens)]
+    cache = s.model.new_cache(2)
+    hist = s.indexer.new_history(2)
+    for i, (t, n) in enumerate(zip(tok, lens)):  # each row's prefill state, copied in
+        c1, h1 = _prefill_only(s, t, n)
+        for layer in range(s.mc.n_layers):
+            cache.k[layer][i] = c1.k[layer][0]
+            cache.v[layer][i] = c1.v[layer][0]
+        for key, st in c1.extra.items():
+            cache.extra.setdefault(key, torch.zeros(2, *st.shape[1:]))[i] = st[0]
+        hist[i] = h1[0]
+    pos = torch.tensor(lens)
+    for k in range(steps):
+        new = torch.cat([t[:, n + k:n + k + 1] for t, n in zip(tok, lens)])
+        rows, hist = s.indexer.step(hist, new.numpy())
+        got = s.model(new, s.memory.fetch(rows), cache=cache, start_pos=pos + k)[:, -1]
+        for i in range(2):
+            assert torch.allclose(got[i], solo[i][0][k + 1], atol=1e-5)
+
+
+def _prefill_only(s, t, n):
+    cache, hist = s.model.new_cache(1), s.indexer.new_history(1)
+    rows, hist = s.indexer.step(hist, t[:, :n].numpy())
+    s.model(t[:, :n], s.memory.fetch(rows), cache=cache, start_pos=0)
+    return cache, hist
+
+
 def test_a_short_training_run_lowers_the_loss():
     s = Setup()
     rng = np.random.default_rng(0)
