@@ -17,6 +17,6 @@ server side (servicer, store, grpc_health).
 
 from .engram_client import EngramClient
 from .shards import ShardInfo
-from .transfers import Prefetch
+from .transfers import Prefetch, UniqueRows
 
-__all__ = ["EngramClient", "Prefetch", "ShardInfo"]
+__all__ = ["EngramClient", "Prefetch", "ShardInfo", "UniqueRows"]

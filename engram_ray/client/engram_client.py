@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 
 from ..core.layout import ShardPlan, TableLayout
-from ..errors import EngramError
+from ..errors import EngramError, InvalidRequest
 from ..rpc import codec, wire
 from ..rpc.generated import engram_pb2 as pb
 from . import plan, shards
@@ -27,7 +27,7 @@ from .iothread import IoThread, shutdown
 from .replicas import ReplicaSet, Resolver, channel_options
 from .shards import ShardInfo
 from .stats import ClientStats
-from .transfers import Prefetch, Transfers
+from .transfers import Prefetch, Transfers, UniqueRows
 
 __all__ = ["EngramClient"]
 
@@ -133,14 +133,59 @@ class EngramClient:
         """:meth:`prefetch` for several arrays (e.g. one per Engram layer) with one hand-over
         to the I/O thread: each wake-up of that thread costs the caller a syscall and a GIL
         round trip. Requests go out in the order given."""
-        items = []
-        for r in row_ids:
+        return self._start(row_ids, "rows", None, unique=False)
+
+    def prefetch_unique(self, row_ids: Any, rows_out: np.ndarray | None = None) -> Prefetch[UniqueRows]:
+        """Start fetching ``row_ids`` (any shape) as :class:`UniqueRows`: each distinct row once
+        and the inverse that expands them (so a caller can move rows once and expand them where
+        they are used). ``rows_out``: a caller-owned ``[>= N, dim]`` buffer of the storage dtype
+        (e.g. shared or pinned memory) the rows land in, as ``rows_out[:U]``."""
+        return self.prefetch_unique_many([row_ids], None if rows_out is None else [rows_out])[0]
+
+    def prefetch_unique_many(self, row_ids: Sequence[Any], rows_outs: Sequence[np.ndarray | None] | None = None
+                             ) -> list[Prefetch[UniqueRows]]:
+        """:meth:`prefetch_unique` for several arrays, with one hand-over to the I/O thread."""
+        return self._start(row_ids, "unique", rows_outs, unique=True)
+
+    def prefetch_into(self, row_ids: Any, out: np.ndarray) -> Prefetch[np.ndarray]:
+        """Start fetching ``row_ids`` into the caller's buffer ``out`` (``[*ids.shape, dim]`` or
+        ``[N, dim]``, C-contiguous, the storage dtype): its result is ``out``, filled in the
+        caller's order (as Mooncake's ``EngramStore.lookup_into``; no copy of the rows beyond
+        the one into ``out``)."""
+        return self._start([row_ids], "rows", [out], unique=False)[0]
+
+    def lookup_into(self, row_ids: Any, out: np.ndarray, timeout: float | None = None) -> np.ndarray:
+        """:meth:`prefetch_into` and wait: returns ``out``."""
+        self.prefetch_into(row_ids, out).result(timeout)
+        return out
+
+    def _start(self, row_ids: Sequence[Any], kind: str, outs: Sequence[np.ndarray | None] | None,
+               unique: bool) -> list[Prefetch]:
+        """Check ids and output buffers, then hand every lookup to the I/O thread at once."""
+        if outs is not None and len(outs) != len(row_ids):
+            raise InvalidRequest(f"{len(outs)} output buffers for {len(row_ids)} id arrays")
+        items: list[tuple[np.ndarray, tuple[int, ...], Prefetch]] = []
+        bufs: list[np.ndarray | None] = []
+        for i, r in enumerate(row_ids):
             ids, flat = plan.flat_ids(r, self.layout.total_rows, copy=True)  # the I/O thread reads them later
+            out = outs[i] if outs is not None else None
+            bufs.append(None if out is None else self._out_rows(out, int(flat.size), unique))
             items.append((flat, ids.shape, Prefetch(int(flat.size))))
         self._stats.count("lookups", len(items))
         self._stats.count("ids", sum(int(f.size) for f, _, _ in items))
-        self._io.submit(self._transfers.start(items))
+        self._io.submit(self._transfers.start(items, kind, bufs))
         return [p for _, _, p in items]
+
+    def _out_rows(self, out: np.ndarray, n: int, unique: bool) -> np.ndarray:
+        """A caller's output buffer as ``[rows, dim]``, checked here, where a bad buffer is the
+        caller's error: for unique rows room for ``n``, else exactly ``n`` rows."""
+        d = self.layout.row_dim
+        if not unique and isinstance(out, np.ndarray) and out.size == n * d and out.flags.c_contiguous:
+            out = out.reshape(n, d)  # [*ids.shape, dim] -> a [N, dim] view of the same memory
+        rows = plan.check_out(out, n, d, self.dtype)
+        if not unique and out.shape[0] != n:
+            raise InvalidRequest(f"output buffer holds {out.shape[0]} rows for {n} ids")
+        return rows
 
     def lookup(self, row_ids: Any, timeout: float | None = None) -> np.ndarray:
         """Rows ``[*row_ids.shape, dim]`` in the shards' storage dtype."""

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import InvalidRequest
 
-__all__ = ["HEADROOM", "MessageSizes", "flat_ids", "check_grads", "dedup", "split", "scatter"]
+__all__ = ["HEADROOM", "MessageSizes", "flat_ids", "check_grads", "dedup", "split", "scatter", "check_out"]
 
 #: Bytes a message holds beside its arrays: fields, framing, and room for a primary to wrap a
 #: push for its backups.
@@ -106,3 +106,16 @@ def scatter(uniq_rows: np.ndarray, inverse: np.ndarray | None, shape: tuple[int,
     """Rows ``[*shape, dim]`` in the caller's order, from the rows of the unique ids."""
     rows = uniq_rows if inverse is None else uniq_rows[inverse]
     return rows.reshape(*shape, uniq_rows.shape[-1])
+
+
+def check_out(out: Any, n: int, row_dim: int, dtype: np.dtype) -> np.ndarray:
+    """The first ``n`` rows of a caller-owned output buffer ``out [>= n, row_dim]`` (C-contiguous,
+    of the rows' ``dtype``), to write rows into; :class:`InvalidRequest` if it cannot hold them."""
+    if not isinstance(out, np.ndarray):
+        raise InvalidRequest(f"output buffer must be a numpy array, got {type(out).__name__}")
+    if out.dtype != dtype or out.ndim != 2 or out.shape[1] != row_dim or out.shape[0] < n:
+        raise InvalidRequest(f"output buffer {out.dtype}{list(out.shape)} cannot hold {n} rows of "
+                             f"{row_dim} {dtype}")
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise InvalidRequest("output buffer must be C-contiguous and writeable")
+    return out[:n]

@@ -10,7 +10,8 @@ import itertools
 import time
 import uuid
 from collections.abc import Generator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -23,15 +24,34 @@ from . import plan
 from .calls import ShardCalls
 from .stats import ClientStats
 
-__all__ = ["Prefetch", "Transfers"]
+__all__ = ["Prefetch", "Transfers", "UniqueRows"]
+
+T = TypeVar("T")
 
 
-class Prefetch:
-    """Rows on their way. ``result()`` (or ``await``) gives ``[*ids.shape, dim]``."""
+@dataclass(frozen=True)
+class UniqueRows:
+    """A lookup's rows once per distinct id: ``rows[inverse]`` is the lookup in the caller's
+    order, ``[*shape, dim]`` once reshaped. Moving ``rows`` and ``inverse`` (and expanding
+    them where the rows are used, e.g. on the device) moves each row once."""
+
+    ids: np.ndarray       #: [U] int64, sorted unique ids
+    rows: np.ndarray      #: [U, dim] in the storage dtype
+    inverse: np.ndarray   #: [N] int64 positions in ``ids``; N = prod(shape)
+    shape: tuple[int, ...]  #: the shape of the ids asked for
+
+    def expand(self) -> np.ndarray:
+        """Rows ``[*shape, dim]`` in the caller's order (a gather: a new array)."""
+        return plan.scatter(self.rows, self.inverse, self.shape)
+
+
+class Prefetch(Generic[T]):
+    """Rows on their way. ``result()`` (or ``await``) gives ``[*ids.shape, dim]`` (or, for
+    :meth:`EngramClient.prefetch_unique`, :class:`UniqueRows`)."""
 
     def __init__(self, num_ids: int):
         self._num_ids = num_ids
-        self._future: concurrent.futures.Future[np.ndarray] = concurrent.futures.Future()
+        self._future: concurrent.futures.Future[T] = concurrent.futures.Future()
         #: Issue-to-arrival seconds, set on the I/O thread when the last response is in.
         self._seconds: float | None = None
 
@@ -43,13 +63,13 @@ class Prefetch:
         """Time from issue to the last response (None while in flight)."""
         return self._seconds
 
-    def result(self, timeout: float | None = None) -> np.ndarray:
+    def result(self, timeout: float | None = None) -> T:
         try:
             return self._future.result(timeout)
         except concurrent.futures.TimeoutError:
             raise TimeoutError(f"lookup of {self._num_ids} ids: not complete after {timeout} s") from None
 
-    def __await__(self) -> Generator[Any, None, np.ndarray]:
+    def __await__(self) -> Generator[Any, None, T]:
         return asyncio.wrap_future(self._future).__await__()
 
 
@@ -75,24 +95,65 @@ class Transfers:
         self._tasks: set[asyncio.Task] = set()  # lookups in flight (touched on the I/O thread only)
 
     # Lookups -------------------------------------------------------------------------------
-    async def start(self, items: list[tuple[np.ndarray, tuple[int, ...], Prefetch]]) -> None:
-        """Start a lookup task per item; tasks start in this order, so their requests do too."""
-        for flat, shape, p in items:
-            task = asyncio.get_running_loop().create_task(self._into(flat, shape, p))
+    async def start(self, items: list[tuple[np.ndarray, tuple[int, ...], Prefetch]], kind: str = "rows",
+                    outs: list[np.ndarray | None] | None = None) -> None:
+        """Start a lookup task per item; tasks start in this order, so their requests do too.
+        ``kind``: what each Prefetch gets -- ``"rows"`` (``[*shape, dim]``, or ``outs[i]``
+        filled in the caller's order) or ``"unique"`` (:class:`UniqueRows`, its rows written
+        into ``outs[i][:U]`` when given)."""
+        for i, (flat, shape, p) in enumerate(items):
+            out = outs[i] if outs is not None else None
+            work = self.unique(flat, shape, p, out) if kind == "unique" else self.lookup(flat, shape, p, out)
+            task = asyncio.get_running_loop().create_task(self._into(work, p))
             self._tasks.add(task)  # the loop holds tasks weakly: keep each until it ends
             task.add_done_callback(self._tasks.discard)
 
-    async def _into(self, flat: np.ndarray, shape: tuple[int, ...], p: Prefetch) -> None:
+    @staticmethod
+    async def _into(work: Any, p: Prefetch) -> None:
         try:
-            p._future.set_result(await self.lookup(flat, shape, p))
+            p._future.set_result(await work)
         except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the Prefetch
             p._future.set_exception(e)
 
-    async def lookup(self, flat: np.ndarray, shape: tuple[int, ...], p: Prefetch) -> np.ndarray:
+    async def lookup(self, flat: np.ndarray, shape: tuple[int, ...], p: Prefetch,
+                     out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``[*shape, dim]`` in the caller's order; into ``out`` (``[N, dim]``, C-contiguous,
+        the storage dtype) when given, else a new array."""
+        uniq, inverse, uniq_rows, stages, t3 = await self._fetch(flat, p, None)
+        if out is None:
+            rows = plan.scatter(uniq_rows, inverse, shape)
+        else:
+            rows = out
+            np.take(uniq_rows, np.arange(uniq.size) if inverse is None else inverse, axis=0, out=out)
+        stages["decode"] += time.perf_counter() - t3
+        self._done(uniq, uniq_rows, stages, p)
+        return rows
+
+    async def unique(self, flat: np.ndarray, shape: tuple[int, ...], p: Prefetch,
+                     rows_out: np.ndarray | None = None) -> UniqueRows:
+        """:class:`UniqueRows` of ``flat``; rows written into ``rows_out[:U]`` when given
+        (caller-owned, ``[>= N, dim]`` in the storage dtype: no copy after the wire's)."""
+        uniq, inverse, uniq_rows, stages, t3 = await self._fetch(flat, p, rows_out)
+        inv = np.arange(uniq.size, dtype=np.int64) if inverse is None else inverse.astype(np.int64, copy=False)
+        stages["decode"] += time.perf_counter() - t3
+        self._done(uniq, uniq_rows, stages, p)
+        return UniqueRows(uniq, uniq_rows, inv, shape)
+
+    def _done(self, uniq: np.ndarray, uniq_rows: np.ndarray, stages: dict[str, float], p: Prefetch) -> None:
+        self.stats.lookup_done(unique_ids=int(uniq.size), nbytes=uniq_rows.nbytes, stages=stages,
+                               latency=p._seconds or 0.0)
+
+    async def _fetch(self, flat: np.ndarray, p: Prefetch, rows_out: np.ndarray | None
+                     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, dict[str, float], float]:
+        """Dedup, call every message at once, place the rows of the unique ids as they land
+        (into ``rows_out[:U]`` when given). Returns ``(uniq, inverse, uniq_rows, stages, t)``."""
         t0 = time.perf_counter()
         uniq, inverse = plan.dedup(flat)
         t1 = time.perf_counter()
-        uniq_rows = np.empty((uniq.size, self.layout.row_dim), dtype=self.dtype)
+        if rows_out is None:
+            uniq_rows = np.empty((uniq.size, self.layout.row_dim), dtype=self.dtype)
+        else:
+            uniq_rows = plan.check_out(rows_out, uniq.size, self.layout.row_dim, self.dtype)
         decode_s = [0.0]
         calls = [self._chunk(s, a, b, pb.LookupRequest(fingerprint=self.layout.fingerprint,
                                                        row_ids=codec.encode(uniq[a:b])), uniq_rows, decode_s)
@@ -101,12 +162,8 @@ class Transfers:
         await _gather(calls)
         t3 = time.perf_counter()
         p._seconds = t3 - t0
-        out = plan.scatter(uniq_rows, inverse, shape)
-        stages = {"dedup": t1 - t0, "encode": t2 - t1, "in_flight": t3 - t2 - decode_s[0],
-                  "decode": decode_s[0] + time.perf_counter() - t3}
-        self.stats.lookup_done(unique_ids=int(uniq.size), nbytes=uniq_rows.nbytes, stages=stages,
-                               latency=p._seconds)
-        return out
+        stages = {"dedup": t1 - t0, "encode": t2 - t1, "in_flight": t3 - t2 - decode_s[0], "decode": decode_s[0]}
+        return uniq, inverse, uniq_rows, stages, t3
 
     async def _chunk(self, shard: int, a: int, b: int, request: pb.LookupRequest, uniq_rows: np.ndarray,
                      decode_s: list[float]) -> None:
