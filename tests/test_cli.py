@@ -80,3 +80,17 @@ def test_plan_for_a_100b_table(capsys, tmp_path):
 def test_plan_explains_what_does_not_fit(capsys):
     assert main(["plan", "--node-ram-gib", "1", "--shards", "1"]) == 2
     assert "one shard needs 10.8 GiB but a node gives shards 0.8 GiB" in capsys.readouterr().err
+
+
+def test_shard_help_and_argument_checks(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["shard", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--shards", "--index", "--host", "--port", "--token-file", "--no-auth", "--dtype", "--optimizer",
+                 "--checkpoint", "--ready-file"):
+        assert flag in out
+    assert main(["shard", "--preset", "tiny", "--index", "2", "--shards", "2", "--no-auth"]) == 2
+    assert "--index 2" in capsys.readouterr().err
+    (tmp_path / "empty").write_text("\n")
+    assert main(["shard", "--preset", "tiny", "--index", "0", "--token-file", str(tmp_path / "empty")]) == 2
+    assert "is empty" in capsys.readouterr().err
