@@ -1,0 +1,71 @@
+"""Core isolation of bench offload, checked from /proc/<pid>/status and /proc/<pid>/task/*/status.
+
+The pinning runs in a child interpreter: it changes the affinity of a whole process, which
+must not leak into the test session."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from engram_ray.bench.isolation import Isolation, cpus_allowed, descendants, parse_cpulist
+
+SCRIPT = r"""
+import json, subprocess, sys, threading, time
+import torch
+from engram_ray.bench.isolation import Isolation
+iso = Isolation.split()
+iso.memory_side()                       # before anything starts: Ray, the client's thread, shards
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+io = threading.Thread(target=time.sleep, args=(60,), name="engram-client-io", daemon=True)
+io.start()
+def work():
+    x = torch.randn(256, 256)
+    for _ in range(20):
+        x = (x @ x).tanh()               # torch's pool threads start here, on the model thread
+    return iso.record()
+rec = iso.run_model(work)
+print(json.dumps({"child": child.pid, "io": io.native_id, "record": rec}), flush=True)
+sys.stdin.read()                        # stay alive while the test reads /proc
+child.kill()
+"""
+
+
+def test_cpulist_parsing():
+    assert parse_cpulist("0-2,5,7-8\n") == [0, 1, 2, 5, 7, 8] and parse_cpulist("3") == [3]
+
+
+def test_this_process_reads_back_its_own_cores():
+    assert cpus_allowed(os.getpid()) == sorted(os.sched_getaffinity(0))
+    assert descendants(os.getpid()) == [] or all(p > 0 for p in descendants(os.getpid()))
+
+
+def test_disabled_or_single_core_pins_nothing():
+    iso = Isolation.split(enabled=False)
+    assert not iso.enabled and iso.compute == iso.memory == sorted(os.sched_getaffinity(0))
+    assert iso.run_model(lambda: 7) == 7 and iso.record()["ok"]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to split")
+def test_model_thread_on_compute_cores_everything_else_on_memory_cores():
+    p = subprocess.Popen([sys.executable, "-c", SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        line = json.loads(p.stdout.readline())
+        rec = line["record"]
+        compute, memory = rec["compute_cores"], rec["memory_cores"]
+        assert rec["enabled"] and compute and memory and not set(compute) & set(memory)
+        # what the kernel enforces, read from /proc: the child process, the I/O thread, the main thread
+        assert cpus_allowed(line["child"]) == memory
+        assert cpus_allowed(p.pid, line["io"]) == memory and cpus_allowed(p.pid, p.pid) == memory
+        # and as the bench records it: the model thread and its torch pool on the compute cores
+        assert rec["model_thread"]["cpus"] == compute and rec["ok"]
+        assert rec["sides"]["compute"] >= len(compute)  # the model thread + its OpenMP team
+        assert [x["cpus"] for x in rec["processes"] if x["pid"] == line["child"]] == [memory]
+        io = [t for t in rec["threads"] if t["tid"] == line["io"]]
+        assert io and io[0]["name"] == "engram-client-io" and io[0]["side"] == "memory"
+    finally:
+        p.stdin.close()
+        p.wait(timeout=60)
