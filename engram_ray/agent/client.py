@@ -1,0 +1,365 @@
+"""``AgentClient``: a worker's side of the lookup agent -- the same lookup and push calls as an
+:class:`~engram_ray.client.EngramClient` (the subset ``RemoteMemory`` uses), through a Unix
+socket and shared-memory slots.
+
+Per fetch the caller's thread copies its ids into a free slot and sends one 24-byte packet;
+waiting is a blocking ``recv`` (the GIL is released). No gRPC, no asyncio and no thread of
+its own run in the worker's process. Rows stay in the slot until the fetch is released, so a
+consumer copies them once, to where they are used (a tensor, the device).
+
+If the agent dies, calls in flight raise :class:`AgentUnavailable`; the next call reconnects
+(calling ``start()`` first when no agent answers, so a worker can start one) with fresh slots.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..client import UniqueRows
+from ..client.plan import check_grads, scatter
+from ..core.layout import TableLayout
+from ..rpc.codec import wire_dtype
+from .protocol import (
+    ERROR,
+    HELLO,
+    HELLO_INFO,
+    MAGIC,
+    MAX_BATCH,
+    MAX_PACKET,
+    REPLY,
+    REQUEST,
+    VERSION,
+    AgentRefused,
+    AgentUnavailable,
+    Op,
+    Slot,
+    SlotLayout,
+)
+
+__all__ = ["AgentClient", "AgentFetch"]
+
+MIN_SLOT_IDS = 4096
+
+
+class AgentFetch:
+    """One lookup through the agent. ``result()`` gives :class:`UniqueRows` whose ``rows`` and
+    ``inverse`` are views of the slot: valid until :meth:`release` (copy what you keep)."""
+
+    def __init__(self, agent: AgentClient, gen: int, req_id: int, slot: int, flat_size: int,
+                 shape: tuple[int, ...], ids: np.ndarray):
+        self.agent, self.gen, self.req_id, self.slot = agent, gen, req_id, slot
+        self.n, self.shape, self.ids = flat_size, shape, ids
+        self._t0 = time.perf_counter()
+        self._value: int | None = None
+        self._released = False
+        #: Issue-to-arrival seconds, as seen when the reply was read (None before).
+        self.fetch_seconds: float | None = None
+
+    def result(self, timeout: float | None = None) -> UniqueRows:
+        if self._released:
+            raise RuntimeError("this fetch was released: its slot holds other rows now")
+        if self._value is None:
+            self._value = self.agent._wait(self, timeout)
+            self.fetch_seconds = time.perf_counter() - self._t0
+        s = self.agent._slot_of(self)
+        u = self._value
+        # the agent wrote the sorted unique ids over the slot's ids: the ids of rows[:u]
+        return UniqueRows(s.ids[:u], s.rows[:u], s.inverse[:self.n], self.shape)
+
+    def release(self) -> None:
+        """Give the slot back (idempotent); a fetch whose reply is not in yet frees it on arrival."""
+        if not self._released:
+            self._released = True
+            self.agent._release(self)
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - never raise from a finaliser
+            pass
+
+
+class AgentClient:
+    """Lookups and pushes of ``layout``'s rows through the lookup agent at ``socket_path``.
+    ``start``: called when no agent answers (e.g. spawn one), then connecting is retried for
+    up to ``connect_timeout`` seconds. ``timeout``: seconds to wait for a reply."""
+
+    def __init__(self, socket_path: str, layout: TableLayout, *, start: Callable[[], Any] | None = None,
+                 timeout: float = 60.0, connect_timeout: float = 30.0):
+        self.path, self.layout, self.start = str(socket_path), layout, start
+        self.timeout, self.connect_timeout = timeout, connect_timeout
+        self.dtype_name = ""
+        self.dtype = np.dtype(np.float32)
+        self._sock: socket.socket | None = None
+        self._gen = 0
+        self._slots: list[Slot] = []
+        self._free: list[int] = []
+        self._replies: dict[int, tuple[int, int, bytes]] = {}
+        self._orphans: set[int] = set()  # released before their reply came: free slot on arrival
+        self._owner: dict[int, int] = {}  # req_id -> slot, for orphans
+        self._next_id = 1
+        self._lock = threading.RLock()
+        self._req = bytearray(REQUEST.size)
+        self.reconnects = 0
+        self._connect()
+
+    # Connection -----------------------------------------------------------------------------
+    def _connect(self) -> None:
+        deadline = time.monotonic() + self.connect_timeout
+        started = False
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                sock.connect(self.path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                sock.close()
+                if self.start is not None and not started:
+                    self.start()
+                    started = True
+                elif time.monotonic() > deadline or self.start is None:
+                    raise AgentUnavailable(f"no lookup agent at {self.path}: {e}") from None
+                time.sleep(0.05)
+        sock.settimeout(self.timeout)
+        self._sock = sock
+        self._hello()
+
+    def _hello(self) -> None:
+        assert self._sock is not None
+        self._sock.send(HELLO.pack(MAGIC, Op.HELLO, VERSION, 0, 0, 0, self.layout.fingerprint.encode()))
+        data = self._recv_packet()
+        magic, op, status, _rid, _slot, _value, aux = REPLY.unpack_from(data)
+        if status == ERROR:
+            self._drop()
+            raise AgentRefused(data[REPLY.size:REPLY.size + aux].decode("utf-8", "replace"))
+        total, dim, _version, dtype, fp = HELLO_INFO.unpack_from(data, REPLY.size)
+        if (total, dim, fp.rstrip(b"\0").decode()) != (self.layout.total_rows, self.layout.row_dim,
+                                                      self.layout.fingerprint):
+            self._drop()
+            raise AgentRefused(f"agent at {self.path} serves another table ({fp!r})")
+        self.dtype_name = dtype.rstrip(b"\0").decode()
+        self.dtype = np.dtype(wire_dtype(self.dtype_name))
+
+    def _ensure(self) -> socket.socket:
+        if self._sock is None:
+            self.reconnects += 1
+            self._connect()
+        assert self._sock is not None
+        return self._sock
+
+    def _drop(self) -> None:
+        """Forget the connection and its slots: fetches of it raise AgentUnavailable."""
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = None
+        self._gen += 1
+        self._slots, self._free, self._replies = [], [], {}
+        self._orphans, self._owner = set(), {}
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Packets --------------------------------------------------------------------------------
+    def _recv_packet(self, fds: list[int] | None = None) -> bytes:
+        """One reply packet (and, with ``fds``, the descriptors it carries); a hang-up or a
+        malformed packet drops the connection: the agent died or is not one."""
+        assert self._sock is not None
+        try:
+            if fds is None:
+                data = self._sock.recv(MAX_PACKET)
+            else:
+                data, got, _flags, _addr = socket.recv_fds(self._sock, MAX_PACKET, 1)
+                fds.extend(got)
+        except TimeoutError:
+            raise
+        except OSError as e:
+            self._drop()
+            raise AgentUnavailable(f"lookup agent at {self.path}: {e}") from None
+        if not data or len(data) < REPLY.size or data[:4] != MAGIC:
+            self._drop()
+            raise AgentUnavailable(f"lookup agent at {self.path} hung up")
+        return data
+
+    def _send(self, op: int, req_id: int, slot: int, n: int) -> None:
+        REQUEST.pack_into(self._req, 0, MAGIC, op, 0, req_id, slot, n)
+        self._send_packet(self._req)
+
+    def _send_packet(self, packet: bytearray) -> None:
+        try:
+            self._ensure().send(packet)
+        except OSError as e:
+            self._drop()
+            raise AgentUnavailable(f"lookup agent at {self.path}: {e}") from None
+
+    def _wait_id(self, req_id: int, timeout: float | None, fds: list[int] | None = None) -> tuple[int, int, bytes]:
+        """Read replies until ``req_id``'s; others are kept for their own waiters."""
+        if timeout is not None and self._sock is not None:
+            self._sock.settimeout(timeout)
+        try:
+            while req_id not in self._replies:
+                data = self._recv_packet(fds)
+                _m, _op, status, rid, _slot, value, aux = REPLY.unpack_from(data)
+                if rid in self._orphans:  # its fetch was dropped unread: the slot is free now
+                    self._orphans.discard(rid)
+                    self._free.append(self._owner.pop(rid))
+                    continue
+                self._replies[rid] = (status, value, data[REPLY.size:REPLY.size + aux])
+        except TimeoutError:
+            raise TimeoutError(f"lookup agent at {self.path}: no reply after {timeout or self.timeout} s") from None
+        finally:
+            if timeout is not None and self._sock is not None:
+                self._sock.settimeout(self.timeout)
+        status, value, text = self._replies.pop(req_id)
+        self._owner.pop(req_id, None)
+        if status == ERROR:
+            raise AgentRefused(text.decode("utf-8", "replace"))
+        return status, value, text
+
+    def _new_id(self) -> int:
+        rid = self._next_id
+        self._next_id = rid + 1 if rid < 0xFFFFFFF0 else 1
+        return rid
+
+    # Slots ----------------------------------------------------------------------------------
+    def _take_slot(self, n: int) -> int:
+        """The smallest free slot that holds ``n`` ids, or a new one from the agent."""
+        self._ensure()
+        fits = [i for i in self._free if self._slots[i].capacity >= n]
+        if fits:
+            best = min(fits, key=lambda i: self._slots[i].capacity)
+            self._free.remove(best)
+            return best
+        capacity = max(MIN_SLOT_IDS, 1 << max(0, n - 1).bit_length())
+        rid = self._new_id()
+        self._send(Op.SLOT, rid, 0, capacity)
+        fds: list[int] = []
+        try:
+            _status, value, _ = self._wait_id(rid, None, fds)
+            if len(fds) != 1 or value != capacity:
+                self._drop()
+                raise AgentUnavailable(f"lookup agent at {self.path} sent a bad slot")
+            self._slots.append(Slot(fds[0], SlotLayout(capacity, self.layout.row_dim, self.dtype.itemsize),
+                                    self.dtype))
+        finally:
+            for fd in fds:
+                os.close(fd)  # the mapping keeps the memory
+        return len(self._slots) - 1
+
+    def _slot_of(self, f: AgentFetch) -> Slot:
+        if f.gen != self._gen:
+            raise AgentUnavailable("the lookup agent restarted: fetch again")
+        return self._slots[f.slot]
+
+    def _release(self, f: AgentFetch) -> None:
+        with self._lock:
+            if f.gen != self._gen:
+                return
+            if f._value is None and f.req_id in self._owner:
+                self._orphans.add(f.req_id)  # the agent still writes this slot
+            else:
+                self._free.append(f.slot)
+
+    def _wait(self, f: AgentFetch, timeout: float | None) -> int:
+        with self._lock:
+            if f.gen != self._gen:
+                raise AgentUnavailable("the lookup agent restarted: fetch again")
+            _status, value, _ = self._wait_id(f.req_id, timeout)
+            if not 0 <= value <= f.n:
+                self._drop()
+                raise AgentUnavailable(f"lookup agent at {self.path} answered {value} rows for {f.n} ids")
+            return value
+
+    # Lookups and pushes ---------------------------------------------------------------------
+    def _stage(self, row_ids: Sequence[Any], packet: bytearray) -> list[AgentFetch]:
+        """Copy each id array into a free slot and pack its request into ``packet``."""
+        fetches = []
+        for k, r in enumerate(row_ids):
+            ids = np.asarray(r)
+            if ids.dtype.kind not in "iu":
+                raise AgentRefused(f"row ids must be integers, got dtype {ids.dtype}")
+            flat = ids.reshape(-1)
+            n = int(flat.size)
+            slot = self._take_slot(n)
+            self._slots[slot].ids[:n] = flat
+            rid = self._new_id()
+            self._owner[rid] = slot
+            REQUEST.pack_into(packet, k * REQUEST.size, MAGIC, Op.UNIQUE, 0, rid, slot, n)
+            fetches.append(AgentFetch(self, self._gen, rid, slot, n, ids.shape, flat))
+        return fetches
+
+    def prefetch_unique_many(self, row_ids: Sequence[Any]) -> list[AgentFetch]:
+        """:meth:`prefetch_unique` for several arrays (e.g. one per Engram layer) in one packet:
+        one wake-up of the agent per fetch, however many layers."""
+        if not row_ids:
+            return []
+        if len(row_ids) > MAX_BATCH:
+            return [f for i in range(0, len(row_ids), MAX_BATCH)
+                    for f in self.prefetch_unique_many(row_ids[i:i + MAX_BATCH])]
+        packet = bytearray(REQUEST.size * len(row_ids))
+        with self._lock:
+            fetches = self._stage(row_ids, packet)
+            try:
+                self._ensure().send(packet)
+            except OSError:  # the agent is gone and nothing is in flight: re-attach once, send again
+                for f in fetches:
+                    f._released = True
+                self._drop()
+                fetches = self._stage(row_ids, packet)
+                self._send_packet(packet)
+            return fetches
+
+    def prefetch_unique(self, row_ids: Any) -> AgentFetch:
+        """Start fetching ``row_ids`` (any shape) as unique rows + inverse; returns at once."""
+        return self.prefetch_unique_many([row_ids])[0]
+
+    def lookup(self, row_ids: Any, timeout: float | None = None) -> np.ndarray:
+        """Rows ``[*row_ids.shape, dim]`` in the storage dtype (a copy: the slot is released)."""
+        f = self.prefetch_unique(row_ids)
+        try:
+            u = f.result(timeout)
+            return scatter(u.rows, u.inverse, u.shape)
+        finally:
+            f.release()
+
+    def lookup_into(self, row_ids: Any, out: np.ndarray, timeout: float | None = None) -> np.ndarray:
+        """Rows of ``row_ids`` into the caller's ``out`` (``[*shape, dim]``): one copy from the slot."""
+        f = self.prefetch_unique(row_ids)
+        try:
+            u = f.result(timeout)
+            np.take(u.rows, u.inverse, axis=0, out=out.reshape(u.inverse.size, -1))
+            return out
+        finally:
+            f.release()
+
+    def push_gradients(self, row_ids: Any, grads: Any, timeout: float | None = None) -> int:
+        """Send row gradients ``[*ids.shape, dim]`` through the agent; returns rows updated."""
+        ids = np.asarray(row_ids)
+        g = check_grads(ids.shape, grads, self.layout.row_dim)
+        with self._lock:
+            flat = ids.reshape(-1)
+            n = int(flat.size)
+            slot = self._take_slot(n)
+            s = self._slots[slot]
+            s.ids[:n], s.grads[:n] = flat, g
+            rid, gen = self._new_id(), self._gen
+            self._owner[rid] = slot
+            self._send(Op.PUSH, rid, slot, n)  # not resent on failure: a push may have landed
+            try:
+                return self._wait_id(rid, timeout)[1]
+            finally:
+                if gen == self._gen:
+                    self._free.append(slot)

@@ -1,0 +1,303 @@
+"""``LookupAgent``: the node-local process that owns an :class:`~engram_ray.client.EngramClient`
+and serves its workers' lookups and pushes through shared memory.
+
+Routing, dedup, retries, failover, re-resolve and auth all stay in the ``EngramClient``; the
+agent only turns packets into client calls whose rows land in the worker's slot
+(``prefetch_unique(ids, rows_out=slot.rows)``: no copy after the wire's) and answers when they
+are there. One thread per worker connection reads its packets; replies are sent from the
+client's I/O thread as lookups end, without blocking (a worker that stops reading is
+dropped, not waited for). Every byte from a worker is checked: packet sizes, ops, slots,
+counts against the slot's capacity, and the ids by the client itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+import numpy as np
+
+from ..client import EngramClient
+from .protocol import (
+    HELLO,
+    HELLO_INFO,
+    MAGIC,
+    MAX_BATCH,
+    MAX_PACKET,
+    OK,
+    REPLY,
+    REQUEST,
+    VERSION,
+    Op,
+    Slot,
+    SlotLayout,
+    create_memfd,
+    error_reply,
+)
+
+__all__ = ["LookupAgent", "Limits"]
+
+log = logging.getLogger(__name__)
+
+
+class Limits:
+    """What one worker connection may ask for: ids per slot, slots, bytes mapped in all."""
+
+    def __init__(self, max_slot_ids: int = 1 << 22, max_slots: int = 64, max_bytes: int = 8 << 30):
+        self.max_slot_ids, self.max_slots, self.max_bytes = max_slot_ids, max_slots, max_bytes
+
+
+class _Conn:
+    """One worker's connection: its socket, its slots, and a lock for replies (sent from the
+    connection thread and from the client's I/O thread)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.slots: list[Slot] = []
+        self.nbytes = 0
+        self.hello = False
+        self.send_lock = threading.Lock()
+        self.closed = False
+
+    def send(self, data: bytes) -> None:
+        """Send without ever blocking: a worker whose socket buffer is full is not reading
+        (a well-behaved one has at most one reply per slot outstanding), so it is dropped."""
+        with self.send_lock:
+            if self.closed:
+                return
+            try:
+                self.sock.send(data, socket.MSG_DONTWAIT)
+            except OSError:
+                self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+
+class LookupAgent:
+    """Serves ``client``'s rows on a Unix socket at ``socket_path`` (mode 0600, in a 0700
+    directory). ``start()`` binds and serves on background threads; ``serve_forever()`` blocks.
+    One agent per path: a second one fails to take the lock file ``socket_path + '.lock'``."""
+
+    def __init__(self, client: EngramClient, socket_path: str, limits: Limits | None = None):
+        self.client, self.path, self.limits = client, str(socket_path), limits or Limits()
+        self.layout = client.layout
+        self.dtype = np.dtype(client.dtype)
+        self._listener: socket.socket | None = None
+        self._lock_fd: int | None = None
+        self._conns: set[_Conn] = set()
+        self._stop = threading.Event()
+        self.refused = 0  #: requests refused (bad packets, bad ids): for tests and logs
+
+    # Lifecycle ------------------------------------------------------------------------------
+    def start(self) -> LookupAgent:
+        """Take the lock, bind the socket (replacing a dead agent's), and accept on a thread."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(f"another lookup agent serves {self.path}") from None
+        self._lock_fd = fd
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # a dead agent's socket: the lock says nobody serves it
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        old = os.umask(0o177)  # the socket is born 0600: no window where others may connect
+        try:
+            sock.bind(self.path)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        sock.listen(64)
+        self._listener = sock
+        threading.Thread(target=self._accept, name="engram-agent-accept", daemon=True).start()
+        log.info("lookup agent on %s (layout %s)", self.path, self.layout.fingerprint)
+        return self
+
+    def serve_forever(self) -> None:
+        self.start()
+        self._stop.wait()
+
+    def close(self) -> None:
+        """Stop accepting, drop every connection, remove the socket."""
+        self._stop.set()
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        for c in list(self._conns):
+            c.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while not self._stop.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            conn = _Conn(sock)
+            self._conns.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), name="engram-agent-conn", daemon=True).start()
+
+    def _serve(self, conn: _Conn) -> None:
+        """Read one worker's packets until it hangs up; its slots go with the connection."""
+        try:
+            while not conn.closed:
+                data = conn.sock.recv(MAX_PACKET)
+                if not data:
+                    return
+                try:
+                    self._handle(conn, data)
+                except _Refused as e:
+                    self.refused += 1
+                    conn.send(error_reply(e.op, e.req_id, e.slot, str(e)))
+                except Exception as e:  # noqa: BLE001 - the agent outlives any one request
+                    self.refused += 1
+                    log.warning("lookup agent: request failed", exc_info=True)
+                    conn.send(error_reply(0, 0, 0, f"agent error: {type(e).__name__}: {e}"))
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            conn.sock.close()
+            self._conns.discard(conn)
+            conn.slots = []  # mappings go once in-flight lookups drop their views
+
+    # Requests -------------------------------------------------------------------------------
+    def _handle(self, conn: _Conn, data: bytes) -> None:
+        """A packet: a HELLO, or 1..MAX_BATCH requests (a fetch's layers travel together)."""
+        if len(data) == HELLO.size and data[:4] == MAGIC and not conn.hello:
+            return self._hello(conn, data)
+        k, rest = divmod(len(data), REQUEST.size)
+        if rest or not 1 <= k <= MAX_BATCH:
+            raise _Refused(0, 0, 0, f"packet of {len(data)} bytes; expected 1..{MAX_BATCH} requests of "
+                                    f"{REQUEST.size}")
+        for i in range(k):
+            try:
+                self._request(conn, REQUEST.unpack_from(data, i * REQUEST.size))
+            except _Refused as e:  # one bad request of a batch: the others still run
+                self.refused += 1
+                conn.send(error_reply(e.op, e.req_id, e.slot, str(e)))
+        return None
+
+    def _request(self, conn: _Conn, fields: tuple) -> None:
+        magic, op, _flags, req_id, slot, n = fields
+        if magic != MAGIC or op not in Op.ALL:
+            raise _Refused(0, req_id, slot, f"not a request (magic {magic!r}, op {op})")
+        if not conn.hello:
+            raise _Refused(op, req_id, slot, "say HELLO first")
+        if op == Op.SLOT:
+            return self._new_slot(conn, req_id, n)
+        if op == Op.HELLO:
+            raise _Refused(op, req_id, slot, "HELLO packet of the wrong size")
+        s = self._slot(conn, op, req_id, slot, n)
+        s.busy = True
+        try:
+            self._start(conn, s, op, req_id, slot, n)
+        except Exception as e:  # noqa: BLE001 - e.g. ids outside the table: the client refused them
+            s.busy = False
+            raise _Refused(op, req_id, slot, f"{type(e).__name__}: {e}") from None
+        return None
+
+    def _start(self, conn: _Conn, s: Slot, op: int, req_id: int, slot: int, n: int) -> None:
+        """Hand a lookup or push to the client; the reply goes when it ends."""
+        ids = s.ids[:n].copy()  # the worker may write its slot any time: read the ids once
+        if op == Op.PUSH:
+            fut = self.client.submit_push(ids, s.grads[:n].copy())
+            fut.add_done_callback(lambda f: self._pushed(conn, s, req_id, slot, f))
+            return None
+        if op == Op.UNIQUE:
+            p: Any = self.client.prefetch_unique(ids, rows_out=s.rows)
+        else:
+            p = self.client.prefetch_into(ids, s.rows[:n])
+        p.add_done_callback(lambda q: self._looked_up(conn, s, op, req_id, slot, q))
+
+    def _slot(self, conn: _Conn, op: int, req_id: int, slot: int, n: int) -> Slot:
+        if slot >= len(conn.slots):
+            raise _Refused(op, req_id, slot, f"slot {slot} does not exist ({len(conn.slots)} slots)")
+        s = conn.slots[slot]
+        if n > s.capacity:
+            raise _Refused(op, req_id, slot, f"{n} ids do not fit slot {slot} of {s.capacity}")
+        if s.busy:
+            raise _Refused(op, req_id, slot, f"slot {slot} is busy with a request in flight")
+        return s
+
+    def _hello(self, conn: _Conn, data: bytes) -> None:
+        _magic, op, version, req_id, _slot, _n, fingerprint = HELLO.unpack(data)
+        mine = self.layout.fingerprint
+        if op != Op.HELLO or version != VERSION:
+            raise _Refused(op, req_id, 0, f"HELLO of protocol version {version}; this agent speaks {VERSION}")
+        if fingerprint.rstrip(b"\0").decode("ascii", "replace") != mine:
+            raise _Refused(op, req_id, 0, f"worker's table layout {fingerprint.rstrip(bytes(1))!r} differs from "
+                                          f"the agent's {mine}")
+        conn.hello = True
+        info = HELLO_INFO.pack(self.layout.total_rows, self.layout.row_dim, VERSION,
+                               self.client.dtype_name.encode(), mine.encode())
+        conn.send(REPLY.pack(MAGIC, Op.HELLO, OK, req_id, 0, 0, 0) + info)
+
+    def _new_slot(self, conn: _Conn, req_id: int, capacity: int) -> None:
+        lim = self.limits
+        layout = SlotLayout(int(capacity), self.layout.row_dim, self.dtype.itemsize)
+        if not 1 <= capacity <= lim.max_slot_ids or len(conn.slots) >= lim.max_slots \
+                or conn.nbytes + layout.nbytes > lim.max_bytes:
+            raise _Refused(Op.SLOT, req_id, 0, f"slot of {capacity} ids refused (limits: {lim.max_slot_ids} ids, "
+                                               f"{lim.max_slots} slots, {lim.max_bytes} bytes per worker)")
+        fd = create_memfd(layout.nbytes)
+        try:
+            conn.slots.append(Slot(fd, layout, self.dtype))
+            conn.nbytes += layout.nbytes
+            with conn.send_lock:
+                socket.send_fds(conn.sock, [REPLY.pack(MAGIC, Op.SLOT, OK, req_id, len(conn.slots) - 1,
+                                                       capacity, layout.nbytes)], [fd])
+        finally:
+            os.close(fd)  # the mapping (and the worker's copy of the fd) keep the memory
+
+    def _looked_up(self, conn: _Conn, s: Slot, op: int, req_id: int, slot: int, p: Any) -> None:
+        """On the client's I/O thread: the rows are in the slot; write the inverse, reply."""
+        try:
+            r = p.result(0)
+        except Exception as e:  # noqa: BLE001 - the worker gets the client's error text
+            s.busy = False
+            self.refused += 1
+            return conn.send(error_reply(op, req_id, slot, f"{type(e).__name__}: {e}"))
+        value = r.shape[0] if op == Op.ROWS else r.rows.shape[0]
+        if op == Op.UNIQUE:  # the worker reads the rows' ids (for its pushes) where its ids were
+            s.inverse[:r.inverse.size] = r.inverse
+            s.ids[:r.ids.size] = r.ids
+        s.busy = False
+        conn.send(REPLY.pack(MAGIC, op, OK, req_id, slot, value, 0))
+        return None
+
+    def _pushed(self, conn: _Conn, s: Slot, req_id: int, slot: int, fut: Any) -> None:
+        s.busy = False
+        try:
+            updated = int(fut.result(0))
+        except Exception as e:  # noqa: BLE001
+            self.refused += 1
+            return conn.send(error_reply(Op.PUSH, req_id, slot, f"{type(e).__name__}: {e}"))
+        conn.send(REPLY.pack(MAGIC, Op.PUSH, OK, req_id, slot, updated, 0))
+        return None
+
+
+class _Refused(Exception):
+    def __init__(self, op: int, req_id: int, slot: int, text: str):
+        super().__init__(text)
+        self.op, self.req_id, self.slot = op, req_id, slot
