@@ -21,6 +21,9 @@ __all__ = [
     "TrainConfig",
     "model_tiny",
     "model_demo",
+    "model_dense_1b",
+    "MODEL_PRESETS",
+    "model_preset",
     "OptimizerConfig",
     "StoreConfig",
     "ServiceConfig",
@@ -394,6 +397,33 @@ def model_demo() -> ModelConfig:
     """The CPU demo's backbone: 4 layers of 128 over GPT-2's vocabulary (a few minutes of CPU)."""
     return ModelConfig(vocab_size=50257, dim=128, n_layers=4, n_heads=4, max_seq_len=256,
                        ffn_dim=256, n_routed_experts=4, n_shared_experts=1, top_k=2)
+
+
+def model_dense_1b() -> ModelConfig:
+    """A ~1B-parameter dense backbone for GPU runs (bf16-friendly: every width a multiple of
+    128): 16 layers of 2048, 16 heads of 128, SwiGLU FFN of 6144, GPT-2's vocabulary (tied):
+    16 x (4 x 2048^2 + 3 x 2048 x 6144) + 50257 x 2048 = 0.98B parameters. Large enough that a
+    forward is GPU-bound, so ``bench offload`` on CUDA measures the table against real compute;
+    16 layers hold the Engram layers of every table preset (the 100B table's sit at 2 and 15).
+    2048 positions: the paper's serving workload (prompts and outputs up to 1024 each)."""
+    return ModelConfig(vocab_size=50257, dim=2048, n_layers=16, n_heads=16, max_seq_len=2048,
+                       ffn="dense", ffn_dim=6144)
+
+
+#: Backbone presets by name (``engram-ray bench offload --model``).
+MODEL_PRESETS: Mapping[str, Callable[[], ModelConfig]] = types.MappingProxyType({
+    "tiny": model_tiny,
+    "demo": model_demo,
+    "dense_1b": model_dense_1b,
+})
+
+
+def model_preset(name: str) -> ModelConfig:
+    """The named backbone preset (``tiny``, ``demo``, ``dense_1b``; ``-`` accepted for ``_``)."""
+    fn = MODEL_PRESETS.get(name.replace("-", "_"))
+    if fn is None:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(MODEL_PRESETS)}")
+    return fn()
 
 
 @dataclass(frozen=True, kw_only=True)

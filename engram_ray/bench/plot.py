@@ -23,13 +23,15 @@ def _save(fig, path: str | Path) -> None:
 
 
 def plot_offload(report: dict[str, Any], path: str | Path) -> None:
-    """Grouped bars: tokens/s of each mode, prefill and decode, with overhead vs local."""
+    """Grouped bars: tokens/s of each mode per phase (prefill, decode, serving), whiskers from
+    the fastest and slowest repetition, the remote modes' overhead vs local written in."""
     plt = _pyplot()
 
-    from .offload import MODES
+    from .phases import MODES
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, phase in zip(axes, ("prefill", "decode")):
+    phases = report.get("phases", ["prefill", "decode"])  # reports from before serving had two
+    fig, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases), 4))
+    for ax, phase in zip(axes, phases):
         res = report["results"]
         vals = [res[m][f"{phase}_tokens_per_s"] for m in MODES]
         # whiskers: the fastest and slowest repetition (tokens/s from max and min seconds)
@@ -44,12 +46,15 @@ def plot_offload(report: dict[str, Any], path: str | Path) -> None:
                 o = report["overhead"][f"{phase}:{m}_vs_local"]
                 ax.annotate(f"{100 * o:+.1f}%\nvs local", (b.get_x() + b.get_width() / 2, b.get_height() / 2),
                             ha="center", va="center", fontsize=8, color="white")
-        ax.set_title(f"{phase} (median of {report['repeats']}; whiskers min-max)")
+        ax.set_title(f"{phase} (median of {report['repeats']}; whiskers min-max)", fontsize=10)
         ax.set_ylabel("tokens/s")
         ax.tick_params(axis="x", labelrotation=15)
     t = report["table"]
+    iso = report.get("isolation") or {}
+    cores = (f"model on cores {iso['compute_cores']}, memory side on {iso['memory_cores']}"
+             if iso.get("enabled") else "cores shared")
     fig.suptitle(f"Engram table {t['logical_params'] / 1e9:.1f}B params ({t['resident_gib_float32']:.2f} GiB "
-                 f"resident) on {t['shards']} shards - {report['device']}", fontsize=10)
+                 f"resident) on {t['shards']} shards - {report['device']}, {cores}", fontsize=10)
     _save(fig, path)
 
 

@@ -26,32 +26,52 @@ def _img(folder: Path, out: Path, name: str) -> str:
 
 
 def _offload(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
-    """Section: what the table costs by where it lives, with the time breakdown."""
-    t = r["table"]
+    """Section: what the table costs by where it lives, per phase, with the time breakdown."""
+    t, w = r["table"], r["workload"]
+    phases = r.get("phases", ["prefill", "decode"])
     lines = ["## Offload: what the Engram table costs by where it lives", "",
-              f"Machine: {_machine(r)}; device {r['device']}.", "",
-              f"Table: {t['logical_params'] / 1e9:.2f}B parameters ({t['logical_gib_float32']:.1f} GiB float32 "
-              f"logical), {t['resident_gib_float32']:.2f} GiB resident"
-              + (" (rows map into the resident store: every lookup still reads a random row of a large "
-                 "array in RAM)" if t["capped"] else "") + f", {t['shards']} shards. Workload: "
-              f"{r['workload']['prefill_sequences']} prefill sequences of "
-              f"Uniform{tuple(r['workload']['length_uniform'])} "
-              f"tokens; decode batch {r['workload']['decode_batch']} x {r['workload']['decode_tokens']} tokens. "
-              f"Median of {r['repeats']}, {r['order']}.", "",
-              "| mode | prefill tokens/s | decode tokens/s |", "|---|---:|---:|"]
+             f"Machine: {_machine(r)}; device {r['device']}" + (f", backbone {r['dtype']}" if "dtype" in r else "")
+             + ".", "", _offload_cores(r), "",
+             f"Table: {t['logical_params'] / 1e9:.2f}B parameters ({t['logical_gib_float32']:.1f} GiB float32 "
+             f"logical), {t['resident_gib_float32']:.2f} GiB resident"
+             + (" (rows map into the resident store: every lookup still reads a random row of a large "
+                "array in RAM)" if t["capped"] else "") + f", {t['shards']} shards. Workload: "
+             f"prefill {w['prefill_sequences']} sequences of Uniform{tuple(w['length_uniform'])} tokens, "
+             f"one at a time; decode batch {w['decode_batch']} x {w['decode_tokens']} tokens"
+             + (f"; serving {w['serving_requests']} requests, prompts Uniform{tuple(w['serving_prompt_uniform'])}, "
+                f"outputs Uniform{tuple(w['serving_output_uniform'])}, continuous batching (at most "
+                f"{w['serving_max_batch']} live, {w['serving_token_budget']} prefill tokens per step)"
+                if "serving_requests" in w else "")
+             + f". Median of {r['repeats']}, {r['order']}.", "",
+             "| mode | " + " | ".join(f"{ph} tokens/s" for ph in phases) + " |",
+             "|---|" + "---:|" * len(phases)]
     for m, v in r["results"].items():
-        lines.append(f"| {m} | {v['prefill_tokens_per_s']:,.0f} | {v['decode_tokens_per_s']:,.0f} |")
+        lines.append(f"| {m} | " + " | ".join(f"{v[ph + '_tokens_per_s']:,.0f}" for ph in phases) + " |")
     o = r["overhead"]
-    lines += ["", "| overhead | prefill | decode |", "|---|---:|---:|"]
+    lines += ["", "| overhead | " + " | ".join(phases) + " |", "|---|" + "---:|" * len(phases)]
     for x, ref in (("remote", "local"), ("remote_lazy", "local"), ("remote", "no_engram"), ("local", "no_engram")):
-        pre, dec = o[f"prefill:{x}_vs_{ref}"], o[f"decode:{x}_vs_{ref}"]
-        lines.append(f"| {x} vs {ref} | {100 * pre:+.1f} % | {100 * dec:+.1f} % |")
-    lines += ["", f"Lookups: p50 {r['lookup_p50_ms']:.1f} ms, p99 {r['lookup_p99_ms']:.1f} ms; dedup ratio "
-              f"{r['dedup_ratio']:.2f}."]
+        lines.append(f"| {x} vs {ref} | " + " | ".join(f"{100 * o[f'{ph}:{x}_vs_{ref}']:+.1f} %" for ph in phases)
+                     + " |")
+    if r.get("lookup_p50_ms") is not None:
+        lines += ["", f"Lookups: p50 {r['lookup_p50_ms']:.1f} ms, p99 {r['lookup_p99_ms']:.1f} ms; dedup ratio "
+                  f"{r['dedup_ratio']:.2f}."]
     if "breakdown" in r:
         lines += _offload_breakdown(r)
     lines.append(_img(folder, out, "offload"))
     return lines
+
+
+def _offload_cores(r: dict[str, Any]) -> str:
+    """One sentence: which cores the model and the memory side had (read back from /proc)."""
+    iso = r.get("isolation")
+    if not iso:
+        return "Cores: not recorded."
+    if not iso["enabled"]:
+        return "Cores: shared by the model, the shards, the client and Ray (not isolated)."
+    procs = sorted({p["name"] for p in iso["processes"]})
+    return (f"Cores: the model thread and its torch threads on {iso['compute_cores']}; the memory side "
+            f"(the client's I/O and gRPC threads, {', '.join(procs) or 'no local processes'}) on "
+            f"{iso['memory_cores']}; read back from /proc: {'as asked' if iso['ok'] else 'NOT as asked'}.")
 
 
 def _offload_breakdown(r: dict[str, Any]) -> list[str]:
@@ -66,6 +86,8 @@ def _offload_breakdown(r: dict[str, Any]) -> list[str]:
         lines.append(f"| {key} | {b['total_s']:.3f} | {sp['min']:.3f}-{sp['max']:.3f} | {b['compute_s']:.3f} | "
                      f"{b['hash_s']:.3f} | {b['issue_s']:.3f} | {b['wait_s']:.3f} |")
     pl = r["per_lookup"]
+    if not pl:
+        return lines
     lines += ["", "Per lookup, on the client's I/O thread (ms): "
               + ", ".join(f"{k} {v:.2f}" for k, v in pl["client_io_ms"].items())
               + f"; {pl['rpcs_per_lookup']:.1f} RPCs per lookup, shard handler "

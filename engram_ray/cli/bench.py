@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from ..config import STORE_DTYPES
+from ..config import MODEL_PRESETS, STORE_DTYPES
 from .common import add_table_args, engram_config
+
+#: Backbone dtypes of bench offload, by the names the flag takes.
+DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
+               "fp16": "float16"}
 
 
 def _plot_beside(out: str | None, plot) -> None:
@@ -71,61 +76,90 @@ def _cmd_bench_lookup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _offload_options(args: argparse.Namespace) -> Any:
+    from ..bench.memory_source import parse_addresses
+    from ..bench.offload import Options
+
+    return Options(
+        shards=args.shards, max_resident_gib=args.max_resident_gib or None, sequences=args.sequences,
+        min_len=args.min_len, max_len=args.max_len, decode_batch=args.decode_batch,
+        decode_tokens=args.decode_tokens, requests=args.requests, prompt_len=tuple(args.prompt_len),
+        output_len=tuple(args.output_len), max_batch=args.max_batch, token_budget=args.token_budget,
+        repeats=args.repeats, device=args.device, dtype=DTYPE_NAMES.get(args.dtype, args.dtype),
+        memory_at=tuple(parse_addresses(args.memory_at)) if args.memory_at else (),
+        token_file=args.token_file, via=args.via, isolate=not args.no_isolate, memory_cores=args.memory_cores,
+        profile=args.profile, progress=True)
+
+
+def _offload_model(name: str, cfg: Any, tokens: Any, longest: int) -> Any:
+    """The backbone preset, deep enough to hold the table's Engram layers (the 100B table sits
+    at layers 2 and 15, as in the paper's 27B model), long enough for the workload, and with
+    room for every token id of the corpus."""
+    import dataclasses
+
+    from ..config import model_preset
+    base = model_preset(name)
+    return dataclasses.replace(base, n_layers=max(base.n_layers, max(cfg.layer_ids) + 1),
+                               max_seq_len=max(base.max_seq_len, longest),
+                               vocab_size=max(base.vocab_size, int(tokens.max()) + 1))
+
+
 def _cmd_bench_offload(args: argparse.Namespace) -> int:
     from ..bench import offload as bench_offload
     from ..bench.common import write_report
     from ..bench.plot import plot_offload
-    from ..config import model_demo
     from ..data import default_vocab, load_corpus, load_tokenizer
 
     cfg, source = engram_config(args)
     tok = load_tokenizer(args.tokenizer)
     vocab = default_vocab(tok)
     corpus = load_corpus("stdlib", tok)
-    import dataclasses
-    # The demo backbone, deep enough to hold the table's Engram layers (the 100B table sits at
-    # layers 2 and 15, as in the paper's 27B model).
-    base = model_demo()
-    model = dataclasses.replace(base, n_layers=max(base.n_layers, max(cfg.layer_ids) + 1),
-                                max_seq_len=max(base.max_seq_len, args.max_len, 32 + args.decode_tokens + 1))
-    report = bench_offload.run(
-        cfg, model, vocab, corpus.val, shards=args.shards, max_resident_gib=args.max_resident_gib or None,
-        sequences=args.sequences, min_len=args.min_len, max_len=args.max_len, decode_batch=args.decode_batch,
-        decode_tokens=args.decode_tokens, repeats=args.repeats, device=args.device, profile=args.profile,
-        progress=True)
-    report["source"] = source
+    opts = _offload_options(args)
+    model = _offload_model(args.model, cfg, corpus.val, opts.longest())
+    report = bench_offload.run(cfg, model, vocab, corpus.val, opts)
+    report["source"], report["model_preset"] = source, args.model
     write_report(report, args.out)
-    t = report["table"]
-    print(f"Engram offload ({source}: {t['logical_params'] / 1e9:.2f}B params, {t['logical_gib_float32']:.1f} GiB "
-          f"fp32 logical, {t['resident_gib_float32']:.2f} GiB resident{' (capped)' if t['capped'] else ''}, "
-          f"{t['shards']} shards; {report['machine']['cpu']}, {report['machine']['cores']} cores, "
-          f"device {report['device']})")
-    print(f"  {'mode':<12} {'prefill tok/s':>14} {'decode tok/s':>13}")
+    _print_offload(report)
+    _plot_beside(args.out, lambda png: plot_offload(report, png))
+    return 0
+
+
+def _print_offload(report: dict[str, Any]) -> None:
+    t, iso, phases = report["table"], report["isolation"], report["phases"]
+    print(f"Engram offload ({report['source']}: {t['logical_params'] / 1e9:.2f}B params, "
+          f"{t['logical_gib_float32']:.1f} GiB fp32 logical, {t['resident_gib_float32']:.2f} GiB resident"
+          f"{' (capped)' if t['capped'] else ''}, {t['shards']} shards via {report['memory']['via']}; "
+          f"{report['machine']['cpu']}, {report['machine']['cores']} cores, device {report['device']}, "
+          f"{report['dtype']})")
+    print("  cores: " + (f"model on {iso['compute_cores']}, memory side on {iso['memory_cores']} "
+                         f"({'checked' if iso['ok'] else 'NOT as asked: see isolation in the JSON'})"
+                         if iso["enabled"] else "shared (not isolated)"))
+    print(f"  {'mode':<12}" + "".join(f" {ph + ' tok/s':>15}" for ph in phases))
     for m, r in report["results"].items():
-        print(f"  {m:<12} {r['prefill_tokens_per_s']:>14,.0f} {r['decode_tokens_per_s']:>13,.0f}")
+        print(f"  {m:<12}" + "".join(f" {r[ph + '_tokens_per_s']:>15,.0f}" for ph in phases))
     o = report["overhead"]
-    for phase in ("prefill", "decode"):
-        print(f"  {phase:<8} overhead: remote (prefetch) {100 * o[phase + ':remote_vs_local']:+.1f}% vs local, "
-              f"{100 * o[phase + ':remote_vs_no_engram']:+.1f}% vs no Engram; on demand "
-              f"{100 * o[phase + ':remote_lazy_vs_local']:+.1f}% vs local")
-    print(f"  lookups: p50 {report['lookup_p50_ms']:.1f} ms, p99 {report['lookup_p99_ms']:.1f} ms, "
-          f"dedup ratio {report['dedup_ratio']:.2f}")
+    for ph in phases:
+        print(f"  {ph:<8} overhead: remote (prefetch) {100 * o[ph + ':remote_vs_local']:+.1f}% vs local, "
+              f"{100 * o[ph + ':remote_vs_no_engram']:+.1f}% vs no Engram; on demand "
+              f"{100 * o[ph + ':remote_lazy_vs_local']:+.1f}% vs local")
+    if report["lookup_p50_ms"] is not None:
+        print(f"  lookups: p50 {report['lookup_p50_ms']:.1f} ms, p99 {report['lookup_p99_ms']:.1f} ms, "
+              f"dedup ratio {report['dedup_ratio']:.2f}")
     print("  where a run's time goes (mean seconds per run; wait = blocked for rows):")
     print(f"    {'phase:mode':<20} {'total':>7} {'compute':>8} {'hash':>7} {'issue':>7} {'wait':>7}")
     for key, b in report["breakdown"].items():
         print(f"    {key:<20} {b['total_s']:>7.3f} {b['compute_s']:>8.3f} {b['hash_s']:>7.3f} "
               f"{b['issue_s']:>7.3f} {b['wait_s']:>7.3f}")
     pl = report["per_lookup"]
-    io = ", ".join(f"{k} {v:.2f}" for k, v in pl["client_io_ms"].items())
-    print(f"  per lookup, on the client's I/O thread (ms): {io}; {pl['rpcs_per_lookup']:.1f} RPCs, "
-          f"shard handler {pl['server_handler_ms_per_rpc']:.2f} ms each")
+    if pl:
+        io = ", ".join(f"{k} {v:.2f}" for k, v in pl["client_io_ms"].items())
+        print(f"  per lookup, on the client's I/O thread (ms): {io}; {pl['rpcs_per_lookup']:.1f} RPCs, "
+              f"shard handler {pl['server_handler_ms_per_rpc']:.2f} ms each")
     if report["profile_top"]:
-        print("  cProfile of one remote run, main thread, top functions by own time:")
+        print("  cProfile of one remote run, model thread, top functions by own time:")
         for r in report["profile_top"][:12]:
             print(f"    {r['own_s']:>7.3f} s own {r['cumulative_s']:>7.3f} s cum {r['calls']:>7} calls  "
                   f"{r['function']}")
-    _plot_beside(args.out, lambda png: plot_offload(report, png))
-    return 0
 
 
 def _cmd_bench_load(args: argparse.Namespace) -> int:
@@ -231,26 +265,52 @@ def _add_lookup(bsub) -> None:
 
 def _add_offload(bsub) -> None:
     b = bsub.add_parser("offload", help="throughput with no Engram / table in-process / remote with "
-                                        "prefetch / remote on demand, interleaved",
+                                        "prefetch / remote on demand: prefill, decode and serving, interleaved",
                         description="What the Engram table costs by where it lives; the 100B layout "
-                                    "with a resident cap where RAM cannot hold it.")
+                                    "with a resident cap where RAM cannot hold it. The model computes "
+                                    "on its own cores, the memory side on the others (--no-isolate: shared).")
     add_table_args(b, "table_100b")
+    b.add_argument("--model", default="demo", choices=sorted(MODEL_PRESETS),
+                   help="backbone preset, deepened to hold the table's Engram layers (default: demo; "
+                        "dense_1b for a GPU)")
+    b.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES),
+                   help="backbone compute dtype (default: float32; bfloat16 on a GPU)")
     b.add_argument("--shards", type=int, default=2)
     b.add_argument("--max-resident-gib", type=float, default=1.0,
                    help="RAM for the table's rows in all (rows map into it; default: 1.0); 0: no cap, "
                         "for a cluster whose memory nodes hold the whole table (and a worker that "
                         "holds it for the in-process mode)")
-    b.add_argument("--sequences", type=int, default=16, help="prefill sequences (paper: 512)")
-    b.add_argument("--min-len", type=int, default=32, help="shortest sequence (paper: 100)")
-    b.add_argument("--max-len", type=int, default=192, help="longest sequence (paper: 1024)")
-    b.add_argument("--decode-batch", type=int, default=8)
-    b.add_argument("--decode-tokens", type=int, default=16)
-    b.add_argument("--repeats", type=int, default=5, help="timed repetitions of a b c d, median quoted "
-                                                          "with min/quartiles/max (default: 5)")
+    b.add_argument("--memory-at", metavar="HOST:PORT[,HOST:PORT...]",
+                   help="use shards that already serve there (one per shard, in order; e.g. started by "
+                        "'engram-ray shard'), no Ray; --shards and --max-resident-gib do not apply")
+    b.add_argument("--token-file", help="with --memory-at: the shards' client token")
+    b.add_argument("--via", default="client", choices=["client", "agent"],
+                   help="how the remote modes reach the shards: an EngramClient in the model's process, "
+                        "or the node-local lookup agent (default: client)")
+    g = b.add_argument_group("prefill and decode phases")
+    g.add_argument("--sequences", type=int, default=16, help="prefill sequences (paper: 512)")
+    g.add_argument("--min-len", type=int, default=32, help="shortest sequence (paper: 100)")
+    g.add_argument("--max-len", type=int, default=192, help="longest sequence (paper: 1024)")
+    g.add_argument("--decode-batch", type=int, default=8)
+    g.add_argument("--decode-tokens", type=int, default=16)
+    g = b.add_argument_group("serving phase (continuous batching)")
+    g.add_argument("--requests", type=int, default=16, help="requests served (paper: 512)")
+    g.add_argument("--prompt-len", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"),
+                   help="prompt lengths ~ Uniform(MIN, MAX) (default: 32 128; paper: 100 1024)")
+    g.add_argument("--output-len", type=int, nargs=2, default=[8, 32], metavar=("MIN", "MAX"),
+                   help="output lengths ~ Uniform(MIN, MAX) (default: 8 32; paper: 100 1024)")
+    g.add_argument("--max-batch", type=int, default=8, help="live sequences at most (default: 8)")
+    g.add_argument("--token-budget", type=int, default=256,
+                   help="prompt tokens prefilled per step, in chunks (default: 256)")
+    b.add_argument("--repeats", type=int, default=3, help="timed repetitions of a b c d, median quoted "
+                                                          "with min/quartiles/max (default: 3)")
     b.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N] (default: auto)")
+    b.add_argument("--no-isolate", action="store_true",
+                   help="do not pin: model, shards, client and Ray share every core")
+    b.add_argument("--memory-cores", type=int, help="cores for the memory side (default: a quarter, at least 1)")
     b.add_argument("--profile", action="store_true",
                    help="after the timed runs, run remote mode once more under cProfile and report "
-                        "the top functions (main thread)")
+                        "the top functions (model thread)")
     b.add_argument("--out", metavar="FILE.json", help="write the report here, and FILE.png")
     b.set_defaults(func=_cmd_bench_offload)
 

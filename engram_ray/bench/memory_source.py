@@ -1,0 +1,144 @@
+"""Where ``bench offload``'s remote modes get their memory: the seam.
+
+Two sources of shards:
+
+* :class:`DeployedShards`: a memory service deployed on a local (or connected) Ray for the run
+  and shut down after it -- today's default;
+* :class:`RunningShards`: shards that already run (``--memory-at HOST:PORT,...``), e.g. started
+  as plain processes by ``engram-ray shard`` on a GPU box without Ray. No Ray is imported.
+
+and two ways to reach them (``--via``): ``client``, an :class:`~engram_ray.client.EngramClient`
+in the model's process; ``agent``, the node-local lookup agent (the model's process hands it
+ids and reads rows from shared memory). :func:`memory_client` is the one place that picks; the
+modes build their :class:`RemoteMemory` on what it returns.
+
+Nothing here imports ray at module import time: the bench must run where Ray is absent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import EngramConfig, StoreConfig
+
+__all__ = ["DeployedShards", "RunningShards", "memory_client", "remote_memory", "parse_addresses"]
+
+VIAS = ("client", "agent")
+
+
+def parse_addresses(text: str) -> list[str]:
+    """``"h1:p1,h2:p2"`` -> one address per shard, in shard order; refuses a missing port."""
+    out = [a.strip() for a in text.split(",") if a.strip()]
+    bad = [a for a in out if not a.rpartition(":")[2].isdigit()]
+    if not out or bad:
+        raise ValueError(f"--memory-at {text!r}: expected HOST:PORT[,HOST:PORT...] (one per shard, "
+                         f"in shard order){'; bad: ' + ', '.join(bad) if bad else ''}")
+    return out
+
+
+class DeployedShards:
+    """A memory service on Ray for the length of the run (``with``: deploy ... shutdown)."""
+
+    kind = "ray"
+
+    def __init__(self, config: EngramConfig, vocab: Any, *, shards: int, store: StoreConfig,
+                 max_resident_gib: float | None, name: str = "bench-offload"):
+        self.config, self.vocab, self.shards, self.store = config, vocab, shards, store
+        self.max_resident_gib, self.name = max_resident_gib, name
+        self._stack = contextlib.ExitStack()
+        self.svc: Any = None
+
+    def __enter__(self) -> DeployedShards:
+        from ..runtime import deploy, ray_session  # Ray only on this path
+        self._stack.enter_context(ray_session())
+        try:
+            self.svc = deploy(self.config, vocab=self.vocab, num_shards=self.shards, store=self.store,
+                              name=self.name, max_resident_gib=self.max_resident_gib)
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.svc is not None:
+                self.svc.shutdown()
+        finally:
+            self._stack.close()
+
+    @property
+    def layout(self) -> Any:
+        return self.svc.layout
+
+    def client(self) -> Any:
+        return self.svc.client()
+
+    def agent_client(self) -> Any:
+        if not hasattr(self.svc, "agent_client"):
+            raise RuntimeError("--via agent: this memory service has no lookup agent yet "
+                               "(MemoryService.agent_client, engram_ray.agent); use --via client")
+        return self.svc.agent_client()
+
+    def describe(self) -> list[dict[str, Any]]:
+        return self.svc.describe()
+
+
+class RunningShards:
+    """Shards that already serve at ``addresses`` (one per shard, in order), reached with
+    ``token`` (read from ``token_file``); the layout is ours, checked by every shard."""
+
+    kind = "running"
+
+    def __init__(self, addresses: list[str], layout: Any, *, token_file: str | None = None):
+        self.addresses, self._layout = addresses, layout
+        self.token = Path(token_file).read_text().strip() if token_file else None
+        self._probe: Any = None
+
+    def __enter__(self) -> RunningShards:
+        self._probe = self.client()  # fails here, clearly, if a shard is down or another table's
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._probe is not None:
+            self._probe.close()
+
+    @property
+    def layout(self) -> Any:
+        return self._layout
+
+    def client(self) -> Any:
+        from ..client import EngramClient
+        return EngramClient(self.addresses, self._layout, token=self.token)
+
+    def agent_client(self) -> Any:
+        raise RuntimeError("--via agent with --memory-at: start a lookup agent on this node for "
+                           "these shards (engram-ray agent) -- not wired into the bench yet; use "
+                           "--via client")
+
+    def describe(self) -> list[dict[str, Any]]:
+        return self._probe.describe()
+
+
+def memory_client(source: Any, via: str) -> Any:
+    """The seam: what the remote modes read rows through (``via``: client or agent)."""
+    if via not in VIAS:
+        raise ValueError(f"--via {via!r}: choose one of {', '.join(VIAS)}")
+    return source.client() if via == "client" else source.agent_client()
+
+
+def _remote_memory_class() -> Any:
+    """``RemoteMemory``: from its Ray-free home, or (until it moves) from runtime."""
+    try:
+        from ..remote_memory import RemoteMemory  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        from ..runtime.remote_memory import RemoteMemory
+    return RemoteMemory
+
+
+def remote_memory(client: Any, *, device: torch.device, dtype: torch.dtype, prefetch: bool) -> Any:
+    """A :class:`RemoteMemory` on ``client`` (prefetch: every layer's rows issued at once)."""
+    return _remote_memory_class()(client, device=device, dtype=dtype, prefetch=prefetch)

@@ -1,0 +1,161 @@
+"""The timed phases of ``bench offload`` and their interleaved repetitions.
+
+* ``prefill``: each sequence alone, its whole prompt in one forward;
+* ``decode``: one batch of equal prompts generating token by token with a KV cache;
+* ``serving``: requests of drawn prompt and output lengths through the continuous-batching
+  engine of :mod:`.serving` -- what a serving deployment runs.
+
+Indexing (compress, hash, offset) is inside every timing: it is part of what a worker pays.
+Each phase adds to ``acc`` the seconds spent hashing, issuing fetches and blocked for rows; the
+rest of a run is the model's compute.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .serving import Request, draw_requests, serve
+
+__all__ = ["MODES", "PHASES", "Workload", "interleave", "run_phase"]
+
+MODES = ("no_engram", "local", "remote", "remote_lazy")
+PHASES = ("prefill", "decode", "serving")
+PARTS = ("hash_s", "issue_s", "wait_s")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Workload:
+    """Every phase's inputs, fixed by seed 0 (the same for every mode)."""
+
+    seqs: list[tuple[torch.Tensor, np.ndarray]]    # prefill: [1, n] on the device and the host
+    prompt: torch.Tensor                            # decode: [batch, prompt] on the device
+    decode_tokens: int
+    requests: list[Request]                         # serving
+    max_batch: int
+    token_budget: int
+
+    def tokens(self, phase: str) -> int:
+        """Tokens a run of ``phase`` processes (prompt and generated), for tokens/s."""
+        if phase == "prefill":
+            return sum(h.size for _, h in self.seqs)
+        if phase == "decode":
+            return int(self.prompt.shape[0] * (self.prompt.shape[1] + self.decode_tokens))
+        return sum(r.prompt.size + r.output_len for r in self.requests)
+
+    @classmethod
+    def draw(cls, tokens: np.ndarray, dev: torch.device, *, sequences: int, min_len: int, max_len: int,
+             decode_batch: int, decode_prompt: int, decode_tokens: int, requests: int,
+             prompt_len: tuple[int, int], output_len: tuple[int, int], max_batch: int,
+             token_budget: int) -> Workload:
+        rng = np.random.default_rng(0)
+        lens = rng.integers(min_len, max_len + 1, size=sequences)
+        starts = rng.integers(0, tokens.size - max_len - 1, size=sequences)
+        host = [tokens[a:a + n].astype(np.int64)[None] for a, n in zip(starts, lens)]   # [1, n] each
+        ps = rng.integers(0, tokens.size - decode_prompt - 1, size=decode_batch)
+        prompt = torch.as_tensor(np.stack([tokens[a:a + decode_prompt] for a in ps]).astype(np.int64)).to(dev)
+        reqs = draw_requests(tokens, requests, prompt_len, output_len, seed=1)
+        return cls([(torch.from_numpy(t).to(dev), t) for t in host], prompt, decode_tokens, reqs,
+                   max_batch, token_budget)
+
+
+def _prefill(model, memory, indexer, work: Workload, device, acc) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    for ids, tokens_bt in work.seqs:  # the same tokens on the device and on the host
+        fetch = None
+        if memory is not None:
+            t1 = time.perf_counter()
+            rows = indexer.rows(tokens_bt)
+            t2 = time.perf_counter()
+            fetch = memory.fetch(rows, requires_grad=False)
+            acc["hash_s"] += t2 - t1
+            acc["issue_s"] += time.perf_counter() - t2
+        model(ids, fetch)
+        if fetch is not None:
+            acc["wait_s"] += fetch.wait_seconds
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _decode(model, memory, indexer, work: Workload, device, acc) -> float:
+    prompt, steps = work.prompt, work.decode_tokens
+    B, P = prompt.shape
+    cache = model.new_cache(B, device=device)
+    _sync(device)
+    t0 = time.perf_counter()
+    hist = indexer.new_history(B)
+    new = prompt
+    pos = 0
+    for _ in range(steps + 1):  # the prompt, then `steps` single tokens
+        fetch = None
+        if memory is not None:
+            t1 = time.perf_counter()
+            # the sampled ids come to the host to be indexed (the backbone alone never waits)
+            rows, hist = indexer.step(hist, new.cpu().numpy())
+            t2 = time.perf_counter()
+            fetch = memory.fetch(rows, requires_grad=False)
+            acc["hash_s"] += t2 - t1
+            acc["issue_s"] += time.perf_counter() - t2
+        logits = model(new, fetch, cache=cache, start_pos=pos)
+        if fetch is not None:
+            acc["wait_s"] += fetch.wait_seconds
+        pos += new.shape[1]
+        new = logits[:, -1].argmax(-1, keepdim=True)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _serving(model, memory, indexer, work: Workload, device, acc) -> float:
+    return serve(model, memory, indexer, work.requests, max_batch=work.max_batch,
+                 token_budget=work.token_budget, device=device, acc=acc).seconds
+
+
+_RUN = {"prefill": _prefill, "decode": _decode, "serving": _serving}
+
+
+def run_phase(phase: str, model, memory, indexer, work: Workload, device: torch.device,
+              acc: dict[str, float] | None = None) -> float:
+    """Seconds of one run of ``phase``; ``acc`` gathers its hash / issue / wait seconds."""
+    return _RUN[phase](model, memory, indexer, work, device,
+                       acc if acc is not None else collections.defaultdict(float))
+
+
+def interleave(setups: dict[str, tuple[Any, Any]], indexer, work: Workload, dev: torch.device,
+               repeats: int, progress: bool, phases: tuple[str, ...] = PHASES):
+    """Run every mode ``repeats + 1`` times, a b c d a b c d ... (each run: every phase);
+    repetition 0 warms up and is not counted. Returns the counted seconds
+    ``{mode: {phase: [s, ...]}}`` and their parts ``{mode: {phase: {hash_s, issue_s, wait_s}}}``."""
+    times: dict[str, dict[str, list[float]]] = {m: {ph: [] for ph in phases} for m in MODES}
+    parts = {m: {ph: dict.fromkeys(PARTS, 0.0) for ph in phases} for m in MODES}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        # no monitor thread: it would be born on the model thread, on the compute cores
+        tqdm.monitor_interval = 0
+        bar = tqdm(total=(repeats + 1) * len(MODES), desc="bench offload", unit="run")
+    for rep in range(repeats + 1):
+        for mode in MODES:
+            model, mem = setups[mode]
+            for ph in phases:
+                acc: dict[str, float] = collections.defaultdict(float)
+                s = run_phase(ph, model, mem, indexer, work, dev, acc)
+                if rep:
+                    times[mode][ph].append(s)
+                    for k in PARTS:
+                        parts[mode][ph][k] += acc[k]
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return times, parts
