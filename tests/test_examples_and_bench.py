@@ -74,14 +74,24 @@ def test_bench_offload_writes_json_and_a_plot(tmp_path):
     out = tmp_path / "offload.json"
     r = subprocess.run([sys.executable, "-m", "engram_ray.cli", "bench", "offload", "--preset", "tiny",
                         "--max-resident-gib", "0.0001", "--sequences", "2", "--min-len", "8", "--max-len", "16",
-                        "--decode-batch", "2", "--decode-tokens", "2", "--repeats", "2", "--profile",
-                        "--out", str(out)],
+                        "--decode-batch", "2", "--decode-tokens", "2", "--requests", "3", "--prompt-len", "6", "12",
+                        "--output-len", "2", "4", "--max-batch", "2", "--token-budget", "8", "--repeats", "2",
+                        "--profile", "--out", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads(out.read_text())
     assert rep["benchmark"] == "offload" and rep["statistic"] == "median"
     assert set(rep["results"]) == {"no_engram", "local", "remote", "remote_lazy"}
-    assert all(v["prefill_tokens_per_s"] > 0 and v["decode_tokens_per_s"] > 0 for v in rep["results"].values())
+    assert rep["phases"] == ["prefill", "decode", "serving"]
+    assert all(v[f"{ph}_tokens_per_s"] > 0 for v in rep["results"].values() for ph in rep["phases"])
+    assert {"prefill:remote_vs_local", "decode:remote_vs_local", "serving:remote_vs_local",
+            "serving:remote_lazy_vs_local", "serving:local_vs_no_engram"} <= set(rep["overhead"])
+    iso = rep["isolation"]  # two or more cores: split, and the kernel agrees (read from /proc)
+    if rep["machine"]["cores"] >= 2:
+        assert iso["enabled"] and iso["ok"] and iso["model_thread"]["cpus"] == iso["compute_cores"]
+        names = {p["name"] for p in iso["processes"]}
+        assert "raylet" in names and any(n.startswith("ray::ShardServ") for n in names)
+        assert all(p["cpus"] == iso["memory_cores"] for p in iso["processes"])
     assert rep["table"]["capped"] and rep["table"]["resident_rows"] < rep["table"]["logical_rows"]
     assert "decode:remote_vs_local" in rep["overhead"] and rep["machine"]["cores"] >= 1
     for v in rep["results"].values():  # spread around the median
@@ -104,6 +114,73 @@ def test_bench_offload_writes_json_and_a_plot(tmp_path):
     assert main(["bench", "report", "--results", str(tmp_path), "--out", str(page)]) == 0
     text = page.read_text()
     assert "## Offload" in text and "| prefill:remote |" in text and "shard handler" in text
+    assert "| serving:remote |" in text and "serving tokens/s" in text and "Cores: the model thread" in text
+
+
+RAY_FREE = r"""
+import json, sys
+from engram_ray.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "ray_loaded": "ray" in sys.modules}))
+"""
+
+
+@pytest.mark.slow
+def test_bench_offload_against_running_shards_without_ray(tmp_path, gpt2_vocab):
+    """--memory-at: shards that already serve (here, in this process), no Ray anywhere; the
+    serving phase fetches from them."""
+    import numpy as np
+
+    from engram_ray.core.layout import TableLayout
+    from engram_ray.rpc import create_server
+    from engram_ray.store import TableShard
+
+    layout = TableLayout.build(C.tiny(), gpt2_vocab)
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    shards = [TableShard.create(layout, 2, i, C.StoreConfig(init_std=0.02)) for i in range(2)]
+    servers = [create_server(sh, "127.0.0.1", 0, token="s3cret") for sh in shards]
+    out = tmp_path / "offload.json"
+    try:
+        r = subprocess.run([sys.executable, "-c", RAY_FREE, "bench", "offload", "--preset", "tiny", "--model", "tiny",
+                            "--memory-at", ",".join(f"127.0.0.1:{p}" for _, p in servers),
+                            "--token-file", str(token), "--sequences", "2", "--min-len", "8", "--max-len", "12",
+                            "--decode-batch", "2", "--decode-tokens", "2", "--requests", "3", "--prompt-len", "6",
+                            "10", "--output-len", "2", "3", "--max-batch", "2", "--repeats", "1",
+                            "--out", str(out)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        last = json.loads(r.stdout.strip().splitlines()[-1])
+        assert last == {"code": 0, "ray_loaded": False}
+        rep = json.loads(out.read_text())
+        assert rep["memory"]["source"] == "running" and rep["memory"]["via"] == "client"
+        assert rep["table"]["shards"] == 2 and not rep["table"]["capped"]
+        assert "serving:remote_vs_local" in rep["overhead"] and rep["model"]["n_layers"] >= 3
+        # the remote modes read their rows from these shards (their counters, read by Describe)
+        assert rep["breakdown"]["serving:remote"]["hash_s"] > 0 and rep["lookup_p50_ms"] > 0
+        assert rep["per_lookup"]["rpcs_per_lookup"] >= 1 and rep["per_lookup"]["server_handler_ms_per_rpc"] > 0
+        assert np.isfinite(rep["results"]["remote"]["serving_tokens_per_s"])
+    finally:
+        for srv, _ in servers:
+            srv.stop(0)
+
+
+def test_bench_offload_flags_are_checked():
+    from engram_ray.bench.memory_source import memory_client, parse_addresses
+    assert parse_addresses("a:1, b:2") == ["a:1", "b:2"]
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_addresses("a:1,b")
+    with pytest.raises(ValueError, match="--via"):
+        memory_client(object(), "carrier-pigeon")
+
+
+def test_dense_1b_preset_is_about_a_billion_parameters():
+    import torch
+
+    from engram_ray.model import EngramLM
+    with torch.device("meta"):
+        m = EngramLM(C.model_preset("dense_1b"))
+    assert 0.9e9 < sum(p.numel() for p in m.parameters()) < 1.1e9
+    assert m.cfg.ffn == "dense" and m.cfg.max_seq_len >= 2048 and C.model_preset("dense-1b") == m.cfg
 
 
 @pytest.mark.ray
