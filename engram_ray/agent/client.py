@@ -62,6 +62,16 @@ class AgentFetch:
         #: Issue-to-arrival seconds, as seen when the reply was read (None before).
         self.fetch_seconds: float | None = None
 
+    def done(self) -> bool:
+        """Whether the rows are in (reads replies waiting on the socket; never blocks)."""
+        if self._value is None and not self._released:
+            with self.agent._lock:
+                self.agent._poll()
+                if self.req_id in self.agent._replies:
+                    self._value = self.agent._wait(self, None)
+                    self.fetch_seconds = time.perf_counter() - self._t0
+        return self._value is not None
+
     def result(self, timeout: float | None = None) -> UniqueRows:
         if self._released:
             raise RuntimeError("this fetch was released: its slot holds other rows now")
@@ -189,10 +199,7 @@ class AgentClient:
         except OSError as e:
             self._drop()
             raise AgentUnavailable(f"lookup agent at {self.path}: {e}") from None
-        if not data or len(data) < REPLY.size or data[:4] != MAGIC:
-            self._drop()
-            raise AgentUnavailable(f"lookup agent at {self.path} hung up")
-        return data
+        return self._check(data)
 
     def _send(self, op: int, req_id: int, slot: int, n: int) -> None:
         REQUEST.pack_into(self._req, 0, MAGIC, op, 0, req_id, slot, n)
@@ -205,19 +212,40 @@ class AgentClient:
             self._drop()
             raise AgentUnavailable(f"lookup agent at {self.path}: {e}") from None
 
+    def _poll(self) -> None:
+        """Read every reply already waiting, without blocking."""
+        while self._sock is not None:
+            try:
+                data = self._sock.recv(MAX_PACKET, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self._drop()
+                raise AgentUnavailable(f"lookup agent at {self.path}: {e}") from None
+            self._keep(self._check(data))
+
+    def _check(self, data: bytes) -> bytes:
+        if not data or len(data) < REPLY.size or data[:4] != MAGIC:
+            self._drop()
+            raise AgentUnavailable(f"lookup agent at {self.path} hung up")
+        return data
+
+    def _keep(self, data: bytes) -> None:
+        """File a reply for its waiter (or free the slot of a fetch released unread)."""
+        _m, _op, status, rid, _slot, value, aux = REPLY.unpack_from(data)
+        if rid in self._orphans:
+            self._orphans.discard(rid)
+            self._free.append(self._owner.pop(rid))
+        else:
+            self._replies[rid] = (status, value, data[REPLY.size:REPLY.size + aux])
+
     def _wait_id(self, req_id: int, timeout: float | None, fds: list[int] | None = None) -> tuple[int, int, bytes]:
         """Read replies until ``req_id``'s; others are kept for their own waiters."""
         if timeout is not None and self._sock is not None:
             self._sock.settimeout(timeout)
         try:
             while req_id not in self._replies:
-                data = self._recv_packet(fds)
-                _m, _op, status, rid, _slot, value, aux = REPLY.unpack_from(data)
-                if rid in self._orphans:  # its fetch was dropped unread: the slot is free now
-                    self._orphans.discard(rid)
-                    self._free.append(self._owner.pop(rid))
-                    continue
-                self._replies[rid] = (status, value, data[REPLY.size:REPLY.size + aux])
+                self._keep(self._recv_packet(fds))
         except TimeoutError:
             raise TimeoutError(f"lookup agent at {self.path}: no reply after {timeout or self.timeout} s") from None
         finally:

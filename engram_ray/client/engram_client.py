@@ -10,6 +10,7 @@ caller's order. The asyncio forms await the same futures, so an event loop is ne
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -200,6 +201,11 @@ class EngramClient:
         """Send row gradients ``[*ids.shape, dim]`` to their shards (duplicates summed here);
         returns the number of distinct rows updated."""
         return self._io.submit(self._transfers.push(*self._check_push(row_ids, grads))).result(timeout)
+
+    def submit_push(self, row_ids: Any, grads: Any) -> concurrent.futures.Future[int]:
+        """:meth:`push_gradients` without waiting: a future of the number of rows updated (for
+        a caller, like the lookup agent, that must not block its thread on the push)."""
+        return self._io.submit(self._transfers.push(*self._check_push(row_ids, grads)))
 
     async def apush_gradients(self, row_ids: Any, grads: Any) -> int:
         """:meth:`push_gradients` for callers in an event loop."""

@@ -58,6 +58,11 @@ class Prefetch(Generic[T]):
     def done(self) -> bool:
         return self._future.done()
 
+    def add_done_callback(self, fn: Any) -> None:
+        """Call ``fn(self)`` once the lookup ended (at once if it has): on the client's I/O
+        thread, so ``fn`` must be quick and must not block."""
+        self._future.add_done_callback(lambda _f: fn(self))
+
     @property
     def fetch_seconds(self) -> float | None:
         """Time from issue to the last response (None while in flight)."""

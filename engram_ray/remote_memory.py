@@ -1,0 +1,254 @@
+"""``RemoteMemory``: the model's :class:`~engram_ray.model.memory.Memory` backed by the
+memory service, through an :class:`~engram_ray.client.EngramClient` or a node's lookup agent
+(:class:`~engram_ray.agent.AgentClient`). No Ray here: a worker without a cluster uses it too.
+
+``fetch(row_ids)`` issues every Engram layer's lookup at once, so layer i's rows travel while
+the blocks before it compute, and ``rows(i)`` waits only for layer i. Rows come as **unique
+rows plus an inverse index**: ``rows_ud [U, D]`` and ``inverse [N]`` move to the device once
+and are expanded there (``rows_ud[inverse]``, a gather), so host-to-device traffic and the
+backward's row gradients are per distinct row. ``rows_ud`` is the autograd leaf; after
+backward ``update(fetch)`` pushes its gradient, one row per distinct id (no dedup on the host).
+
+Numbers equal today's and ``LocalMemory``'s: the rows are bit-identical (a gather), and on CPU
+the expand's backward sums a row's gradients with ``core.optim.sum_duplicates`` -- what the
+client, the shards and LocalMemory use -- so the pushed gradients are bit-identical too. On
+CUDA (or for non-float32 gradients) it is ``index_add_``: equal up to the order in which a
+row's duplicate gradients are summed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .agent.protocol import AgentUnavailable
+from .core.layout import TableLayout
+from .core.optim import sum_duplicates
+from .model.memory import MemoryFetch
+
+__all__ = ["RemoteMemory", "RemoteFetch", "RowSource", "expand_rows"]
+
+
+class RowSource(Protocol):
+    """What RemoteMemory needs of its source: an ``EngramClient`` or an ``AgentClient``."""
+
+    layout: TableLayout
+    timeout: float
+
+    def prefetch_unique(self, row_ids: Any) -> Any: ...
+    def prefetch_unique_many(self, row_ids: Any) -> list[Any]: ...
+    def push_gradients(self, row_ids: Any, grads: Any, timeout: float | None = None) -> int: ...
+
+
+class _Expand(torch.autograd.Function):
+    """``rows_ud[inverse]`` whose backward sums each row's gradients as the host's
+    ``sum_duplicates`` does (on CPU, by calling it: every row of ``rows_ud`` occurs in
+    ``inverse``, so its sorted unique ids are exactly ``0..U-1``)."""
+
+    @staticmethod
+    def forward(ctx: Any, rows_ud: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.num_rows = rows_ud.shape[0]
+        return rows_ud.index_select(0, inverse)
+
+    @staticmethod
+    def backward(ctx: Any, grad_nd: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (inverse,) = ctx.saved_tensors
+        if grad_nd.device.type == "cpu" and grad_nd.dtype == torch.float32:
+            # The host's own sum (numpy's reduceat, not a sequential add): bit-identical to
+            # what the client, the shards and LocalMemory compute for the same duplicates.
+            _, summed = sum_duplicates(inverse.numpy(), grad_nd.detach().contiguous().numpy())
+            return torch.from_numpy(summed), None
+        out = torch.zeros((ctx.num_rows, grad_nd.shape[1]), dtype=grad_nd.dtype, device=grad_nd.device)
+        return out.index_add_(0, inverse, grad_nd), None
+
+
+def expand_rows(rows_ud: torch.Tensor, inverse_n: torch.Tensor) -> torch.Tensor:
+    """Rows ``[N, D]`` from unique rows ``[U, D]`` and ``inverse [N]`` (int64, same device)."""
+    return _Expand.apply(rows_ud, inverse_n)
+
+
+def _host_tensor(arr: np.ndarray) -> torch.Tensor:
+    if arr.dtype.name == "bfloat16":  # ml_dtypes: reinterpret the bits
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(arr)
+
+
+class RemoteFetch:
+    """One batch's rows from the service: a :class:`~engram_ray.model.memory.MemoryFetch`."""
+
+    def __init__(self, memory: RemoteMemory, row_ids_lbth: np.ndarray, requires_grad: bool):
+        self.memory, self.row_ids = memory, row_ids_lbth
+        self.requires_grad = requires_grad
+        # prefetch: every layer's rows go out now (one hand-over); on demand: each when asked.
+        self.pending: list[Any] = (list(memory.source.prefetch_unique_many(list(row_ids_lbth))) if memory.prefetch
+                                   else [None] * len(row_ids_lbth))
+        #: Per layer asked: the unique rows ``[U, D]`` on the device (the autograd leaves) ...
+        self.tensors: dict[int, torch.Tensor] = {}
+        #: ... and their global ids ``[U]`` (host), for the push.
+        self.unique_ids: dict[int, np.ndarray] = {}
+        self._staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._seconds: list[float | None] = [None] * len(row_ids_lbth)
+        #: Time spent blocked in rows(): the part of the fetch not hidden behind compute.
+        self.wait_seconds = 0.0
+
+    @property
+    def fetch_seconds(self) -> float:
+        """Issue-to-arrival time of the slowest layer's rows (0 until all arrived)."""
+        secs = [s if s is not None else (getattr(p, "fetch_seconds", None) if p is not None else None)
+                for s, p in zip(self._seconds, self.pending)]
+        arrived = [x for x in secs if x is not None]
+        return max(arrived, default=0.0) if len(arrived) == len(secs) else 0.0
+
+    def _arrive(self, li: int) -> None:
+        """Wait for layer ``li``'s rows and stage them towards the device (copied out of the
+        source's buffers, which are released). A lookup agent that died meanwhile is
+        re-attached (restarted by whoever supervises it) and the read asked again, once."""
+        source = self.memory.source
+        if self.pending[li] is None:  # on demand: this layer's rows go out only now
+            self.pending[li] = source.prefetch_unique(self.row_ids[li])
+        try:
+            u = self.pending[li].result(timeout=source.timeout * 4)
+        except AgentUnavailable:  # lookups are reads: safe to ask again of the re-attached agent
+            self.pending[li] = source.prefetch_unique(self.row_ids[li])
+            u = self.pending[li].result(timeout=source.timeout * 4)
+        self._seconds[li] = getattr(self.pending[li], "fetch_seconds", None)
+        self.unique_ids[li] = np.array(u.ids, dtype=np.int64)  # a copy: u may view a shared slot
+        self._staged[li] = self.memory.stage(li, u.rows, u.inverse)
+        release = getattr(self.pending[li], "release", None)
+        if release is not None:
+            release()
+
+    def _stage_landed(self, after: int) -> None:
+        """Stage the rows of later layers that have landed already, so their copies to the
+        device start now, not when their layer asks (CUDA only: on CPU there is no copy)."""
+        for lj in range(after + 1, len(self.pending)):
+            p = self.pending[lj]
+            if lj not in self._staged and lj not in self.tensors and p is not None and p.done():
+                self._arrive(lj)
+
+    def rows(self, layer_index: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        if layer_index not in self._staged:
+            self._arrive(layer_index)
+        self.wait_seconds += time.perf_counter() - t0
+        if self.memory.copy_stream is not None:
+            self._stage_landed(layer_index)
+        rows_ud, inverse = self._staged.pop(layer_index)
+        rows_ud = self.memory.ready(rows_ud)
+        if self.requires_grad:
+            rows_ud.requires_grad_(True)
+        self.tensors[layer_index] = rows_ud
+        shape = self.row_ids[layer_index].shape                                      # [B, T, H]
+        return expand_rows(rows_ud, inverse).view(*shape, rows_ud.shape[-1]).flatten(-2)
+
+    def push_gradients(self) -> int:
+        """Send d(loss)/d(rows) of every layer used to the shards, once, one row per distinct
+        id (layers' ids never overlap: each layer has its own tables); returns rows updated."""
+        ids, grads = [], []
+        for li, t in sorted(self.tensors.items()):
+            if t.grad is not None:
+                ids.append(self.unique_ids[li])
+                grads.append(t.grad.float().cpu().numpy())
+        if not ids:
+            return 0
+        updated = self.memory.source.push_gradients(np.concatenate(ids), np.concatenate(grads))
+        self.tensors.clear()  # pushed: a second update() of this fetch sends nothing
+        return updated
+
+
+class _Pinned:
+    """A layer's pinned staging buffers (rows bytes, inverse) and the event of the last
+    host-to-device copy out of them: they are refilled only once that copy is done."""
+
+    def __init__(self) -> None:
+        self.rows = torch.empty(0, dtype=torch.uint8)
+        self.inverse = torch.empty(0, dtype=torch.int64)
+        self.event: Any = None
+
+    def fill(self, rows: np.ndarray, inverse: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.event is not None:
+            self.event.synchronize()  # the last copy out of these buffers has left
+        if self.rows.numel() < rows.nbytes:
+            self.rows = torch.empty(max(rows.nbytes, 2 * self.rows.numel()), dtype=torch.uint8).pin_memory()
+        if self.inverse.numel() < inverse.size:
+            self.inverse = torch.empty(max(inverse.size, 2 * self.inverse.numel()), dtype=torch.int64).pin_memory()
+        r = self.rows[:rows.nbytes]
+        r.numpy()[:] = np.ascontiguousarray(rows).view(np.uint8).reshape(-1)
+        i = self.inverse[:inverse.size]
+        i.numpy()[:] = inverse
+        return _host_tensor(r.numpy().view(rows.dtype).reshape(rows.shape)), i
+
+
+class RemoteMemory:
+    """Rows from ``source``: an :class:`~engram_ray.client.EngramClient` or a node's lookup agent
+    (:class:`~engram_ray.agent.AgentClient`). ``pin``: stage CUDA copies in pinned memory;
+    ``prefetch=False`` fetches on demand (for measuring what prefetching saves)."""
+
+    def __init__(self, source: RowSource, *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, pin: bool = True, prefetch: bool = True):
+        self.source = source
+        #: False: fetch each layer's rows only when the layer asks (the no-prefetch baseline).
+        self.prefetch = prefetch
+        self._layout = source.layout
+        self.device = torch.device(device)
+        self.dtype, self.pin = dtype, pin
+        # CUDA: host-to-device copies of rows run on a side stream from pinned buffers, so
+        # they overlap the compute stream; the compute stream waits only on that copy's event.
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._pinned: dict[int, _Pinned] = {}
+        self._events: dict[int, Any] = {}
+
+    @property
+    def client(self) -> RowSource:
+        """The source of rows (named ``client`` before the lookup agent existed)."""
+        return self.source
+
+    @property
+    def layout(self) -> TableLayout:
+        return self._layout
+
+    def stage(self, layer: int, rows_ud: np.ndarray, inverse_n: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unique rows ``[U, D]`` (storage dtype) and ``inverse [N]`` -> tensors of their own on
+        the model's device (the source's buffers may be reused at once). On CUDA the copy is
+        issued on the side stream now; :meth:`ready` makes the compute stream wait for it."""
+        if self.copy_stream is None:
+            return _host_tensor(rows_ud).to(self.dtype, copy=True), torch.from_numpy(np.array(inverse_n, np.int64))
+        if self.pin:
+            buf = self._pinned.setdefault(layer, _Pinned())
+            src_rows, src_inv = buf.fill(rows_ud, inverse_n)
+        else:
+            src_rows, src_inv = _host_tensor(np.array(rows_ud)), torch.from_numpy(np.array(inverse_n, np.int64))
+        with torch.cuda.stream(self.copy_stream):
+            dev_rows = src_rows.to(self.device, non_blocking=True)
+            dev_inv = src_inv.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        if self.pin:
+            self._pinned[layer].event = event
+        self._events[id(dev_rows)] = (event, dev_inv)
+        return dev_rows, dev_inv
+
+    def ready(self, rows_ud: torch.Tensor) -> torch.Tensor:
+        """Staged rows, usable on the compute stream, in the model's dtype."""
+        if self.copy_stream is None:
+            return rows_ud
+        event, dev_inv = self._events.pop(id(rows_ud))
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(event)  # the layer waits on the copy, not the host
+        rows_ud.record_stream(compute)  # the allocator must not reuse them before compute is done
+        dev_inv.record_stream(compute)
+        return rows_ud.to(self.dtype)
+
+    def update(self, fetch: MemoryFetch) -> int:
+        """After backward: push the fetch's row gradients to the shards; returns rows updated."""
+        if not isinstance(fetch, RemoteFetch) or fetch.memory is not self:
+            raise ValueError("RemoteMemory.update: pass a fetch of this memory")
+        return fetch.push_gradients()
+
+    def fetch(self, row_ids_lbth: np.ndarray, requires_grad: bool = True) -> RemoteFetch:
+        """Start fetching global rows ``[L, B, T, H]`` (int64, host numpy); returns at once."""
+        return RemoteFetch(self, np.asarray(row_ids_lbth, dtype=np.int64), requires_grad)
