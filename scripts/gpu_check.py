@@ -35,20 +35,32 @@ REPO = Path(__file__).resolve().parent.parent
 #: Seconds kept back from the budget for stopping the shards and writing the summary.
 RESERVE_S = 15
 #: Each step's own limit (seconds); a step gets the smaller of this and what the budget has left.
-LIMITS = {"wheels": 60, "env": 60, "tests": 150, "shards": 60, "train": 120, "bench": 200}
+LIMITS = {"wheels": 60, "env": 60, "tests": 150, "shards": 60, "train": 120, "bench": 300}
 #: What a check runs at, by mode: table preset, model, steps, bench model and dtype, bench sizes.
 SIZES = {
+    # the serving workload scaled so that four modes x repeats of a ~1B bf16 model fit the budget
     "gpu": dict(preset="demo", model="demo", steps=20, device="cuda", bench_model="dense_1b",
-                bench_dtype="bfloat16", bench_args=[]),
+                bench_dtype="bfloat16",
+                bench_args=["--sequences", "32", "--min-len", "100", "--max-len", "1024", "--decode-batch", "32",
+                            "--decode-tokens", "32", "--requests", "64", "--prompt-len", "100", "1024",
+                            "--output-len", "16", "64", "--max-batch", "32", "--token-budget", "8192",
+                            "--repeats", "3"]),
     "cpu-dry-run": dict(preset="tiny", model="tiny", steps=5, device="cpu", bench_model="tiny",
                         bench_dtype="float32",
                         bench_args=["--sequences", "4", "--min-len", "8", "--max-len", "24", "--decode-batch", "2",
-                                    "--decode-tokens", "4", "--repeats", "1"]),
+                                    "--decode-tokens", "4", "--requests", "4", "--prompt-len", "8", "16",
+                                    "--output-len", "2", "4", "--max-batch", "2", "--token-budget", "64",
+                                    "--repeats", "1"]),
 }
 
 
 class StepFailed(Exception):
-    """A step's child failed; the message says how (and ends with its output's tail)."""
+    """A step's child failed; the message says how (and ends with its output's tail).
+    ``details`` go into the step's summary beside the error (what the step did find)."""
+
+    def __init__(self, message: str, **details):
+        super().__init__(message)
+        self.details = details
 
 
 class Check:
@@ -117,7 +129,7 @@ class Check:
             entry.update(fn(limit) or {})
             entry["ok"] = True
         except Exception as e:  # noqa: BLE001 - recorded; the check goes on
-            entry.update(ok=False, error=f"{type(e).__name__}: {e}")
+            entry.update(getattr(e, "details", {}), ok=False, error=f"{type(e).__name__}: {e}")
         entry["seconds"] = round(time.monotonic() - t, 2)
         self.summary["steps"][name] = entry
         print(f"[{time.monotonic() - self.t0:6.1f} s] {name}: {'ok' if entry['ok'] else 'FAILED'}"
@@ -162,16 +174,16 @@ class Check:
                        if "pytest.mark.gpu" in p.read_text())
         cmd = self.python("-m", "pytest", "-q", "-m", "gpu", "-rs", "-p", "no:cacheprovider", "-p", "no:asyncio",
                           "-p", "no:platformdirs", "--continue-on-collection-errors", *files)
-        entry: dict = {"files": files}
         try:
             out = self.run("tests", cmd, limit)
         except StepFailed as e:
-            entry["counts"] = _pytest_counts(str(e))
-            raise StepFailed(f"{entry['counts']} in {files}: {e}") from None
-        entry["counts"] = _pytest_counts(out)
-        if not entry["counts"]:
-            raise StepFailed(f"no pytest summary line in the output: {out[-500:]}")
-        return entry
+            counts, broken = _pytest_counts(str(e)), re.findall(r"ERROR collecting (\S+)", str(e))
+            raise StepFailed(f"{counts} in {files}: {e}", files=files, counts=counts,
+                             collection_errors=broken) from None
+        counts = _pytest_counts(out)
+        if not counts:
+            raise StepFailed(f"no pytest summary line in the output: {out[-500:]}", files=files)
+        return {"files": files, "counts": counts}
 
     def start_shards(self, limit: float) -> dict:
         """Two ``engram-ray shard`` processes on 127.0.0.1 (free ports), with the token file;

@@ -8,7 +8,6 @@ import argparse
 import dataclasses
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -37,27 +36,12 @@ def environment() -> dict:
 
 
 def remote_memory_class():
-    """``RemoteMemory``: from its Ray-free home (``engram_ray.remote_memory``), or from
-    ``engram_ray.runtime`` where it still lives there. Without Ray, ``engram_ray.runtime``'s
-    package import fails, so the module is then loaded under an empty stand-in package: it
-    needs only the client, the model and torch."""
+    """``RemoteMemory`` from its Ray-free home, or (an older tree) from ``engram_ray.runtime``."""
     try:
-        from engram_ray.remote_memory import RemoteMemory  # type: ignore[import-not-found]
-        return RemoteMemory
-    except ImportError:
-        pass
-    try:
-        from engram_ray.runtime.remote_memory import RemoteMemory
-        return RemoteMemory
-    except ImportError:
-        import importlib
-        import types
-
-        import engram_ray
-        stand_in = types.ModuleType("engram_ray.runtime")
-        stand_in.__path__ = [str(Path(engram_ray.__file__).parent / "runtime")]
-        sys.modules["engram_ray.runtime"] = stand_in
-        return importlib.import_module("engram_ray.runtime.remote_memory").RemoteMemory
+        from engram_ray.remote_memory import RemoteMemory
+    except ImportError:  # before the move: needs Ray, so this step then fails and says why
+        from engram_ray.runtime.remote_memory import RemoteMemory  # type: ignore[no-redef]
+    return RemoteMemory
 
 
 def _configs(preset: str, model: str):
