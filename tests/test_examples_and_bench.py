@@ -146,7 +146,7 @@ def test_bench_offload_against_running_shards_without_ray(tmp_path, gpt2_vocab):
                             "--memory-at", ",".join(f"127.0.0.1:{p}" for _, p in servers),
                             "--token-file", str(token), "--sequences", "2", "--min-len", "8", "--max-len", "12",
                             "--decode-batch", "2", "--decode-tokens", "2", "--requests", "3", "--prompt-len", "6",
-                            "10", "--output-len", "2", "3", "--max-batch", "2", "--repeats", "1",
+                            "10", "--output-len", "2", "3", "--max-batch", "2", "--repeats", "1", "--microbatches", "2",
                             "--out", str(out)], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         last = json.loads(r.stdout.strip().splitlines()[-1])
@@ -155,6 +155,7 @@ def test_bench_offload_against_running_shards_without_ray(tmp_path, gpt2_vocab):
         assert rep["memory"]["source"] == "running" and rep["memory"]["via"] == "client"
         assert rep["table"]["shards"] == 2 and not rep["table"]["capped"]
         assert "serving:remote_vs_local" in rep["overhead"] and rep["model"]["n_layers"] >= 3
+        assert rep["phases"][-1] == "decode_mb2" and "decode_mb2:remote_vs_local" in rep["overhead"]
         # the remote modes read their rows from these shards (their counters, read by Describe)
         assert rep["breakdown"]["serving:remote"]["hash_s"] > 0 and rep["lookup_p50_ms"] > 0
         assert rep["per_lookup"]["rpcs_per_lookup"] >= 1 and rep["per_lookup"]["server_handler_ms_per_rpc"] > 0

@@ -34,7 +34,7 @@ from ..core.layout import TableLayout
 from ..model import EngramLM, LocalMemory
 from .isolation import Isolation
 from .memory_source import DeployedShards, RunningShards, memory_client, remote_memory
-from .phases import MODES, PHASES, Workload, interleave, run_phase
+from .phases import MODES, PHASES, Workload, interleave, microbatch_phase, run_phase
 from .summary import per_lookup, profile_top, throughput
 
 __all__ = ["MODES", "PHASES", "Options", "run", "DTYPES"]
@@ -63,7 +63,9 @@ class Options:
     output_len: tuple[int, int] = (8, 32)
     max_batch: int = 8
     token_budget: int = 256
-    repeats: int = 3
+    # decode also in this many alternating micro-batches (phase decode_mbM), against one
+    microbatches: int = 1
+    repeats: int = 5
     device: str = "auto"
     dtype: str = "float32"
     # the memory: deployed on Ray, or shards that already run; through a client or the agent
@@ -123,12 +125,13 @@ def _measure(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, token
         setups = {"no_engram": (backbone, None), "local": (with_engram, local),
                   "remote": (with_engram, remote_memory(client, device=dev, dtype=dtype, prefetch=True)),
                   "remote_lazy": (with_engram, remote_memory(client, device=dev, dtype=dtype, prefetch=False))}
-        times, parts = interleave(setups, indexer, work, dev, o.repeats, o.progress)
+        phases = PHASES + ((microbatch_phase(o.microbatches),) if o.microbatches > 1 else ())
+        times, parts = interleave(setups, indexer, work, dev, o.repeats, o.progress, phases)
         top = None
         if o.profile:  # one more remote run of every phase under cProfile, after the timed ones
-            top = profile_top(lambda: [run_phase(ph, *setups["remote"], indexer, work, dev) for ph in PHASES])
+            top = profile_top(lambda: [run_phase(ph, *setups["remote"], indexer, work, dev) for ph in phases])
         record = iso.record()  # while the model thread, its pool and the shards are alive
-    return _Measured(times, parts, {ph: work.tokens(ph) for ph in PHASES}, top, record)
+    return _Measured(times, parts, {ph: work.tokens(ph) for ph in phases}, top, record)
 
 
 def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np.ndarray,
@@ -138,6 +141,8 @@ def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np
     if o.longest() > model_cfg.max_seq_len:
         raise ValueError(f"sequences up to {o.longest()} tokens exceed the backbone's "
                          f"max_seq_len={model_cfg.max_seq_len}")
+    if not 1 <= o.microbatches <= o.decode_batch:
+        raise ValueError(f"microbatches={o.microbatches}: between 1 and decode_batch={o.decode_batch}")
     if o.dtype not in DTYPES:
         raise ValueError(f"dtype {o.dtype!r}: choose one of {', '.join(DTYPES)}")
     iso = Isolation.split(o.isolate, o.memory_cores)
@@ -178,10 +183,11 @@ def _report(engram_cfg: EngramConfig, model_cfg: ModelConfig, layout: TableLayou
         "workload": {"prefill_sequences": o.sequences, "length_uniform": [o.min_len, o.max_len],
                      "prefill_tokens": m.tokens["prefill"], "decode_batch": o.decode_batch,
                      "decode_prompt": o.decode_prompt, "decode_tokens": o.decode_tokens,
+                     "decode_microbatches": o.microbatches,
                      "serving_requests": o.requests, "serving_prompt_uniform": list(o.prompt_len),
                      "serving_output_uniform": list(o.output_len), "serving_max_batch": o.max_batch,
                      "serving_token_budget": o.token_budget, "serving_tokens": m.tokens["serving"]},
-        "phases": list(PHASES),
+        "phases": list(m.tokens), "microbatches": o.microbatches,
         "repeats": o.repeats, "statistic": "median", "order": "interleaved a b c d per repetition, one warm-up",
         "results": res, "overhead": overhead,
         "lookup_p50_ms": stats["latency_p50_ms"] if stats else None,

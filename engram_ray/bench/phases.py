@@ -1,7 +1,9 @@
 """The timed phases of ``bench offload`` and their interleaved repetitions.
 
 * ``prefill``: each sequence alone, its whole prompt in one forward;
-* ``decode``: one batch of equal prompts generating token by token with a KV cache;
+* ``decode``: one batch of equal prompts generating token by token with a KV cache
+  (``decode_mbM``: the same batch in M alternating micro-batches, so one part's rows travel
+  while another part computes);
 * ``serving``: requests of drawn prompt and output lengths through the continuous-batching
   engine of :mod:`.serving` -- what a serving deployment runs.
 
@@ -22,7 +24,7 @@ import torch
 
 from .serving import Request, draw_requests, serve
 
-__all__ = ["MODES", "PHASES", "Workload", "interleave", "run_phase"]
+__all__ = ["MODES", "PHASES", "Workload", "interleave", "microbatch_phase", "run_phase"]
 
 MODES = ("no_engram", "local", "remote", "remote_lazy")
 PHASES = ("prefill", "decode", "serving")
@@ -49,7 +51,7 @@ class Workload:
         """Tokens a run of ``phase`` processes (prompt and generated), for tokens/s."""
         if phase == "prefill":
             return sum(h.size for _, h in self.seqs)
-        if phase == "decode":
+        if phase.startswith("decode"):
             return int(self.prompt.shape[0] * (self.prompt.shape[1] + self.decode_tokens))
         return sum(r.prompt.size + r.output_len for r in self.requests)
 
@@ -88,32 +90,51 @@ def _prefill(model, memory, indexer, work: Workload, device, acc) -> float:
     return time.perf_counter() - t0
 
 
-def _decode(model, memory, indexer, work: Workload, device, acc) -> float:
-    prompt, steps = work.prompt, work.decode_tokens
-    B, P = prompt.shape
-    cache = model.new_cache(B, device=device)
+def _decode(model, memory, indexer, work: Workload, device, acc, microbatches: int = 1) -> float:
+    """The decode batch generating ``decode_tokens`` tokens after its prompt. With
+    ``microbatches`` > 1 the batch is split and the parts alternate: a part's next fetch is
+    issued as soon as its token is sampled, so it travels while the other parts compute."""
+    parts = [_Part(model, indexer, rows, device) for rows in torch.tensor_split(work.prompt, microbatches)]
     _sync(device)
     t0 = time.perf_counter()
-    hist = indexer.new_history(B)
-    new = prompt
-    pos = 0
-    for _ in range(steps + 1):  # the prompt, then `steps` single tokens
-        fetch = None
-        if memory is not None:
-            t1 = time.perf_counter()
-            # the sampled ids come to the host to be indexed (the backbone alone never waits)
-            rows, hist = indexer.step(hist, new.cpu().numpy())
-            t2 = time.perf_counter()
-            fetch = memory.fetch(rows, requires_grad=False)
-            acc["hash_s"] += t2 - t1
-            acc["issue_s"] += time.perf_counter() - t2
-        logits = model(new, fetch, cache=cache, start_pos=pos)
-        if fetch is not None:
-            acc["wait_s"] += fetch.wait_seconds
-        pos += new.shape[1]
-        new = logits[:, -1].argmax(-1, keepdim=True)
+    for p in parts:
+        p.issue(memory, acc)
+    for step in range(work.decode_tokens + 1):  # the prompt, then `decode_tokens` single tokens
+        for p in parts:
+            p.forward(model, acc)
+            if step < work.decode_tokens:
+                p.issue(memory, acc)
     _sync(device)
     return time.perf_counter() - t0
+
+
+class _Part:
+    """One micro-batch of the decode batch: its cache, hashing history and pending fetch."""
+
+    def __init__(self, model, indexer, prompt: torch.Tensor, device):
+        self.indexer, self.new, self.pos = indexer, prompt, 0
+        self.cache = model.new_cache(prompt.shape[0], device=device)
+        self.hist = indexer.new_history(prompt.shape[0])
+        self.fetch: Any = None
+
+    def issue(self, memory, acc) -> None:
+        """Index the part's new tokens and start fetching their rows (no Engram: nothing)."""
+        if memory is None:
+            return
+        t1 = time.perf_counter()
+        # the sampled ids come to the host to be indexed (the backbone alone never waits)
+        rows, self.hist = self.indexer.step(self.hist, self.new.cpu().numpy())
+        t2 = time.perf_counter()
+        self.fetch = memory.fetch(rows, requires_grad=False)
+        acc["hash_s"] += t2 - t1
+        acc["issue_s"] += time.perf_counter() - t2
+
+    def forward(self, model, acc) -> None:
+        logits = model(self.new, self.fetch, cache=self.cache, start_pos=self.pos)
+        if self.fetch is not None:
+            acc["wait_s"] += self.fetch.wait_seconds
+        self.pos += self.new.shape[1]
+        self.new = logits[:, -1].argmax(-1, keepdim=True)
 
 
 def _serving(model, memory, indexer, work: Workload, device, acc) -> float:
@@ -124,11 +145,18 @@ def _serving(model, memory, indexer, work: Workload, device, acc) -> float:
 _RUN = {"prefill": _prefill, "decode": _decode, "serving": _serving}
 
 
+def microbatch_phase(m: int) -> str:
+    """The name of the decode phase run in ``m`` alternating micro-batches."""
+    return f"decode_mb{m}"
+
+
 def run_phase(phase: str, model, memory, indexer, work: Workload, device: torch.device,
               acc: dict[str, float] | None = None) -> float:
     """Seconds of one run of ``phase``; ``acc`` gathers its hash / issue / wait seconds."""
-    return _RUN[phase](model, memory, indexer, work, device,
-                       acc if acc is not None else collections.defaultdict(float))
+    acc = acc if acc is not None else collections.defaultdict(float)
+    if phase.startswith("decode_mb"):
+        return _decode(model, memory, indexer, work, device, acc, microbatches=int(phase[len("decode_mb"):]))
+    return _RUN[phase](model, memory, indexer, work, device, acc)
 
 
 def interleave(setups: dict[str, tuple[Any, Any]], indexer, work: Workload, dev: torch.device,

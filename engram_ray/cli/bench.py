@@ -85,6 +85,7 @@ def _offload_options(args: argparse.Namespace) -> Any:
         min_len=args.min_len, max_len=args.max_len, decode_batch=args.decode_batch,
         decode_tokens=args.decode_tokens, requests=args.requests, prompt_len=tuple(args.prompt_len),
         output_len=tuple(args.output_len), max_batch=args.max_batch, token_budget=args.token_budget,
+        microbatches=args.microbatches,
         repeats=args.repeats, device=args.device, dtype=DTYPE_NAMES.get(args.dtype, args.dtype),
         memory_at=tuple(parse_addresses(args.memory_at)) if args.memory_at else (),
         token_file=args.token_file, via=args.via, isolate=not args.no_isolate, memory_cores=args.memory_cores,
@@ -293,6 +294,9 @@ def _add_offload(bsub) -> None:
     g.add_argument("--max-len", type=int, default=192, help="longest sequence (paper: 1024)")
     g.add_argument("--decode-batch", type=int, default=8)
     g.add_argument("--decode-tokens", type=int, default=16)
+    g.add_argument("--microbatches", type=int, default=1,
+                   help="also run decode as this many alternating micro-batches (phase decode_mbM), so one "
+                        "part's rows travel while the other computes; 1: off (default: 1)")
     g = b.add_argument_group("serving phase (continuous batching)")
     g.add_argument("--requests", type=int, default=16, help="requests served (paper: 512)")
     g.add_argument("--prompt-len", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"),
@@ -302,8 +306,8 @@ def _add_offload(bsub) -> None:
     g.add_argument("--max-batch", type=int, default=8, help="live sequences at most (default: 8)")
     g.add_argument("--token-budget", type=int, default=256,
                    help="prompt tokens prefilled per step, in chunks (default: 256)")
-    b.add_argument("--repeats", type=int, default=3, help="timed repetitions of a b c d, median quoted "
-                                                          "with min/quartiles/max (default: 3)")
+    b.add_argument("--repeats", type=int, default=5, help="timed repetitions of a b c d, median quoted "
+                                                          "with min/quartiles/max (default: 5)")
     b.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N] (default: auto)")
     b.add_argument("--no-isolate", action="store_true",
                    help="do not pin: model, shards, client and Ray share every core")

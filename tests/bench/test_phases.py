@@ -1,0 +1,40 @@
+"""bench offload's phases: decode in alternating micro-batches computes what one batch does."""
+
+import collections
+
+import numpy as np
+import torch
+
+from engram_ray import config as C
+from engram_ray.bench import phases
+from engram_ray.core.indexer import RowIndexer
+from engram_ray.core.tokens import CompressedVocab
+from engram_ray.model import EngramLM, LocalMemory
+
+
+@torch.no_grad()
+def test_microbatched_decode_samples_what_one_batch_samples():
+    mc, ec = C.model_tiny(), C.tiny()
+    indexer = RowIndexer.build(ec, CompressedVocab(np.arange(mc.vocab_size) // 2))
+    torch.manual_seed(0)
+    model = EngramLM(mc, ec).eval()
+    memory = LocalMemory(indexer.layout, init_std=0.5)
+    prompt = torch.randint(0, mc.vocab_size, (4, 6))
+
+    def run(m):
+        parts = [phases._Part(model, indexer, rows, torch.device("cpu")) for rows in torch.tensor_split(prompt, m)]
+        acc = collections.defaultdict(float)
+        for p in parts:
+            p.issue(memory, acc)
+        for _ in range(5):
+            for p in parts:
+                p.forward(model, acc)
+                p.issue(memory, acc)
+        return torch.cat([p.new for p in parts])
+
+    assert torch.equal(run(1), run(2))
+    work = phases.Workload([], prompt, 3, [], 2, 8)
+    assert work.tokens("decode_mb2") == work.tokens("decode") == 4 * (6 + 3)
+    acc = collections.defaultdict(float)
+    assert phases.run_phase(phases.microbatch_phase(2), model, memory, indexer, work, torch.device("cpu"), acc) > 0
+    assert acc["hash_s"] > 0
