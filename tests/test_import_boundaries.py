@@ -55,6 +55,11 @@ _FORBIDDEN = {
     "engram_ray.client": {"torch", "ray", "engram_ray.model", "engram_ray.runtime"},
     "engram_ray.model": {"ray", "grpc", "google", "engram_ray.store", "engram_ray.rpc",
                          "engram_ray.client", "engram_ray.runtime"},
+    # the lookup agent: a client-side process and its worker side; no torch, never Ray or server code
+    "engram_ray.agent": {"torch", "ray", "engram_ray.model", "engram_ray.runtime", "engram_ray.store",
+                         "engram_ray.rpc.servicer", "engram_ray.rpc.server", "engram_ray.bench"},
+    # the model's remote memory: torch + client/agent, runs where there is no cluster
+    "engram_ray.remote_memory": {"ray", "engram_ray.runtime", "engram_ray.store", "engram_ray.cli"},
 }
 
 
@@ -77,3 +82,20 @@ def test_imports_point_downward(path):
 def test_a_shard_process_does_not_load_torch():
     loaded = _loaded_after(["engram_ray.runtime.shard_server", "engram_ray.runtime"])
     assert "torch" not in loaded and "ray" in loaded
+
+
+def test_remote_memory_and_the_agent_import_without_ray():
+    """A worker without a cluster (no Ray installed) reads rows through RemoteMemory and the
+    lookup agent: importing them must not need ray."""
+    code = ("import sys\nsys.modules['ray'] = None\n"  # any 'import ray' now raises ImportError
+            "from engram_ray.remote_memory import RemoteMemory\n"
+            "from engram_ray.agent import AgentClient, LookupAgent\n"
+            "import engram_ray.agent.process, engram_ray.cli\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_the_agent_process_does_not_load_torch():
+    loaded = _loaded_after(["engram_ray.agent", "engram_ray.agent.process", "engram_ray.cli.agent"])
+    assert "torch" not in loaded and "ray" not in loaded

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import logging
 import os
 import socket
@@ -179,7 +180,9 @@ class LookupAgent:
             conn.close()
             conn.sock.close()
             self._conns.discard(conn)
-            conn.slots = []  # mappings go once in-flight lookups drop their views
+            had_slots, conn.slots = bool(conn.slots), []  # mappings go once in-flight lookups drop their views
+            if had_slots:
+                gc.collect()  # and any cycle (e.g. a traceback) holding a view: free the memory now
 
     # Requests -------------------------------------------------------------------------------
     def _handle(self, conn: _Conn, data: bytes) -> None:

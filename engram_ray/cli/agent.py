@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import time
 
 from .common import add_table_args, engram_config
 
@@ -51,3 +53,76 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--socket", metavar="PATH", help="Unix socket to serve on (default: per layout, under "
                                                     "$TMPDIR/engram-agent-UID/)")
     p.set_defaults(func=_cmd_agent)
+    _register_measure(sub)
+
+
+def _serve_table(preset: str, socket_path: str, shards: int, cores: set[int] | None) -> None:
+    """Child of agent-measure: ``shards`` in-process shards of ``preset`` over a 50-id
+    vocabulary and a lookup agent, on ``cores`` (set before any thread starts: all inherit it)."""
+    import numpy as np
+
+    from .. import config as C
+    from ..agent import LookupAgent
+    from ..client import EngramClient
+    from ..core.layout import TableLayout
+    from ..core.tokens import CompressedVocab
+    from ..rpc import create_server
+    from ..store import TableShard
+
+    if cores:
+        os.sched_setaffinity(0, cores)
+    layout = TableLayout.build(C.preset(preset), CompressedVocab(np.arange(50)))
+    servers = [create_server(TableShard.create(layout, shards, i), "127.0.0.1", 0) for i in range(shards)]
+    client = EngramClient([f"127.0.0.1:{p}" for _, p in servers], layout)
+    LookupAgent(client, socket_path).start()
+    while os.getppid() != 1:  # until the measuring parent is gone
+        time.sleep(0.5)
+
+
+def _cmd_measure(args: argparse.Namespace) -> int:
+    import multiprocessing as mp
+    import tempfile
+
+    import numpy as np
+
+    from .. import config as C
+    from ..agent import AgentClient
+    from ..agent.measure import worker_cost
+    from ..core.layout import TableLayout
+    from ..core.tokens import CompressedVocab
+
+    layout = TableLayout.build(C.preset(args.preset), CompressedVocab(np.arange(50)))
+    cores = sorted(os.sched_getaffinity(0))
+    isolate = len(cores) >= 2 and not args.no_isolate
+    worker_cores, agent_cores = ({cores[0]}, set(cores[1:])) if isolate else (set(cores), None)
+    path = os.path.join(tempfile.mkdtemp(prefix="engram-measure-"), "agent.sock")
+    child = mp.get_context("spawn").Process(target=_serve_table, args=(args.preset, path, args.shards, agent_cores),
+                                            daemon=True)
+    child.start()
+    os.sched_setaffinity(0, worker_cores)
+    try:
+        with AgentClient(path, layout, start=lambda: None, connect_timeout=120) as agent:
+            rng = np.random.default_rng(0)
+            layers = [rng.integers(0, layout.total_rows, size=args.ids) for _ in range(args.layers)]
+            out = worker_cost(agent, layers, args.iters)
+        out["cores"] = {"worker": sorted(worker_cores), "agent": sorted(agent_cores or worker_cores)}
+        print(json.dumps(out, indent=1))
+    finally:
+        child.terminate()
+        child.join(5)
+    return 0
+
+
+def _register_measure(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("agent-measure", help="measure what the model's thread pays per fetch through the agent",
+                       description="Serve a table and a lookup agent in a child process and time, in this "
+                                   "process (the worker), issuing a fetch and reading its replies.")
+    p.add_argument("--ids", type=int, default=2048, help="ids per layer (default 2048: 8 x 32 tokens x 8 heads)")
+    p.add_argument("--layers", type=int, default=2, help="Engram layers per fetch (default 2)")
+    p.add_argument("--iters", type=int, default=500)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--no-isolate", action="store_true",
+                   help="share every core (default with >= 2 cores: this process on the first, agent and "
+                        "shards on the rest, as when the agent runs on cores of its own)")
+    p.set_defaults(func=_cmd_measure)

@@ -59,9 +59,12 @@ class Prefetch(Generic[T]):
         return self._future.done()
 
     def add_done_callback(self, fn: Any) -> None:
-        """Call ``fn(self)`` once the lookup ended (at once if it has): on the client's I/O
-        thread, so ``fn`` must be quick and must not block."""
-        self._future.add_done_callback(lambda _f: fn(self))
+        """Call ``fn(future)`` once the lookup ended (at once if it has), with the finished
+        ``concurrent.futures.Future`` (``future.result(0)`` is the rows): on the client's I/O
+        thread, so ``fn`` must be quick and must not block. (Not ``fn(self)``: the future
+        keeps its callbacks, and a callback holding this Prefetch would make a cycle that
+        keeps the rows' buffer alive until a garbage collection.)"""
+        self._future.add_done_callback(fn)
 
     @property
     def fetch_seconds(self) -> float | None:

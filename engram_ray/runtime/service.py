@@ -92,6 +92,12 @@ class MemoryService:
         return EngramClient(self.replicas or self.addresses, self.layout, token=self.token,
                             tls_ca=self.tls_ca, **kwargs)
 
+    def agent_client(self, **kwargs: Any) -> Any:
+        """An :class:`~engram_ray.agent.AgentClient` on this node's lookup agent (started if
+        none serves this service here): how workers read rows without gRPC in their process."""
+        from .agent import agent_client
+        return agent_client(self, **kwargs)
+
     def _resolve(self) -> list[list[str]]:
         """The shard copies' addresses now (a restarted copy may serve elsewhere): asked of the
         service's directory actor, so clients follow restarts without user action."""

@@ -11,8 +11,8 @@ import ray
 
 from ..config import EngramConfig, ModelConfig, TrainConfig
 from ..core.layout import TableLayout
+from ..remote_memory import RemoteMemory
 from ..training import Trainer
-from .remote_memory import RemoteMemory
 from .service import NAMESPACE, attach
 
 __all__ = ["BackboneWorker", "WorkerHandle", "start_worker"]
@@ -21,10 +21,11 @@ log = logging.getLogger(__name__)
 
 
 class BackboneWorker:
-    """Holds the model, its trainer and an EngramClient attached to service ``service_name``."""
+    """Holds the model, its trainer and its way to the rows of service ``service_name``: this
+    node's lookup agent (``agent=True``: no gRPC in the model's process) or an EngramClient."""
 
     def __init__(self, service_name: str, model_cfg: dict, engram_cfg: dict, train_cfg: dict,
-                 tokenizer: str = "gpt2", corpus: str = "stdlib"):
+                 tokenizer: str = "gpt2", corpus: str = "stdlib", agent: bool = True):
         import torch
 
         from ..data import default_vocab, load_corpus, load_tokenizer
@@ -39,7 +40,13 @@ class BackboneWorker:
             raise ValueError(f"worker's table layout {mine.fingerprint} (tokenizer {tokenizer!r}) differs "
                              f"from service {service_name!r}'s {svc.layout.fingerprint}")
         data = load_corpus(corpus, self.tokenizer)
-        self.client = svc.client()
+        self._agent = None
+        if agent:
+            from .agent import agent_client, start_agent
+            self._agent = start_agent(service_name)
+            self.client: Any = agent_client(svc)
+        else:
+            self.client = svc.client()
         self.memory = RemoteMemory(self.client, device=device)
         self.trainer = Trainer(ModelConfig.from_dict(model_cfg), ecfg, vocab, self.memory,
                                data.train, data.val, TrainConfig.from_dict(train_cfg), device=device)
@@ -65,7 +72,10 @@ class BackboneWorker:
         return self.tokenizer.decode(out)
 
     def stats(self) -> dict[str, Any]:
-        """The EngramClient's counters: lookups, ids, unique ids, bytes, latency."""
+        """The EngramClient's counters (the node agent's, shared by its workers): lookups, ids,
+        unique ids, bytes, latency."""
+        if self._agent is not None:
+            return ray.get(self._agent.info.remote())["client"]
         return self.client.stats()
 
     def save(self, path: str) -> str:
@@ -105,10 +115,11 @@ class WorkerHandle:
 
 def start_worker(service_name: str, model_cfg: ModelConfig, engram_cfg: EngramConfig,
                  train_cfg: TrainConfig, *, tokenizer: str = "gpt2", corpus: str = "stdlib",
-                 num_cpus: float | None = None, name: str | None = None):
+                 num_cpus: float | None = None, name: str | None = None, agent: bool = True):
     """Start a :class:`BackboneWorker` actor: on a GPU node with one GPU where the cluster
     has GPUs (and ``num_cpus``, default 1), else with ``num_cpus`` CPUs (default: the free
-    CPUs of a one-node Ray, used as torch threads; 1 on a multi-node cluster).
+    CPUs of a one-node Ray, used as torch threads; 1 on a multi-node cluster). ``agent``: read
+    rows through the node's lookup agent (started if none serves the service there).
     Returns its :class:`WorkerHandle` once the worker is ready (errors raise here)."""
     opts: dict[str, Any] = {"namespace": NAMESPACE}
     one_node = sum(1 for n in ray.nodes() if n.get("Alive")) == 1
@@ -122,7 +133,7 @@ def start_worker(service_name: str, model_cfg: ModelConfig, engram_cfg: EngramCo
         opts["name"] = name
     actor = ray.remote(BackboneWorker).options(**opts).remote(
         service_name, model_cfg.to_dict(), engram_cfg.to_dict(), train_cfg.to_dict(),
-        tokenizer=tokenizer, corpus=corpus)
+        tokenizer=tokenizer, corpus=corpus, agent=agent)
     handle = WorkerHandle(actor)
     handle.info()  # surfaces a failed constructor here, with its message
     return handle

@@ -65,7 +65,10 @@ def test_two_workers_share_one_service(corpus_dir):
         assert all(len(r) == 2 and r[-1]["rows_updated"] > 0 for r in results)
         updates = sum(d["counters"]["updates"] for d in svc.describe())
         assert updates >= 2 * 2  # every step of both workers reached the shards
-        assert all(w.stats()["lookups"] == 2 * len(ecfg.layer_ids) for w in workers)  # per step, per layer
+        # both read through this node's one lookup agent: its client counts both workers' lookups
+        assert all(w.stats()["lookups"] == 2 * 2 * len(ecfg.layer_ids) for w in workers)  # per step, layer, worker
+        agents = [a for a in ray.util.list_named_actors(all_namespaces=True) if "/agent/" in a["name"]]
+        assert len(agents) == 1, agents
         for w in workers:
             w.shutdown()
         svc.shutdown()

@@ -1,0 +1,79 @@
+"""The lookup agent on a Ray cluster: one :class:`NodeAgent` actor per (service, node), placed
+on its node by node affinity and found by name (``"<service>/agent/<node id>"``). A worker that
+finds none starts one; Ray restarts one whose process dies, and workers re-attach on their
+next fetch (:class:`~engram_ray.agent.AgentClient` calls back here when no agent answers)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from ..agent import AgentClient, LookupAgent
+from ..agent.process import default_socket_path
+from .spec import NAMESPACE
+
+__all__ = ["NodeAgent", "agent_name", "start_agent", "agent_client"]
+
+log = logging.getLogger(__name__)
+
+
+def agent_name(service: str, node_id: str) -> str:
+    return f"{service}/agent/{node_id}"
+
+
+class NodeAgent:
+    """A :class:`LookupAgent` serving service ``service_name``'s rows to this node's workers,
+    with an ``EngramClient`` that follows shard restarts through the service's directory."""
+
+    def __init__(self, service_name: str):
+        from .service import attach
+
+        svc = attach(service_name, address=None)
+        node = ray.get_runtime_context().get_node_id()
+        self.path = default_socket_path(f"{service_name}-{node[:16]}")
+        self.client = svc.client()
+        self.agent = LookupAgent(self.client, self.path).start()
+        log.info("lookup agent of %s on node %s: %s", service_name, node, self.path)
+
+    def socket_path(self) -> str:
+        return self.path
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "socket": self.path, "connections": self.agent.connections,
+                "refused": self.agent.refused, "client": self.client.stats()}
+
+
+def start_agent(service_name: str, node_id: str | None = None) -> Any:
+    """The agent actor of ``service_name`` on ``node_id`` (default: this process's node),
+    started if there is none; returns its handle once it serves."""
+    node = node_id or ray.get_runtime_context().get_node_id()
+    name = agent_name(service_name, node)
+    actor: Any
+    try:
+        actor = ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        # get_if_exists: two workers racing to start it get the same actor
+        actor = ray.remote(NodeAgent).options(
+            name=name, namespace=NAMESPACE, get_if_exists=True, max_restarts=-1, num_cpus=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(service_name)
+    ray.get(actor.socket_path.remote())  # surfaces a failed constructor here
+    return actor
+
+
+def agent_client(service: Any, **kwargs: Any) -> AgentClient:
+    """An :class:`AgentClient` on this node's agent of ``service`` (a ``MemoryService``),
+    starting the agent if needed; when the agent dies, the client's next call waits for Ray
+    to restart it (or starts a new one, if it is gone for good)."""
+    actor = start_agent(service.name)
+    path = ray.get(actor.socket_path.remote())
+
+    def restart() -> None:
+        try:
+            ray.get(actor.socket_path.remote(), timeout=60)  # Ray restarts a dead one
+        except Exception:  # noqa: BLE001 - gone for good (e.g. its owner died): start another
+            start_agent(service.name)
+    return AgentClient(path, service.layout, start=restart, **kwargs)

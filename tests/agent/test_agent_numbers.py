@@ -1,0 +1,108 @@
+"""Through the lookup agent the model gets the same rows, and the table the same updates, as
+through a direct EngramClient and as from LocalMemory (bit for bit, on CPU)."""
+
+import copy
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engram_ray import config as C
+from engram_ray.agent import AgentClient
+from engram_ray.client import EngramClient
+from engram_ray.model import EngramLM, LocalMemory
+from engram_ray.remote_memory import RemoteMemory
+
+from .conftest import STORE, start_shards
+
+
+def test_agent_rows_equal_the_clients_bit_for_bit(served):
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 200, size=(3, 9, 8))  # many duplicates
+    with EngramClient(served.addresses, served.layout) as client, AgentClient(served.socket, served.layout) as agent:
+        want = client.lookup(ids)
+        assert agent.lookup(ids).tobytes() == want.tobytes()
+        out = np.empty_like(want)
+        assert agent.lookup_into(ids, out) is out and out.tobytes() == want.tobytes()
+        f = agent.prefetch_unique(ids)
+        u = f.result(10)
+        assert np.array_equal(u.ids, np.unique(ids)) and u.rows.tobytes() == client.lookup(u.ids).tobytes()
+        assert u.expand().tobytes() == want.tobytes()
+        f.release()
+    assert stat.S_IMODE(os.stat(served.socket).st_mode) == 0o600
+
+
+def test_training_through_the_agent_equals_client_and_local(served):
+    """Three copies of one model train two steps: LocalMemory, RemoteMemory over a direct
+    client (its own shards), RemoteMemory over the agent: same logits, same tables."""
+    mc, ec = C.model_tiny(), C.tiny()
+    layout = served.layout
+    other_servers, other_addresses = start_shards(layout)
+    client = EngramClient(other_addresses, layout)
+    agent = AgentClient(served.socket, layout)
+    try:
+        torch.manual_seed(0)
+        models = [EngramLM(mc, ec)]
+        models += [copy.deepcopy(models[0]) for _ in range(2)]
+        memories = [LocalMemory(layout, init_std=STORE.init_std, optimizer=STORE.optimizer),
+                    RemoteMemory(client), RemoteMemory(agent)]
+        tok = torch.randint(0, mc.vocab_size, (4, 24))
+        tok[:, 10:14] = tok[:, :4]  # repeated n-grams: duplicate rows in the batch
+        rows = served.indexer.rows(tok.numpy())
+        for _ in range(2):
+            fetches = [m.fetch(rows) for m in memories]
+            logits = [model(tok, f) for model, f in zip(models, fetches)]
+            assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
+            for lg in logits:
+                F.cross_entropy(lg.flatten(0, 1), tok.flatten()).backward()
+            updated = [m.update(f) for m, f in zip(memories, fetches)]
+            assert updated == [np.unique(rows).size] * 3
+            assert fetches[2].fetch_seconds > 0
+        local = memories[0].table.detach().numpy()
+        every = np.arange(layout.total_rows)
+        assert client.lookup(every).tobytes() == local.tobytes()
+        assert agent.lookup(every).tobytes() == local.tobytes()
+    finally:
+        agent.close()
+        client.close()
+        for s in other_servers:
+            s.stop(0)
+
+
+def test_unique_rows_autograd_reaches_the_leaf(served):
+    agent = AgentClient(served.socket, served.layout)
+    try:
+        memory = RemoteMemory(agent)
+        ids = np.array([[[[3, 3, 5, 3, 7, 7, 9, 11]]]] * 2).repeat(2, axis=2)   # [L=2, B=1, T=2, H=8]
+        f = memory.fetch(ids)
+        r = f.rows(0)
+        assert r.shape == (1, 2, 8 * served.layout.row_dim)
+        r.sum().backward()
+        leaf = f.tensors[0]
+        assert leaf.is_leaf and leaf.shape == (5, served.layout.row_dim)  # 5 distinct rows
+        counts = np.unique(ids[0], return_counts=True)[1].astype(np.float32)
+        assert torch.equal(leaf.grad, torch.from_numpy(np.repeat(counts[:, None], leaf.shape[1], axis=1)))
+    finally:
+        agent.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_unique_rows_reach_the_gpu_once_and_expand_there(served):
+    agent = AgentClient(served.socket, served.layout)
+    try:
+        ids = np.random.default_rng(3).integers(0, 300, size=(2, 3, 5, 8))
+        cpu, gpu = RemoteMemory(agent), RemoteMemory(agent, device="cuda")
+        f_c, f_g = cpu.fetch(ids), gpu.fetch(ids)
+        for li in (1, 0):  # out of order: layer 0's rows were staged while layer 1 waited
+            r_c, r_g = f_c.rows(li), f_g.rows(li)
+            assert r_g.is_cuda and torch.equal(r_g.cpu(), r_c)
+            assert f_g.tensors[li].shape[0] == np.unique(ids[li]).size  # unique rows crossed, not N
+            r_c.sum().backward()
+            r_g.sum().backward()
+            assert torch.equal(f_g.tensors[li].grad.cpu(), f_c.tensors[li].grad)  # sums of ones: exact
+    finally:
+        agent.close()

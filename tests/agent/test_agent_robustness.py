@@ -1,0 +1,179 @@
+"""The agent survives what workers do to it, and workers survive the agent: killed processes
+leave no shared memory behind, a restarted agent is re-attached on the next fetch, and hostile
+packets are refused without harm."""
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from engram_ray.agent import AgentClient, AgentRefused
+from engram_ray.agent.protocol import HELLO, MAGIC, REPLY, REQUEST, VERSION, Op
+from engram_ray.client import EngramClient
+from engram_ray.remote_memory import RemoteMemory
+
+from .conftest import dev_shm, slot_maps, spawn_agent, stop, wait_for
+
+WORKER = textwrap.dedent("""
+    import hashlib, json, sys, numpy as np
+    from engram_ray.agent import AgentClient
+    from engram_ray.core.layout import TableLayout
+    path, layout_file, mode = sys.argv[1:4]
+    layout = TableLayout.from_dict(json.load(open(layout_file)))
+    agent = AgentClient(path, layout)
+    ids = np.arange(600).reshape(3, 200) * 7 % layout.total_rows
+    rows = agent.lookup(ids)
+    print(hashlib.sha256(rows.tobytes()).hexdigest(), flush=True)
+    if mode == "hang":
+        agent.prefetch_unique(ids)  # in flight when it is killed
+        sys.stdin.read()
+""")
+
+
+def _worker(served, mode: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", WORKER, served.socket, served.socket + ".layout.json", mode],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def test_two_worker_processes_share_one_agent(served):
+    import hashlib
+    with EngramClient(served.addresses, served.layout) as client:
+        want = hashlib.sha256(client.lookup(np.arange(600).reshape(3, 200) * 7 % served.layout.total_rows)
+                              .tobytes()).hexdigest()
+    workers = [_worker(served, "hang") for _ in range(2)]
+    try:
+        assert [w.stdout.readline().strip() for w in workers] == [want, want]
+        assert wait_for(lambda: slot_maps(served.agent.pid) >= 2)  # a slot of each, in one agent
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait()
+
+
+def test_a_killed_worker_leaves_no_shared_memory(served):
+    before = dev_shm()
+    w = _worker(served, "hang")
+    assert len(w.stdout.readline().strip()) == 64
+    assert slot_maps(w.pid) >= 1 and slot_maps(served.agent.pid) >= 1
+    w.send_signal(signal.SIGKILL)
+    w.wait()
+    assert wait_for(lambda: slot_maps(served.agent.pid) == 0)  # its slots are unmapped: memory freed
+    assert dev_shm() == before  # memfds never appear in /dev/shm
+    with AgentClient(served.socket, served.layout) as agent:  # the agent serves on
+        assert agent.lookup(np.arange(10)).shape == (10, served.layout.row_dim)
+
+
+def test_a_killed_agent_is_restarted_and_the_fetch_goes_on(served):
+    before = dev_shm()
+    procs = [served.agent]
+
+    def restart():
+        procs.append(spawn_agent(served.socket, served.addresses, served.layout))
+
+    agent = AgentClient(served.socket, served.layout, start=restart)
+    try:
+        memory = RemoteMemory(agent)
+        ids = np.arange(2 * 2 * 3 * 8).reshape(2, 2, 3, 8) * 5
+        want = [memory.fetch(ids, requires_grad=False).rows(i) for i in range(2)]
+        fetch = memory.fetch(ids, requires_grad=False)       # in flight ...
+        served.agent.send_signal(signal.SIGKILL)              # ... when the agent dies
+        served.agent.wait()
+        got = [fetch.rows(i) for i in range(2)]               # re-attached, asked again
+        assert all(g.equal(w) for g, w in zip(got, want))
+        assert len(procs) == 2 and agent.reconnects == 1
+        assert memory.fetch(ids, requires_grad=False).rows(1).equal(want[1])
+        assert dev_shm() == before
+    finally:
+        agent.close()
+        served.agent = procs[-1]
+        for p in procs[:-1]:
+            stop(p)
+
+
+def _raw(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(5)
+    s.connect(path)
+    return s
+
+
+def _ask(s: socket.socket, packet: bytes) -> tuple[int, str]:
+    s.send(packet)
+    data = s.recv(4096)
+    _m, _op, status, _rid, _slot, _value, aux = REPLY.unpack_from(data)
+    return status, data[REPLY.size:REPLY.size + aux].decode()
+
+
+def _hello(s: socket.socket, fingerprint: str) -> None:
+    s.send(HELLO.pack(MAGIC, Op.HELLO, VERSION, 1, 0, 0, fingerprint.encode()))
+    assert REPLY.unpack_from(s.recv(4096))[2] == 0
+
+
+@pytest.mark.parametrize("packet,why", [
+    (b"x", "packet of 1 bytes"),
+    (b"\0" * 5000, "packet of 2048 bytes"),  # longer than any packet: cut, then refused
+    (REQUEST.pack(b"EVIL", Op.UNIQUE, 0, 1, 0, 1), "not a request"),
+    (REQUEST.pack(MAGIC, 99, 0, 1, 0, 1), "not a request"),
+    (REQUEST.pack(MAGIC, Op.UNIQUE, 0, 1, 0, 1), "say HELLO first"),
+])
+def test_hostile_packets_before_hello_are_refused(served, packet, why):
+    with _raw(served.socket) as s:
+        status, text = _ask(s, packet)
+        assert status == 1 and why in text
+
+
+def test_hostile_requests_are_refused_and_the_agent_serves_on(served):
+    fp = served.layout.fingerprint
+    with _raw(served.socket) as s:
+        status, text = _ask(s, HELLO.pack(MAGIC, Op.HELLO, VERSION, 1, 0, 0, b"engram-0000000000000000"))
+        assert status == 1 and "differs" in text
+        _hello(s, fp)
+        cases = [(REQUEST.pack(MAGIC, Op.UNIQUE, 0, 2, 0, 10), "slot 0 does not exist"),
+                 (REQUEST.pack(MAGIC, Op.SLOT, 0, 3, 0, 0), "refused"),
+                 (REQUEST.pack(MAGIC, Op.SLOT, 0, 4, 0, 1 << 40), "refused"),
+                 (REQUEST.pack(MAGIC, Op.HELLO, 0, 5, 0, 0), "wrong size"),
+                 (REQUEST.pack(MAGIC, Op.UNIQUE, 0, 6, 2**32 - 1, 2**64 - 1), "does not exist")]
+        for packet, why in cases:
+            status, text = _ask(s, packet)
+            assert status == 1 and why in text, text
+        # a real slot, then counts past it and ids outside the table
+        s.send(REQUEST.pack(MAGIC, Op.SLOT, 0, 7, 0, 16))
+        data, fds, _, _ = socket.recv_fds(s, 4096, 1)
+        assert REPLY.unpack_from(data)[2] == 0 and len(fds) == 1
+        import fcntl
+        seals = fcntl.fcntl(fds[0], fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW  # cannot be truncated under the agent
+        with pytest.raises(OSError):
+            os.ftruncate(fds[0], 0)
+        import mmap
+        mm = mmap.mmap(fds[0], 16 * 8)
+        os.close(fds[0])
+        mm[:16] = struct.pack("<2q", -5, 1 << 60)
+        status, text = _ask(s, REQUEST.pack(MAGIC, Op.UNIQUE, 0, 8, 0, 17))
+        assert status == 1 and "do not fit" in text
+        status, text = _ask(s, REQUEST.pack(MAGIC, Op.UNIQUE, 0, 9, 0, 2))
+        assert status == 1 and "outside the table" in text
+        status, text = _ask(s, REQUEST.pack(MAGIC, Op.PUSH, 0, 10, 0, 2))
+        assert status == 1 and "outside the table" in text
+        mm.close()
+    assert served.agent.poll() is None
+    with AgentClient(served.socket, served.layout) as agent:
+        assert agent.lookup(np.arange(5)).shape == (5, served.layout.row_dim)
+        with pytest.raises(AgentRefused, match="outside the table"):
+            agent.lookup(np.array([served.layout.total_rows]))
+        assert agent.lookup(np.arange(5)).shape == (5, served.layout.row_dim)  # still usable
+
+
+def test_a_second_agent_on_the_same_socket_refuses_to_start(served):
+    proc = subprocess.run([sys.executable, "-m", "engram_ray.agent", "--addresses", ",".join(served.addresses),
+                           "--layout", served.socket + ".layout.json", "--socket", served.socket],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "another lookup agent serves" in proc.stderr
+    with AgentClient(served.socket, served.layout) as agent:
+        assert agent.lookup(np.arange(3)).shape[0] == 3
