@@ -14,8 +14,8 @@ from engram_ray.core.indexer import RowIndexer
 from engram_ray.core.layout import TableLayout
 from engram_ray.core.tokens import CompressedVocab
 from engram_ray.model import EngramLM, LocalMemory, Memory, MemoryFetch
-from engram_ray.rpc import create_server
 from engram_ray.remote_memory import RemoteMemory
+from engram_ray.rpc import create_server
 from engram_ray.store import TableShard
 
 
