@@ -106,6 +106,8 @@ class Isolation:
 
     def __init__(self, compute: list[int], memory: list[int], enabled: bool = True):
         self.compute, self.memory, self.enabled = sorted(compute), sorted(memory), enabled
+        #: What this process had before: :meth:`restore` puts it back.
+        self.original = sorted(os.sched_getaffinity(0))
         #: The model thread's id, once :meth:`run_model` started it.
         self.model_tid: int | None = None
 
@@ -125,6 +127,12 @@ class Isolation:
         them (Ray's processes, the client's I/O thread, gRPC's threads)."""
         if self.enabled:
             pin_process(os.getpid(), self.memory)
+
+    def restore(self) -> None:
+        """Give every thread of this process its cores from before :meth:`memory_side` (a
+        caller that goes on -- a test session -- must not stay on the memory cores)."""
+        if self.enabled:
+            pin_process(os.getpid(), self.original)
 
     def pin_children(self) -> int:
         """Pin every descendant process (every thread) to the memory cores, in case one was

@@ -69,3 +69,17 @@ def test_model_thread_on_compute_cores_everything_else_on_memory_cores():
     finally:
         p.stdin.close()
         p.wait(timeout=60)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to split")
+def test_restore_gives_every_thread_its_cores_back():
+    code = ("import os, threading, time\n"
+            "from engram_ray.bench.isolation import Isolation, cpus_allowed\n"
+            "iso = Isolation.split(); before = sorted(os.sched_getaffinity(0))\n"
+            "iso.memory_side(); t = threading.Thread(target=time.sleep, args=(5,), daemon=True); t.start()\n"
+            "assert cpus_allowed(os.getpid(), t.native_id) == iso.memory\n"
+            "iso.restore()\n"
+            "assert cpus_allowed(os.getpid(), t.native_id) == before == sorted(os.sched_getaffinity(0))\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "ok", r.stderr[-2000:]
