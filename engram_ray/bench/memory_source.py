@@ -130,15 +130,7 @@ def memory_client(source: Any, via: str) -> Any:
     return source.client() if via == "client" else source.agent_client()
 
 
-def _remote_memory_class() -> Any:
-    """``RemoteMemory``: from its Ray-free home, or (until it moves) from runtime."""
-    try:
-        from ..remote_memory import RemoteMemory  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        from ..runtime.remote_memory import RemoteMemory
-    return RemoteMemory
-
-
 def remote_memory(client: Any, *, device: torch.device, dtype: torch.dtype, prefetch: bool) -> Any:
     """A :class:`RemoteMemory` on ``client`` (prefetch: every layer's rows issued at once)."""
-    return _remote_memory_class()(client, device=device, dtype=dtype, prefetch=prefetch)
+    from ..remote_memory import RemoteMemory  # Ray-free: takes an EngramClient or an AgentClient
+    return RemoteMemory(client, device=device, dtype=dtype, prefetch=prefetch)
