@@ -152,7 +152,10 @@ def test_bench_offload_against_running_shards_without_ray(tmp_path, gpt2_vocab):
         last = json.loads(r.stdout.strip().splitlines()[-1])
         assert last == {"code": 0, "ray_loaded": False}
         rep = json.loads(out.read_text())
-        assert rep["memory"]["source"] == "running" and rep["memory"]["via"] == "client"
+        # the default way in is the node-local lookup agent (a plain process here, no Ray)
+        assert rep["memory"]["source"] == "running" and rep["memory"]["via"] == "agent"
+        fc = rep["fetch_cost"]  # the model thread's cost per fetch, measured in the bench
+        assert fc["layers"] == 2 and 0 < fc["total_us"]["median"] < 20_000
         assert rep["table"]["shards"] == 2 and not rep["table"]["capped"]
         assert "serving:remote_vs_local" in rep["overhead"] and rep["model"]["n_layers"] >= 3
         assert rep["phases"][-1] == "decode_mb2" and "decode_mb2:remote_vs_local" in rep["overhead"]

@@ -13,6 +13,7 @@ If the agent dies, calls in flight raise :class:`AgentUnavailable`; the next cal
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -33,6 +34,7 @@ from .protocol import (
     MAGIC,
     MAX_BATCH,
     MAX_PACKET,
+    ORDERED,
     REPLY,
     REQUEST,
     VERSION,
@@ -312,7 +314,7 @@ class AgentClient:
             return value
 
     # Lookups and pushes ---------------------------------------------------------------------
-    def _stage(self, row_ids: Sequence[Any], packet: bytearray) -> list[AgentFetch]:
+    def _stage(self, row_ids: Sequence[Any], packet: bytearray, flags: int = 0) -> list[AgentFetch]:
         """Copy each id array into a free slot and pack its request into ``packet``."""
         fetches = []
         for k, r in enumerate(row_ids):
@@ -325,28 +327,30 @@ class AgentClient:
             self._slots[slot].ids[:n] = flat
             rid = self._new_id()
             self._owner[rid] = slot
-            REQUEST.pack_into(packet, k * REQUEST.size, MAGIC, Op.UNIQUE, 0, rid, slot, n)
+            REQUEST.pack_into(packet, k * REQUEST.size, MAGIC, Op.UNIQUE, flags, rid, slot, n)
             fetches.append(AgentFetch(self, self._gen, rid, slot, n, ids.shape, flat))
         return fetches
 
-    def prefetch_unique_many(self, row_ids: Sequence[Any]) -> list[AgentFetch]:
+    def prefetch_unique_many(self, row_ids: Sequence[Any], *, ordered: bool = False) -> list[AgentFetch]:
         """:meth:`prefetch_unique` for several arrays (e.g. one per Engram layer) in one packet:
-        one wake-up of the agent per fetch, however many layers."""
+        one wake-up of the agent per fetch, however many layers. ``ordered``: the agent sends
+        each lookup once the one before it has its rows."""
         if not row_ids:
             return []
         if len(row_ids) > MAX_BATCH:
             return [f for i in range(0, len(row_ids), MAX_BATCH)
-                    for f in self.prefetch_unique_many(row_ids[i:i + MAX_BATCH])]
+                    for f in self.prefetch_unique_many(row_ids[i:i + MAX_BATCH], ordered=ordered)]
         packet = bytearray(REQUEST.size * len(row_ids))
+        flags = ORDERED if ordered else 0
         with self._lock:
-            fetches = self._stage(row_ids, packet)
+            fetches = self._stage(row_ids, packet, flags)
             try:
                 self._ensure().send(packet)
             except OSError:  # the agent is gone and nothing is in flight: re-attach once, send again
                 for f in fetches:
                     f._released = True
                 self._drop()
-                fetches = self._stage(row_ids, packet)
+                fetches = self._stage(row_ids, packet, flags)
                 self._send_packet(packet)
             return fetches
 
@@ -372,6 +376,22 @@ class AgentClient:
             return out
         finally:
             f.release()
+
+    def stats(self, timeout: float | None = None) -> dict[str, Any]:
+        """The agent's client statistics (as :meth:`EngramClient.stats`, plus the agent's own
+        refusals and connections): latency and dedup are measured where the lookups run."""
+        with self._lock:
+            self._ensure()
+            rid = self._new_id()
+            self._send(Op.STATS, rid, 0, 0)
+            text = self._wait_id(rid, timeout)[2]
+        try:
+            report = json.loads(text.decode("utf-8"))
+        except ValueError as e:
+            raise AgentRefused(f"lookup agent at {self.path} sent unreadable statistics: {e}") from None
+        if not isinstance(report, dict):
+            raise AgentRefused(f"lookup agent at {self.path} sent statistics that are not an object")
+        return report
 
     def push_gradients(self, row_ids: Any, grads: Any, timeout: float | None = None) -> int:
         """Send row gradients ``[*ids.shape, dim]`` through the agent; returns rows updated."""

@@ -10,7 +10,8 @@ one ``recv`` and one of the wrong length is refused outright. memfds never appea
 Packets (little-endian)::
 
     request  REQUEST  magic 'ERA1', op u16, flags u16, req_id u32, slot u32, n u64      (24 B)
-                      (a packet holds 1..MAX_BATCH requests: one wake-up per fetch)
+                      (a packet holds 1..MAX_BATCH requests: one wake-up per fetch; flags:
+                      ORDERED, the packet's UNIQUE lookups go out one after the other)
     hello    HELLO    REQUEST + fingerprint 32s                                          (56 B)
     reply    REPLY    magic, op u16, status u16, req_id u32, slot u32, value u64, aux u64 (32 B)
                       + on error, ``aux`` bytes of UTF-8 text; + for HELLO, HELLO_INFO
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["MAGIC", "Op", "REQUEST", "HELLO", "REPLY", "HELLO_INFO", "OK", "ERROR", "MAX_PACKET", "MAX_BATCH",
-           "SlotLayout", "Slot", "create_memfd", "AgentUnavailable", "AgentRefused"]
+           "ORDERED", "SlotLayout", "Slot", "create_memfd", "AgentUnavailable", "AgentRefused"]
 
 MAGIC = b"ERA1"
 VERSION = 1
@@ -46,13 +47,19 @@ MAX_PACKET = 2048
 ALIGN = 64
 
 
+#: Request flag: the packet's UNIQUE lookups run one after the other, each once the one before
+#: has its rows (a fetch's Engram layers, earliest first).
+ORDERED = 1
+
+
 class Op:
     HELLO = 1    #: check the layout; the agent answers with what it serves
     SLOT = 2     #: n = capacity in ids; the reply carries the slot's memfd (SCM_RIGHTS)
     UNIQUE = 3   #: ids[:n] -> rows[:U] of the distinct ids, inverse[:n]; value = U
     ROWS = 4     #: ids[:n] -> rows[:n] in the caller's order; value = n
     PUSH = 5     #: ids[:n], float32 gradients rows[:n] -> pushed; value = rows updated
-    ALL = (HELLO, SLOT, UNIQUE, ROWS, PUSH)
+    STATS = 6    #: the agent's client statistics, as JSON text after the reply header
+    ALL = (HELLO, SLOT, UNIQUE, ROWS, PUSH, STATS)
 
 
 class AgentUnavailable(ConnectionError):

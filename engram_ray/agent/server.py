@@ -15,11 +15,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gc
+import json
 import logging
 import os
 import socket
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -31,6 +32,7 @@ from .protocol import (
     MAX_BATCH,
     MAX_PACKET,
     OK,
+    ORDERED,
     REPLY,
     REQUEST,
     VERSION,
@@ -193,45 +195,70 @@ class LookupAgent:
         if rest or not 1 <= k <= MAX_BATCH:
             raise _Refused(0, 0, 0, f"packet of {len(data)} bytes; expected 1..{MAX_BATCH} requests of "
                                     f"{REQUEST.size}")
+        ordered: list[_Job] = []  # UNIQUE lookups flagged ORDERED: one after the other
         for i in range(k):
             try:
-                self._request(conn, REQUEST.unpack_from(data, i * REQUEST.size))
+                job = self._request(conn, REQUEST.unpack_from(data, i * REQUEST.size))
+                if job is not None and job.ordered:
+                    ordered.append(job)
+                elif job is not None:
+                    self._start(conn, job)
             except _Refused as e:  # one bad request of a batch: the others still run
                 self.refused += 1
                 conn.send(error_reply(e.op, e.req_id, e.slot, str(e)))
+        if ordered:
+            self._start_ordered(conn, ordered)
         return None
 
-    def _request(self, conn: _Conn, fields: tuple) -> None:
-        magic, op, _flags, req_id, slot, n = fields
+    def _request(self, conn: _Conn, fields: tuple) -> _Job | None:
+        """A checked request, its slot taken (None: a SLOT request, answered already)."""
+        magic, op, flags, req_id, slot, n = fields
         if magic != MAGIC or op not in Op.ALL:
             raise _Refused(0, req_id, slot, f"not a request (magic {magic!r}, op {op})")
         if not conn.hello:
             raise _Refused(op, req_id, slot, "say HELLO first")
         if op == Op.SLOT:
-            return self._new_slot(conn, req_id, n)
+            self._new_slot(conn, req_id, n)
+            return None
+        if op == Op.STATS:
+            self._stats(conn, req_id)
+            return None
         if op == Op.HELLO:
             raise _Refused(op, req_id, slot, "HELLO packet of the wrong size")
         s = self._slot(conn, op, req_id, slot, n)
         s.busy = True
+        # the worker may write its slot any time: read the ids once, now
+        return _Job(s, op, req_id, slot, s.ids[:n].copy(), op == Op.UNIQUE and bool(flags & ORDERED))
+
+    def _start(self, conn: _Conn, job: _Job) -> None:
+        """Hand a lookup or push to the client; the reply goes when it ends."""
+        s, n = job.s, job.ids.size
         try:
-            self._start(conn, s, op, req_id, slot, n)
+            if job.op == Op.PUSH:
+                fut = self.client.submit_push(job.ids, s.grads[:n].copy())
+                fut.add_done_callback(lambda f: self._pushed(conn, s, job.req_id, job.slot, f))
+                return
+            if job.op == Op.UNIQUE:
+                p: Any = self.client.prefetch_unique(job.ids, rows_out=s.rows)
+            else:
+                p = self.client.prefetch_into(job.ids, s.rows[:n])
         except Exception as e:  # noqa: BLE001 - e.g. ids outside the table: the client refused them
             s.busy = False
-            raise _Refused(op, req_id, slot, f"{type(e).__name__}: {e}") from None
-        return None
+            raise _Refused(job.op, job.req_id, job.slot, f"{type(e).__name__}: {e}") from None
+        p.add_done_callback(lambda q: self._looked_up(conn, s, job.op, job.req_id, job.slot, q))
 
-    def _start(self, conn: _Conn, s: Slot, op: int, req_id: int, slot: int, n: int) -> None:
-        """Hand a lookup or push to the client; the reply goes when it ends."""
-        ids = s.ids[:n].copy()  # the worker may write its slot any time: read the ids once
-        if op == Op.PUSH:
-            fut = self.client.submit_push(ids, s.grads[:n].copy())
-            fut.add_done_callback(lambda f: self._pushed(conn, s, req_id, slot, f))
-            return None
-        if op == Op.UNIQUE:
-            p: Any = self.client.prefetch_unique(ids, rows_out=s.rows)
-        else:
-            p = self.client.prefetch_into(ids, s.rows[:n])
-        p.add_done_callback(lambda q: self._looked_up(conn, s, op, req_id, slot, q))
+    def _start_ordered(self, conn: _Conn, jobs: list[_Job]) -> None:
+        """A packet's ORDERED lookups, handed to the client together, run one after the other."""
+        try:
+            ps = self.client.prefetch_unique_many([j.ids for j in jobs], [j.s.rows for j in jobs], ordered=True)
+        except Exception as e:  # noqa: BLE001 - the client refused the ids: every job fails alike
+            for j in jobs:
+                j.s.busy = False
+                self.refused += 1
+                conn.send(error_reply(j.op, j.req_id, j.slot, f"{type(e).__name__}: {e}"))
+            return
+        for j, p in zip(jobs, ps):
+            p.add_done_callback(lambda q, j=j: self._looked_up(conn, j.s, j.op, j.req_id, j.slot, q))
 
     def _slot(self, conn: _Conn, op: int, req_id: int, slot: int, n: int) -> Slot:
         if slot >= len(conn.slots):
@@ -255,6 +282,15 @@ class LookupAgent:
         info = HELLO_INFO.pack(self.layout.total_rows, self.layout.row_dim, VERSION,
                                self.client.dtype_name.encode(), mine.encode())
         conn.send(REPLY.pack(MAGIC, Op.HELLO, OK, req_id, 0, 0, 0) + info)
+
+    def _stats(self, conn: _Conn, req_id: int) -> None:
+        """The client's statistics (latency, dedup, bytes, I/O-thread seconds by stage), for
+        benchmarks and status: what a worker cannot see from its side of the socket."""
+        report = dict(self.client.stats(), agent_refused=self.refused, agent_connections=len(self._conns))
+        text = json.dumps(report, separators=(",", ":"), default=float).encode()
+        if len(text) > MAX_PACKET - REPLY.size:
+            raise _Refused(Op.STATS, req_id, 0, f"statistics of {len(text)} bytes do not fit one packet")
+        conn.send(REPLY.pack(MAGIC, Op.STATS, OK, req_id, 0, 0, len(text)) + text)
 
     def _new_slot(self, conn: _Conn, req_id: int, capacity: int) -> None:
         lim = self.limits
@@ -298,6 +334,17 @@ class LookupAgent:
             return conn.send(error_reply(Op.PUSH, req_id, slot, f"{type(e).__name__}: {e}"))
         conn.send(REPLY.pack(MAGIC, Op.PUSH, OK, req_id, slot, updated, 0))
         return None
+
+
+class _Job(NamedTuple):
+    """A checked request whose slot is taken: what :meth:`LookupAgent._start` hands on."""
+
+    s: Slot
+    op: int
+    req_id: int
+    slot: int
+    ids: np.ndarray      #: [n] int64, copied out of the slot
+    ordered: bool
 
 
 class _Refused(Exception):

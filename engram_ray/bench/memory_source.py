@@ -94,9 +94,10 @@ class RunningShards:
     kind = "running"
 
     def __init__(self, addresses: list[str], layout: Any, *, token_file: str | None = None):
-        self.addresses, self._layout = addresses, layout
+        self.addresses, self._layout, self.token_file = addresses, layout, token_file
         self.token = Path(token_file).read_text().strip() if token_file else None
         self._probe: Any = None
+        self._agent: Any = None  # the plain-process lookup agent, once --via agent asks for it
 
     def __enter__(self) -> RunningShards:
         self._probe = self.client()  # fails here, clearly, if a shard is down or another table's
@@ -105,6 +106,12 @@ class RunningShards:
     def __exit__(self, *exc: object) -> None:
         if self._probe is not None:
             self._probe.close()
+        if self._agent is not None:
+            self._agent.terminate()
+            try:
+                self._agent.wait(10)
+            except Exception:  # noqa: BLE001 - it had its chance to stop
+                self._agent.kill()
 
     @property
     def layout(self) -> Any:
@@ -115,9 +122,19 @@ class RunningShards:
         return EngramClient(self.addresses, self._layout, token=self.token)
 
     def agent_client(self) -> Any:
-        raise RuntimeError("--via agent with --memory-at: start a lookup agent on this node for "
-                           "these shards (engram-ray agent) -- not wired into the bench yet; use "
-                           "--via client")
+        """A worker's client of a lookup agent for these shards: a plain process started now
+        (it inherits this process's cores: the memory side's, when isolated)."""
+        import os
+
+        from ..agent import AgentClient
+        from ..agent.process import default_socket_path, spawn
+        path = default_socket_path(f"bench-{os.getpid()}")
+
+        def start() -> None:  # when no agent answers: the first connect, or after one died
+            if self._agent is not None and self._agent.poll() is None:
+                return  # still coming up
+            self._agent = spawn(path, self.addresses, self._layout, token_file=self.token_file)
+        return AgentClient(path, self._layout, start=start)
 
     def describe(self) -> list[dict[str, Any]]:
         return self._probe.describe()

@@ -71,7 +71,7 @@ class Options:
     # the memory: deployed on Ray, or shards that already run; through a client or the agent
     memory_at: tuple[str, ...] = ()
     token_file: str | None = None
-    via: str = "client"
+    via: str = "agent"
     # cores: model apart from the memory side (memory_cores: how many for it; None: a quarter)
     isolate: bool = True
     memory_cores: int | None = None
@@ -104,6 +104,8 @@ class _Measured:
     tokens: dict[str, int]
     top: list[dict[str, Any]] | None
     isolation: dict[str, Any]
+    #: The model thread's cost per fetch through the agent (None via the client).
+    fetch_cost: dict[str, Any] | None = None
 
 
 def _measure(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np.ndarray, src: Any,
@@ -130,8 +132,19 @@ def _measure(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, token
         top = None
         if o.profile:  # one more remote run of every phase under cProfile, after the timed ones
             top = profile_top(lambda: [run_phase(ph, *setups["remote"], indexer, work, dev) for ph in phases])
+        cost = _fetch_cost(client, indexer, work, o) if o.via == "agent" else None
         record = iso.record()  # while the model thread, its pool and the shards are alive
-    return _Measured(times, parts, {ph: work.tokens(ph) for ph in phases}, top, record)
+    return _Measured(times, parts, {ph: work.tokens(ph) for ph in phases}, top, record, cost)
+
+
+def _fetch_cost(agent: Any, indexer: RowIndexer, work: Workload, o: Options) -> dict[str, Any]:
+    """What the model thread pays per decode-shaped fetch through the agent -- the ids into
+    shared memory and one send, then reading the replies once the rows are in -- timed on
+    the model thread after the timed runs (2 ms stands for the compute a fetch hides behind)."""
+    from ..agent.measure import worker_cost
+    tokens_bt = np.random.default_rng(0).integers(0, indexer.vocab.num_tokens, size=(o.decode_batch, 1))
+    rows_lbth = indexer.rows(tokens_bt)                                     # [L, B, 1, H]
+    return worker_cost(agent, list(rows_lbth), iters=300, gap_s=0.002)
 
 
 def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np.ndarray,
@@ -194,6 +207,6 @@ def _report(engram_cfg: EngramConfig, model_cfg: ModelConfig, layout: TableLayou
         "lookup_p99_ms": stats["latency_p99_ms"] if stats else None,
         "dedup_ratio": stats["dedup_ratio"] if stats else None,
         "breakdown": breakdown, "per_lookup": per_lookup(stats, server), "profile_top": m.top,
-        "isolation": m.isolation,
+        "isolation": m.isolation, "fetch_cost": m.fetch_cost,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
     }

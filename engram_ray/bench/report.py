@@ -86,9 +86,16 @@ def _offload_breakdown(r: dict[str, Any]) -> list[str]:
         lines.append(f"| {key} | {b['total_s']:.3f} | {sp['min']:.3f}-{sp['max']:.3f} | {b['compute_s']:.3f} | "
                      f"{b['hash_s']:.3f} | {b['issue_s']:.3f} | {b['wait_s']:.3f} |")
     pl = r["per_lookup"]
+    fc = r.get("fetch_cost")
+    if fc:
+        lines += ["", f"The model thread's cost per fetch through the agent ({fc['layers']} layers x "
+                  f"{fc['ids_per_layer']} ids, decode-shaped): issue {fc['issue_us']['median']:.0f} µs + read "
+                  f"the replies {fc['ready_us']['median']:.0f} µs = {fc['total_us']['median']:.0f} µs median "
+                  f"({fc['total_us']['p90']:.0f} µs p90)."]
     if not pl:
         return lines
-    lines += ["", "Per lookup, on the client's I/O thread (ms): "
+    where = "the agent's" if r.get("memory", {}).get("via") == "agent" else "the client's"
+    lines += ["", f"Per lookup, on {where} I/O thread (ms): "
               + ", ".join(f"{k} {v:.2f}" for k, v in pl["client_io_ms"].items())
               + f"; {pl['rpcs_per_lookup']:.1f} RPCs per lookup, shard handler "
               f"{pl['server_handler_ms_per_rpc']:.2f} ms per RPC."]

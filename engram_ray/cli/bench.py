@@ -154,8 +154,14 @@ def _print_offload(report: dict[str, Any]) -> None:
     pl = report["per_lookup"]
     if pl:
         io = ", ".join(f"{k} {v:.2f}" for k, v in pl["client_io_ms"].items())
-        print(f"  per lookup, on the client's I/O thread (ms): {io}; {pl['rpcs_per_lookup']:.1f} RPCs, "
+        where = "the agent's client I/O thread" if report["memory"]["via"] == "agent" else "the client's I/O thread"
+        print(f"  per lookup, on {where} (ms): {io}; {pl['rpcs_per_lookup']:.1f} RPCs, "
               f"shard handler {pl['server_handler_ms_per_rpc']:.2f} ms each")
+    fc = report.get("fetch_cost")
+    if fc:
+        print(f"  model thread per fetch through the agent ({fc['layers']} layers x {fc['ids_per_layer']} ids): "
+              f"issue {fc['issue_us']['median']:.0f} us + read {fc['ready_us']['median']:.0f} us = "
+              f"{fc['total_us']['median']:.0f} us median ({fc['total_us']['p90']:.0f} us p90)")
     if report["profile_top"]:
         print("  cProfile of one remote run, model thread, top functions by own time:")
         for r in report["profile_top"][:12]:
@@ -285,9 +291,9 @@ def _add_offload(bsub) -> None:
                    help="use shards that already serve there (one per shard, in order; e.g. started by "
                         "'engram-ray shard'), no Ray; --shards and --max-resident-gib do not apply")
     b.add_argument("--token-file", help="with --memory-at: the shards' client token")
-    b.add_argument("--via", default="client", choices=["client", "agent"],
-                   help="how the remote modes reach the shards: an EngramClient in the model's process, "
-                        "or the node-local lookup agent (default: client)")
+    b.add_argument("--via", default="agent", choices=["client", "agent"],
+                   help="how the remote modes reach the shards: the node-local lookup agent (rows through "
+                        "shared memory; default), or an EngramClient in the model's process")
     g = b.add_argument_group("prefill and decode phases")
     g.add_argument("--sequences", type=int, default=16, help="prefill sequences (paper: 512)")
     g.add_argument("--min-len", type=int, default=32, help="shortest sequence (paper: 100)")

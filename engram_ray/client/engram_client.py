@@ -143,10 +143,11 @@ class EngramClient:
         (e.g. shared or pinned memory) the rows land in, as ``rows_out[:U]``."""
         return self.prefetch_unique_many([row_ids], None if rows_out is None else [rows_out])[0]
 
-    def prefetch_unique_many(self, row_ids: Sequence[Any], rows_outs: Sequence[np.ndarray | None] | None = None
-                             ) -> list[Prefetch[UniqueRows]]:
-        """:meth:`prefetch_unique` for several arrays, with one hand-over to the I/O thread."""
-        return self._start(row_ids, "unique", rows_outs, unique=True)
+    def prefetch_unique_many(self, row_ids: Sequence[Any], rows_outs: Sequence[np.ndarray | None] | None = None,
+                             *, ordered: bool = False) -> list[Prefetch[UniqueRows]]:
+        """:meth:`prefetch_unique` for several arrays, with one hand-over to the I/O thread;
+        ``ordered``: each lookup goes out once the one before it has its rows."""
+        return self._start(row_ids, "unique", rows_outs, unique=True, ordered=ordered)
 
     def prefetch_into(self, row_ids: Any, out: np.ndarray) -> Prefetch[np.ndarray]:
         """Start fetching ``row_ids`` into the caller's buffer ``out`` (``[*ids.shape, dim]`` or
@@ -161,7 +162,7 @@ class EngramClient:
         return out
 
     def _start(self, row_ids: Sequence[Any], kind: str, outs: Sequence[np.ndarray | None] | None,
-               unique: bool) -> list[Prefetch]:
+               unique: bool, ordered: bool = False) -> list[Prefetch]:
         """Check ids and output buffers, then hand every lookup to the I/O thread at once."""
         if outs is not None and len(outs) != len(row_ids):
             raise InvalidRequest(f"{len(outs)} output buffers for {len(row_ids)} id arrays")
@@ -174,7 +175,7 @@ class EngramClient:
             items.append((flat, ids.shape, Prefetch(int(flat.size))))
         self._stats.count("lookups", len(items))
         self._stats.count("ids", sum(int(f.size) for f, _, _ in items))
-        self._io.submit(self._transfers.start(items, kind, bufs))
+        self._io.submit(self._transfers.start(items, kind, bufs, ordered))
         return [p for _, _, p in items]
 
     def _out_rows(self, out: np.ndarray, n: int, unique: bool) -> np.ndarray:

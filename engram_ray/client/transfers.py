@@ -104,17 +104,26 @@ class Transfers:
 
     # Lookups -------------------------------------------------------------------------------
     async def start(self, items: list[tuple[np.ndarray, tuple[int, ...], Prefetch]], kind: str = "rows",
-                    outs: list[np.ndarray | None] | None = None) -> None:
+                    outs: list[np.ndarray | None] | None = None, ordered: bool = False) -> None:
         """Start a lookup task per item; tasks start in this order, so their requests do too.
         ``kind``: what each Prefetch gets -- ``"rows"`` (``[*shape, dim]``, or ``outs[i]``
         filled in the caller's order) or ``"unique"`` (:class:`UniqueRows`, its rows written
-        into ``outs[i][:U]`` when given)."""
+        into ``outs[i][:U]`` when given). ``ordered``: one after the other, each once the one
+        before has its rows (for Engram layers, earliest first: see ``RemoteMemory``)."""
+        works = []
         for i, (flat, shape, p) in enumerate(items):
             out = outs[i] if outs is not None else None
             work = self.unique(flat, shape, p, out) if kind == "unique" else self.lookup(flat, shape, p, out)
-            task = asyncio.get_running_loop().create_task(self._into(work, p))
+            works.append(self._into(work, p))
+        for coro in ([self._in_order(works)] if ordered else works):
+            task = asyncio.get_running_loop().create_task(coro)
             self._tasks.add(task)  # the loop holds tasks weakly: keep each until it ends
             task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _in_order(works: list[Any]) -> None:
+        for work in works:  # each sets its own Prefetch, failed or not: the next one still runs
+            await work
 
     @staticmethod
     async def _into(work: Any, p: Prefetch) -> None:

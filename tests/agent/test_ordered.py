@@ -1,0 +1,86 @@
+"""Ordered lookups: a fetch's layers go out one after the other, earliest first, so the first
+Engram layer's rows never queue behind a later layer's -- through the client and the agent."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from engram_ray.agent import AgentClient
+from engram_ray.client import EngramClient
+from engram_ray.rpc import create_server
+from engram_ray.rpc.servicer import ShardServicer
+from engram_ray.store import TableShard
+
+from .conftest import STORE, Served, spawn_agent, stop
+
+DELAY_S = 0.15
+
+
+def _slow_shard(layout, log: list):
+    """One shard that takes DELAY_S per lookup and logs (first id, arrived, answered)."""
+    shard = TableShard.create(layout, 1, 0, STORE)
+    servicer = ShardServicer(shard, 64 << 20)
+    real, lock = servicer.Lookup, threading.Lock()
+
+    def lookup(request, context):
+        t0 = time.monotonic()
+        time.sleep(DELAY_S)
+        answer = real(request, context)
+        with lock:
+            log.append((int(np.frombuffer(request.row_ids.data, np.int64)[0]), t0, time.monotonic()))
+        return answer
+    servicer.Lookup = lookup
+    server, port = create_server(shard, "127.0.0.1", 0, servicer=servicer)
+    return server, f"127.0.0.1:{port}"
+
+
+def _layers(layout) -> list[np.ndarray]:
+    """Two 'layers' of ids, told apart by their first id."""
+    return [np.array([10, 11, 10]), np.array([2000, 2001])]
+
+
+def _check(log: list, ordered: bool) -> None:
+    assert sorted(first for first, _, _ in log) == [10, 2000]
+    (_, a0, a1), (_, b0, _) = sorted(log)  # layer 0's call, then layer 1's
+    if ordered:
+        assert b0 >= a1 - 0.01, log  # layer 1 went out only once layer 0 had its rows
+    else:
+        assert b0 < a1 - DELAY_S / 2, log  # both at once
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_client_orders_a_fetchs_layers_when_asked(served: Served, ordered: bool):
+    log: list = []
+    server, address = _slow_shard(served.layout, log)
+    try:
+        with EngramClient([address], served.layout) as client:
+            got = client.prefetch_unique_many(_layers(served.layout), ordered=ordered)
+            rows = [p.result(10) for p in got]
+            direct = [client.lookup(ids) for ids in _layers(served.layout)]
+        for u, want in zip(rows, direct):
+            assert np.array_equal(u.rows[u.inverse], want)
+        _check(log[:2], ordered)
+    finally:
+        server.stop(0)
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_agent_orders_a_packets_lookups_when_flagged(served: Served, tmp_path, ordered: bool):
+    log: list = []
+    server, address = _slow_shard(served.layout, log)
+    agent = spawn_agent(str(tmp_path / "slow.sock"), [address], served.layout)
+    try:
+        with AgentClient(str(tmp_path / "slow.sock"), served.layout) as worker:
+            fetches = worker.prefetch_unique_many(_layers(served.layout), ordered=ordered)
+            got = [f.result(10) for f in fetches]
+            assert [g.rows.shape[0] for g in got] == [2, 2]
+            st = worker.stats()  # the agent's client statistics, asked over the socket
+            assert st["latency_p50_ms"] >= DELAY_S * 1000 * 0.9 and st["agent_connections"] == 1
+        _check(log, ordered)
+    finally:
+        stop(agent)
+        server.stop(0)
