@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 
 from ..core.layout import ShardPlan, TableLayout
-from ..errors import EngramError, InvalidRequest
+from ..errors import InvalidRequest
 from ..rpc import codec, wire
 from ..rpc.generated import engram_pb2 as pb
 from . import plan, shards
@@ -94,16 +94,10 @@ class EngramClient:
         return self._transfers.sizes.lookup_rows
 
     def _connect(self, timeout: float) -> list[ShardInfo]:
-        """Describe every copy; per shard, reads go to the first that answers, which must be a
-        shard of this layout, in order (see :mod:`.shards`)."""
+        """Describe every copy; per shard, reads go to the first that answers (:mod:`.shards`)."""
         answers = self._io.run(self._calls.each(self._replicas.where(every_replica=True), "Describe",
                                                 pb.DescribeRequest(), timeout, wait_for_ready=True))
-        picked = shards.pick_read_copies(self._replicas, answers)
-        infos = [shards.shard_info(i, self.addresses[i], d, self.layout, self.plan) for i, d in enumerate(picked)]
-        dtypes = {s.dtype for s in infos}
-        if len(dtypes) != 1:
-            raise EngramError(f"shards disagree on the storage dtype: {sorted(dtypes)}")
-        return infos
+        return shards.connected(self._replicas, answers, self.layout, self.plan)
 
     @property
     def replicas(self) -> list[list[str]]:
@@ -171,23 +165,13 @@ class EngramClient:
         for i, r in enumerate(row_ids):
             ids, flat = plan.flat_ids(r, self.layout.total_rows, copy=True)  # the I/O thread reads them later
             out = outs[i] if outs is not None else None
-            bufs.append(None if out is None else self._out_rows(out, int(flat.size), unique))
+            bufs.append(None if out is None else plan.out_rows(out, int(flat.size), self.layout.row_dim,
+                                                               self.dtype, unique))
             items.append((flat, ids.shape, Prefetch(int(flat.size))))
         self._stats.count("lookups", len(items))
         self._stats.count("ids", sum(int(f.size) for f, _, _ in items))
         self._io.submit(self._transfers.start(items, kind, bufs, ordered))
         return [p for _, _, p in items]
-
-    def _out_rows(self, out: np.ndarray, n: int, unique: bool) -> np.ndarray:
-        """A caller's output buffer as ``[rows, dim]``, checked here, where a bad buffer is the
-        caller's error: for unique rows room for ``n``, else exactly ``n`` rows."""
-        d = self.layout.row_dim
-        if not unique and isinstance(out, np.ndarray) and out.size == n * d and out.flags.c_contiguous:
-            out = out.reshape(n, d)  # [*ids.shape, dim] -> a [N, dim] view of the same memory
-        rows = plan.check_out(out, n, d, self.dtype)
-        if not unique and out.shape[0] != n:
-            raise InvalidRequest(f"output buffer holds {out.shape[0]} rows for {n} ids")
-        return rows
 
     def lookup(self, row_ids: Any, timeout: float | None = None) -> np.ndarray:
         """Rows ``[*row_ids.shape, dim]`` in the shards' storage dtype."""
@@ -201,20 +185,18 @@ class EngramClient:
     def push_gradients(self, row_ids: Any, grads: Any, timeout: float | None = None) -> int:
         """Send row gradients ``[*ids.shape, dim]`` to their shards (duplicates summed here);
         returns the number of distinct rows updated."""
-        return self._io.submit(self._transfers.push(*self._check_push(row_ids, grads))).result(timeout)
+        return self.submit_push(row_ids, grads).result(timeout)
 
     def submit_push(self, row_ids: Any, grads: Any) -> concurrent.futures.Future[int]:
         """:meth:`push_gradients` without waiting: a future of the number of rows updated (for
         a caller, like the lookup agent, that must not block its thread on the push)."""
-        return self._io.submit(self._transfers.push(*self._check_push(row_ids, grads)))
+        ids, flat = plan.flat_ids(row_ids, self.layout.total_rows)
+        g = plan.check_grads(ids.shape, grads, self.layout.row_dim)
+        return self._io.submit(self._transfers.push(flat, g))
 
     async def apush_gradients(self, row_ids: Any, grads: Any) -> int:
         """:meth:`push_gradients` for callers in an event loop."""
-        return await asyncio.wrap_future(self._io.submit(self._transfers.push(*self._check_push(row_ids, grads))))
-
-    def _check_push(self, row_ids: Any, grads: Any) -> tuple[np.ndarray, np.ndarray]:
-        ids, flat = plan.flat_ids(row_ids, self.layout.total_rows)
-        return flat, plan.check_grads(ids.shape, grads, self.layout.row_dim)
+        return await asyncio.wrap_future(self.submit_push(row_ids, grads))
 
     # Service calls --------------------------------------------------------------------------
     def describe(self, tolerate: bool = False, every_replica: bool = False) -> list[dict[str, Any]]:
@@ -223,16 +205,7 @@ class EngramClient:
         "replica", "address", "error"}`` instead of raising."""
         where = self._replicas.where(every_replica)
         answers = self._io.run(self._calls.each(where, "Describe", pb.DescribeRequest(), self.timeout))
-        out = []
-        for (i, r), d in zip(where, answers):
-            address = self.replicas[i][r]
-            if not isinstance(d, BaseException):
-                out.append(shards.describe_dict(d, address, self.replicas[i]))
-            elif tolerate:
-                out.append({"shard_index": i, "replica": r, "address": address, "error": str(self._calls.error(i, d))})
-            else:
-                raise self._calls.error(i, d) from None
-        return out
+        return shards.describe_dicts(where, answers, self.replicas, self._calls.error, tolerate)
 
     def save(self, directory: str) -> list[str]:
         """Ask every shard to write its part of a checkpoint into ``directory`` (one replica

@@ -18,7 +18,8 @@ import numpy as np
 
 from ..errors import InvalidRequest
 
-__all__ = ["HEADROOM", "MessageSizes", "flat_ids", "check_grads", "dedup", "split", "scatter", "check_out"]
+__all__ = ["HEADROOM", "MessageSizes", "flat_ids", "check_grads", "dedup", "split", "scatter", "check_out",
+           "out_rows"]
 
 #: Bytes a message holds beside its arrays: fields, framing, and room for a primary to wrap a
 #: push for its backups.
@@ -119,3 +120,15 @@ def check_out(out: Any, n: int, row_dim: int, dtype: np.dtype) -> np.ndarray:
     if not (out.flags.c_contiguous and out.flags.writeable):
         raise InvalidRequest("output buffer must be C-contiguous and writeable")
     return out[:n]
+
+
+def out_rows(out: Any, n: int, row_dim: int, dtype: np.dtype, unique: bool) -> np.ndarray:
+    """A caller's output buffer as ``[rows, row_dim]``, checked where a bad buffer is the
+    caller's error: for unique rows room for ``n``, else exactly ``n`` rows (``[*ids.shape,
+    row_dim]`` is taken as its ``[n, row_dim]`` view)."""
+    if not unique and isinstance(out, np.ndarray) and out.size == n * row_dim and out.flags.c_contiguous:
+        out = out.reshape(n, row_dim)
+    rows = check_out(out, n, row_dim, dtype)
+    if not unique and out.shape[0] != n:
+        raise InvalidRequest(f"output buffer holds {out.shape[0]} rows for {n} ids")
+    return rows

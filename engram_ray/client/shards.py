@@ -19,7 +19,7 @@ from ..errors import AuthError, EngramError, FingerprintMismatch, ShardUnavailab
 from .plan import MIN_SHARD_MESSAGE_BYTES, NO_ID_LIMIT
 from .replicas import ReplicaSet
 
-__all__ = ["ShardInfo", "pick_read_copies", "shard_info", "describe_dict"]
+__all__ = ["ShardInfo", "pick_read_copies", "shard_info", "describe_dict", "connected", "describe_dicts"]
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +90,30 @@ def describe_dict(d: Any, address: str, replicas: list[str]) -> dict[str, Any]:
     info["address"] = address
     info["replicas"] = list(replicas)
     return info
+
+
+def connected(replicas: ReplicaSet, answers: list[Any], layout: TableLayout, plan: ShardPlan) -> list[ShardInfo]:
+    """The shards a client reads from, out of every copy's Describe ``answers``: per shard the
+    first copy that answered, which must be a shard of ``layout`` in order; one storage dtype."""
+    picked = pick_read_copies(replicas, answers)
+    infos = [shard_info(i, replicas.addresses[i], d, layout, plan) for i, d in enumerate(picked)]
+    dtypes = {s.dtype for s in infos}
+    if len(dtypes) != 1:
+        raise EngramError(f"shards disagree on the storage dtype: {sorted(dtypes)}")
+    return infos
+
+
+def describe_dicts(where: list[tuple[int, int]], answers: list[Any], replicas: list[list[str]],
+                   error: Any, tolerate: bool) -> list[dict[str, Any]]:
+    """Describe answers of the copies ``where`` as dicts; a failed one raises ``error(shard,
+    err)``, or with ``tolerate`` gives ``{"shard_index", "replica", "address", "error"}``."""
+    out = []
+    for (i, r), d in zip(where, answers):
+        address = replicas[i][r]
+        if not isinstance(d, BaseException):
+            out.append(describe_dict(d, address, replicas[i]))
+        elif tolerate:
+            out.append({"shard_index": i, "replica": r, "address": address, "error": str(error(i, d))})
+        else:
+            raise error(i, d) from None
+    return out
