@@ -22,7 +22,7 @@ def test_importing_the_client_loads_no_server_code():
 
 def test_the_public_names_stay_where_they_were():
     import engram_ray.client as c
-    assert set(c.__all__) == {"EngramClient", "Prefetch", "ShardInfo"}
+    assert set(c.__all__) == {"EngramClient", "Prefetch", "ShardInfo", "UniqueRows"}  # UniqueRows: issue 13
     assert all(getattr(c, n).__module__.startswith("engram_ray.client.") for n in c.__all__)
     from engram_ray.rpc import SERVICE_NAME, create_server  # loaded on first use, as before
     assert callable(create_server) and SERVICE_NAME == "engram.v1.EngramMemory"
