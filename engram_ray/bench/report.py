@@ -25,6 +25,12 @@ def _img(folder: Path, out: Path, name: str) -> str:
     return f"\n![{name}]({os.path.relpath(png, out.parent)})\n" if png.exists() else ""
 
 
+def _via(r: dict[str, Any]) -> str:
+    via = r.get("memory", {}).get("via")
+    return {"agent": ", read through the node-local lookup agent",
+            "client": ", read through an EngramClient in the model's process"}.get(via, "")
+
+
 def _offload(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
     """Section: what the table costs by where it lives, per phase, with the time breakdown."""
     t, w = r["table"], r["workload"]
@@ -35,7 +41,7 @@ def _offload(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
              f"Table: {t['logical_params'] / 1e9:.2f}B parameters ({t['logical_gib_float32']:.1f} GiB float32 "
              f"logical), {t['resident_gib_float32']:.2f} GiB resident"
              + (" (rows map into the resident store: every lookup still reads a random row of a large "
-                "array in RAM)" if t["capped"] else "") + f", {t['shards']} shards. Workload: "
+                "array in RAM)" if t["capped"] else "") + f", {t['shards']} shards{_via(r)}. Workload: "
              f"prefill {w['prefill_sequences']} sequences of Uniform{tuple(w['length_uniform'])} tokens, "
              f"one at a time; decode batch {w['decode_batch']} x {w['decode_tokens']} tokens"
              + (f"; serving {w['serving_requests']} requests, prompts Uniform{tuple(w['serving_prompt_uniform'])}, "
