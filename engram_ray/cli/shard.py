@@ -15,8 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
-from ..config import STORE_DTYPES
-from .common import add_table_args, engram_config
+from .common import add_store_args, add_table_args, engram_config, store_config
 
 
 def read_token(args: argparse.Namespace) -> str | None:
@@ -47,7 +46,6 @@ def _service(args: argparse.Namespace):
 
 
 def _cmd_shard(args: argparse.Namespace) -> int:
-    from ..config import OptimizerConfig, StoreConfig
     from ..core.layout import TableLayout
     from ..data import default_vocab, load_tokenizer
     from ..rpc.host import ShardHost
@@ -57,8 +55,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     token = read_token(args)
     cfg, source = engram_config(args)
     layout = TableLayout.build(cfg, default_vocab(load_tokenizer(args.tokenizer)))
-    store = StoreConfig(dtype=args.dtype, init_std=args.init_std,
-                        optimizer=OptimizerConfig(kind=args.optimizer, lr=args.lr))
+    store = store_config(args)
     recovery = (Path(args.checkpoint_dir) / f"shard-{args.index:04d}-of-{args.shards:04d}"
                 if args.checkpoint_dir else None)
     stop = threading.Event()
@@ -98,12 +95,7 @@ def register(sub) -> None:
     auth = p.add_mutually_exclusive_group()
     auth.add_argument("--token-file", metavar="FILE", help="file holding the clients' secret token")
     auth.add_argument("--no-auth", action="store_true", help="no token on the data plane")
-    p.add_argument("--dtype", default="float32", choices=STORE_DTYPES,
-                   help="storage dtype of the rows (default: float32)")
-    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd", "none"],
-                   help="sparse optimiser for pushed gradients (default: adam)")
-    p.add_argument("--lr", type=float, default=1e-3, help="its learning rate (default: 1e-3)")
-    p.add_argument("--init-std", type=float, default=1.0, help="rows start as N(0, std^2) (default: 1.0)")
+    add_store_args(p)
     p.add_argument("--checkpoint", metavar="DIR", help="load rows from this checkpoint (any shard count)")
     p.add_argument("--checkpoint-dir", metavar="DIR",
                    help="recovery checkpoints: reload the newest at start, write one on request")
