@@ -120,6 +120,12 @@ class ShardCalls:
             *[getattr(stub, method)(request, timeout=timeout, wait_for_ready=wait_for_ready, metadata=self.metadata)
               for stub in stubs], return_exceptions=True)
 
+    def raise_failed(self, where: list[tuple[int, int]], answers: list[Any]) -> None:
+        """Raise the project's exception for the first failed answer of the copies ``where``."""
+        for (i, _), r in zip(where, answers):
+            if isinstance(r, BaseException):
+                raise self.error(i, r) from None
+
     def error(self, shard: int, err: BaseException) -> BaseException:
         """The project's exception for ``err`` from ``shard`` (other exceptions as they are)."""
         if not isinstance(err, grpc.RpcError):

@@ -19,14 +19,12 @@ import grpc
 import numpy as np
 
 from ..core.layout import ShardPlan, TableLayout
-from ..errors import InvalidRequest
 from ..rpc import codec, wire
 from ..rpc.generated import engram_pb2 as pb
 from . import plan, shards
 from .calls import ShardCalls
 from .iothread import IoThread, shutdown
 from .replicas import ReplicaSet, Resolver, channel_options
-from .shards import ShardInfo
 from .stats import ClientStats
 from .transfers import Prefetch, Transfers, UniqueRows
 
@@ -75,29 +73,23 @@ class EngramClient:
         self._finalizer = weakref.finalize(self, shutdown, self._io, self._replicas.channels)
         try:
             self._io.run(self._replicas.open())
-            self.shards = self._connect(connect_timeout)
+            # Describe every copy; per shard, reads go to the first that answers (see .shards).
+            answers = self._io.run(self._calls.each(self._replicas.where(every_replica=True), "Describe",
+                                                    pb.DescribeRequest(), connect_timeout, wait_for_ready=True))
+            self.shards = shards.connected(self._replicas, answers, layout, self.plan)
         except BaseException:
             self.close()
             raise
         self.dtype_name = self.shards[0].dtype
         self.dtype = codec.wire_dtype(self.dtype_name)
-        sizes = plan.MessageSizes.fit(
-            max_message_bytes=max_message_bytes, chunk_bytes=chunk_bytes,
-            shard_message_bytes=[s.max_message_bytes for s in self.shards],
-            shard_max_ids=[s.max_ids_per_request for s in self.shards],
-            row_dim=layout.row_dim, row_itemsize=self.dtype.itemsize)
+        sizes = plan.MessageSizes.for_shards(self.shards, max_message_bytes=max_message_bytes, chunk_bytes=chunk_bytes,
+                                             row_dim=layout.row_dim, row_itemsize=self.dtype.itemsize)
         self._transfers = Transfers(self._calls, layout, self.plan, sizes, self.dtype_name, self._stats)
 
     @property
     def max_rows_per_message(self) -> int:
         """Rows in one lookup message, fitted to this client's and every shard's limits."""
         return self._transfers.sizes.lookup_rows
-
-    def _connect(self, timeout: float) -> list[ShardInfo]:
-        """Describe every copy; per shard, reads go to the first that answers (:mod:`.shards`)."""
-        answers = self._io.run(self._calls.each(self._replicas.where(every_replica=True), "Describe",
-                                                pb.DescribeRequest(), timeout, wait_for_ready=True))
-        return shards.connected(self._replicas, answers, self.layout, self.plan)
 
     @property
     def replicas(self) -> list[list[str]]:
@@ -125,16 +117,13 @@ class EngramClient:
         return self.prefetch_many([row_ids])[0]
 
     def prefetch_many(self, row_ids: Sequence[Any]) -> list[Prefetch]:
-        """:meth:`prefetch` for several arrays (e.g. one per Engram layer) with one hand-over
-        to the I/O thread: each wake-up of that thread costs the caller a syscall and a GIL
-        round trip. Requests go out in the order given."""
+        """:meth:`prefetch` for several arrays (e.g. one per Engram layer), in the order given, with
+        one hand-over to the I/O thread (each wake-up costs the caller a syscall and a GIL trip)."""
         return self._start(row_ids, "rows", None, unique=False)
 
     def prefetch_unique(self, row_ids: Any, rows_out: np.ndarray | None = None) -> Prefetch[UniqueRows]:
-        """Start fetching ``row_ids`` (any shape) as :class:`UniqueRows`: each distinct row once
-        and the inverse that expands them (so a caller can move rows once and expand them where
-        they are used). ``rows_out``: a caller-owned ``[>= N, dim]`` buffer of the storage dtype
-        (e.g. shared or pinned memory) the rows land in, as ``rows_out[:U]``."""
+        """Start fetching ``row_ids`` as :class:`UniqueRows` (each distinct row once + the inverse,
+        to move rows once and expand them where used), into ``rows_out[:U]`` if given."""
         return self.prefetch_unique_many([row_ids], None if rows_out is None else [rows_out])[0]
 
     def prefetch_unique_many(self, row_ids: Sequence[Any], rows_outs: Sequence[np.ndarray | None] | None = None,
@@ -144,30 +133,20 @@ class EngramClient:
         return self._start(row_ids, "unique", rows_outs, unique=True, ordered=ordered)
 
     def prefetch_into(self, row_ids: Any, out: np.ndarray) -> Prefetch[np.ndarray]:
-        """Start fetching ``row_ids`` into the caller's buffer ``out`` (``[*ids.shape, dim]`` or
-        ``[N, dim]``, C-contiguous, the storage dtype): its result is ``out``, filled in the
-        caller's order (as Mooncake's ``EngramStore.lookup_into``; no copy of the rows beyond
-        the one into ``out``)."""
+        """Start fetching ``row_ids`` into the caller's ``out`` (``[*ids.shape, dim]`` or ``[N, dim]``,
+        C-contiguous, storage dtype), in the caller's order (as Mooncake's ``lookup_into``)."""
         return self._start([row_ids], "rows", [out], unique=False)[0]
 
     def lookup_into(self, row_ids: Any, out: np.ndarray, timeout: float | None = None) -> np.ndarray:
         """:meth:`prefetch_into` and wait: returns ``out``."""
-        self.prefetch_into(row_ids, out).result(timeout)
-        return out
+        return self.prefetch_into(row_ids, out).result(timeout)
 
     def _start(self, row_ids: Sequence[Any], kind: str, outs: Sequence[np.ndarray | None] | None,
                unique: bool, ordered: bool = False) -> list[Prefetch]:
         """Check ids and output buffers, then hand every lookup to the I/O thread at once."""
-        if outs is not None and len(outs) != len(row_ids):
-            raise InvalidRequest(f"{len(outs)} output buffers for {len(row_ids)} id arrays")
-        items: list[tuple[np.ndarray, tuple[int, ...], Prefetch]] = []
-        bufs: list[np.ndarray | None] = []
-        for i, r in enumerate(row_ids):
-            ids, flat = plan.flat_ids(r, self.layout.total_rows, copy=True)  # the I/O thread reads them later
-            out = outs[i] if outs is not None else None
-            bufs.append(None if out is None else plan.out_rows(out, int(flat.size), self.layout.row_dim,
-                                                               self.dtype, unique))
-            items.append((flat, ids.shape, Prefetch(int(flat.size))))
+        checked, bufs = plan.lookups(row_ids, outs, self.layout, self.dtype, unique)
+        items: list[tuple[np.ndarray, tuple[int, ...], Prefetch]] = [
+            (flat, shape, Prefetch(int(flat.size))) for flat, shape in checked]
         self._stats.count("lookups", len(items))
         self._stats.count("ids", sum(int(f.size) for f, _, _ in items))
         self._io.submit(self._transfers.start(items, kind, bufs, ordered))
@@ -200,9 +179,8 @@ class EngramClient:
 
     # Service calls --------------------------------------------------------------------------
     def describe(self, tolerate: bool = False, every_replica: bool = False) -> list[dict[str, Any]]:
-        """Every shard's Describe (of the copy reads go to, or of every copy), as dicts with
-        counters. ``tolerate``: a copy that does not answer gives ``{"shard_index",
-        "replica", "address", "error"}`` instead of raising."""
+        """Every shard's Describe (of the copy reads go to, or of every copy) as dicts; with
+        ``tolerate`` a copy that does not answer gives a dict with its ``error`` instead."""
         where = self._replicas.where(every_replica)
         answers = self._io.run(self._calls.each(where, "Describe", pb.DescribeRequest(), self.timeout))
         return shards.describe_dicts(where, answers, self.replicas, self._calls.error, tolerate)
@@ -213,13 +191,10 @@ class EngramClient:
         where = self._replicas.where(every_replica=not directory)
         answers = self._io.run(self._calls.each(where, "Save", pb.SaveRequest(directory=str(directory)),
                                                 max(self.timeout, 600)))
-        for (i, _), r in zip(where, answers):
-            if isinstance(r, BaseException):
-                raise self._calls.error(i, r) from None
+        self._calls.raise_failed(where, answers)
         return [r.header_path for r in answers]
 
     def stats(self) -> dict[str, Any]:
-        """Requests, ids, unique ids, dedup ratio, bytes, retries, errors, latency percentiles,
-        and the seconds of lookup work on the I/O thread by stage (see :mod:`.stats`)."""
+        """Requests, ids, dedup, bytes, retries, errors, latency, I/O-thread seconds (:mod:`.stats`)."""
         return self._stats.report()
 

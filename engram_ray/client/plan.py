@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import InvalidRequest
 
 __all__ = ["HEADROOM", "MessageSizes", "flat_ids", "check_grads", "dedup", "split", "scatter", "check_out",
-           "out_rows"]
+           "out_rows", "lookups"]
 
 #: Bytes a message holds beside its arrays: fields, framing, and room for a primary to wrap a
 #: push for its backups.
@@ -53,6 +53,16 @@ class MessageSizes:
         # an id (8 B) and a float32 gradient row per distinct row
         push = max(1, min(lookup, room // (8 + 4 * row_dim)))
         return cls(limit, lookup, push)
+
+    @classmethod
+    def for_shards(cls, shards: Sequence[Any], *, max_message_bytes: int, chunk_bytes: int, row_dim: int,
+                   row_itemsize: int) -> MessageSizes:
+        """:meth:`fit` to shards that described themselves (``max_message_bytes``,
+        ``max_ids_per_request`` attributes, as :class:`~.shards.ShardInfo` has)."""
+        return cls.fit(max_message_bytes=max_message_bytes, chunk_bytes=chunk_bytes,
+                       shard_message_bytes=[s.max_message_bytes for s in shards],
+                       shard_max_ids=[s.max_ids_per_request for s in shards],
+                       row_dim=row_dim, row_itemsize=row_itemsize)
 
 
 def flat_ids(row_ids: Any, total_rows: int, *, copy: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -132,3 +142,18 @@ def out_rows(out: Any, n: int, row_dim: int, dtype: np.dtype, unique: bool) -> n
     if not unique and out.shape[0] != n:
         raise InvalidRequest(f"output buffer holds {out.shape[0]} rows for {n} ids")
     return rows
+
+
+def lookups(row_ids: Sequence[Any], outs: Sequence[Any] | None, layout: Any, dtype: np.dtype, unique: bool
+            ) -> tuple[list[tuple[np.ndarray, tuple[int, ...]]], list[np.ndarray | None]]:
+    """Checked lookups: per id array its flat ids (a copy: another thread reads them later) and
+    shape, and its output buffer as ``[rows, dim]`` (None: the client allocates)."""
+    if outs is not None and len(outs) != len(row_ids):
+        raise InvalidRequest(f"{len(outs)} output buffers for {len(row_ids)} id arrays")
+    items, bufs = [], []
+    for i, r in enumerate(row_ids):
+        ids, flat = flat_ids(r, layout.total_rows, copy=True)
+        out = outs[i] if outs is not None else None
+        bufs.append(None if out is None else out_rows(out, int(flat.size), layout.row_dim, dtype, unique))
+        items.append((flat, ids.shape))
+    return items, bufs
