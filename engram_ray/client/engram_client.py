@@ -1,10 +1,9 @@
 """``EngramClient``: rows by global id from a sharded memory service, fetched ahead of need.
 
-The facade over the parts of :mod:`engram_ray.client`: it checks what the caller hands over
-and gives it to the client's own I/O thread (:class:`~.iothread.IoThread`), where
-:class:`~.transfers.Transfers` plans, calls and reassembles. :meth:`EngramClient.prefetch`
-returns in tens of microseconds, and ``Prefetch.result()`` waits for the rows, already in the
-caller's order. The asyncio forms await the same futures, so an event loop is never blocked.
+The facade over the parts of :mod:`engram_ray.client`: it checks what the caller hands over and
+gives it to the client's I/O thread (:class:`~.iothread.IoThread`), where :class:`~.transfers.Transfers`
+plans, calls and reassembles. ``prefetch`` returns in tens of microseconds; ``Prefetch.result()``
+waits for the rows, in the caller's order. The asyncio forms await the same futures.
 """
 
 from __future__ import annotations
@@ -138,8 +137,9 @@ class EngramClient:
         return self._start([row_ids], "rows", [out], unique=False)[0]
 
     def lookup_into(self, row_ids: Any, out: np.ndarray, timeout: float | None = None) -> np.ndarray:
-        """:meth:`prefetch_into` and wait: returns ``out``."""
-        return self.prefetch_into(row_ids, out).result(timeout)
+        """:meth:`prefetch_into` and wait: returns ``out`` itself."""
+        self.prefetch_into(row_ids, out).result(timeout)
+        return out
 
     def _start(self, row_ids: Sequence[Any], kind: str, outs: Sequence[np.ndarray | None] | None,
                unique: bool, ordered: bool = False) -> list[Prefetch]:
@@ -179,8 +179,8 @@ class EngramClient:
 
     # Service calls --------------------------------------------------------------------------
     def describe(self, tolerate: bool = False, every_replica: bool = False) -> list[dict[str, Any]]:
-        """Every shard's Describe (of the copy reads go to, or of every copy) as dicts; with
-        ``tolerate`` a copy that does not answer gives a dict with its ``error`` instead."""
+        """Every shard's Describe (of its read copy, or every copy) as dicts; ``tolerate``: a
+        copy that does not answer gives a dict with its ``error``."""
         where = self._replicas.where(every_replica)
         answers = self._io.run(self._calls.each(where, "Describe", pb.DescribeRequest(), self.timeout))
         return shards.describe_dicts(where, answers, self.replicas, self._calls.error, tolerate)
