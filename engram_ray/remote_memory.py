@@ -19,6 +19,7 @@ row's duplicate gradients are summed.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -80,14 +81,17 @@ def _host_tensor(arr: np.ndarray) -> torch.Tensor:
 class RemoteFetch:
     """One batch's rows from the service: a :class:`~engram_ray.model.memory.MemoryFetch`."""
 
-    def __init__(self, memory: RemoteMemory, row_ids_lbth: np.ndarray, requires_grad: bool):
+    def __init__(self, memory: RemoteMemory, row_ids_lbth: np.ndarray, requires_grad: bool,
+                 pending: list[Any] | None = None):
         self.memory, self.row_ids = memory, row_ids_lbth
         self.requires_grad = requires_grad
         # prefetch: every layer's rows asked for now (one hand-over; earliest layer first and
-        # the next once it has its rows, when ordered); on demand: each when its layer asks.
-        self.pending: list[Any] = (
-            list(memory.source.prefetch_unique_many(list(row_ids_lbth), ordered=memory.ordered))
-            if memory.prefetch else [None] * len(row_ids_lbth))
+        # the next once it has its rows, when ordered) unless ``pending`` holds them already
+        # (RemoteMemory.fetch_many); on demand: each when its layer asks.
+        if pending is None:
+            pending = (list(memory.source.prefetch_unique_many(list(row_ids_lbth), ordered=memory.ordered))
+                       if memory.prefetch else [None] * len(row_ids_lbth))
+        self.pending: list[Any] = pending
         #: Per layer asked: the unique rows ``[U, D]`` on the device (the autograd leaves) ...
         self.tensors: dict[int, torch.Tensor] = {}
         #: ... and their global ids ``[U]`` (host), for the push.
@@ -264,3 +268,18 @@ class RemoteMemory:
     def fetch(self, row_ids_lbth: np.ndarray, requires_grad: bool = True) -> RemoteFetch:
         """Start fetching global rows ``[L, B, T, H]`` (int64, host numpy); returns at once."""
         return RemoteFetch(self, np.asarray(row_ids_lbth, dtype=np.int64), requires_grad)
+
+    def fetch_many(self, row_ids: Sequence[np.ndarray], requires_grad: bool = True) -> list[RemoteFetch]:
+        """:meth:`fetch` for forwards that run in this order, in one hand-over: with
+        ``ordered``, the lookups go out in the order the layers will ask -- every layer of the
+        first forward, then of the next -- so a forward that runs later (a serving step's
+        decode batch, after its prefill chunks) never slows the rows needed first."""
+        arrays = [np.asarray(r, dtype=np.int64) for r in row_ids]
+        if not self.prefetch or not arrays:
+            return [self.fetch(a, requires_grad) for a in arrays]
+        flat = self.source.prefetch_unique_many([layer for a in arrays for layer in a], ordered=self.ordered)
+        out, k = [], 0
+        for a in arrays:
+            out.append(RemoteFetch(self, a, requires_grad, pending=list(flat[k:k + len(a)])))
+            k += len(a)
+        return out

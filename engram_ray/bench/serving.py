@@ -137,8 +137,14 @@ class _Engine:
             self.live.append(_Seq(i, req, self.indexer.new_history(1)))
         chunks = self._plan_chunks()
         decoding = self.live[:self.n_decoding]
-        chunk_fetches = [self._fetch(s, s.req.prompt[None, a:b]) for s, _, a, b in chunks]
-        dec_fetch = self._fetch_decode(decoding) if decoding else None
+        # Every fetch of the step in one hand-over, in the order the forwards run (chunks, then
+        # the decode batch): an ordered memory sends the lookups in the order layers ask.
+        rows = [self._index(s, s.req.prompt[None, a:b]) for s, _, a, b in chunks]
+        if decoding:
+            rows.append(self._index_decode(decoding))
+        fetches = self._issue(rows)
+        chunk_fetches = fetches[:len(chunks)]
+        dec_fetch = fetches[len(chunks)] if decoding else None
         for (seq, slot, a, b), fetch in zip(chunks, chunk_fetches):
             self._prefill(seq, slot, a, b, fetch)
         if decoding:
@@ -157,16 +163,17 @@ class _Engine:
             left -= n
         return out
 
-    def _fetch(self, seq: _Seq, new_bt: np.ndarray) -> Any:
-        """Index one sequence's new tokens and start fetching their rows."""
+    def _index(self, seq: _Seq, new_bt: np.ndarray) -> np.ndarray | None:
+        """One sequence's new tokens -> their rows ``[L, 1, n, H]`` (None without a memory)."""
         if self.memory is None:
             return None
         t1 = time.perf_counter()
         rows, seq.history = self.indexer.step(seq.history, new_bt)
-        return self._issue(rows, t1)
+        self.acc["hash_s"] += time.perf_counter() - t1
+        return rows
 
-    def _fetch_decode(self, decoding: list[_Seq]) -> Any:
-        """Index the decode batch's last tokens (one array for all) and start the fetch."""
+    def _index_decode(self, decoding: list[_Seq]) -> np.ndarray | None:
+        """The decode batch's last tokens (one array for all) -> rows ``[L, d, 1, H]``."""
         if self.memory is None:
             return None
         t1 = time.perf_counter()
@@ -174,14 +181,17 @@ class _Engine:
         rows, hist = self.indexer.step(hist, np.array([[s.out[-1]] for s in decoding], dtype=np.int64))
         for i, s in enumerate(decoding):
             s.history = hist[i:i + 1]
-        return self._issue(rows, t1)
+        self.acc["hash_s"] += time.perf_counter() - t1
+        return rows
 
-    def _issue(self, rows: np.ndarray, t1: float) -> Any:
+    def _issue(self, rows: list[np.ndarray | None]) -> list[Any]:
+        """Start every fetch of the step at once (None without a memory)."""
+        if self.memory is None:
+            return [None] * len(rows)
         t2 = time.perf_counter()
-        fetch = self.memory.fetch(rows, requires_grad=False)
-        self.acc["hash_s"] += t2 - t1
+        fetches = self.memory.fetch_many([r for r in rows if r is not None], requires_grad=False)
         self.acc["issue_s"] += time.perf_counter() - t2
-        return fetch
+        return fetches
 
     def _forward(self, tokens: torch.Tensor, fetch: Any, view: KVCache, start: Any) -> torch.Tensor:
         logits = self.model(tokens, fetch, cache=view, start_pos=start)

@@ -16,6 +16,7 @@ optimiser (``core.optim``), so the same batch gives the same table either way (t
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -63,6 +64,12 @@ class Memory(Protocol):
 
     def fetch(self, row_ids_lbth: np.ndarray, requires_grad: bool = True) -> MemoryFetch:
         """Start fetching global rows ``[L, B, T, H]`` (int64, host numpy); returns at once."""
+        ...
+
+    def fetch_many(self, row_ids: Sequence[np.ndarray], requires_grad: bool = True) -> Sequence[MemoryFetch]:
+        """:meth:`fetch` for several forwards that will run in this order (e.g. a serving
+        step's prefill chunks, then its decode batch): a remote memory sends their layers'
+        lookups in the order the layers will ask."""
         ...
 
     def update(self, fetch: MemoryFetch) -> int:
@@ -140,6 +147,10 @@ class LocalMemory(nn.Module):
     def fetch(self, row_ids_lbth: np.ndarray, requires_grad: bool = True) -> LocalFetch:
         """Rows of global ids ``[L, B, T, H]`` (host numpy), gathered as each layer asks."""
         return LocalFetch(self, np.asarray(row_ids_lbth, dtype=np.int64), requires_grad)
+
+    def fetch_many(self, row_ids: Sequence[np.ndarray], requires_grad: bool = True) -> list[MemoryFetch]:
+        """:meth:`fetch` of each (nothing travels: there is no order to keep)."""
+        return [self.fetch(r, requires_grad) for r in row_ids]
 
     @torch.no_grad()
     def update(self, fetch: MemoryFetch) -> int:

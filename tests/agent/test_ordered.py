@@ -84,3 +84,34 @@ def test_agent_orders_a_packets_lookups_when_flagged(served: Served, tmp_path, o
     finally:
         stop(agent)
         server.stop(0)
+
+
+def test_remote_memory_fetch_many_orders_every_layer_of_every_forward(served: Served, tmp_path):
+    """fetch_many([first, second]): the lookups go out first's layers, then second's, each once
+    the one before has its rows; the rows equal separate fetches'."""
+    from engram_ray.remote_memory import RemoteMemory
+
+    log: list = []
+    server, address = _slow_shard(served.layout, log)
+    agent = spawn_agent(str(tmp_path / "many.sock"), [address], served.layout)
+    tokens = np.random.default_rng(0).integers(0, served.indexer.vocab.num_tokens, size=(2, 3, 5))
+    first, second = (served.indexer.rows(t) for t in tokens)                     # [L, 3, 5, H] each
+    try:
+        with AgentClient(str(tmp_path / "many.sock"), served.layout) as worker:
+            memory = RemoteMemory(worker)
+            many = memory.fetch_many([first, second], requires_grad=False)
+            got = [[f.rows(li) for li in range(len(first))] for f in many]
+            alone = [[memory.fetch(r, requires_grad=False).rows(li) for li in range(len(first))]
+                     for r in (first, second)]
+        for g, a in zip(got, alone):
+            assert all(torch_equal(x, y) for x, y in zip(g, a))
+        calls = sorted(log[:4], key=lambda c: c[1])                              # by arrival
+        assert all(nxt[1] >= prev[2] - 0.01 for prev, nxt in zip(calls, calls[1:])), calls
+    finally:
+        stop(agent)
+        server.stop(0)
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+    return bool(torch.equal(x, y))
