@@ -17,6 +17,42 @@ from ..config import EngramConfig, ServiceConfig, StoreConfig
 from ..rpc.metrics import rss_bytes
 
 
+def _drive(client: Any, layout: Any, calls: int, batch: int, concurrency: int, sample_every: int,
+           bar: Any) -> tuple[int, float, list[dict[str, Any]]]:
+    """``calls`` lookups of ``batch`` random rows, ``concurrency`` in flight (oldest first);
+    RSS of the client and every shard sampled every ``sample_every``: (errors, seconds, samples)."""
+    rng = np.random.default_rng(0)
+    client.lookup(rng.integers(0, layout.total_rows, batch))  # warm the channels
+    samples: list[dict[str, Any]] = []
+    errors = done = issued = 0
+
+    def sample() -> None:
+        d = client.describe()
+        samples.append({"lookups": done, "client_rss": rss_bytes(), "shard_rss": [s["rss_bytes"] for s in d]})
+
+    sample()
+    t0 = time.perf_counter()
+    inflight: list = []
+    while done < calls:
+        while issued < calls and len(inflight) < concurrency:
+            inflight.append(client.prefetch(rng.integers(0, layout.total_rows, batch)))
+            issued += 1
+        p = inflight.pop(0)  # oldest first: at most `concurrency` in flight
+        try:
+            rows = p.result(timeout=60)
+            assert rows.shape == (batch, layout.row_dim)
+        except Exception:  # noqa: BLE001 - counted: the test demands none
+            errors += 1
+        done += 1
+        if bar is not None:
+            bar.update(1)
+        if done % sample_every == 0:
+            sample()
+    seconds = time.perf_counter() - t0
+    sample()
+    return errors, seconds, samples
+
+
 def run(config: EngramConfig, vocab: Any, *, ids: int = 1_000_000, batch: int = 256, concurrency: int = 32,
         shards: int = 2, sample_every: int = 200, service: ServiceConfig = ServiceConfig(),
         progress: bool = False) -> dict[str, Any]:
@@ -29,42 +65,11 @@ def run(config: EngramConfig, vocab: Any, *, ids: int = 1_000_000, batch: int = 
         svc = deploy(config, vocab=vocab, num_shards=shards, store=StoreConfig(), name="bench-load", service=service)
         try:
             with svc.client() as client:
-                rng = np.random.default_rng(0)
-                n_rows = svc.layout.total_rows
-                client.lookup(rng.integers(0, n_rows, batch))  # warm the channels
-                samples: list[dict[str, Any]] = []
-                errors, done = 0, 0
                 bar = None
                 if progress:
                     from tqdm import tqdm
                     bar = tqdm(total=calls, desc="bench load", unit="lookup")
-
-                def sample() -> None:
-                    d = client.describe()
-                    samples.append({"lookups": done, "client_rss": rss_bytes(),
-                                    "shard_rss": [s["rss_bytes"] for s in d]})
-
-                sample()
-                t0 = time.perf_counter()
-                inflight: list = []
-                issued = 0
-                while done < calls:
-                    while issued < calls and len(inflight) < concurrency:
-                        inflight.append(client.prefetch(rng.integers(0, n_rows, batch)))
-                        issued += 1
-                    p = inflight.pop(0)  # oldest first: at most `concurrency` in flight
-                    try:
-                        rows = p.result(timeout=60)
-                        assert rows.shape == (batch, svc.layout.row_dim)
-                    except Exception:  # noqa: BLE001 - counted: the test demands none
-                        errors += 1
-                    done += 1
-                    if bar is not None:
-                        bar.update(1)
-                    if done % sample_every == 0:
-                        sample()
-                seconds = time.perf_counter() - t0
-                sample()
+                errors, seconds, samples = _drive(client, svc.layout, calls, batch, concurrency, sample_every, bar)
                 if bar is not None:
                     bar.close()
                 stats = client.stats()

@@ -74,6 +74,12 @@ def _run(args: argparse.Namespace, *, title: str) -> dict[str, Any]:
             if worker is not None:
                 worker.shutdown()
             svc.shutdown()
+    return _summary(args, steps, val, train_s, time.perf_counter() - t_start, cstats, shards, sample)
+
+
+def _summary(args: argparse.Namespace, steps: list[dict[str, Any]], val: list[tuple[int, float]], train_s: float,
+             total_s: float, cstats: dict[str, Any], shards: list[dict[str, Any]], sample: str) -> dict[str, Any]:
+    """The demo's figures (what ``--out`` writes and the summary prints)."""
     tokens = sum(s["tokens"] for s in steps)
     fetch = sum(s["fetch_seconds"] for s in steps)
     wait = sum(s["wait_seconds"] for s in steps)
@@ -81,7 +87,7 @@ def _run(args: argparse.Namespace, *, title: str) -> dict[str, Any]:
     last = sum(s["loss"] for s in steps[-10:]) / min(10, len(steps))
     return {
         "steps": len(steps), "tokens": tokens, "train_seconds": train_s,
-        "tokens_per_second": tokens / train_s, "total_seconds": time.perf_counter() - t_start,
+        "tokens_per_second": tokens / train_s, "total_seconds": total_s,
         "train_loss_first10": first, "train_loss_last10": last,
         "val_loss": [{"step": s, "loss": v} for s, v in val],
         "lookups": cstats["lookups"], "ids_requested": cstats["ids"], "unique_rows_fetched": cstats["unique_ids"],
