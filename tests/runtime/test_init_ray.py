@@ -17,8 +17,12 @@ def _fake_init(failures):
     return init, calls
 
 
-def test_a_local_start_that_times_out_is_retried_once(monkeypatch):
-    init, calls = _fake_init([Exception("The current node timed out during startup. ...")])
+@pytest.mark.parametrize("error", [
+    Exception("The current node timed out during startup. ..."),
+    RuntimeError("Timed out waiting for file /tmp/ray/session_x/gcs_server_port_6e9a"),  # seen in CI
+])
+def test_a_local_start_that_times_out_is_retried_once(monkeypatch, error):
+    init, calls = _fake_init([error])
     monkeypatch.setattr(service.ray, "init", init)
     monkeypatch.setattr(service.ray, "shutdown", lambda: calls.append("shutdown"))
     service.init_ray(num_cpus=1)
