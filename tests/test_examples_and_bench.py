@@ -175,6 +175,13 @@ def test_bench_offload_flags_are_checked():
         parse_addresses("a:1,b")
     with pytest.raises(ValueError, match="--via"):
         memory_client(object(), "carrier-pigeon")
+    # options no run could finish with are refused before anything starts
+    from engram_ray.bench import offload
+    for bad, match in ((dict(token_budget=0), "token_budget=0"), (dict(max_batch=0), "max_batch=0"),
+                       (dict(prompt_len=(0, 4)), r"prompt_len=\(0, 4\)"), (dict(output_len=(5, 2)), "output_len"),
+                       (dict(microbatches=99), "microbatches=99"), (dict(dtype="int8"), "'int8'")):
+        with pytest.raises(ValueError, match=match):
+            offload.run(C.tiny(), C.model_tiny(), None, None, **bad)
 
 
 def test_dense_1b_preset_is_about_a_billion_parameters():

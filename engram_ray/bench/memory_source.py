@@ -78,9 +78,6 @@ class DeployedShards:
         return self.svc.client()
 
     def agent_client(self) -> Any:
-        if not hasattr(self.svc, "agent_client"):
-            raise RuntimeError("--via agent: this memory service has no lookup agent yet "
-                               "(MemoryService.agent_client, engram_ray.agent); use --via client")
         return self.svc.agent_client()
 
     def describe(self) -> list[dict[str, Any]]:

@@ -84,6 +84,23 @@ class Options:
                    self.prompt_len[1] + self.output_len[1])
 
 
+def _check(o: Options) -> None:
+    """Refuse options no run can finish with (a zero token budget or batch never admits or
+    finishes a request: the serving loop would spin forever)."""
+    for name in ("sequences", "min_len", "decode_batch", "decode_prompt", "decode_tokens", "requests",
+                 "max_batch", "token_budget", "repeats"):
+        if getattr(o, name) < 1:
+            raise ValueError(f"{name}={getattr(o, name)}: expected a positive count")
+    for name, (lo, hi) in (("min_len/max_len", (o.min_len, o.max_len)), ("prompt_len", o.prompt_len),
+                           ("output_len", o.output_len)):
+        if not 1 <= lo <= hi:
+            raise ValueError(f"{name}=({lo}, {hi}): expected 1 <= MIN <= MAX")
+    if not 1 <= o.microbatches <= o.decode_batch:
+        raise ValueError(f"microbatches={o.microbatches}: between 1 and decode_batch={o.decode_batch}")
+    if o.dtype not in DTYPES:
+        raise ValueError(f"dtype {o.dtype!r}: choose one of {', '.join(DTYPES)}")
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -151,13 +168,10 @@ def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np
         opts: Options | None = None, **overrides: Any) -> dict[str, Any]:
     """Run the benchmark (``opts``, or :class:`Options` fields as keywords); the report."""
     o = dataclasses.replace(opts or Options(), **overrides)
+    _check(o)
     if o.longest() > model_cfg.max_seq_len:
         raise ValueError(f"sequences up to {o.longest()} tokens exceed the backbone's "
                          f"max_seq_len={model_cfg.max_seq_len}")
-    if not 1 <= o.microbatches <= o.decode_batch:
-        raise ValueError(f"microbatches={o.microbatches}: between 1 and decode_batch={o.decode_batch}")
-    if o.dtype not in DTYPES:
-        raise ValueError(f"dtype {o.dtype!r}: choose one of {', '.join(DTYPES)}")
     iso = Isolation.split(o.isolate, o.memory_cores)
     iso.memory_side()  # before Ray, the shards and the client start: they inherit it
     try:
@@ -169,7 +183,7 @@ def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np
             try:
                 m = iso.run_model(lambda: _measure(engram_cfg, model_cfg, vocab, tokens, src, client,
                                                    resident, o, iso))
-                stats = client.stats() if hasattr(client, "stats") else None
+                stats = client.stats()
                 server = src.describe()
             finally:
                 client.close()

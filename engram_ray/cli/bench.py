@@ -5,12 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..config import MODEL_PRESETS, STORE_DTYPES
+from ..config import DTYPE_ALIASES, MODEL_PRESETS, STORE_DTYPES, store_dtype
 from .common import add_table_args, engram_config
-
-#: Backbone dtypes of bench offload, by the names the flag takes.
-DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
-               "fp16": "float16"}
 
 
 def _plot_beside(out: str | None, plot) -> None:
@@ -86,7 +82,7 @@ def _offload_options(args: argparse.Namespace) -> Any:
         decode_tokens=args.decode_tokens, requests=args.requests, prompt_len=tuple(args.prompt_len),
         output_len=tuple(args.output_len), max_batch=args.max_batch, token_budget=args.token_budget,
         microbatches=args.microbatches,
-        repeats=args.repeats, device=args.device, dtype=DTYPE_NAMES.get(args.dtype, args.dtype),
+        repeats=args.repeats, device=args.device, dtype=store_dtype(args.dtype),
         memory_at=tuple(parse_addresses(args.memory_at)) if args.memory_at else (),
         token_file=args.token_file, via=args.via, isolate=not args.no_isolate, memory_cores=args.memory_cores,
         profile=args.profile, progress=True)
@@ -280,7 +276,7 @@ def _add_offload(bsub) -> None:
     b.add_argument("--model", default="demo", choices=sorted(MODEL_PRESETS),
                    help="backbone preset, deepened to hold the table's Engram layers (default: demo; "
                         "dense_1b for a GPU)")
-    b.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES),
+    b.add_argument("--dtype", default="float32", choices=sorted({*STORE_DTYPES, *DTYPE_ALIASES}),
                    help="backbone compute dtype (default: float32; bfloat16 on a GPU)")
     b.add_argument("--shards", type=int, default=2)
     b.add_argument("--max-resident-gib", type=float, default=1.0,

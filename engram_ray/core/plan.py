@@ -53,7 +53,7 @@ def bytes_per_row(row_dim: int, dtype: str, optimizer: str) -> int:
 def shard_bytes(layout: TableLayout, num_shards: int, *, dtype: str, optimizer: str,
                 resident_rows_per_shard: int = 0) -> int:
     """Bytes of rows and optimiser state one of ``num_shards`` shards holds (the largest:
-    shards own equal ranges, the last one the remainder); a resident cap bounds its rows."""
+    shard ranges differ by at most one row); a resident cap bounds its rows."""
     rows = -(-layout.total_rows // num_shards)
     if resident_rows_per_shard:
         rows = min(rows, resident_rows_per_shard)

@@ -97,9 +97,10 @@ class ShardHost:
                                   max_concurrent_rpcs=svc.max_concurrent_rpcs, token=self.token,
                                   peer_token=self.peer_token, tls=tls, servicer=self.servicer)
         self._server = None
-        if previous and previous.rsplit(":", 1)[0] == host:
+        old_host, _, old_port = (previous or "").rpartition(":")
+        if old_host == host and old_port.isdigit() and 0 < int(old_port) < 65536:  # the directory's word
             try:
-                self._server, port = create_server(self.shard, host, int(previous.rsplit(":", 1)[1]), **kw)
+                self._server, port = create_server(self.shard, host, int(old_port), **kw)
             except (OSError, RuntimeError):
                 self._server = None
         if self._server is None:
@@ -182,6 +183,9 @@ class ShardHost:
         tries again)."""
         for attempt in range(attempts):
             peers = list(peers_of()) or [self._address]
+            if len(peers) <= self.replica:  # the directory is gone (a shutdown) or lists fewer copies
+                raise RuntimeError(f"shard {self.index} copy {self.replica}: the service's directory lists "
+                                   f"{len(peers)} copies of this shard; cannot rejoin")
             peers[self.replica] = self._address
             repl = self._replication(peers)
             source = self._find_source(repl, peers)

@@ -326,7 +326,7 @@ def _wire(spec: ServiceSpec, started: _Started, timeout: float) -> ServiceSpec:
         started.undo()
         raise TimeoutError(
             f"{len(pending)} of {len(refs)} shard copies of {spec.name!r} did not start within {timeout:.0f} s "
-            f"({spec.layout.nbytes(spec.store.dtype) / spec.num_shards / 2**30:.2f} GiB of rows each). "
+            f"(up to {shard_gib(spec.layout, spec.store, spec.num_shards)} GiB of rows and optimiser state each). "
             f"Cluster now: {ray.available_resources()}")
     got = iter(ray.get(refs))
     replicas = [[next(got) for _ in range(spec.copies)] for _ in range(spec.num_shards)]

@@ -9,8 +9,6 @@ import logging
 from typing import Any
 
 from ..rpc.host import ShardHost
-from ..rpc.servicer import ShardServicer
-from ..store import TableShard
 from .spec import NAMESPACE, ServiceSpec
 
 __all__ = ["NAMESPACE", "ShardServer"]
@@ -38,7 +36,6 @@ class ShardServer:
         import ray
 
         self.name, self.index, self.replica = spec.name, shard_index, replica
-        self.peer_token = peer_token
         #: True when Ray restarted this actor after it died.
         self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
         rejoin = self.restarted and spec.service.replicas > 1
@@ -52,14 +49,6 @@ class ShardServer:
         if self.restarted:
             self._announce()
 
-    @property
-    def shard(self) -> TableShard:
-        return self.host.shard
-
-    @property
-    def servicer(self) -> ShardServicer:
-        return self.host.servicer
-
     # What the host does, as actor methods ---------------------------------------------------
     def set_peers(self, peers: list[str]) -> None:
         """Called by deploy once every copy of this shard serves: ``peers[r]`` is replica r."""
@@ -71,8 +60,8 @@ class ShardServer:
 
     def recover(self, source: str = "init") -> dict[str, Any]:
         """The operator's override for a copy that refuses to serve (see ShardHost.recover)."""
-        self.host.recover(source)
-        return self.info()
+        import ray
+        return dict(self.host.recover(source), node_id=ray.get_runtime_context().get_node_id())
 
     def address(self) -> str:
         return self.host.address()
@@ -98,9 +87,8 @@ class ShardServer:
             return None
 
     def _directory_address(self) -> str | None:
-        import ray
-        d = self._directory()
-        return ray.get(d.spec.remote()).replicas[self.index][self.replica] if d is not None else None
+        peers = self._peers()
+        return peers[self.replica] if self.replica < len(peers) else None
 
     def _peers(self) -> list[str]:
         """Every copy's address of this shard, as the directory has them now ([] without one)."""
