@@ -13,9 +13,11 @@ If the agent dies, calls in flight raise :class:`AgentUnavailable`; the next cal
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..client import UniqueRows
-from ..client.plan import check_grads, scatter
+from ..client.plan import check_grads, out_rows, scatter
 from ..core.layout import TableLayout
 from ..rpc.codec import wire_dtype
 from .protocol import (
@@ -113,7 +115,8 @@ class AgentClient:
         self._gen = 0
         self._slots: list[Slot] = []
         self._free: list[int] = []
-        self._replies: dict[int, tuple[int, int, bytes]] = {}
+        self._replies: dict[int, tuple[int, int, bytes, int]] = {}
+        self._reply_slot = 0  # the slot field of the reply _wait_id returned last
         self._orphans: set[int] = set()  # released before their reply came: free slot on arrival
         self._owner: dict[int, int] = {}  # req_id -> slot, for orphans
         self._next_id = 1
@@ -144,10 +147,19 @@ class AgentClient:
         self._hello()
 
     def _hello(self) -> None:
+        try:
+            self._say_hello()
+        except (struct.error, ValueError, UnicodeDecodeError) as e:  # a reply that is not one
+            self._drop()
+            raise AgentUnavailable(f"lookup agent at {self.path} answered HELLO with garbage: {e}") from None
+
+    def _say_hello(self) -> None:
         assert self._sock is not None
         self._sock.send(HELLO.pack(MAGIC, Op.HELLO, VERSION, 0, 0, 0, self.layout.fingerprint.encode()))
         data = self._recv_packet()
         magic, op, status, _rid, _slot, _value, aux = REPLY.unpack_from(data)
+        if op != Op.HELLO:
+            raise ValueError(f"a reply of op {op}")
         if status == ERROR:
             self._drop()
             raise AgentRefused(data[REPLY.size:REPLY.size + aux].decode("utf-8", "replace"))
@@ -234,12 +246,12 @@ class AgentClient:
 
     def _keep(self, data: bytes) -> None:
         """File a reply for its waiter (or free the slot of a fetch released unread)."""
-        _m, _op, status, rid, _slot, value, aux = REPLY.unpack_from(data)
+        _m, _op, status, rid, slot, value, aux = REPLY.unpack_from(data)
         if rid in self._orphans:
             self._orphans.discard(rid)
             self._free.append(self._owner.pop(rid))
         else:
-            self._replies[rid] = (status, value, data[REPLY.size:REPLY.size + aux])
+            self._replies[rid] = (status, value, data[REPLY.size:REPLY.size + aux], slot)
 
     def _wait_id(self, req_id: int, timeout: float | None, fds: list[int] | None = None) -> tuple[int, int, bytes]:
         """Read replies until ``req_id``'s; others are kept for their own waiters."""
@@ -253,7 +265,7 @@ class AgentClient:
         finally:
             if timeout is not None and self._sock is not None:
                 self._sock.settimeout(self.timeout)
-        status, value, text = self._replies.pop(req_id)
+        status, value, text, self._reply_slot = self._replies.pop(req_id)
         self._owner.pop(req_id, None)
         if status == ERROR:
             raise AgentRefused(text.decode("utf-8", "replace"))
@@ -279,15 +291,27 @@ class AgentClient:
         fds: list[int] = []
         try:
             _status, value, _ = self._wait_id(rid, None, fds)
-            if len(fds) != 1 or value != capacity:
-                self._drop()
-                raise AgentUnavailable(f"lookup agent at {self.path} sent a bad slot")
-            self._slots.append(Slot(fds[0], SlotLayout(capacity, self.layout.row_dim, self.dtype.itemsize),
-                                    self.dtype))
+            self._slots.append(self._map_slot(fds, capacity, value))
         finally:
             for fd in fds:
                 os.close(fd)  # the mapping keeps the memory
         return len(self._slots) - 1
+
+    def _map_slot(self, fds: list[int], capacity: int, value: int) -> Slot:
+        """Map the slot the agent sent, checked: the number both sides will use, a memfd sealed
+        against shrinking (a truncated mapping would SIGBUS this process) and large enough.
+        Anything else ends the connection: slot numbers must never drift apart."""
+        layout = SlotLayout(capacity, self.layout.row_dim, self.dtype.itemsize)
+        try:
+            if len(fds) != 1 or value != capacity or self._reply_slot != len(self._slots):
+                raise ValueError(f"{len(fds)} fds, capacity {value}, slot {self._reply_slot}")
+            if not fcntl.fcntl(fds[0], fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK \
+                    or os.fstat(fds[0]).st_size < layout.nbytes:
+                raise ValueError("memfd not sealed against shrinking, or too small")
+            return Slot(fds[0], layout, self.dtype)
+        except (OSError, ValueError) as e:
+            self._drop()
+            raise AgentUnavailable(f"lookup agent at {self.path} sent a bad slot: {e}") from None
 
     def _slot_of(self, f: AgentFetch) -> Slot:
         if f.gen != self._gen:
@@ -372,7 +396,8 @@ class AgentClient:
         f = self.prefetch_unique(row_ids)
         try:
             u = f.result(timeout)
-            np.take(u.rows, u.inverse, axis=0, out=out.reshape(u.inverse.size, -1))
+            rows = out_rows(out, u.inverse.size, self.layout.row_dim, self.dtype, unique=False)  # as the client
+            np.take(u.rows, u.inverse, axis=0, out=rows)
             return out
         finally:
             f.release()

@@ -51,8 +51,11 @@ log = logging.getLogger(__name__)
 class Limits:
     """What one worker connection may ask for: ids per slot, slots, bytes mapped in all."""
 
-    def __init__(self, max_slot_ids: int = 1 << 22, max_slots: int = 64, max_bytes: int = 8 << 30):
+    def __init__(self, max_slot_ids: int = 1 << 22, max_slots: int = 64, max_bytes: int = 8 << 30,
+                 max_conns: int = 256):
         self.max_slot_ids, self.max_slots, self.max_bytes = max_slot_ids, max_slots, max_bytes
+        #: Worker connections at once (each holds a thread and its slots); more are closed at once.
+        self.max_conns = max_conns
 
 
 class _Conn:
@@ -67,14 +70,18 @@ class _Conn:
         self.send_lock = threading.Lock()
         self.closed = False
 
-    def send(self, data: bytes) -> None:
-        """Send without ever blocking: a worker whose socket buffer is full is not reading
-        (a well-behaved one has at most one reply per slot outstanding), so it is dropped."""
+    def send(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
+        """Send (with ``fds``, passed by SCM_RIGHTS) without ever blocking: a worker whose
+        socket buffer is full is not reading (a well-behaved one has at most one reply per
+        slot outstanding), so it is dropped -- never waited for with the lock held."""
         with self.send_lock:
             if self.closed:
                 return
             try:
-                self.sock.send(data, socket.MSG_DONTWAIT)
+                if fds:
+                    socket.send_fds(self.sock, [data], list(fds), socket.MSG_DONTWAIT)
+                else:
+                    self.sock.send(data, socket.MSG_DONTWAIT)
             except OSError:
                 self.close()
 
@@ -155,7 +162,17 @@ class LookupAgent:
             try:
                 sock, _ = self._listener.accept()
             except OSError:
-                return
+                if self._stop.is_set():
+                    return
+                # e.g. EMFILE: out of descriptors for now. Keep accepting: a returned accept
+                # thread would leave a live agent that nobody can reach (and nobody restarts).
+                log.warning("lookup agent: accept failed", exc_info=True)
+                self._stop.wait(0.1)
+                continue
+            if len(self._conns) >= self.limits.max_conns:
+                log.warning("lookup agent: %d connections; refusing another", len(self._conns))
+                sock.close()
+                continue
             conn = _Conn(sock)
             self._conns.add(conn)
             threading.Thread(target=self._serve, args=(conn,), name="engram-agent-conn", daemon=True).start()
@@ -173,8 +190,8 @@ class LookupAgent:
                     self.refused += 1
                     conn.send(error_reply(e.op, e.req_id, e.slot, str(e)))
                 except Exception as e:  # noqa: BLE001 - the agent outlives any one request
-                    self.refused += 1
-                    log.warning("lookup agent: request failed", exc_info=True)
+                    self.refused += 1  # (requests fail one by one in _handle; this is a packet's)
+                    log.warning("lookup agent: packet failed", exc_info=True)
                     conn.send(error_reply(0, 0, 0, f"agent error: {type(e).__name__}: {e}"))
         except OSError:
             pass
@@ -206,6 +223,11 @@ class LookupAgent:
             except _Refused as e:  # one bad request of a batch: the others still run
                 self.refused += 1
                 conn.send(error_reply(e.op, e.req_id, e.slot, str(e)))
+            except Exception as e:  # noqa: BLE001 - answered to its own waiter, the batch goes on
+                self.refused += 1
+                log.warning("lookup agent: request failed", exc_info=True)
+                _, op, _, req_id, slot, _ = REQUEST.unpack_from(data, i * REQUEST.size)
+                conn.send(error_reply(op, req_id, slot, f"agent error: {type(e).__name__}: {e}"))
         if ordered:
             self._start_ordered(conn, ordered)
         return None
@@ -215,6 +237,8 @@ class LookupAgent:
         magic, op, flags, req_id, slot, n = fields
         if magic != MAGIC or op not in Op.ALL:
             raise _Refused(0, req_id, slot, f"not a request (magic {magic!r}, op {op})")
+        if flags & ~ORDERED or (flags & ORDERED and op != Op.UNIQUE):
+            raise _Refused(op, req_id, slot, f"flags {flags:#x}: only ORDERED, on UNIQUE requests")
         if not conn.hello:
             raise _Refused(op, req_id, slot, "say HELLO first")
         if op == Op.SLOT:
@@ -303,9 +327,7 @@ class LookupAgent:
         try:
             conn.slots.append(Slot(fd, layout, self.dtype))
             conn.nbytes += layout.nbytes
-            with conn.send_lock:
-                socket.send_fds(conn.sock, [REPLY.pack(MAGIC, Op.SLOT, OK, req_id, len(conn.slots) - 1,
-                                                       capacity, layout.nbytes)], [fd])
+            conn.send(REPLY.pack(MAGIC, Op.SLOT, OK, req_id, len(conn.slots) - 1, capacity, layout.nbytes), (fd,))
         finally:
             os.close(fd)  # the mapping (and the worker's copy of the fd) keep the memory
 

@@ -2,6 +2,7 @@
 leave no shared memory behind, a restarted agent is re-attached on the next fetch, and hostile
 packets are refused without harm."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from engram_ray.agent import AgentClient, AgentRefused
-from engram_ray.agent.protocol import HELLO, MAGIC, REPLY, REQUEST, VERSION, Op
+from engram_ray.agent.protocol import HELLO, MAGIC, ORDERED, REPLY, REQUEST, VERSION, AgentUnavailable, Op
 from engram_ray.client import EngramClient
 from engram_ray.remote_memory import RemoteMemory
 
@@ -138,7 +139,9 @@ def test_hostile_requests_are_refused_and_the_agent_serves_on(served):
                  (REQUEST.pack(MAGIC, Op.SLOT, 0, 3, 0, 0), "refused"),
                  (REQUEST.pack(MAGIC, Op.SLOT, 0, 4, 0, 1 << 40), "refused"),
                  (REQUEST.pack(MAGIC, Op.HELLO, 0, 5, 0, 0), "wrong size"),
-                 (REQUEST.pack(MAGIC, Op.UNIQUE, 0, 6, 2**32 - 1, 2**64 - 1), "does not exist")]
+                 (REQUEST.pack(MAGIC, Op.UNIQUE, 0, 6, 2**32 - 1, 2**64 - 1), "does not exist"),
+                 (REQUEST.pack(MAGIC, Op.UNIQUE, 0x80, 11, 0, 1), "only ORDERED"),      # unknown flag bits
+                 (REQUEST.pack(MAGIC, Op.PUSH, ORDERED, 12, 0, 1), "only ORDERED")]     # ORDERED on a push
         for packet, why in cases:
             status, text = _ask(s, packet)
             assert status == 1 and why in text, text
@@ -177,3 +180,50 @@ def test_a_second_agent_on_the_same_socket_refuses_to_start(served):
     assert proc.returncode != 0 and "another lookup agent serves" in proc.stderr
     with AgentClient(served.socket, served.layout) as agent:
         assert agent.lookup(np.arange(3)).shape[0] == 3
+
+
+def test_a_worker_that_stops_reading_never_blocks_another(served):
+    """A worker that floods requests (slots included) and never reads its replies, with a large
+    lookup in flight, is given up, and another worker is served meanwhile. (Written after a
+    review found a slot's reply sent by a blocking call under the connection's lock; this run
+    does not fill the buffer at that exact moment, so it guards the outcome, not that path.)"""
+    import mmap
+    with _raw(served.socket) as greedy:
+        _hello(greedy, served.layout.fingerprint)
+        n = 1 << 18  # a large lookup in flight: its reply comes from the client's shared I/O thread
+        greedy.send(REQUEST.pack(MAGIC, Op.SLOT, 0, 99, 0, n))
+        _, fds, _, _ = socket.recv_fds(greedy, 4096, 1)
+        ids = mmap.mmap(fds[0], n * 8)
+        os.close(fds[0])
+        ids[:] = np.random.default_rng(0).integers(0, served.layout.total_rows, n).astype(np.int64).tobytes()
+        greedy.send(REQUEST.pack(MAGIC, Op.UNIQUE, 0, 98, 0, n))
+        stats = REQUEST.pack(MAGIC, Op.STATS, 0, 100, 0, 0)
+        with contextlib.suppress(OSError):
+            for _ in range(5000):  # replies pile up unread until the agent gives the worker up
+                greedy.send(stats)
+                greedy.send(REQUEST.pack(MAGIC, Op.SLOT, 0, 101, 0, 16))
+        with AgentClient(served.socket, served.layout, timeout=10) as other:
+            assert other.lookup(np.arange(5)).shape == (5, served.layout.row_dim)
+        ids.close()
+    assert served.agent.poll() is None
+
+
+def test_a_worker_refuses_a_slot_that_could_be_truncated(served, monkeypatch):
+    """A hostile agent that sends an unsealed memfd (which it could shrink, to SIGBUS the
+    worker) loses the connection instead of being mapped."""
+    from engram_ray.agent import client as agent_client
+    with AgentClient(served.socket, served.layout) as worker:
+        real = agent_client.socket.recv_fds
+
+        def unsealed(sock, bufsize, maxfds, *args):
+            data, fds, flags, addr = real(sock, bufsize, maxfds, *args)
+            if fds:  # swap the sealed slot for a plain memfd of the same size
+                size = os.fstat(fds[0]).st_size
+                os.close(fds[0])
+                fd = os.memfd_create("evil")
+                os.ftruncate(fd, size)
+                fds = [fd]
+            return data, fds, flags, addr
+        monkeypatch.setattr(agent_client.socket, "recv_fds", unsealed)
+        with pytest.raises(AgentUnavailable, match="bad slot"):
+            worker.lookup(np.arange(5))
