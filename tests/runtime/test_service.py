@@ -169,7 +169,7 @@ def test_the_directory_keeps_the_spec_attach_reads_and_never_the_peer_token():
         assert same.layout == svc.layout and same.store == svc.store and same.service == svc.service
         # the copies hold a peer credential of their own; the directory (what attach reads) never does
         copy = ray.get_actor(spec.copy_name(0, 1), namespace=NAMESPACE)
-        peer = ray.get(copy.__ray_call__.remote(lambda self: self.peer_token))
+        peer = ray.get(copy.__ray_call__.remote(lambda self: self.host.peer_token))
         assert peer and peer != spec.token and peer.encode() not in pickle.dumps(spec)
     finally:
         svc.shutdown()
