@@ -188,13 +188,20 @@ class Check:
     def start_shards(self, limit: float) -> dict:
         """Two ``engram-ray shard`` processes on 127.0.0.1 (free ports), with the token file;
         returns once both wrote their ready file."""
+        sys.path.insert(0, str(REPO))  # the package, not installed on the GPU machine
+        from engram_ray.bench.isolation import Isolation  # stdlib only: safe before the wheels
+
+        # on the cores bench offload gives its memory side, not among the model's (unpinned,
+        # the shards ran wherever the scheduler put them, compute cores included)
+        cores = Isolation.split().memory
         ready = [self.work / f"ready-{i}" for i in range(2)]
         for i in range(2):
             cmd = self.python("-m", "engram_ray.cli", "shard", "--preset", self.size["preset"], "--shards", "2",
                               "--index", str(i), "--token-file", str(self.token_file), "--ready-file",
                               str(ready[i]), "--init-std", "0.02", "--optimizer", "adam", "--lr", "1e-3")
             log = (self.work / f"shard-{i}.log").open("w")
-            self.shards.append(subprocess.Popen(cmd, cwd=REPO, env=self.env(), stdout=log, stderr=log))
+            self.shards.append(subprocess.Popen(cmd, cwd=REPO, env=self.env(), stdout=log, stderr=log,
+                                                preexec_fn=lambda: os.sched_setaffinity(0, cores)))
             with open(self.args.pidfile, "a") as f:  # the shell script's trap stops them too
                 f.write(f"{self.shards[-1].pid}\n")
         deadline = time.monotonic() + limit
@@ -204,7 +211,7 @@ class Check:
                 raise StepFailed(f"shards did not come up (exit codes {[p.poll() for p in self.shards]}): {tails}")
             time.sleep(0.2)
         self.addresses = [r.read_text().strip() for r in ready]
-        return {"addresses": self.addresses, "preset": self.size["preset"]}
+        return {"addresses": self.addresses, "preset": self.size["preset"], "cores": cores}
 
     def train(self, limit: float) -> dict:
         if not self.addresses:

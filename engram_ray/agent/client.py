@@ -228,15 +228,26 @@ class AgentClient:
 
     def _poll(self) -> None:
         """Read every reply already waiting, without blocking."""
-        while self._sock is not None:
-            try:
-                data = self._sock.recv(MAX_PACKET, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                self._drop()
-                raise AgentUnavailable(f"lookup agent at {self.path}: {e}") from None
-            self._keep(self._check(data))
+        sock = self._sock
+        if sock is None:
+            return
+        # MSG_DONTWAIT alone is not enough: a Python socket with a timeout polls for up to
+        # that timeout *before* its recv, so done() blocked 60 s and then dropped the
+        # connection (seen on CUDA, the one path that polls). Non-blocking for the sweep.
+        sock.settimeout(0.0)
+        try:
+            while self._sock is sock:
+                try:
+                    data = sock.recv(MAX_PACKET)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as e:
+                    self._drop()
+                    raise AgentUnavailable(f"lookup agent at {self.path}: {e}") from None
+                self._keep(self._check(data))
+        finally:
+            if self._sock is sock:
+                sock.settimeout(self.timeout)
 
     def _check(self, data: bytes) -> bytes:
         if not data or len(data) < REPLY.size or data[:4] != MAGIC:

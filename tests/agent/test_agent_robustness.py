@@ -227,3 +227,22 @@ def test_a_worker_refuses_a_slot_that_could_be_truncated(served, monkeypatch):
         monkeypatch.setattr(agent_client.socket, "recv_fds", unsealed)
         with pytest.raises(AgentUnavailable, match="bad slot"):
             worker.lookup(np.arange(5))
+
+
+def test_done_polls_without_waiting_out_the_timeout(served):
+    # A socket with a timeout polls for that long *before* a recv, MSG_DONTWAIT or not: done()
+    # used to block for the whole timeout once the replies were read, then drop the connection
+    # (the CUDA staging path, the one that polls, failed on an H100 this way).
+    ids = np.arange(300).reshape(3, 100) * 11 % served.layout.total_rows
+    with AgentClient(served.socket, served.layout, timeout=0.5) as agent:
+        want = agent.lookup(ids)
+        fetch = agent.prefetch_unique(ids)
+        assert wait_for(fetch.done)
+        for _ in range(3):
+            assert fetch.done()  # the connection is kept: answered from what was read
+        second = agent.prefetch_unique(ids)
+        assert wait_for(second.done)
+        u = second.result()
+        np.testing.assert_array_equal(u.expand(), want)
+        fetch.release()
+        second.release()
