@@ -100,6 +100,8 @@ class RemoteFetch:
         self._seconds: list[float | None] = [None] * len(row_ids_lbth)
         #: Time spent blocked in rows(): the part of the fetch not hidden behind compute.
         self.wait_seconds = 0.0
+        #: The rest of rows(): staging later layers' rows, the copy's event, the expand.
+        self.stage_seconds = 0.0
 
     @property
     def fetch_seconds(self) -> float:
@@ -140,7 +142,8 @@ class RemoteFetch:
         t0 = time.perf_counter()
         if layer_index not in self._staged:
             self._arrive(layer_index)
-        self.wait_seconds += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.wait_seconds += t1 - t0
         if self.memory.copy_stream is not None:
             self._stage_landed(layer_index)
         rows_ud, inverse = self._staged.pop(layer_index)
@@ -149,7 +152,9 @@ class RemoteFetch:
             rows_ud.requires_grad_(True)
         self.tensors[layer_index] = rows_ud
         shape = self.row_ids[layer_index].shape                                      # [B, T, H]
-        return expand_rows(rows_ud, inverse).view(*shape, rows_ud.shape[-1]).flatten(-2)
+        out = expand_rows(rows_ud, inverse).view(*shape, rows_ud.shape[-1]).flatten(-2)
+        self.stage_seconds += time.perf_counter() - t1
+        return out
 
     def push_gradients(self) -> int:
         """Send d(loss)/d(rows) of every layer used to the shards, once, one row per distinct

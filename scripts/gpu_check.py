@@ -39,14 +39,17 @@ LIMITS = {"wheels": 60, "env": 60, "tests": 150, "shards": 60, "train": 120, "be
 #: What a check runs at, by mode: table preset, model, steps, bench model and dtype, bench sizes.
 SIZES = {
     # the serving workload scaled so that four modes x repeats of a ~1B bf16 model fit the budget
+    # The bench serves the CPU default's table (table_100b: Engram at layers 2 and 15, 8 heads of
+    # 640) capped to 1 GiB resident, as `bench offload` deploys it; the demo table (layers 1 and
+    # 3) would leave the first Engram layer one block of compute to hide its rows behind.
     "gpu": dict(preset="demo", model="demo", steps=20, device="cuda", bench_model="dense_1b",
-                bench_dtype="bfloat16",
+                bench_dtype="bfloat16", bench_preset="table_100b", bench_resident_gib=1.0,
                 bench_args=["--sequences", "32", "--min-len", "100", "--max-len", "1024", "--decode-batch", "32",
                             "--decode-tokens", "32", "--requests", "64", "--prompt-len", "100", "1024",
                             "--output-len", "16", "64", "--max-batch", "32", "--token-budget", "8192",
                             "--repeats", "3"]),
     "cpu-dry-run": dict(preset="tiny", model="tiny", steps=5, device="cpu", bench_model="tiny",
-                        bench_dtype="float32",
+                        bench_dtype="float32", bench_preset="tiny", bench_resident_gib=None,
                         bench_args=["--sequences", "4", "--min-len", "8", "--max-len", "24", "--decode-batch", "2",
                                     "--decode-tokens", "4", "--requests", "4", "--prompt-len", "8", "16",
                                     "--output-len", "2", "4", "--max-batch", "2", "--token-budget", "64",
@@ -80,7 +83,8 @@ class Check:
         self.token_file.write_text(secrets.token_urlsafe(32) + "\n")
         self.token_file.chmod(0o600)
         self.shards: list[subprocess.Popen] = []
-        self.addresses: list[str] = []
+        self.addresses: list[str] = []        # the training run's shards
+        self.bench_addresses: list[str] = []  # the bench's (its table preset, capped)
         self.summary: dict = {"mode": self.mode, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                               "budget_s": args.budget, "sizes": self.size, "steps": {}}
 
@@ -186,32 +190,40 @@ class Check:
         return {"files": files, "counts": counts}
 
     def start_shards(self, limit: float) -> dict:
-        """Two ``engram-ray shard`` processes on 127.0.0.1 (free ports), with the token file;
-        returns once both wrote their ready file."""
+        """Two pairs of ``engram-ray shard`` processes on 127.0.0.1 (free ports), with the token
+        file, on the cores bench offload gives its memory side (unpinned, they ran wherever the
+        scheduler put them, compute cores included): the training run's (``preset``, Adam) and
+        the bench's (``bench_preset``, capped, no optimiser). Returns once all four serve."""
         sys.path.insert(0, str(REPO))  # the package, not installed on the GPU machine
         from engram_ray.bench.isolation import Isolation  # stdlib only: safe before the wheels
 
-        # on the cores bench offload gives its memory side, not among the model's (unpinned,
-        # the shards ran wherever the scheduler put them, compute cores included)
         cores = Isolation.split().memory
-        ready = [self.work / f"ready-{i}" for i in range(2)]
-        for i in range(2):
-            cmd = self.python("-m", "engram_ray.cli", "shard", "--preset", self.size["preset"], "--shards", "2",
-                              "--index", str(i), "--token-file", str(self.token_file), "--ready-file",
-                              str(ready[i]), "--init-std", "0.02", "--optimizer", "adam", "--lr", "1e-3")
-            log = (self.work / f"shard-{i}.log").open("w")
+        train = ["--preset", self.size["preset"], "--init-std", "0.02", "--optimizer", "adam", "--lr", "1e-3"]
+        bench = ["--preset", self.size["bench_preset"], "--optimizer", "none"]
+        if self.size["bench_resident_gib"]:
+            bench += ["--max-resident-gib", str(self.size["bench_resident_gib"])]
+        pairs = {"train": train, "bench": bench}
+        ready = {f"{tag}-{i}": self.work / f"ready-{tag}-{i}" for tag in pairs for i in range(2)}
+        for name, path in ready.items():
+            tag, i = name.rsplit("-", 1)
+            cmd = self.python("-m", "engram_ray.cli", "shard", *pairs[tag], "--shards", "2", "--index", i,
+                              "--token-file", str(self.token_file), "--ready-file", str(path))
+            log = (self.work / f"shard-{name}.log").open("w")
             self.shards.append(subprocess.Popen(cmd, cwd=REPO, env=self.env(), stdout=log, stderr=log,
                                                 preexec_fn=lambda: os.sched_setaffinity(0, cores)))
             with open(self.args.pidfile, "a") as f:  # the shell script's trap stops them too
                 f.write(f"{self.shards[-1].pid}\n")
         deadline = time.monotonic() + limit
-        while not all(r.exists() for r in ready):
+        while not all(r.exists() for r in ready.values()):
             if any(p.poll() is not None for p in self.shards) or time.monotonic() > deadline:
-                tails = [(self.work / f"shard-{i}.log").read_text()[-800:] for i in range(2)]
+                tails = {n: (self.work / f"shard-{n}.log").read_text()[-800:] for n in ready}
                 raise StepFailed(f"shards did not come up (exit codes {[p.poll() for p in self.shards]}): {tails}")
             time.sleep(0.2)
-        self.addresses = [r.read_text().strip() for r in ready]
-        return {"addresses": self.addresses, "preset": self.size["preset"], "cores": cores}
+        self.addresses = [ready[f"train-{i}"].read_text().strip() for i in range(2)]
+        self.bench_addresses = [ready[f"bench-{i}"].read_text().strip() for i in range(2)]
+        return {"addresses": self.addresses, "bench_addresses": self.bench_addresses, "preset": self.size["preset"],
+                "bench_preset": self.size["bench_preset"], "bench_resident_gib": self.size["bench_resident_gib"],
+                "cores": cores}
 
     def train(self, limit: float) -> dict:
         if not self.addresses:
@@ -224,13 +236,16 @@ class Check:
         return json.loads(result.read_text())
 
     def bench(self, limit: float) -> dict:
-        if not self.addresses:
+        if not self.bench_addresses:
             raise StepFailed("no shards serving")
         report = self.out / "offload.json"
-        cmd = self.python("-m", "engram_ray.cli", "bench", "offload", "--memory-at", ",".join(self.addresses),
+        resident = self.size["bench_resident_gib"]
+        cmd = self.python("-m", "engram_ray.cli", "bench", "offload", "--memory-at", ",".join(self.bench_addresses),
                           "--token-file", str(self.token_file), "--device", self.size["device"],
                           "--model", self.size["bench_model"], "--dtype", self.size["bench_dtype"],
-                          "--preset", self.size["preset"], *self.size["bench_args"], *self.args.bench_arg,
+                          "--preset", self.size["bench_preset"],
+                          *(["--max-resident-gib", str(resident)] if resident else []),
+                          *self.size["bench_args"], *self.args.bench_arg,
                           "--out", str(report))
         self.run("bench", cmd, limit)
         data = json.loads(report.read_text())
@@ -248,9 +263,9 @@ class Check:
             except subprocess.TimeoutExpired:
                 p.kill()
                 codes.append(p.wait())
-        for i in range(len(self.shards)):
-            with self.log.open("a") as f, (self.work / f"shard-{i}.log").open() as s:
-                f.write(f"\n===== shard {i}\n{s.read()[-4000:]}")
+        for log in sorted(self.work.glob("shard-*.log")):
+            with self.log.open("a") as f:
+                f.write(f"\n===== {log.stem}\n{log.read_text()[-4000:]}")
         self.summary["shards_stopped"] = {"exit_codes": codes, "clean": all(c == 0 for c in codes)}
 
 

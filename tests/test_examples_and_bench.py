@@ -99,14 +99,18 @@ def test_bench_offload_writes_json_and_a_plot(tmp_path):
         assert sp["min"] <= v["prefill_s"] <= sp["max"] and sp["q1"] <= sp["q3"]
     # the breakdown adds up to the run, and only Engram modes hash and fetch
     for key, b in rep["breakdown"].items():
-        assert b["total_s"] == pytest.approx(b["compute_s"] + b["hash_s"] + b["issue_s"] + b["wait_s"])
+        assert b["total_s"] == pytest.approx(b["compute_s"] + b["hash_s"] + b["issue_s"] + b["wait_s"]
+                                             + b["stage_s"])
         assert (b["hash_s"] > 0) == (not key.endswith("no_engram"))
+        assert (b["stage_s"] > 0) == (":remote" in key)  # staging and the expand: remote rows only
     lazy = rep["breakdown"]["prefill:remote_lazy"]
     assert lazy["issue_s"] < lazy["wait_s"]  # on demand: the fetch is issued and waited for inside rows()
     pl = rep["per_lookup"]
     assert pl["rpcs_per_lookup"] >= 1 and pl["server_handler_ms_per_rpc"] > 0
     assert pl["client_io_ms"]["in_flight"] > 0
     assert rep["profile_top"] and all(f["own_s"] >= 0 for f in rep["profile_top"])
+    path = {f["function"].split(":")[0] for f in rep["profile_top"] if f.get("path")}
+    assert "remote_memory.py" in path  # the memory path is listed beside the top functions
     assert "cProfile of one remote run" in r.stdout and "where a run's time goes" in r.stdout
     png = out.with_suffix(".png")
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -22,13 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .serving import Request, draw_requests, serve
+from .serving import Request, account, draw_requests, serve
 
 __all__ = ["MODES", "PHASES", "Workload", "interleave", "microbatch_phase", "run_phase"]
 
 MODES = ("no_engram", "local", "remote", "remote_lazy")
 PHASES = ("prefill", "decode", "serving")
-PARTS = ("hash_s", "issue_s", "wait_s")
+#: The model thread's time besides its forward: indexing tokens, handing lookups over, blocked
+#: on rows, and the rest of taking rows (staging, the copy's event, the expand).
+PARTS = ("hash_s", "issue_s", "wait_s", "stage_s")
 
 
 def _sync(device: torch.device) -> None:
@@ -84,8 +86,7 @@ def _prefill(model, memory, indexer, work: Workload, device, acc) -> float:
             acc["hash_s"] += t2 - t1
             acc["issue_s"] += time.perf_counter() - t2
         model(ids, fetch)
-        if fetch is not None:
-            acc["wait_s"] += fetch.wait_seconds
+        account(acc, fetch)
     _sync(device)
     return time.perf_counter() - t0
 
@@ -131,8 +132,7 @@ class _Part:
 
     def forward(self, model, acc) -> None:
         logits = model(self.new, self.fetch, cache=self.cache, start_pos=self.pos)
-        if self.fetch is not None:
-            acc["wait_s"] += self.fetch.wait_seconds
+        account(acc, self.fetch)
         self.pos += self.new.shape[1]
         self.new = logits[:, -1].argmax(-1, keepdim=True)
 
@@ -163,7 +163,7 @@ def interleave(setups: dict[str, tuple[Any, Any]], indexer, work: Workload, dev:
                repeats: int, progress: bool, phases: tuple[str, ...] = PHASES):
     """Run every mode ``repeats + 1`` times, a b c d a b c d ... (each run: every phase);
     repetition 0 warms up and is not counted. Returns the counted seconds
-    ``{mode: {phase: [s, ...]}}`` and their parts ``{mode: {phase: {hash_s, issue_s, wait_s}}}``."""
+    ``{mode: {phase: [s, ...]}}`` and their parts ``{mode: {phase: {part: s}}}`` (:data:`PARTS`)."""
     times: dict[str, dict[str, list[float]]] = {m: {ph: [] for ph in phases} for m in MODES}
     parts = {m: {ph: dict.fromkeys(PARTS, 0.0) for ph in phases} for m in MODES}
     bar = None

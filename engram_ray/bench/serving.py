@@ -34,7 +34,14 @@ import torch
 
 from ..model.attention import KVCache
 
-__all__ = ["Request", "draw_requests", "SlotCache", "serve"]
+__all__ = ["Request", "draw_requests", "SlotCache", "serve", "account"]
+
+
+def account(acc: dict[str, float], fetch: Any) -> None:
+    """Add a used fetch's time in ``rows()`` to ``acc`` (nothing without a memory)."""
+    if fetch is not None:
+        acc["wait_s"] += fetch.wait_seconds
+        acc["stage_s"] += fetch.stage_seconds
 
 
 @dataclass(frozen=True)
@@ -195,8 +202,7 @@ class _Engine:
 
     def _forward(self, tokens: torch.Tensor, fetch: Any, view: KVCache, start: Any) -> torch.Tensor:
         logits = self.model(tokens, fetch, cache=view, start_pos=start)
-        if fetch is not None:
-            self.acc["wait_s"] += fetch.wait_seconds
+        account(self.acc, fetch)
         return logits[:, -1]
 
     def _prefill(self, seq: _Seq, slot: int, a: int, b: int, fetch: Any) -> None:

@@ -57,8 +57,10 @@ def per_lookup(cstats: dict[str, Any] | None, server: list[dict[str, Any]]) -> d
             / max(1, server_rpcs)}
 
 
-def profile_top(fn, top: int = 20) -> list[dict[str, Any]]:
-    """Run ``fn`` under cProfile (this thread only); the ``top`` functions by own time."""
+def profile_top(fn, top: int = 30, path_of: tuple[str, ...] = ("remote_memory.py", "agent")) -> list[dict[str, Any]]:
+    """Run ``fn`` under cProfile (this thread only); the ``top`` functions by own time, then
+    every function of the memory path (files matching ``path_of``) by cumulative time, so a
+    run shows what the remote modes add to the model's thread (``"path": true`` on those)."""
     import cProfile
     import pstats
 
@@ -66,6 +68,10 @@ def profile_top(fn, top: int = 20) -> list[dict[str, Any]]:
     prof.runcall(fn)
     st = pstats.Stats(prof)
     # Stats.stats: {(file, line, name): (calls, ncalls, own, cumulative, callers)}; typeshed omits it
-    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]  # type: ignore[attr-defined]
-    return [{"function": f"{Path(f).name}:{line}({name})", "calls": nc, "own_s": tt, "cumulative_s": ct}
-            for (f, line, name), (_, nc, tt, ct, _) in rows]
+    items = st.stats.items()  # type: ignore[attr-defined]
+    rows = sorted(items, key=lambda kv: -kv[1][2])[:top]
+    path = sorted((kv for kv in items if any(p in kv[0][0] for p in path_of) and kv not in rows),
+                  key=lambda kv: -kv[1][3])
+    return [{"function": f"{Path(f).name}:{line}({name})", "calls": nc, "own_s": tt, "cumulative_s": ct,
+             **({"path": True} if i >= len(rows) else {})}
+            for i, ((f, line, name), (_, nc, tt, ct, _)) in enumerate(rows + path)]

@@ -142,11 +142,12 @@ def _print_offload(report: dict[str, Any]) -> None:
     if report["lookup_p50_ms"] is not None:
         print(f"  lookups: p50 {report['lookup_p50_ms']:.1f} ms, p99 {report['lookup_p99_ms']:.1f} ms, "
               f"dedup ratio {report['dedup_ratio']:.2f}")
-    print("  where a run's time goes (mean seconds per run; wait = blocked for rows):")
-    print(f"    {'phase:mode':<20} {'total':>7} {'compute':>8} {'hash':>7} {'issue':>7} {'wait':>7}")
+    print("  where a run's time goes (mean seconds per run; wait = blocked for rows, "
+          "stage = the rest of taking them):")
+    print(f"    {'phase:mode':<20} {'total':>7} {'compute':>8} {'hash':>7} {'issue':>7} {'wait':>7} {'stage':>7}")
     for key, b in report["breakdown"].items():
         print(f"    {key:<20} {b['total_s']:>7.3f} {b['compute_s']:>8.3f} {b['hash_s']:>7.3f} "
-              f"{b['issue_s']:>7.3f} {b['wait_s']:>7.3f}")
+              f"{b['issue_s']:>7.3f} {b['wait_s']:>7.3f} {b['stage_s']:>7.3f}")
     pl = report["per_lookup"]
     if pl:
         io = ", ".join(f"{k} {v:.2f}" for k, v in pl["client_io_ms"].items())
@@ -160,9 +161,16 @@ def _print_offload(report: dict[str, Any]) -> None:
               f"{fc['total_us']['median']:.0f} us median ({fc['total_us']['p90']:.0f} us p90)")
     if report["profile_top"]:
         print("  cProfile of one remote run, model thread, top functions by own time:")
-        for r in report["profile_top"][:12]:
+        top = [r for r in report["profile_top"] if not r.get("path")]
+        path = [r for r in report["profile_top"] if r.get("path")]
+        for r in top[:12]:
             print(f"    {r['own_s']:>7.3f} s own {r['cumulative_s']:>7.3f} s cum {r['calls']:>7} calls  "
                   f"{r['function']}")
+        if path:
+            print("  ... and the memory path (remote memory, agent client) by cumulative time:")
+            for r in path[:8]:
+                print(f"    {r['own_s']:>7.3f} s own {r['cumulative_s']:>7.3f} s cum {r['calls']:>7} calls  "
+                      f"{r['function']}")
 
 
 def _cmd_bench_load(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ runtime (checked by a test that runs it with ray hidden).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -56,6 +57,11 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     cfg, source = engram_config(args)
     layout = TableLayout.build(cfg, default_vocab(load_tokenizer(args.tokenizer)))
     store = store_config(args)
+    if args.max_resident_gib is not None:
+        from ..core.plan import resident_rows_per_shard
+
+        cap = resident_rows_per_shard(layout, store.dtype, args.shards, args.max_resident_gib)
+        store = dataclasses.replace(store, resident_rows_per_shard=cap)
     recovery = (Path(args.checkpoint_dir) / f"shard-{args.index:04d}-of-{args.shards:04d}"
                 if args.checkpoint_dir else None)
     stop = threading.Event()
@@ -69,7 +75,9 @@ def _cmd_shard(args: argparse.Namespace) -> int:
         if args.ready_file:
             _write_ready(args.ready_file, address)
         print(f"shard {args.index}/{args.shards} of {source} ({layout.fingerprint}, {store.dtype}) rows "
-              f"[{host.shard.row_start:,}, {host.shard.row_stop:,}) serving on {address} "
+              f"[{host.shard.row_start:,}, {host.shard.row_stop:,})"
+              f"{f' ({host.shard.resident_rows:,} resident)' if host.shard.capped else ''}"
+              f" serving on {address} "
               f"(rows from {host.servicer.rows_from}, auth {'on' if token else 'off'}); "
               "SIGTERM or Ctrl-C stops it", flush=True)
         while not stop.wait(0.5):  # a timed wait: signal handlers run between waits
@@ -96,6 +104,10 @@ def register(sub) -> None:
     auth.add_argument("--token-file", metavar="FILE", help="file holding the clients' secret token")
     auth.add_argument("--no-auth", action="store_true", help="no token on the data plane")
     add_store_args(p)
+    p.add_argument("--max-resident-gib", type=float, metavar="GIB",
+                   help="benchmarks: RAM for the whole table's rows, split evenly over --shards; "
+                        "row r is read as r mod the rows kept (lookups only: pushes are refused), "
+                        "so a 100B layout serves from a small machine, as bench offload's deploy does")
     p.add_argument("--checkpoint", metavar="DIR", help="load rows from this checkpoint (any shard count)")
     p.add_argument("--checkpoint-dir", metavar="DIR",
                    help="recovery checkpoints: reload the newest at start, write one on request")

@@ -4,6 +4,7 @@ in-process TableShard computes."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -127,3 +128,31 @@ def test_the_cli_imports_no_ray_torch_or_runtime():
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
 
+
+
+@pytest.mark.slow
+def test_engram_ray_shard_caps_resident_rows_as_bench_deploys(tmp_path):
+    # --max-resident-gib: the plain-process twin of deploy(max_resident_gib=...), so the GPU
+    # check's bench serves the 100B layout from a small machine, as the CPU bench does.
+    from engram_ray.core.plan import resident_rows_per_shard
+    from engram_ray.data import default_vocab, load_tokenizer
+
+    layout = TableLayout.build(C.tiny(), default_vocab(load_tokenizer("gpt2")))
+    gib = layout.total_rows // 8 * layout.row_bytes("float32") / 2**30  # an eighth of the rows
+    cap = resident_rows_per_shard(layout, "float32", 2, gib)
+    assert 0 < cap < layout.total_rows // 2
+    procs, addresses = _start_shards(tmp_path, 2, ["--no-auth", "--max-resident-gib", repr(gib)])
+    try:
+        with EngramClient(addresses, layout) as client:
+            capped = TableShard.create(layout, 2, 0, dataclasses.replace(StoreConfig(), resident_rows_per_shard=cap))
+            ids = np.array([0, 1, cap, cap + 1, 2 * cap + 3])  # shard 0's rows, wrapped by the cap
+            rows = client.lookup(ids)
+            np.testing.assert_array_equal(rows, capped.gather(ids))
+            np.testing.assert_array_equal(rows[2:4], rows[0:2])
+            with pytest.raises(ValueError, match="resident"):  # a benchmark table takes no pushes
+                client.push_gradients(ids[:1], np.ones((1, layout.row_dim), np.float32))
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=30) for p in procs]
+    assert "resident)" in outs[0][0], outs[0]
