@@ -31,11 +31,15 @@ def _via(r: dict[str, Any]) -> str:
             "client": ", read through an EngramClient in the model's process"}.get(via, "")
 
 
-def _offload(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
+def _offload(r: dict[str, Any], folder: Path, out: Path,
+             title: str = "## Offload: what the Engram table costs by where it lives") -> list[str]:
     """Section: what the table costs by where it lives, per phase, with the time breakdown."""
     t, w = r["table"], r["workload"]
     phases = r.get("phases", ["prefill", "decode"])
-    lines = ["## Offload: what the Engram table costs by where it lives", "",
+    placement = ""
+    if "engram" in r and "model" in r:
+        placement = f" Engram at layers {r['engram']['layer_ids']} of {r['model']['n_layers']}."
+    lines = [title, "",
              f"Machine: {_machine(r)}; device {r['device']}" + (f", backbone {r['dtype']}" if "dtype" in r else "")
              + ".", "", _offload_cores(r), "",
              f"Table: {t['logical_params'] / 1e9:.2f}B parameters ({t['logical_gib_float32']:.1f} GiB float32 "
@@ -48,7 +52,7 @@ def _offload(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
                 f"outputs Uniform{tuple(w['serving_output_uniform'])}, continuous batching (at most "
                 f"{w['serving_max_batch']} live, {w['serving_token_budget']} prefill tokens per step)"
                 if "serving_requests" in w else "")
-             + f". Median of {r['repeats']}, {r['order']}.", "",
+             + f". Median of {r['repeats']}, {r['order']}.{placement}", "",
              "| mode | " + " | ".join(f"{ph} tokens/s" for ph in phases) + " |",
              "|---|" + "---:|" * len(phases)]
     for m, v in r["results"].items():
@@ -92,7 +96,7 @@ def _offload_breakdown(r: dict[str, Any]) -> list[str]:
         sp = r["results"][mode][f"{phase}_spread_s"]
         lines.append(f"| {key} | {b['total_s']:.3f} | {sp['min']:.3f}-{sp['max']:.3f} | {b['compute_s']:.3f} | "
                      f"{b['hash_s']:.3f} | {b['issue_s']:.3f} | {b['wait_s']:.3f} | "
-                     f"{b.get('stage_s', 0.0):.3f} |")  # reports before stage_s: 0
+                     + (f"{b['stage_s']:.3f} |" if "stage_s" in b else "n/a |"))  # older reports: in compute
     pl = r["per_lookup"]
     fc = r.get("fetch_cost")
     if fc:
@@ -178,6 +182,28 @@ def _hash(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
     return lines
 
 
+def _gpu(summary: dict[str, Any], folder: Path, out: Path) -> list[str]:
+    """Section: the last GPU check (scripts/gpu_check.sh; ``folder`` = results/gpu)."""
+    steps, env = summary["steps"], summary["steps"].get("env", {})
+    lines = ["## On a GPU: scripts/gpu_check.sh", "",
+             f"{env.get('device', '?')}, torch {env.get('torch', '?')} (CUDA {env.get('torch_cuda', '?')}), "
+             f"{env.get('cpus', '?')} CPU threads; started {summary.get('started', '?')}; no Ray there "
+             "(shards and the lookup agent run as plain processes). Steps: "
+             + ", ".join(f"{k} {'ok' if v.get('ok') else 'FAILED'}" for k, v in steps.items()) + "."
+             + (f" The shards ran on cores {steps['shards']['cores']}." if steps.get("shards", {}).get("cores")
+                else " The shards ran unpinned."), ""]
+    tr = steps.get("train", {})
+    if tr.get("ok"):
+        lines += [f"Training through two `engram-ray shard` processes on {tr['device']}: {tr['steps']} steps, "
+                  f"val loss {tr['val_loss_before']:.2f} -> {tr['val_loss_after']:.2f}, "
+                  f"{tr['tokens_per_second']:,.0f} tokens/s, blocked for rows {tr['fetch_wait_seconds']:.3f} s "
+                  f"of {tr['train_seconds']:.2f} s.", ""]
+    r = _read(folder, "offload")
+    if r:
+        lines += _offload(r, folder, out, title="### Offload on the GPU")
+    return lines
+
+
 #: Sections in page order, each rendered from ``<folder>/<name>.json`` when it exists.
 SECTIONS = {"offload": _offload, "lookup": _lookup, "latency": _latency, "load": _load,
             "recovery": _recovery, "hash": _hash}
@@ -194,6 +220,9 @@ def write_results(results: str | Path, out: str | Path) -> Path:
         r = _read(folder, name)
         if r:
             lines += section(r, folder, out)
+    gpu = _read(folder / "gpu", "summary")
+    if gpu:
+        lines += _gpu(gpu, folder / "gpu", out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines).rstrip() + "\n")
     return out
