@@ -49,13 +49,17 @@ log = logging.getLogger(__name__)
 
 
 class Limits:
-    """What one worker connection may ask for: ids per slot, slots, bytes mapped in all."""
+    """What one worker connection may ask for (ids per slot, slots, bytes mapped), and what all
+    of them together may: connections, and slot bytes (without it, ``max_conns`` workers of
+    ``max_bytes`` each could ask a node for 2 TiB of shared memory)."""
 
     def __init__(self, max_slot_ids: int = 1 << 22, max_slots: int = 64, max_bytes: int = 8 << 30,
-                 max_conns: int = 256):
+                 max_conns: int = 256, max_total_bytes: int = 32 << 30):
         self.max_slot_ids, self.max_slots, self.max_bytes = max_slot_ids, max_slots, max_bytes
         #: Worker connections at once (each holds a thread and its slots); more are closed at once.
         self.max_conns = max_conns
+        #: Slot bytes of every connection together; a slot past it is refused, not queued.
+        self.max_total_bytes = max_total_bytes
 
 
 class _Conn:
@@ -103,6 +107,8 @@ class LookupAgent:
         self._listener: socket.socket | None = None
         self._lock_fd: int | None = None
         self._conns: set[_Conn] = set()
+        self._mapped = 0  # slot bytes of every open connection (Limits.max_total_bytes)
+        self._mapped_lock = threading.Lock()
         self._stop = threading.Event()
         self.refused = 0  #: requests refused (bad packets, bad ids): for tests and logs
 
@@ -199,6 +205,8 @@ class LookupAgent:
             conn.close()
             conn.sock.close()
             self._conns.discard(conn)
+            with self._mapped_lock:
+                self._mapped -= conn.nbytes
             had_slots, conn.slots = bool(conn.slots), []  # mappings go once in-flight lookups drop their views
             if had_slots:
                 gc.collect()  # and any cycle (e.g. a traceback) holding a view: free the memory now
@@ -323,10 +331,20 @@ class LookupAgent:
                 or conn.nbytes + layout.nbytes > lim.max_bytes:
             raise _Refused(Op.SLOT, req_id, 0, f"slot of {capacity} ids refused (limits: {lim.max_slot_ids} ids, "
                                                f"{lim.max_slots} slots, {lim.max_bytes} bytes per worker)")
-        fd = create_memfd(layout.nbytes)
+        with self._mapped_lock:  # connections ask at once, each on its own thread
+            if self._mapped + layout.nbytes > lim.max_total_bytes:
+                raise _Refused(Op.SLOT, req_id, 0, f"slot of {layout.nbytes} bytes refused: the agent's slots hold "
+                                                   f"{self._mapped} of {lim.max_total_bytes} bytes for all workers")
+            self._mapped += layout.nbytes
+        try:
+            fd = create_memfd(layout.nbytes)
+        except BaseException:
+            with self._mapped_lock:
+                self._mapped -= layout.nbytes
+            raise
+        conn.nbytes += layout.nbytes  # from here the connection's close gives the bytes back
         try:
             conn.slots.append(Slot(fd, layout, self.dtype))
-            conn.nbytes += layout.nbytes
             conn.send(REPLY.pack(MAGIC, Op.SLOT, OK, req_id, len(conn.slots) - 1, capacity, layout.nbytes), (fd,))
         finally:
             os.close(fd)  # the mapping (and the worker's copy of the fd) keep the memory

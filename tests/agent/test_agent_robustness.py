@@ -246,3 +246,29 @@ def test_done_polls_without_waiting_out_the_timeout(served):
         np.testing.assert_array_equal(u.expand(), want)
         fetch.release()
         second.release()
+
+
+def test_slot_bytes_are_capped_across_all_workers(served, tmp_path):
+    # Each connection has its own cap; without one for all of them, max_conns hostile workers
+    # could ask a node for max_conns x max_bytes of shared memory.
+    from engram_ray.agent import LookupAgent
+    from engram_ray.agent.client import MIN_SLOT_IDS
+    from engram_ray.agent.protocol import SlotLayout
+    from engram_ray.agent.server import Limits
+
+    one = SlotLayout(MIN_SLOT_IDS, served.layout.row_dim, 4).nbytes
+    path = str(tmp_path / "capped.sock")
+    with EngramClient(served.addresses, served.layout) as client:
+        agent = LookupAgent(client, path, Limits(max_total_bytes=one + one // 2)).start()
+        try:
+            first, second = AgentClient(path, served.layout), AgentClient(path, served.layout)
+            want = client.lookup(np.arange(5))
+            np.testing.assert_array_equal(first.lookup(np.arange(5)), want)  # one slot: within the cap
+            with pytest.raises(AgentRefused, match="for all workers"):
+                second.lookup(np.arange(5))
+            first.close()  # its slot's bytes go back to the agent ...
+            assert wait_for(lambda: agent.connections == 1)
+            np.testing.assert_array_equal(second.lookup(np.arange(5)), want)  # ... and serve another
+            second.close()
+        finally:
+            agent.close()
