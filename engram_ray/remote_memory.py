@@ -224,11 +224,6 @@ class RemoteMemory:
         self._events: dict[int, Any] = {}
 
     @property
-    def client(self) -> RowSource:
-        """The source of rows (named ``client`` before the lookup agent existed)."""
-        return self.source
-
-    @property
     def layout(self) -> TableLayout:
         return self._layout
 

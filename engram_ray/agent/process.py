@@ -18,7 +18,7 @@ from ..client import EngramClient
 from ..core.layout import TableLayout
 from .server import LookupAgent
 
-__all__ = ["socket_dir", "default_socket_path", "run", "spawn", "starter"]
+__all__ = ["socket_dir", "default_socket_path", "run", "spawn"]
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,3 @@ def spawn(socket_path: str, addresses: Sequence[str], layout: TableLayout, *,
         cmd += ["--token-file", token_file]
     log.info("starting a lookup agent: %s", " ".join(cmd))
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
-
-
-def starter(socket_path: str, addresses: Sequence[str], layout: TableLayout, *,
-            token_file: str | None = None) -> Callable[[], subprocess.Popen]:
-    """A ``start`` for :class:`~.client.AgentClient`: spawns an agent when none answers (a
-    second one started by another worker at the same moment exits: the lock file is taken)."""
-    return lambda: spawn(socket_path, addresses, layout, token_file=token_file)

@@ -56,10 +56,9 @@ class Op:
     HELLO = 1    #: check the layout; the agent answers with what it serves
     SLOT = 2     #: n = capacity in ids; the reply carries the slot's memfd (SCM_RIGHTS)
     UNIQUE = 3   #: ids[:n] -> rows[:U] of the distinct ids, inverse[:n]; value = U
-    ROWS = 4     #: ids[:n] -> rows[:n] in the caller's order; value = n
     PUSH = 5     #: ids[:n], float32 gradients rows[:n] -> pushed; value = rows updated
     STATS = 6    #: the agent's client statistics, as JSON text after the reply header
-    ALL = (HELLO, SLOT, UNIQUE, ROWS, PUSH, STATS)
+    ALL = (HELLO, SLOT, UNIQUE, PUSH, STATS)  # 4 was ROWS (rows in the caller's order): unused, gone
 
 
 class AgentUnavailable(ConnectionError):

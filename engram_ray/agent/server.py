@@ -97,7 +97,7 @@ class _Conn:
 
 class LookupAgent:
     """Serves ``client``'s rows on a Unix socket at ``socket_path`` (mode 0600, in a 0700
-    directory). ``start()`` binds and serves on background threads; ``serve_forever()`` blocks.
+    directory). ``start()`` binds and serves on background threads.
     One agent per path: a second one fails to take the lock file ``socket_path + '.lock'``."""
 
     def __init__(self, client: EngramClient, socket_path: str, limits: Limits | None = None):
@@ -138,10 +138,6 @@ class LookupAgent:
         threading.Thread(target=self._accept, name="engram-agent-accept", daemon=True).start()
         log.info("lookup agent on %s (layout %s)", self.path, self.layout.fingerprint)
         return self
-
-    def serve_forever(self) -> None:
-        self.start()
-        self._stop.wait()
 
     def close(self) -> None:
         """Stop accepting, drop every connection, remove the socket."""
@@ -270,10 +266,7 @@ class LookupAgent:
                 fut = self.client.submit_push(job.ids, s.grads[:n].copy())
                 fut.add_done_callback(lambda f: self._pushed(conn, s, job.req_id, job.slot, f))
                 return
-            if job.op == Op.UNIQUE:
-                p: Any = self.client.prefetch_unique(job.ids, rows_out=s.rows)
-            else:
-                p = self.client.prefetch_into(job.ids, s.rows[:n])
+            p: Any = self.client.prefetch_unique(job.ids, rows_out=s.rows)  # Op.UNIQUE
         except Exception as e:  # noqa: BLE001 - e.g. ids outside the table: the client refused them
             s.busy = False
             raise _Refused(job.op, job.req_id, job.slot, f"{type(e).__name__}: {e}") from None
@@ -357,12 +350,11 @@ class LookupAgent:
             s.busy = False
             self.refused += 1
             return conn.send(error_reply(op, req_id, slot, f"{type(e).__name__}: {e}"))
-        value = r.shape[0] if op == Op.ROWS else r.rows.shape[0]
-        if op == Op.UNIQUE:  # the worker reads the rows' ids (for its pushes) where its ids were
-            s.inverse[:r.inverse.size] = r.inverse
-            s.ids[:r.ids.size] = r.ids
+        # the worker reads the rows' ids (for its pushes) where its ids were
+        s.inverse[:r.inverse.size] = r.inverse
+        s.ids[:r.ids.size] = r.ids
         s.busy = False
-        conn.send(REPLY.pack(MAGIC, op, OK, req_id, slot, value, 0))
+        conn.send(REPLY.pack(MAGIC, op, OK, req_id, slot, r.rows.shape[0], 0))
         return None
 
     def _pushed(self, conn: _Conn, s: Slot, req_id: int, slot: int, fut: Any) -> None:
