@@ -74,7 +74,9 @@ def train(args: argparse.Namespace) -> dict:
     corpus = load_corpus(REPO / "engram_ray", tok)  # the package's own source: small, always there
     seq = min(128, mcfg.max_seq_len)
     tcfg = TrainConfig(steps=args.steps, batch_size=8, seq_len=seq, warmup_steps=2, eval_batches=2)
-    token = Path(args.token_file).read_text().strip()
+    from engram_ray.rpc.wire import read_token_file
+
+    token = read_token_file(args.token_file)
     with EngramClient(args.addresses.split(","), layout, token=token) as client:
         memory = remote_memory_class()(client, device=args.device)
         trainer = Trainer(mcfg, ecfg, vocab, memory, corpus.train, corpus.val, tcfg, device=args.device)

@@ -18,12 +18,12 @@ Nothing here imports ray at module import time: the bench must run where Ray is 
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import EngramConfig, StoreConfig
+from ..rpc.wire import read_token_file
 
 __all__ = ["DeployedShards", "RunningShards", "memory_client", "remote_memory", "parse_addresses"]
 
@@ -92,7 +92,7 @@ class RunningShards:
 
     def __init__(self, addresses: list[str], layout: Any, *, token_file: str | None = None):
         self.addresses, self._layout, self.token_file = addresses, layout, token_file
-        self.token = Path(token_file).read_text().strip() if token_file else None
+        self.token = read_token_file(token_file) if token_file else None
         self._probe: Any = None
         self._agent: Any = None  # the plain-process lookup agent, once --via agent asks for it
 

@@ -23,11 +23,9 @@ def _layout(args: argparse.Namespace):  # -> TableLayout
 
 def _cmd_agent(args: argparse.Namespace) -> int:
     from ..agent import process
+    from ..rpc.wire import read_token_file
 
-    token = None
-    if args.token_file:
-        with open(args.token_file) as f:
-            token = f.read().strip()
+    token = read_token_file(args.token_file) if args.token_file else None
     addresses = [a.split("|") if "|" in a else a for a in args.addresses.split(",") if a]
     if not addresses:
         raise ValueError("--addresses: give HOST:PORT of every shard, in shard order")

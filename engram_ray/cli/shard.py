@@ -26,10 +26,9 @@ def read_token(args: argparse.Namespace) -> str | None:
         return None
     if not args.token_file:
         raise ValueError("give --token-file FILE (the clients' secret) or --no-auth")
-    token = Path(args.token_file).read_text().strip()
-    if not token:
-        raise ValueError(f"--token-file {args.token_file} is empty")
-    return token
+    from ..rpc.wire import read_token_file
+
+    return read_token_file(args.token_file)
 
 
 def _write_ready(path: str, address: str) -> None:
@@ -50,6 +49,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     from ..core.layout import TableLayout
     from ..data import default_vocab, load_tokenizer
     from ..rpc.host import ShardHost
+    from ..store.recovery import recovery_dir_name
 
     if not 0 <= args.index < args.shards:
         raise ValueError(f"--index {args.index}: expected 0..{args.shards - 1} for --shards {args.shards}")
@@ -62,7 +62,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
         cap = resident_rows_per_shard(layout, store.dtype, args.shards, args.max_resident_gib)
         store = dataclasses.replace(store, resident_rows_per_shard=cap)
-    recovery = (Path(args.checkpoint_dir) / f"shard-{args.index:04d}-of-{args.shards:04d}"
+    recovery = (Path(args.checkpoint_dir) / recovery_dir_name(args.index, args.shards)
                 if args.checkpoint_dir else None)
     stop = threading.Event()
     # Handlers first: a SIGTERM that arrives while the rows load still stops the process cleanly.

@@ -29,7 +29,9 @@ primary against the number of copies.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import NamedTuple
 
 import grpc
@@ -37,7 +39,8 @@ import grpc
 from ..config import ServiceConfig
 from ..errors import NotPrimary, NotServing, Unreplicated
 
-__all__ = ["METADATA_KEY", "auth_metadata", "DEFAULT_MAX_MESSAGE_BYTES", "DEFAULT_MAX_IDS_PER_REQUEST",
+__all__ = ["METADATA_KEY", "auth_metadata", "read_token_file", "DEFAULT_MAX_MESSAGE_BYTES",
+           "DEFAULT_MAX_IDS_PER_REQUEST",
            "SIGNAL_KEY", "PRIMARY_KEY", "NOT_PRIMARY", "UNREPLICATED", "SYNCING", "NOT_SERVING", "GAVE_UP",
            "BUSY", "SIGNAL_STATUS", "Signal", "signal_metadata", "metadata_for", "read_signal", "signal_of",
            "primary_index"]
@@ -65,6 +68,19 @@ SIGNAL_STATUS = {NOT_PRIMARY: grpc.StatusCode.FAILED_PRECONDITION, UNREPLICATED:
 _MAX_INDEX_DIGITS = 4
 
 Metadata = tuple[tuple[str, str], ...]
+
+
+def read_token_file(path: str | os.PathLike[str], what: str = "--token-file") -> str:
+    """The secret token in file ``path``, surrounding whitespace stripped (every side reads
+    it so: the shards, the agent, the bench and workers). A token never goes on a command
+    line, where ``ps`` shows it. ``what`` names the file in errors."""
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot read the token ({e.strerror or e})") from None
+    if not token:
+        raise ValueError(f"{what} {path} is empty: expected the clients' secret token")
+    return token
 
 
 def auth_metadata(token: str | None) -> Metadata | None:

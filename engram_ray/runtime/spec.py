@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..config import ServiceConfig, StoreConfig
 from ..core.layout import TableLayout
+from ..store.recovery import recovery_dir_name
 
 __all__ = ["NAMESPACE", "ServiceSpec", "copy_name", "shard_name"]
 
@@ -97,5 +98,5 @@ class ServiceSpec:
         ``service.checkpoint_dir``): ``<dir>/<service>/shard-<iiii>-of-<nnnn>[-r<r>]``."""
         if not self.service.checkpoint_dir:
             return None
-        where = Path(self.service.checkpoint_dir) / self.name / f"shard-{shard:04d}-of-{self.num_shards:04d}"
-        return where.with_name(f"{where.name}-r{replica}") if self.copies > 1 else where
+        return Path(self.service.checkpoint_dir) / self.name / recovery_dir_name(
+            shard, self.num_shards, replica if self.copies > 1 else None)

@@ -31,9 +31,17 @@ from ..config import StoreConfig
 from ..core.layout import TableLayout
 from .shard import TableShard
 
-__all__ = ["RecoveryCheckpoints", "Recovered"]
+__all__ = ["RecoveryCheckpoints", "Recovered", "recovery_dir_name"]
 
 log = logging.getLogger(__name__)
+
+
+def recovery_dir_name(shard: int, num_shards: int, replica: int | None = None) -> str:
+    """The folder of one shard's (copy's) recovery checkpoints under a checkpoint dir,
+    ``shard-<iiii>-of-<nnnn>[-r<r>]``: the one spelling a Ray service and a plain
+    ``engram-ray shard`` share, so either finds the other's checkpoints."""
+    name = f"shard-{shard:04d}-of-{num_shards:04d}"
+    return name if replica is None else f"{name}-r{replica}"
 
 
 _NAME = re.compile(r"ckpt-(\d+)(\.partial|\.unusable)?")

@@ -72,3 +72,15 @@ def test_the_defaults_are_the_services():
     assert (wire.DEFAULT_MAX_MESSAGE_BYTES, wire.DEFAULT_MAX_IDS_PER_REQUEST) == \
         (cfg.max_message_bytes, cfg.max_ids_per_request)
     assert wire.auth_metadata(None) is None and wire.auth_metadata("t") == (("authorization", "Bearer t"),)
+
+
+def test_token_files_are_read_one_way_and_refused_clearly(tmp_path):
+    from engram_ray.rpc.wire import read_token_file
+
+    (tmp_path / "t").write_text("  s3cret\n")
+    assert read_token_file(tmp_path / "t") == "s3cret"  # shards, agent, bench and workers agree
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match=r"--token-file .*empty is empty"):
+        read_token_file(tmp_path / "empty")
+    with pytest.raises(ValueError, match=r"--agent-token .*missing: cannot read the token"):
+        read_token_file(tmp_path / "missing", what="--agent-token")
