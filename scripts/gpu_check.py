@@ -47,13 +47,13 @@ SIZES = {
                 bench_args=["--sequences", "32", "--min-len", "100", "--max-len", "1024", "--decode-batch", "32",
                             "--decode-tokens", "32", "--requests", "64", "--prompt-len", "100", "1024",
                             "--output-len", "16", "64", "--max-batch", "32", "--token-budget", "8192",
-                            "--repeats", "3"]),
+                            "--repeats", "3", "--profile", "--trace"]),
     "cpu-dry-run": dict(preset="tiny", model="tiny", steps=5, device="cpu", bench_model="tiny",
                         bench_dtype="float32", bench_preset="tiny", bench_resident_gib=None,
                         bench_args=["--sequences", "4", "--min-len", "8", "--max-len", "24", "--decode-batch", "2",
                                     "--decode-tokens", "4", "--requests", "4", "--prompt-len", "8", "16",
                                     "--output-len", "2", "4", "--max-batch", "2", "--token-budget", "64",
-                                    "--repeats", "1"]),
+                                    "--repeats", "1", "--profile", "--trace"]),
 }
 
 

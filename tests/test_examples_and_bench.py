@@ -76,7 +76,7 @@ def test_bench_offload_writes_json_and_a_plot(tmp_path):
                         "--max-resident-gib", "0.0001", "--sequences", "2", "--min-len", "8", "--max-len", "16",
                         "--decode-batch", "2", "--decode-tokens", "2", "--requests", "3", "--prompt-len", "6", "12",
                         "--output-len", "2", "4", "--max-batch", "2", "--token-budget", "8", "--repeats", "2",
-                        "--profile", "--out", str(out)],
+                        "--profile", "--trace", "--out", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads(out.read_text())
@@ -94,6 +94,9 @@ def test_bench_offload_writes_json_and_a_plot(tmp_path):
         assert all(p["cpus"] == iso["memory_cores"] for p in iso["processes"])
     assert rep["table"]["capped"] and rep["table"]["resident_rows"] < rep["table"]["logical_rows"]
     assert "decode:remote_vs_local" in rep["overhead"] and rep["machine"]["cores"] >= 1
+    pair = rep["overhead_paired"]["decode:remote_vs_local"]  # per-repetition losses, with their spread
+    assert pair["min"] <= pair["q1"] <= pair["median"] <= pair["q3"] <= pair["max"]
+    assert "paired within each repetition" in r.stdout
     for v in rep["results"].values():  # spread around the median
         sp = v["prefill_spread_s"]
         assert sp["min"] <= v["prefill_s"] <= sp["max"] and sp["q1"] <= sp["q3"]
@@ -112,6 +115,11 @@ def test_bench_offload_writes_json_and_a_plot(tmp_path):
     path = {f["function"].split(":")[0] for f in rep["profile_top"] if f.get("path")}
     assert "remote_memory.py" in path  # the memory path is listed beside the top functions
     assert "cProfile of one remote run" in r.stdout and "where a run's time goes" in r.stdout
+    tr = rep["trace"]  # --trace: one serving run per mode under torch.profiler
+    assert tr["phase"] == "serving" and set(tr["modes"]) == set(rep["results"])
+    for t in tr["modes"].values():
+        assert t["wall_ms"] > 0 and t["host_top"] and t["device_busy_ms"] is None  # CPU: no device side
+    assert "torch.profiler, one serving run per mode" in r.stdout
     png = out.with_suffix(".png")
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = tmp_path / "RESULTS.md"

@@ -22,6 +22,7 @@ that already run (``memory_at``), with no Ray at all (:mod:`.memory_source`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,8 @@ from ..model import EngramLM, LocalMemory
 from .isolation import Isolation
 from .memory_source import DeployedShards, RunningShards, memory_client, remote_memory
 from .phases import MODES, PHASES, Workload, interleave, microbatch_phase, run_phase
-from .summary import per_lookup, profile_top, throughput
+from .summary import paired_overhead, per_lookup, profile_top, throughput
+from .trace import trace_run
 
 __all__ = ["MODES", "PHASES", "Options", "run", "DTYPES"]
 
@@ -76,6 +78,8 @@ class Options:
     isolate: bool = True
     memory_cores: int | None = None
     profile: bool = False
+    # one more serving run per mode under torch.profiler (device busy vs wall, runtime calls)
+    trace: bool = False
     progress: bool = False
 
     def longest(self) -> int:
@@ -123,6 +127,8 @@ class _Measured:
     isolation: dict[str, Any]
     #: The model thread's cost per fetch through the agent (None via the client).
     fetch_cost: dict[str, Any] | None = None
+    #: --trace: the serving phase of each mode under torch.profiler.
+    trace: dict[str, Any] | None = None
 
 
 def _measure(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np.ndarray, src: Any,
@@ -149,9 +155,16 @@ def _measure(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, token
         top = None
         if o.profile:  # one more remote run of every phase under cProfile, after the timed ones
             top = profile_top(lambda: [run_phase(ph, *setups["remote"], indexer, work, dev) for ph in phases])
+        trace = None
+        if o.trace:  # after the timed runs: the profiler's overhead touches none of them
+            def serving(mode: str) -> float:
+                return run_phase("serving", *setups[mode], indexer, work, dev)
+
+            trace = {"phase": "serving",
+                     "modes": {mode: trace_run(functools.partial(serving, mode), dev) for mode in MODES}}
         cost = _fetch_cost(client, indexer, work, o) if o.via == "agent" else None
         record = iso.record()  # while the model thread, its pool and the shards are alive
-    return _Measured(times, parts, {ph: work.tokens(ph) for ph in phases}, top, record, cost)
+    return _Measured(times, parts, {ph: work.tokens(ph) for ph in phases}, top, record, cost, trace)
 
 
 def _fetch_cost(agent: Any, indexer: RowIndexer, work: Workload, o: Options) -> dict[str, Any]:
@@ -216,11 +229,11 @@ def _report(engram_cfg: EngramConfig, model_cfg: ModelConfig, layout: TableLayou
                      "serving_token_budget": o.token_budget, "serving_tokens": m.tokens["serving"]},
         "phases": list(m.tokens), "microbatches": o.microbatches,
         "repeats": o.repeats, "statistic": "median", "order": "interleaved a b c d per repetition, one warm-up",
-        "results": res, "overhead": overhead,
+        "results": res, "overhead": overhead, "overhead_paired": paired_overhead(m.times, list(m.tokens)),
         "lookup_p50_ms": stats["latency_p50_ms"] if stats else None,
         "lookup_p99_ms": stats["latency_p99_ms"] if stats else None,
         "dedup_ratio": stats["dedup_ratio"] if stats else None,
         "breakdown": breakdown, "per_lookup": per_lookup(stats, server), "profile_top": m.top,
-        "isolation": m.isolation, "fetch_cost": m.fetch_cost,
+        "isolation": m.isolation, "fetch_cost": m.fetch_cost, "trace": m.trace,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
     }

@@ -62,6 +62,10 @@ def _offload(r: dict[str, Any], folder: Path, out: Path,
     for x, ref in (("remote", "local"), ("remote_lazy", "local"), ("remote", "no_engram"), ("local", "no_engram")):
         lines.append(f"| {x} vs {ref} | " + " | ".join(f"{100 * o[f'{ph}:{x}_vs_{ref}']:+.1f} %" for ph in phases)
                      + " |")
+    if "overhead_paired" in r:
+        pairs = [r["overhead_paired"][f"{ph}:remote_vs_local"] for ph in phases]
+        lines.append("| remote vs local, paired per repetition: median [quartiles] | " + " | ".join(
+            f"{100 * p['median']:+.1f} % [{100 * p['q1']:+.1f}, {100 * p['q3']:+.1f}]" for p in pairs) + " |")
     if r.get("lookup_p50_ms") is not None:
         lines += ["", f"Lookups: p50 {r['lookup_p50_ms']:.1f} ms, p99 {r['lookup_p99_ms']:.1f} ms; dedup ratio "
                   f"{r['dedup_ratio']:.2f}."]

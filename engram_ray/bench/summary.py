@@ -9,7 +9,7 @@ import numpy as np
 
 from .phases import MODES
 
-__all__ = ["throughput", "per_lookup", "profile_top", "spread"]
+__all__ = ["throughput", "paired_overhead", "per_lookup", "profile_top", "spread"]
 
 #: The overhead pairs quoted: each Engram mode against the backbone alone and the local table.
 PAIRS = [(x, ref) for x in ("local", "remote", "remote_lazy") for ref in ("no_engram", "local") if x != ref]
@@ -43,6 +43,19 @@ def throughput(times: dict[str, dict[str, list[float]]], parts: dict[str, Any], 
     overhead = {f"{ph}:{x}_vs_{ref}": 1 - res[x][f"{ph}_tokens_per_s"] / res[ref][f"{ph}_tokens_per_s"]
                 for ph in phases for x, ref in PAIRS}
     return res, breakdown, overhead
+
+
+def paired_overhead(times: dict[str, dict[str, list[float]]], phases: list[str]) -> dict[str, dict[str, float]]:
+    """Per ``phase:x_vs_ref``: the throughput ``x`` loses against ``ref`` within each
+    repetition (the modes of one repetition run back to back, so a slow minute of the machine
+    touches both), and the spread of those losses: a median of ratios with its quartiles says
+    how sure a small difference is, which two medians taken apart cannot."""
+    out: dict[str, dict[str, float]] = {}
+    for ph in phases:
+        for x, ref in PAIRS:
+            losses = [1 - r / t for t, r in zip(times[x][ph], times[ref][ph])]
+            out[f"{ph}:{x}_vs_{ref}"] = {"median": float(np.median(losses)), **spread(losses)}
+    return out
 
 
 def per_lookup(cstats: dict[str, Any] | None, server: list[dict[str, Any]]) -> dict[str, Any]:

@@ -85,7 +85,7 @@ def _offload_options(args: argparse.Namespace) -> Any:
         repeats=args.repeats, device=args.device, dtype=store_dtype(args.dtype),
         memory_at=tuple(parse_addresses(args.memory_at)) if args.memory_at else (),
         token_file=args.token_file, via=args.via, isolate=not args.no_isolate, memory_cores=args.memory_cores,
-        profile=args.profile, progress=True)
+        profile=args.profile, trace=args.trace, progress=True)
 
 
 def _offload_model(name: str, cfg: Any, tokens: Any, longest: int) -> Any:
@@ -139,6 +139,10 @@ def _print_offload(report: dict[str, Any]) -> None:
         print(f"  {ph:<8} overhead: remote (prefetch) {100 * o[ph + ':remote_vs_local']:+.1f}% vs local, "
               f"{100 * o[ph + ':remote_vs_no_engram']:+.1f}% vs no Engram; on demand "
               f"{100 * o[ph + ':remote_lazy_vs_local']:+.1f}% vs local")
+    pairs = [report["overhead_paired"][ph + ":remote_vs_local"] for ph in phases]
+    print("  remote vs local, paired within each repetition: "
+          + "; ".join(f"{ph} {100 * p['median']:+.1f}% [{100 * p['q1']:+.1f}, {100 * p['q3']:+.1f}]"
+                      for ph, p in zip(phases, pairs)) + " (median [quartiles])")
     if report["lookup_p50_ms"] is not None:
         print(f"  lookups: p50 {report['lookup_p50_ms']:.1f} ms, p99 {report['lookup_p99_ms']:.1f} ms, "
               f"dedup ratio {report['dedup_ratio']:.2f}")
@@ -171,6 +175,16 @@ def _print_offload(report: dict[str, Any]) -> None:
             for r in path[:8]:
                 print(f"    {r['own_s']:>7.3f} s own {r['cumulative_s']:>7.3f} s cum {r['calls']:>7} calls  "
                       f"{r['function']}")
+    tr = report.get("trace")
+    if tr:
+        print(f"  torch.profiler, one {tr['phase']} run per mode (wall ms, device busy ms, device idle share; "
+              "the host's blocking CUDA calls):")
+        for mode, t in tr["modes"].items():
+            busy = "-" if t["device_busy_ms"] is None else f"{t['device_busy_ms']:.1f}"
+            idle = "-" if t["device_idle_share"] is None else f"{100 * t['device_idle_share']:.0f}%"
+            blocking = ", ".join(f"{c['call']} x{c['calls']} {c['host_ms']:.1f} ms"
+                                 for c in t["runtime_calls"] if c["blocking"]) or "none"
+            print(f"    {mode:<12} {t['wall_ms']:>9.1f} {busy:>9} {idle:>5}  {blocking}")
 
 
 def _cmd_bench_load(args: argparse.Namespace) -> int:
@@ -325,6 +339,10 @@ def _add_offload(bsub) -> None:
     b.add_argument("--profile", action="store_true",
                    help="after the timed runs, run remote mode once more under cProfile and report "
                         "the top functions (model thread)")
+    b.add_argument("--trace", action="store_true",
+                   help="after the timed runs, run each mode's serving phase once under torch.profiler: "
+                        "the device's busy time against the wall time, its top kernels, and the CUDA "
+                        "runtime calls by host time (what makes a GPU idle or the host block)")
     b.add_argument("--out", metavar="FILE.json", help="write the report here, and FILE.png")
     b.set_defaults(func=_cmd_bench_offload)
 
