@@ -18,8 +18,9 @@ row's duplicate gradients are summed.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,6 +30,8 @@ from .agent.protocol import AgentUnavailable
 from .core.layout import TableLayout
 from .core.optim import sum_duplicates
 from .model.memory import MemoryFetch
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RemoteMemory", "RemoteFetch", "RowSource", "expand_rows"]
 
@@ -125,9 +128,12 @@ class RemoteFetch:
             u = self.pending[li].result(timeout=source.timeout * 4)
         self._seconds[li] = getattr(self.pending[li], "fetch_seconds", None)
         self.unique_ids[li] = np.array(u.ids, dtype=np.int64)  # a copy: u may view a shared slot
-        self._staged[li] = self.memory.stage(li, u.rows, u.inverse)
         release = getattr(self.pending[li], "release", None)
-        if release is not None:
+        # a pinned slot is copied from where it is, and given back once that copy is done
+        direct = release is not None and self.memory.copy_stream is not None and \
+            bool(getattr(self.pending[li], "pinned", False))
+        self._staged[li] = self.memory.stage(li, u.rows, u.inverse, release=release if direct else None)
+        if release is not None and not direct:
             release()
 
     def _stage_landed(self, after: int) -> None:
@@ -196,7 +202,9 @@ class _Pinned:
 
 class RemoteMemory:
     """Rows from ``source``: an :class:`~engram_ray.client.EngramClient` or a node's lookup agent
-    (:class:`~engram_ray.agent.AgentClient`). ``pin``: stage CUDA copies in pinned memory;
+    (:class:`~engram_ray.agent.AgentClient`). ``pin``: CUDA copies read pinned memory -- a lookup
+    agent's slots registered in place (cudaHostRegister: no copy on the model's thread), else
+    a pinned staging buffer the rows are copied into;
     ``prefetch=False`` fetches on demand (for measuring what prefetching saves).
 
     ``ordered`` (default): a fetch's layers are looked up one after the other, earliest layer
@@ -222,18 +230,32 @@ class RemoteMemory:
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._pinned: dict[int, _Pinned] = {}
         self._events: dict[int, Any] = {}
+        #: (copy's event, release) of lent source buffers that copies read in place.
+        self._lent: list[tuple[Any, Callable[[], None]]] = []
+        pin_slots = getattr(source, "pin_slots", None)
+        if self.copy_stream is not None and pin and pin_slots is not None:
+            # a lookup agent's slots become pinned memory: rows go to the device from where the
+            # agent wrote them, with no copy on the model's thread (a slot that cannot be
+            # registered is staged through _Pinned as before)
+            pin_slots(self._register, self._unregister)
 
     @property
     def layout(self) -> TableLayout:
         return self._layout
 
-    def stage(self, layer: int, rows_ud: np.ndarray, inverse_n: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def stage(self, layer: int, rows_ud: np.ndarray, inverse_n: np.ndarray,
+              release: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Unique rows ``[U, D]`` (storage dtype) and ``inverse [N]`` -> tensors of their own on
         the model's device (the source's buffers may be reused at once). On CUDA the copy is
-        issued on the side stream now; :meth:`ready` makes the compute stream wait for it."""
+        issued on the side stream now; :meth:`ready` makes the compute stream wait for it.
+        ``release`` (CUDA): the arrays are in pinned memory the source lent (a registered
+        agent slot): the copy reads them there, and ``release()`` runs once it is done."""
         if self.copy_stream is None:
             return _host_tensor(rows_ud).to(self.dtype, copy=True), torch.from_numpy(np.array(inverse_n, np.int64))
-        if self.pin:
+        self._reap()
+        if release is not None:
+            src_rows, src_inv = _host_tensor(rows_ud), torch.from_numpy(inverse_n)
+        elif self.pin:
             buf = self._pinned.setdefault(layer, _Pinned())
             src_rows, src_inv = buf.fill(rows_ud, inverse_n)
         else:
@@ -243,10 +265,43 @@ class RemoteMemory:
             dev_inv = src_inv.to(self.device, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.copy_stream)
-        if self.pin:
+        if release is not None:
+            self._lent.append((event, release))
+        elif self.pin:
             self._pinned[layer].event = event
         self._events[id(dev_rows)] = (event, dev_inv)
         return dev_rows, dev_inv
+
+    def _reap(self) -> None:
+        """Give back the lent buffers whose copies are done (an event query does not block)."""
+        if self._lent:
+            waiting = []
+            for event, release in self._lent:
+                if event.query():
+                    release()
+                else:
+                    waiting.append((event, release))
+            self._lent = waiting
+
+    def _register(self, address: int, nbytes: int) -> bool:
+        """cudaHostRegister an agent slot, portable to every device of the process (as torch
+        pins shared memory itself): device copies read it directly. False: not registered."""
+        try:
+            err = int(torch.cuda.cudart().cudaHostRegister(address, nbytes, 1))  # 1: cudaHostRegisterPortable
+        except Exception as e:  # noqa: BLE001 - no binding: stage that slot's rows as before
+            err, why = -1, str(e)
+        else:
+            why = f"cudaError {err}"
+        if err != 0:
+            log.warning("cudaHostRegister of a %d-byte agent slot failed (%s): staging its rows instead", nbytes, why)
+        return err == 0
+
+    def _unregister(self, address: int) -> None:
+        assert self.copy_stream is not None
+        self.copy_stream.synchronize()  # no copy may still read the pages being unpinned
+        err = int(torch.cuda.cudart().cudaHostUnregister(address))
+        if err != 0:
+            log.warning("cudaHostUnregister of an agent slot failed (cudaError %d)", err)
 
     def ready(self, rows_ud: torch.Tensor) -> torch.Tensor:
         """Staged rows, usable on the compute stream, in the model's dtype."""
@@ -267,6 +322,7 @@ class RemoteMemory:
 
     def fetch(self, row_ids_lbth: np.ndarray, requires_grad: bool = True) -> RemoteFetch:
         """Start fetching global rows ``[L, B, T, H]`` (int64, host numpy); returns at once."""
+        self._reap()  # lent slots whose copies are done serve this fetch, not new ones
         return RemoteFetch(self, np.asarray(row_ids_lbth, dtype=np.int64), requires_grad)
 
     def fetch_many(self, row_ids: Sequence[np.ndarray], requires_grad: bool = True) -> list[RemoteFetch]:
@@ -275,6 +331,7 @@ class RemoteMemory:
         first forward, then of the next -- so a forward that runs later (a serving step's
         decode batch, after its prefill chunks) never slows the rows needed first."""
         arrays = [np.asarray(r, dtype=np.int64) for r in row_ids]
+        self._reap()
         if not self.prefetch or not arrays:
             return [self.fetch(a, requires_grad) for a in arrays]
         flat = self.source.prefetch_unique_many([layer for a in arrays for layer in a], ordered=self.ordered)

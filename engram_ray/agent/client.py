@@ -66,6 +66,14 @@ class AgentFetch:
         #: Issue-to-arrival seconds, as seen when the reply was read (None before).
         self.fetch_seconds: float | None = None
 
+    @property
+    def pinned(self) -> bool:
+        """Whether the slot holding this fetch's rows is registered as pinned memory (see
+        :meth:`AgentClient.pin_slots`): a device copy may then read it directly, and the
+        fetch is released only once that copy is done."""
+        s = self.agent._slots
+        return self.gen == self.agent._gen and self.slot < len(s) and s[self.slot].pinned
+
     def done(self) -> bool:
         """Whether the rows are in (reads replies waiting on the socket; never blocks)."""
         if self._value is None and not self._released:
@@ -123,6 +131,8 @@ class AgentClient:
         self._lock = threading.RLock()
         self._req = bytearray(REQUEST.size)
         self.reconnects = 0
+        #: (register(address, nbytes) -> bool, unregister(address)) from pin_slots, or None.
+        self._pinner: tuple[Callable[[int, int], bool], Callable[[int], None]] | None = None
         self._connect()
 
     # Connection -----------------------------------------------------------------------------
@@ -184,6 +194,10 @@ class AgentClient:
             self._sock.close()
         self._sock = None
         self._gen += 1
+        for s in self._slots:
+            if s.pinned and self._pinner is not None:
+                s.pinned = False
+                self._pinner[1](s.address)  # before the mapping can go
         self._slots, self._free, self._replies = [], [], {}
         self._orphans, self._owner = set(), {}
 
@@ -302,7 +316,7 @@ class AgentClient:
         fds: list[int] = []
         try:
             _status, value, _ = self._wait_id(rid, None, fds)
-            self._slots.append(self._map_slot(fds, capacity, value))
+            self._slots.append(self._pin(self._map_slot(fds, capacity, value)))
         finally:
             for fd in fds:
                 os.close(fd)  # the mapping keeps the memory
@@ -323,6 +337,22 @@ class AgentClient:
         except (OSError, ValueError) as e:
             self._drop()
             raise AgentUnavailable(f"lookup agent at {self.path} sent a bad slot: {e}") from None
+
+    def pin_slots(self, register: Callable[[int, int], bool], unregister: Callable[[int], None]) -> None:
+        """Register every slot, mapped now or later, with ``register(address, nbytes)`` (True:
+        registered), and ``unregister(address)`` each before its mapping is dropped. On CUDA
+        these are cudaHostRegister / cudaHostUnregister: the slots become pinned memory, so
+        a host-to-device copy reads the rows where the agent wrote them, with no copy on the
+        model's thread (RemoteMemory does this; the agent client itself knows no device)."""
+        with self._lock:
+            self._pinner = (register, unregister)
+            for s in self._slots:
+                self._pin(s)
+
+    def _pin(self, s: Slot) -> Slot:
+        if self._pinner is not None and not s.pinned:
+            s.pinned = bool(self._pinner[0](s.address, s.layout.nbytes))
+        return s
 
     def _slot_of(self, f: AgentFetch) -> Slot:
         if f.gen != self._gen:

@@ -111,6 +111,13 @@ class Slot:
         self.rows = buf[layout.rows_at:layout.rows_at + c * d * dtype.itemsize].view(dtype).reshape(c, d)
         self.grads = buf[layout.rows_at:layout.rows_at + c * d * 4].view(np.float32).reshape(c, d)
         self.busy = False
+        #: Worker side: registered with the device as pinned memory (AgentClient.pin_slots).
+        self.pinned = False
+
+    @property
+    def address(self) -> int:
+        """Where the mapping starts in this process (for registering it with a device)."""
+        return int(self.ids.ctypes.data)
 
     @property
     def capacity(self) -> int:

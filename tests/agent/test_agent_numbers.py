@@ -106,3 +106,48 @@ def test_unique_rows_reach_the_gpu_once_and_expand_there(served):
             assert torch.equal(f_g.tensors[li].grad.cpu(), f_c.tensors[li].grad)  # sums of ones: exact
     finally:
         agent.close()
+
+
+def test_pinned_slots_are_registered_once_and_unregistered_before_unmapping(served):
+    # RemoteMemory on CUDA registers the agent's slots with cudaHostRegister through these
+    # hooks; the plumbing is device-free, so it is checked here with recording hooks.
+    calls: list[tuple] = []
+    agent = AgentClient(served.socket, served.layout)
+    try:
+        agent.lookup(np.arange(5))  # a slot mapped before pinning ...
+        agent.pin_slots(lambda a, n: calls.append(("reg", a, n)) or True, lambda a: calls.append(("unreg", a)))
+        big = np.arange(10_000) % served.layout.total_rows
+        f = agent.prefetch_unique(big)  # ... and one mapped after (too large for the first)
+        assert f.pinned
+        f.result()
+        f.release()
+        regs = [c for c in calls if c[0] == "reg"]
+        assert len(regs) == 2 == len({a for _, a, _ in regs})
+        assert all(n >= 4096 * 8 for _, _, n in regs)
+        # a second memory on the same agent (the hooks are replaced; slots stay registered once)
+        agent.pin_slots(lambda a, n: calls.append(("again", a)) or True, lambda a: calls.append(("unreg", a)))
+        assert not [c for c in calls if c[0] == "again"]
+    finally:
+        agent.close()
+    assert sorted(a for c, a, *_ in calls if c == "unreg") == sorted(a for _, a, _ in regs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rows_reach_the_gpu_from_the_registered_slot(served):
+    # with the slots pinned, the copy reads the slot in place and gives it back once done:
+    # rows equal the CPU path's, and no slot stays lent once the copies are through
+    agent = AgentClient(served.socket, served.layout)
+    try:
+        ids = np.random.default_rng(5).integers(0, 300, size=(2, 3, 5, 8))
+        gpu, cpu = RemoteMemory(agent, device="cuda"), RemoteMemory(agent)
+        for _ in range(3):
+            f_g, f_c = gpu.fetch(ids, requires_grad=False), cpu.fetch(ids, requires_grad=False)
+            for li in (0, 1):
+                assert torch.equal(f_g.rows(li).cpu(), f_c.rows(li))
+        assert all(s.pinned for s in agent._slots)
+        torch.cuda.synchronize()
+        gpu._reap()
+        assert not gpu._lent and len(agent._free) == len(agent._slots)
+    finally:
+        agent.close()
