@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .agent.protocol import AgentUnavailable
+from .agent.protocol import AgentRefused, AgentUnavailable
 from .core.layout import TableLayout
 from .core.optim import sum_duplicates
 from .model.memory import MemoryFetch
@@ -141,7 +141,13 @@ class RemoteFetch:
         device start now, not when their layer asks (CUDA only: on CPU there is no copy)."""
         for lj in range(after + 1, len(self.pending)):
             p = self.pending[lj]
-            if lj not in self._staged and lj not in self.tensors and p is not None and p.done():
+            if lj in self._staged or lj in self.tensors or p is None:
+                continue
+            try:
+                landed = p.done()
+            except (AgentUnavailable, AgentRefused):  # that layer's own rows() will meet it (and retry)
+                landed = False
+            if landed:
                 self._arrive(lj)
 
     def rows(self, layer_index: int) -> torch.Tensor:
@@ -260,11 +266,17 @@ class RemoteMemory:
             src_rows, src_inv = buf.fill(rows_ud, inverse_n)
         else:
             src_rows, src_inv = _host_tensor(np.array(rows_ud)), torch.from_numpy(np.array(inverse_n, np.int64))
-        with torch.cuda.stream(self.copy_stream):
-            dev_rows = src_rows.to(self.device, non_blocking=True)
-            dev_inv = src_inv.to(self.device, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.copy_stream)
+        try:
+            with torch.cuda.stream(self.copy_stream):
+                dev_rows = src_rows.to(self.device, non_blocking=True)
+                dev_inv = src_inv.to(self.device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.copy_stream)
+        except BaseException:
+            if release is not None:  # a copy may have been queued from the lent buffer
+                self.copy_stream.synchronize()
+                release()
+            raise
         if release is not None:
             self._lent.append((event, release))
         elif self.pin:
@@ -297,8 +309,9 @@ class RemoteMemory:
         return err == 0
 
     def _unregister(self, address: int) -> None:
-        assert self.copy_stream is not None
-        self.copy_stream.synchronize()  # no copy may still read the pages being unpinned
+        # every stream of the device: another RemoteMemory on the same agent (its hooks were
+        # replaced by ours) may have copies from these pages in flight on its own stream
+        torch.cuda.synchronize(self.device)
         err = int(torch.cuda.cudart().cudaHostUnregister(address))
         if err != 0:
             log.warning("cudaHostUnregister of an agent slot failed (cudaError %d)", err)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import struct
@@ -51,6 +52,8 @@ __all__ = ["AgentClient", "AgentFetch"]
 
 MIN_SLOT_IDS = 4096
 
+log = logging.getLogger(__name__)
+
 
 class AgentFetch:
     """One lookup through the agent. ``result()`` gives :class:`UniqueRows` whose ``rows`` and
@@ -75,11 +78,15 @@ class AgentFetch:
         return self.gen == self.agent._gen and self.slot < len(s) and s[self.slot].pinned
 
     def done(self) -> bool:
-        """Whether the rows are in (reads replies waiting on the socket; never blocks)."""
+        """Whether the reply is in (reads replies waiting on the socket; never blocks). A
+        refusal counts as done and stays filed: :meth:`result` raises it."""
         if self._value is None and not self._released:
             with self.agent._lock:
                 self.agent._poll()
-                if self.req_id in self.agent._replies:
+                reply = self.agent._replies.get(self.req_id)
+                if reply is not None:
+                    if reply[0] == ERROR:
+                        return True
                     self._value = self.agent._wait(self, None)
                     self.fetch_seconds = time.perf_counter() - self._t0
         return self._value is not None
@@ -194,12 +201,16 @@ class AgentClient:
             self._sock.close()
         self._sock = None
         self._gen += 1
-        for s in self._slots:
-            if s.pinned and self._pinner is not None:
-                s.pinned = False
-                self._pinner[1](s.address)  # before the mapping can go
+        slots = self._slots
         self._slots, self._free, self._replies = [], [], {}
         self._orphans, self._owner = set(), {}
+        for s in slots:  # the state is reset first: a failing hook cannot leave it half dropped
+            if s.pinned and self._pinner is not None:
+                s.pinned = False
+                try:
+                    self._pinner[1](s.address)  # before the mapping can go
+                except Exception:  # noqa: BLE001 - the pages stay pinned until the process ends
+                    log.warning("lookup agent client: unregistering a slot failed", exc_info=True)
 
     def close(self) -> None:
         with self._lock:

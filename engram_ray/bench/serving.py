@@ -38,10 +38,12 @@ __all__ = ["Request", "draw_requests", "SlotCache", "serve", "account"]
 
 
 def account(acc: dict[str, float], fetch: Any) -> None:
-    """Add a used fetch's time in ``rows()`` to ``acc`` (nothing without a memory)."""
+    """Add a used fetch's time in ``rows()`` to ``acc`` (nothing without a memory): blocked
+    (``wait_seconds``, every memory's) and the rest of taking the rows (``stage_seconds``, a
+    RemoteFetch's: staging, the copy's event, the expand; a local gather is all waiting)."""
     if fetch is not None:
         acc["wait_s"] += fetch.wait_seconds
-        acc["stage_s"] += fetch.stage_seconds
+        acc["stage_s"] += getattr(fetch, "stage_seconds", 0.0)
 
 
 @dataclass(frozen=True)

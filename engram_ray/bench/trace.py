@@ -19,15 +19,25 @@ import torch
 
 __all__ = ["trace_run"]
 
-#: Runtime calls that stop the host until the device catches up, or allocate (device-wide
-#: ordering or a slow driver call): each one named in the summary even when it is rare.
-BLOCKING = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaMalloc",
-            "cudaFree", "cudaHostAlloc", "cudaHostRegister", "cudaMemcpy", "cudaStreamWaitEvent")
+#: Runtime calls that stop the host until the device catches up, or allocate (a slow driver
+#: call): flagged in the summary. cudaMemcpyAsync is not among them (it blocks only from
+#: pageable memory, which the host time then shows).
+BLOCKING = frozenset({"cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaMalloc",
+                      "cudaMallocAsync", "cudaFree", "cudaHostAlloc", "cudaMallocHost", "cudaFreeHost",
+                      "cudaHostRegister", "cudaHostUnregister", "cudaMemcpy"})
 
 
 def _device_us(e: Any) -> float:
     """An event's own device time (µs); torch renamed it from ``self_cuda_time_total``."""
     return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) or 0.0)
+
+
+def _on_device(e: Any) -> bool:
+    """A kernel or a copy as the device ran it. The CPU operator that launched it carries the
+    same time again (Kineto attributes it to both): counting those would double the busy time."""
+    from torch.autograd import DeviceType
+
+    return getattr(e, "device_type", DeviceType.CPU) != DeviceType.CPU and not getattr(e, "is_user_annotation", False)
 
 
 def trace_run(run: Callable[[], Any], device: torch.device, top: int = 12) -> dict[str, Any]:
@@ -47,9 +57,11 @@ def trace_run(run: Callable[[], Any], device: torch.device, top: int = 12) -> di
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - t0
     events = list(prof.key_averages())
-    runtime = [e for e in events if e.key.startswith("cuda") or e.key.startswith("cu")]
-    device_ops = sorted((e for e in events if _device_us(e) > 0), key=_device_us, reverse=True)
-    host_ops = sorted((e for e in events if e not in runtime), key=lambda e: e.self_cpu_time_total, reverse=True)
+    device_ops = sorted((e for e in events if _on_device(e) and _device_us(e) > 0), key=_device_us, reverse=True)
+    host = [e for e in events if not _on_device(e)]
+    runtime = [e for e in host if e.key.startswith("cuda")]  # cudaLaunchKernel, cudaMemcpyAsync, ...
+    host_ops = sorted((e for e in host if not e.key.startswith("cuda")), key=lambda e: e.self_cpu_time_total,
+                      reverse=True)
     busy_ms = sum(_device_us(e) for e in device_ops) / 1e3
     return {
         "wall_ms": wall * 1e3,
@@ -59,6 +71,6 @@ def trace_run(run: Callable[[], Any], device: torch.device, top: int = 12) -> di
         "host_top": [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3}
                      for e in host_ops[:top]],
         "runtime_calls": sorted(({"call": e.key, "calls": e.count, "host_ms": e.self_cpu_time_total / 1e3,
-                                  "blocking": e.key.startswith(BLOCKING)} for e in runtime),
+                                  "blocking": e.key in BLOCKING} for e in runtime),
                                 key=lambda r: -r["host_ms"]),
     }

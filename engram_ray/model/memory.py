@@ -42,12 +42,6 @@ class MemoryFetch(Protocol):
         ...
 
     @property
-    def stage_seconds(self) -> float:
-        """Seconds in :meth:`rows` besides :attr:`wait_seconds`: moving arrived rows towards
-        the device, making them usable there, expanding them (0 for a local table)."""
-        ...
-
-    @property
     def fetch_seconds(self) -> float:
         """Issue-to-arrival time of the slowest layer's rows; 0 until all arrived, and 0 for
         a local table (nothing travels)."""
@@ -110,7 +104,6 @@ class LocalFetch:
         #: Each layer's rows as handed out; their .grad is what update() applies.
         self.tensors: dict[int, torch.Tensor] = {}
         self.wait_seconds = 0.0
-        self.stage_seconds = 0.0  # the gather is all of it (counted as waiting)
         self.fetch_seconds = 0.0  # nothing travels
 
     def rows(self, layer_index: int) -> torch.Tensor:

@@ -272,3 +272,16 @@ def test_slot_bytes_are_capped_across_all_workers(served, tmp_path):
             second.close()
         finally:
             agent.close()
+
+
+def test_a_refusal_is_done_and_raised_by_result_not_by_done(served):
+    # done() is how RemoteFetch checks later layers while an earlier one computes: a refusal
+    # must stay filed for that layer's own result(), not surface (and vanish) in done()
+    with AgentClient(served.socket, served.layout, timeout=5) as agent:
+        bad = agent.prefetch_unique(np.array([served.layout.total_rows + 5]))
+        assert wait_for(bad.done)
+        assert bad.done()  # asked again: still done, still filed
+        with pytest.raises(AgentRefused, match="row"):
+            bad.result()
+        bad.release()
+        assert agent.lookup(np.arange(3)).shape == (3, served.layout.row_dim)  # the connection serves on
