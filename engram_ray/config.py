@@ -34,6 +34,7 @@ __all__ = [
     "reference_demo",
     "paper_27b",
     "table_100b",
+    "deepseek_v41_flash",
     "with_table_params",
 ]
 
@@ -489,6 +490,20 @@ def table_100b() -> EngramConfig:
                         pad_id=2, seed=0, kernel_size=4)
 
 
+def deepseek_v41_flash() -> EngramConfig:
+    """The Engram layers of DeepSeek-V4.1-Flash's checkpoint: layers 1 and 14, n-gram orders
+    2-4 with 8 heads each (24 tables per layer), rows of 256 values (stored there as FP8 e4m3
+    with ue8m0 block scales, 264 bytes). Every head's vocabulary is 16,000,000: the primes that
+    follow give exactly the checkpoint's 384,006,168 rows for layer 1 and 384,016,682 for layer
+    14 (768,022,850 rows, 196.6B values). Found by summing 24 consecutive primes from each
+    candidate start (tests/test_config.py checks the counts). The hash multipliers (``seed``)
+    and ``pad_id`` of the checkpoint are not published: this preset gives its geometry, for
+    planning and import, not bit-identical hashing of its tokenizer's ids."""
+    return EngramConfig(engram_vocab_size=(16_000_000, 16_000_000, 16_000_000), max_ngram_size=4,
+                        n_embed_per_ngram=2048, n_head_per_ngram=8, layer_ids=(1, 14),
+                        pad_id=2, seed=0, kernel_size=4)
+
+
 def with_table_params(config: EngramConfig, params: float) -> EngramConfig:
     """``config``'s geometry (layers, orders, heads, row width) with every head's table
     resized so the whole table holds about ``params`` parameters (each size becomes a prime
@@ -506,6 +521,7 @@ PRESETS: Mapping[str, Callable[[], EngramConfig]] = types.MappingProxyType({
     "reference_demo": reference_demo,
     "paper_27b": paper_27b,
     "table_100b": table_100b,
+    "deepseek_v41_flash": deepseek_v41_flash,
 })
 
 

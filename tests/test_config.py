@@ -1,6 +1,7 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from engram_ray import config as C
@@ -113,3 +114,16 @@ def test_storage_dtypes_are_one_list_with_one_alias_table():
         C.StoreConfig(dtype="int8")
     with pytest.raises(ValueError, match="'int8'"):
         dtype_bytes("int8")
+
+
+def test_deepseek_v41_flash_has_the_checkpoints_row_counts():
+    # issue 14: the checkpoint's two Engram layers hold 384,006,168 and 384,016,682 rows of
+    # 256 values; vocabularies of 16,000,000 per head give exactly those through the primes
+    from engram_ray.core.layout import TableLayout
+    from engram_ray.core.tokens import CompressedVocab
+
+    cfg = C.preset("deepseek_v41_flash")
+    assert cfg.layer_ids == (1, 14) and list(cfg.orders) == [2, 3, 4] and cfg.n_head_per_ngram == 8
+    assert cfg.row_dim == 256
+    layout = TableLayout.build(cfg, CompressedVocab(np.arange(1000)))
+    assert layout.layer_rows == (384_006_168, 384_016_682)
