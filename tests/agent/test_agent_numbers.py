@@ -19,6 +19,16 @@ from engram_ray.remote_memory import RemoteMemory
 from .conftest import STORE, start_shards
 
 
+@pytest.fixture
+def agent(served):
+    """A worker's connection to the served agent, closed after the test."""
+    with AgentClient(served.socket, served.layout) as a:
+        yield a
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
 def test_agent_rows_equal_the_clients_bit_for_bit(served):
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 200, size=(3, 9, 8))  # many duplicates
@@ -72,82 +82,67 @@ def test_training_through_the_agent_equals_client_and_local(served):
             s.stop(0)
 
 
-def test_unique_rows_autograd_reaches_the_leaf(served):
-    agent = AgentClient(served.socket, served.layout)
-    try:
-        memory = RemoteMemory(agent)
-        ids = np.array([[[[3, 3, 5, 3, 7, 7, 9, 11]]]] * 2).repeat(2, axis=2)   # [L=2, B=1, T=2, H=8]
-        f = memory.fetch(ids)
-        r = f.rows(0)
-        assert r.shape == (1, 2, 8 * served.layout.row_dim)
-        r.sum().backward()
-        leaf = f.tensors[0]
-        assert leaf.is_leaf and leaf.shape == (5, served.layout.row_dim)  # 5 distinct rows
-        counts = np.unique(ids[0], return_counts=True)[1].astype(np.float32)
-        assert torch.equal(leaf.grad, torch.from_numpy(np.repeat(counts[:, None], leaf.shape[1], axis=1)))
-    finally:
-        agent.close()
+def test_unique_rows_autograd_reaches_the_leaf(served, agent):
+    memory = RemoteMemory(agent)
+    ids = np.array([[[[3, 3, 5, 3, 7, 7, 9, 11]]]] * 2).repeat(2, axis=2)   # [L=2, B=1, T=2, H=8]
+    f = memory.fetch(ids)
+    r = f.rows(0)
+    assert r.shape == (1, 2, 8 * served.layout.row_dim)
+    r.sum().backward()
+    leaf = f.tensors[0]
+    assert leaf.is_leaf and leaf.shape == (5, served.layout.row_dim)  # 5 distinct rows
+    counts = np.unique(ids[0], return_counts=True)[1].astype(np.float32)
+    assert torch.equal(leaf.grad, torch.from_numpy(np.repeat(counts[:, None], leaf.shape[1], axis=1)))
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_unique_rows_reach_the_gpu_once_and_expand_there(served):
-    agent = AgentClient(served.socket, served.layout)
-    try:
-        ids = np.random.default_rng(3).integers(0, 300, size=(2, 3, 5, 8))
-        cpu, gpu = RemoteMemory(agent), RemoteMemory(agent, device="cuda")
-        f_c, f_g = cpu.fetch(ids), gpu.fetch(ids)
-        for li in (1, 0):  # out of order: layer 0's rows were staged while layer 1 waited
-            r_c, r_g = f_c.rows(li), f_g.rows(li)
-            assert r_g.is_cuda and torch.equal(r_g.cpu(), r_c)
-            assert f_g.tensors[li].shape[0] == np.unique(ids[li]).size  # unique rows crossed, not N
-            r_c.sum().backward()
-            r_g.sum().backward()
-            assert torch.equal(f_g.tensors[li].grad.cpu(), f_c.tensors[li].grad)  # sums of ones: exact
-    finally:
-        agent.close()
+@needs_cuda
+def test_unique_rows_reach_the_gpu_once_and_expand_there(served, agent):
+    ids = np.random.default_rng(3).integers(0, 300, size=(2, 3, 5, 8))
+    cpu, gpu = RemoteMemory(agent), RemoteMemory(agent, device="cuda")
+    f_c, f_g = cpu.fetch(ids), gpu.fetch(ids)
+    for li in (1, 0):  # out of order: layer 0's rows were staged while layer 1 waited
+        r_c, r_g = f_c.rows(li), f_g.rows(li)
+        assert r_g.is_cuda and torch.equal(r_g.cpu(), r_c)
+        assert f_g.tensors[li].shape[0] == np.unique(ids[li]).size  # unique rows crossed, not N
+        r_c.sum().backward()
+        r_g.sum().backward()
+        assert torch.equal(f_g.tensors[li].grad.cpu(), f_c.tensors[li].grad)  # sums of ones: exact
 
 
-def test_pinned_slots_are_registered_once_and_unregistered_before_unmapping(served):
+def test_pinned_slots_are_registered_once_and_unregistered_before_unmapping(served, agent):
     # RemoteMemory on CUDA registers the agent's slots with cudaHostRegister through these
     # hooks; the plumbing is device-free, so it is checked here with recording hooks.
     calls: list[tuple] = []
-    agent = AgentClient(served.socket, served.layout)
-    try:
-        agent.lookup(np.arange(5))  # a slot mapped before pinning ...
-        agent.pin_slots(lambda a, n: calls.append(("reg", a, n)) or True, lambda a: calls.append(("unreg", a)))
-        big = np.arange(10_000) % served.layout.total_rows
-        f = agent.prefetch_unique(big)  # ... and one mapped after (too large for the first)
-        assert f.pinned
-        f.result()
-        f.release()
-        regs = [c for c in calls if c[0] == "reg"]
-        assert len(regs) == 2 == len({a for _, a, _ in regs})
-        assert all(n >= 4096 * 8 for _, _, n in regs)
-        # a second memory on the same agent (the hooks are replaced; slots stay registered once)
-        agent.pin_slots(lambda a, n: calls.append(("again", a)) or True, lambda a: calls.append(("unreg", a)))
-        assert not [c for c in calls if c[0] == "again"]
-    finally:
-        agent.close()
+    agent.lookup(np.arange(5))  # a slot mapped before pinning ...
+    agent.pin_slots(lambda a, n: calls.append(("reg", a, n)) or True, lambda a: calls.append(("unreg", a)))
+    big = np.arange(10_000) % served.layout.total_rows
+    f = agent.prefetch_unique(big)  # ... and one mapped after (too large for the first)
+    assert f.pinned
+    f.result()
+    f.release()
+    regs = [c for c in calls if c[0] == "reg"]
+    assert len(regs) == 2 == len({a for _, a, _ in regs})
+    assert all(n >= 4096 * 8 for _, _, n in regs)
+    # a second memory on the same agent (the hooks are replaced; slots stay registered once)
+    agent.pin_slots(lambda a, n: calls.append(("again", a)) or True, lambda a: calls.append(("unreg", a)))
+    assert not [c for c in calls if c[0] == "again"]
+    agent.close()  # drops the slots: each is unregistered first
     assert sorted(a for c, a, *_ in calls if c == "unreg") == sorted(a for _, a, _ in regs)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_rows_reach_the_gpu_from_the_registered_slot(served):
+@needs_cuda
+def test_rows_reach_the_gpu_from_the_registered_slot(served, agent):
     # with the slots pinned, the copy reads the slot in place and gives it back once done:
     # rows equal the CPU path's, and no slot stays lent once the copies are through
-    agent = AgentClient(served.socket, served.layout)
-    try:
-        ids = np.random.default_rng(5).integers(0, 300, size=(2, 3, 5, 8))
-        gpu, cpu = RemoteMemory(agent, device="cuda"), RemoteMemory(agent)
-        for _ in range(3):
-            f_g, f_c = gpu.fetch(ids, requires_grad=False), cpu.fetch(ids, requires_grad=False)
-            for li in (0, 1):
-                assert torch.equal(f_g.rows(li).cpu(), f_c.rows(li))
-        assert all(s.pinned for s in agent._slots)
-        torch.cuda.synchronize()
-        gpu._reap()
-        assert not gpu._lent and len(agent._free) == len(agent._slots)
-    finally:
-        agent.close()
+    ids = np.random.default_rng(5).integers(0, 300, size=(2, 3, 5, 8))
+    gpu, cpu = RemoteMemory(agent, device="cuda"), RemoteMemory(agent)
+    for _ in range(3):
+        f_g, f_c = gpu.fetch(ids, requires_grad=False), cpu.fetch(ids, requires_grad=False)
+        for li in (0, 1):
+            assert torch.equal(f_g.rows(li).cpu(), f_c.rows(li))
+    assert all(s.pinned for s in agent._slots)
+    torch.cuda.synchronize()
+    gpu._reap()
+    assert not gpu._lent and len(agent._free) == len(agent._slots)
