@@ -134,6 +134,7 @@ class AgentClient:
         self._reply_slot = 0  # the slot field of the reply _wait_id returned last
         self._orphans: set[int] = set()  # released before their reply came: free slot on arrival
         self._owner: dict[int, int] = {}  # req_id -> slot, for orphans
+        self._asked: set[int] = set()  # request ids sent and not answered yet
         self._next_id = 1
         self._lock = threading.RLock()
         self._req = bytearray(REQUEST.size)
@@ -203,7 +204,7 @@ class AgentClient:
         self._gen += 1
         slots = self._slots
         self._slots, self._free, self._replies = [], [], {}
-        self._orphans, self._owner = set(), {}
+        self._orphans, self._owner, self._asked = set(), {}, set()
         for s in slots:  # the state is reset first: a failing hook cannot leave it half dropped
             if s.pinned and self._pinner is not None:
                 s.pinned = False
@@ -283,6 +284,11 @@ class AgentClient:
     def _keep(self, data: bytes) -> None:
         """File a reply for its waiter (or free the slot of a fetch released unread)."""
         _m, _op, status, rid, slot, value, aux = REPLY.unpack_from(data)
+        if rid not in self._asked:  # a reply to nothing asked (or a second one): not our agent
+            self._drop()
+            raise AgentUnavailable(f"lookup agent at {self.path} answered request {rid}, which is not "
+                                   "waiting for a reply")
+        self._asked.discard(rid)
         if rid in self._orphans:
             self._orphans.discard(rid)
             self._free.append(self._owner.pop(rid))
@@ -310,6 +316,7 @@ class AgentClient:
     def _new_id(self) -> int:
         rid = self._next_id
         self._next_id = rid + 1 if rid < 0xFFFFFFF0 else 1
+        self._asked.add(rid)  # one reply is expected for it
         return rid
 
     # Slots ----------------------------------------------------------------------------------

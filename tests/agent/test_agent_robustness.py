@@ -285,3 +285,21 @@ def test_a_refusal_is_done_and_raised_by_result_not_by_done(served):
             bad.result()
         bad.release()
         assert agent.lookup(np.arange(3)).shape == (3, served.layout.row_dim)  # the connection serves on
+
+
+def test_a_worker_drops_an_agent_that_answers_what_was_not_asked(served, monkeypatch):
+    # replies are filed by request id until their waiter reads them: an agent answering ids
+    # never sent (or twice) would grow that file without bound; the worker hangs up instead
+    with AgentClient(served.socket, served.layout, timeout=5) as worker:
+        assert worker.lookup(np.arange(5)).shape == (5, served.layout.row_dim)
+        real = AgentClient._check
+
+        def forged(self, data):
+            data = real(self, data)
+            m, op, status, rid, slot, value, aux = REPLY.unpack_from(data)
+            return REPLY.pack(m, op, status, rid + 1000, slot, value, aux) + data[REPLY.size:]
+        monkeypatch.setattr(AgentClient, "_check", forged)
+        with pytest.raises(AgentUnavailable, match="not waiting for a reply"):
+            worker.lookup(np.arange(5))
+        monkeypatch.undo()
+        assert worker.lookup(np.arange(5)).shape == (5, served.layout.row_dim)  # reconnects, serves on
