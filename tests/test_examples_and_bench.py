@@ -166,6 +166,9 @@ def test_bench_offload_against_running_shards_without_ray(tmp_path, gpt2_vocab):
         rep = json.loads(out.read_text())
         # the default way in is the node-local lookup agent (a plain process here, no Ray)
         assert rep["memory"]["source"] == "running" and rep["memory"]["via"] == "agent"
+        # through the agent no gRPC client lives in the model's process: no I/O thread of one
+        py_threads = {t["name"] for t in rep["isolation"]["threads"] if t["python"]}
+        assert not any(n.startswith("engram-client") for n in py_threads), py_threads
         fc = rep["fetch_cost"]  # the model thread's cost per fetch, measured in the bench
         assert fc["layers"] == 2 and 0 < fc["total_us"]["median"] < 20_000
         assert rep["table"]["shards"] == 2 and not rep["table"]["capped"]

@@ -93,16 +93,15 @@ class RunningShards:
     def __init__(self, addresses: list[str], layout: Any, *, token_file: str | None = None):
         self.addresses, self._layout, self.token_file = addresses, layout, token_file
         self.token = read_token_file(token_file) if token_file else None
-        self._probe: Any = None
         self._agent: Any = None  # the plain-process lookup agent, once --via agent asks for it
 
     def __enter__(self) -> RunningShards:
-        self._probe = self.client()  # fails here, clearly, if a shard is down or another table's
+        # fails here, clearly, if a shard is down or serves another table; closed at once: an
+        # idle client's asyncio loop and gRPC poller would sit in the model's process all run
+        self.client().close()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._probe is not None:
-            self._probe.close()
         if self._agent is not None:
             self._agent.terminate()
             try:
@@ -134,7 +133,8 @@ class RunningShards:
         return AgentClient(path, self._layout, start=start)
 
     def describe(self) -> list[dict[str, Any]]:
-        return self._probe.describe()
+        with self.client() as c:
+            return c.describe()
 
 
 def memory_client(source: Any, via: str) -> Any:
