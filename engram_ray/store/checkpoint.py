@@ -35,7 +35,7 @@ from ..config import STORE_DTYPES
 from ..errors import CheckpointError, InvalidRequest
 from .rows import numpy_dtype, sha256_hex
 
-__all__ = ["save_shard", "load_range", "list_pieces", "open_under"]
+__all__ = ["save_shard", "save_rows", "load_range", "list_pieces", "open_under"]
 
 _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32}
 #: Optimiser-state arrays a header may list: (dtype, dims).
@@ -115,23 +115,47 @@ def save_shard(shard, directory: str | os.PathLike, *, dir_fd: int | None = None
         try:
             state = shard.snapshot()  # consistent: no update between the rows and the state
             values = state.pop("rows")
-            _write_file(dir_fd, f"{stem}.npy", lambda f: np.save(f, values.view(_RAW[values.dtype.itemsize])))
-            for name, arr in state.items():
-                _write_file(dir_fd, f"{stem}.{name}.npy", lambda f, a=arr: np.save(f, a))
-            sha = sha256_hex(values)
-            header = {"format": _FORMAT, "fingerprint": shard.fingerprint,
-                      "row_start": shard.row_start, "row_stop": shard.row_stop, "dim": shard.dim,
-                      "dtype": shard.store.dtype, "optimizer": shard.store.optimizer.kind,
-                      "state": sorted(state), "sha256": sha,
-                      "state_sha256": {k: sha256_hex(v) for k, v in state.items()}}
-            _write_file(dir_fd, f"{stem}.json", lambda f: f.write(json.dumps(header, indent=1).encode()))
-            os.fsync(dir_fd)
+            sha = _write_piece(dir_fd, shard.fingerprint, shard.row_start, values, shard.store.dtype,
+                               shard.store.optimizer.kind, state)
         finally:
             fcntl.flock(dir_fd, fcntl.LOCK_UN)
     finally:
         if own:
             os.close(dir_fd)
     return Saved(str(d / f"{stem}.json"), sha)
+
+
+def save_rows(directory: str | os.PathLike, fingerprint: str, row_start: int, rows_nd: np.ndarray,
+              dtype: str) -> str:
+    """Write rows ``[row_start, row_start + N)`` (``rows_nd`` ``[N, D]`` in storage ``dtype``)
+    as one piece of a checkpoint in ``directory``, with no optimiser state: how a table
+    imported from elsewhere becomes a checkpoint chunk by chunk (any piece boundaries load
+    into any shard count). Returns the rows' sha256."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    dir_fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+        return _write_piece(dir_fd, fingerprint, row_start, rows_nd, dtype, "none", {})
+    finally:
+        os.close(dir_fd)  # releases the lock
+
+
+def _write_piece(dir_fd: int, fingerprint: str, row_start: int, values: np.ndarray, dtype: str,
+                 optimizer: str, state: dict[str, np.ndarray]) -> str:
+    """One piece: the rows, each state array, then the header that makes it complete."""
+    stem = f"rows-{row_start:013d}-{row_start + values.shape[0]:013d}"
+    _write_file(dir_fd, f"{stem}.npy", lambda f: np.save(f, values.view(_RAW[values.dtype.itemsize])))
+    for name, arr in state.items():
+        _write_file(dir_fd, f"{stem}.{name}.npy", lambda f, a=arr: np.save(f, a))
+    sha = sha256_hex(values)
+    header = {"format": _FORMAT, "fingerprint": fingerprint,
+              "row_start": row_start, "row_stop": row_start + values.shape[0], "dim": values.shape[1],
+              "dtype": dtype, "optimizer": optimizer, "state": sorted(state), "sha256": sha,
+              "state_sha256": {k: sha256_hex(v) for k, v in state.items()}}
+    _write_file(dir_fd, f"{stem}.json", lambda f: f.write(json.dumps(header, indent=1).encode()))
+    os.fsync(dir_fd)
+    return sha
 
 
 # Loading ---------------------------------------------------------------------------------
