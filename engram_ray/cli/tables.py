@@ -51,7 +51,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     print(f"imported {rep.rows:,} rows of {layout.row_dim} ({layout.fingerprint}) into {args.to_checkpoint} "
           f"as {dtype}: {gib(rep.bytes_read)} read, {gib(rep.bytes_written)} written in {rep.pieces} pieces, "
           f"{rep.seconds:.1f} s ({rep.rows_per_second:,.0f} rows/s)")
-    print(f"serve it: engram-ray serve --load {args.to_checkpoint} ...  or  engram-ray shard --checkpoint "
+    print(f"serve it: engram-ray serve --checkpoint {args.to_checkpoint} ...  or  engram-ray shard --checkpoint "
           f"{args.to_checkpoint} ...")
     if args.json:
         print(json.dumps({"rows": rep.rows, "bytes_read": rep.bytes_read, "bytes_written": rep.bytes_written,
@@ -115,7 +115,7 @@ def register(sub) -> None:
                                    "codes with block scales (dequantised) -- check each against the table "
                                    "layout before writing, and write a portable checkpoint directory chunk by "
                                    "chunk (the files are memory-mapped, never read whole). Serve it with "
-                                   "'engram-ray serve --load DIR' or 'engram-ray shard --checkpoint DIR'.")
+                                   "'engram-ray serve --checkpoint DIR' or 'engram-ray shard --checkpoint DIR'.")
     p.add_argument("files", nargs="+", metavar="FILE.safetensors")
     add_table_args(p, "demo")
     p.add_argument("--to-checkpoint", required=True, metavar="DIR", help="checkpoint directory to write")

@@ -1,5 +1,5 @@
 """Engram tables in and out of safetensors files: import a checkpoint's tables into a portable
-checkpoint directory (``serve --load DIR``, ``shard --checkpoint DIR``), chunk by chunk, and
+checkpoint directory (``serve --checkpoint DIR``, ``shard --checkpoint DIR``), chunk by chunk, and
 export a table back.
 
 Sources a layer's table may come as (``[layer_rows, row_dim]``, rows in (order, head) order:

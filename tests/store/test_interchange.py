@@ -139,7 +139,7 @@ def test_the_commands_import_and_export_with_progress_and_a_report(tmp_path, cap
     out = capsys.readouterr().out
     report = json.loads(out.strip().splitlines()[-1])
     assert report["rows"] == layout.total_rows and report["fingerprint"] == layout.fingerprint
-    assert "serve --load" in out
+    assert "serve --checkpoint" in out
     assert main(["export", str(tmp_path / "out.safetensors"), "--config", cfg, "--from-checkpoint",
                  str(tmp_path / "ckpt"), "--dtype", "bf16"]) == 0
     from engram_ray.core.safetensors import SafetensorsFile
