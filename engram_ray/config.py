@@ -260,6 +260,14 @@ class StoreConfig(_JsonFields):
     #: of a large array in RAM, for a table larger than the machines' RAM; it serves lookups
     #: only (no updates, no checkpoints).
     resident_rows_per_shard: int = 0
+    #: "ram" (rows in a numpy array) or "mmap": rows in a file under ``data_dir``, memory-
+    #: mapped, so a node serves more table than it has RAM (the page cache is the hot tier).
+    #: The file is filled once (from the checkpoint, or the initial rows) and reopened
+    #: without a copy on restart; updates (SGD) land in it. Not with Adam, whose state
+    #: (twice the rows, in RAM) would defeat it, nor with a resident cap.
+    storage: str = "ram"
+    #: Where an mmap shard keeps its rows file (one per shard range and layout).
+    data_dir: str = ""
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -275,6 +283,18 @@ class StoreConfig(_JsonFields):
         _check_float(name, "init_std", self.init_std, 0.0, 1e6)
         _check_int(name, "init_seed", self.init_seed, 0, 2**63 - 1)
         _check_int(name, "resident_rows_per_shard", self.resident_rows_per_shard, 0)
+        if self.storage not in ("ram", "mmap"):
+            raise _field_error(name, "storage", self.storage, '"ram" or "mmap"')
+        if self.storage == "mmap":
+            if not self.data_dir:
+                raise _field_error(name, "data_dir", self.data_dir, "a directory for the mapped rows file "
+                                   "(storage='mmap')")
+            if self.optimizer.kind == "adam":
+                raise _field_error(name, "optimizer", "adam", "'none' or 'sgd' with storage='mmap' (Adam's "
+                                   "state is twice the rows, in RAM)")
+            if self.resident_rows_per_shard:
+                raise _field_error(name, "resident_rows_per_shard", self.resident_rows_per_shard,
+                                   "0 with storage='mmap' (a mapped shard holds every row)")
 
 
 

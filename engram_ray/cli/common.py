@@ -34,9 +34,14 @@ def add_store_args(p: argparse.ArgumentParser) -> None:
                    help="sparse optimiser for pushed gradients (default: adam)")
     p.add_argument("--lr", type=float, default=1e-3, help="its learning rate (default: 1e-3)")
     p.add_argument("--init-std", type=float, default=1.0, help="rows start as N(0, std^2) (default: 1.0)")
+    p.add_argument("--storage", default="ram", choices=["ram", "mmap"],
+                   help="rows in RAM, or in a memory-mapped file under --data-dir, so a node serves more "
+                        "table than it has RAM (filled once, reopened without a copy; optimiser none or sgd)")
+    p.add_argument("--data-dir", metavar="DIR", default="", help="where --storage mmap keeps each shard's rows file")
 
 
 def store_config(args: argparse.Namespace) -> StoreConfig:
     """The :class:`StoreConfig` of :func:`add_store_args`' flags."""
     return StoreConfig(dtype=args.dtype, init_std=args.init_std,
-                       optimizer=OptimizerConfig(kind=args.optimizer, lr=args.lr))
+                       optimizer=OptimizerConfig(kind=args.optimizer, lr=args.lr),
+                       storage=args.storage, data_dir=args.data_dir)

@@ -31,6 +31,10 @@ def _print_shards(shards: list[dict], qps: dict[tuple[int, int], float] | None =
               f"{c['lookup_p50_ms']:>7.2f} {c['lookup_p99_ms']:>7.2f} {c['updates']:>8,} {c['rejected']:>8,}")
     for shard, replica, note in notes:
         print(f"  shard {shard} copy {replica}: {note}")
+    for d in shards:
+        if d.get("storage") == "mmap":  # a disk-backed shard: how much of its file is in RAM now
+            print(f"  shard {d['shard_index']} copy {d.get('replica', 0)}: rows memory-mapped, "
+                  f"{gib(d['mapped_resident_bytes'])} of {gib(d['mapped_bytes'])} resident")
 
 
 def service_config(args: argparse.Namespace):

@@ -225,7 +225,8 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
             replica=0 if repl is None else repl.index,
             primary=0 if repl is None else repl.primary,
             backups=[] if repl is None or repl.role != "primary" else repl.backups,
-            state=self.state, rows_from=self.rows_from,
+            state=self.state, rows_from=self.rows_from, storage=d["storage"], mapped_bytes=d["mapped_bytes"],
+            mapped_resident_bytes=d["mapped_resident_bytes"],
             notes=list(self.notes) + ([self.refusal] if self.state == REFUSING else []))
 
     def Save(self, request: pb.SaveRequest, context: grpc.ServicerContext) -> pb.SaveResponse:

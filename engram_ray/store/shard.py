@@ -1,4 +1,5 @@
-"""``TableShard``: one contiguous range of the global row space, in host RAM.
+"""``TableShard``: one contiguous range of the global row space, in host RAM (or, with
+``StoreConfig(storage="mmap")``, in a memory-mapped file: :mod:`.mapped`).
 
 It serves gathers by global row id and applies sparse optimiser steps to pushed gradients.
 Every request is validated in full before anything is touched, so a rejected request changes
@@ -10,6 +11,7 @@ with the GIL released, so a copy and a write of the same row can interleave.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, NamedTuple
 
@@ -19,6 +21,7 @@ from ..config import STORE_DTYPES, StoreConfig
 from ..core.layout import ShardPlan, TableLayout
 from ..core.optim import SparseOptimizer, finite_rows, sum_duplicates
 from ..errors import InvalidRequest
+from .mapped import mapped_stats, open_rows
 from .rows import init_rows, numpy_dtype, sha256_hex
 
 __all__ = ["TableShard", "Saved", "GRAD_DTYPES"]
@@ -73,8 +76,14 @@ class TableShard:
                store: StoreConfig = StoreConfig()) -> TableShard:
         """The shard ``shard_index`` of ``num_shards`` equal ranges of ``layout``'s rows."""
         start, stop = ShardPlan(layout.total_rows, num_shards).shard_range(shard_index)
+        values = None
+        if store.storage == "mmap":  # filled once with the initial rows, reopened after
+            def initial(a: int, b: int) -> np.ndarray:
+                return init_rows(a, b, layout.row_dim, seed=store.init_seed, std=store.init_std, dtype=store.dtype)
+            values, _ = open_rows(store.data_dir, layout.fingerprint, start, stop, layout.row_dim, store.dtype,
+                                  f"init seed={store.init_seed} std={store.init_std}", initial)
         return cls(fingerprint=layout.fingerprint, row_start=start, row_stop=stop,
-                   dim=layout.row_dim, store=store, shard_index=shard_index, num_shards=num_shards)
+                   dim=layout.row_dim, store=store, shard_index=shard_index, num_shards=num_shards, values=values)
 
     @classmethod
     def empty(cls, layout: TableLayout, num_shards: int, shard_index: int,
@@ -250,8 +259,8 @@ class TableShard:
                 "num_shards": self.num_shards, "row_start": self.row_start,
                 "row_stop": self.row_stop, "dim": self.dim, "dtype": self.store.dtype,
                 "optimizer": self.optimizer.config.kind, "bytes": self.nbytes,
-                "resident_rows": self.resident_rows,
-                "counters": dict(self.counters)}
+                "resident_rows": self.resident_rows, "storage": self.store.storage,
+                **mapped_stats(self.values), "counters": dict(self.counters)}
 
     # Checkpoints -------------------------------------------------------------------------
     def save(self, directory, *, dir_fd: int | None = None) -> Saved:
@@ -270,8 +279,15 @@ class TableShard:
         """Shard ``shard_index`` of ``num_shards`` from a checkpoint written with any shard count."""
         from .checkpoint import load_range
         start, stop = ShardPlan(layout.total_rows, num_shards).shard_range(shard_index)
-        values, state = load_range(directory, layout.fingerprint, start, stop, layout.row_dim,
-                                   store.dtype, with_state=store.optimizer.kind == "adam")
+        if store.storage == "mmap":  # copied into the mapped file once, reopened after
+            def from_checkpoint(a: int, b: int) -> np.ndarray:
+                return load_range(directory, layout.fingerprint, a, b, layout.row_dim, store.dtype)[0]
+            values, _ = open_rows(store.data_dir, layout.fingerprint, start, stop, layout.row_dim, store.dtype,
+                                  f"checkpoint {os.path.realpath(directory)}", from_checkpoint)
+            state: dict[str, np.ndarray] = {}
+        else:
+            values, state = load_range(directory, layout.fingerprint, start, stop, layout.row_dim,
+                                       store.dtype, with_state=store.optimizer.kind == "adam")
         shard = cls(fingerprint=layout.fingerprint, row_start=start, row_stop=stop,
                     dim=layout.row_dim, store=store, shard_index=shard_index,
                     num_shards=num_shards, values=values)

@@ -156,3 +156,33 @@ def test_engram_ray_shard_caps_resident_rows_as_bench_deploys(tmp_path):
             p.send_signal(signal.SIGTERM)
         outs = [p.communicate(timeout=30) for p in procs]
     assert "resident)" in outs[0][0], outs[0]
+
+
+@pytest.mark.slow
+def test_an_mmap_shard_killed_and_restarted_serves_identical_rows(tmp_path):
+    # issue 14: rows in a memory-mapped file on the node's disk; an update is in the file (the
+    # page cache outlives the process), and a restart reopens it without a copy
+    from engram_ray.data import default_vocab, load_tokenizer
+
+    layout = TableLayout.build(C.tiny(), default_vocab(load_tokenizer("gpt2")))
+    extra = ["--no-auth", "--storage", "mmap", "--data-dir", str(tmp_path / "data"), "--optimizer", "sgd",
+             "--lr", "0.5"]
+    ids = np.arange(0, layout.total_rows, 5)
+    procs, addresses = _start_shards(tmp_path, 1, extra)
+    try:
+        with EngramClient(addresses, layout) as client:
+            client.push_gradients(ids[:20], np.ones((20, layout.row_dim), np.float32))
+            want = client.lookup(ids)
+            (d,) = client.describe()
+            assert d["storage"] == "mmap" and d["mapped_bytes"] == layout.total_rows * layout.row_dim * 4
+    finally:
+        procs[0].kill()  # no clean stop: the rows must already be in the file
+        procs[0].communicate(timeout=30)
+    (tmp_path / "ready-0").unlink(missing_ok=True)
+    procs, addresses = _start_shards(tmp_path, 1, extra)
+    try:
+        with EngramClient(addresses, layout) as client:
+            np.testing.assert_array_equal(client.lookup(ids), want)
+    finally:
+        procs[0].send_signal(signal.SIGTERM)
+        procs[0].communicate(timeout=30)

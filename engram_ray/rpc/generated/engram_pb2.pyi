@@ -79,7 +79,7 @@ class ShardCounters(_message.Message):
     def __init__(self, lookups: _Optional[int] = ..., rows_served: _Optional[int] = ..., bytes_served: _Optional[int] = ..., updates: _Optional[int] = ..., rows_updated: _Optional[int] = ..., rejected: _Optional[int] = ..., lookup_seconds: _Optional[float] = ..., lookup_p50_ms: _Optional[float] = ..., lookup_p99_ms: _Optional[float] = ..., uptime_s: _Optional[float] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("fingerprint", "shard_index", "num_shards", "row_start", "row_stop", "dim", "dtype", "optimizer", "resident_bytes", "max_message_bytes", "counters", "resident_rows", "max_ids_per_request", "rss_bytes", "role", "replica", "primary", "backups", "state", "rows_from", "notes")
+    __slots__ = ("fingerprint", "shard_index", "num_shards", "row_start", "row_stop", "dim", "dtype", "optimizer", "resident_bytes", "max_message_bytes", "counters", "resident_rows", "max_ids_per_request", "rss_bytes", "role", "replica", "primary", "backups", "state", "rows_from", "notes", "storage", "mapped_bytes", "mapped_resident_bytes")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,9 @@ class DescribeResponse(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     ROWS_FROM_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_FIELD_NUMBER: _ClassVar[int]
+    MAPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAPPED_RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     shard_index: int
     num_shards: int
@@ -122,7 +125,10 @@ class DescribeResponse(_message.Message):
     state: str
     rows_from: str
     notes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, fingerprint: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., row_start: _Optional[int] = ..., row_stop: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., optimizer: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., counters: _Optional[_Union[ShardCounters, _Mapping]] = ..., resident_rows: _Optional[int] = ..., max_ids_per_request: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., role: _Optional[str] = ..., replica: _Optional[int] = ..., primary: _Optional[int] = ..., backups: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., rows_from: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+    storage: str
+    mapped_bytes: int
+    mapped_resident_bytes: int
+    def __init__(self, fingerprint: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., row_start: _Optional[int] = ..., row_stop: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., optimizer: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., counters: _Optional[_Union[ShardCounters, _Mapping]] = ..., resident_rows: _Optional[int] = ..., max_ids_per_request: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., role: _Optional[str] = ..., replica: _Optional[int] = ..., primary: _Optional[int] = ..., backups: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., rows_from: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., storage: _Optional[str] = ..., mapped_bytes: _Optional[int] = ..., mapped_resident_bytes: _Optional[int] = ...) -> None: ...
 
 class SaveRequest(_message.Message):
     __slots__ = ("directory",)

@@ -1,0 +1,92 @@
+"""Disk-backed rows (``StoreConfig(storage="mmap", data_dir=...)``): a shard's rows in a file,
+memory-mapped, so a memory node serves more table than it has RAM -- the page cache keeps the
+hot rows, a cold page costs a disk read.
+
+One file per shard range and layout, ``rows-<fingerprint>-<start>-<stop>.<dtype>.bin``, raw
+rows ``[n, dim]``, and beside it a JSON sidecar written only once the file is complete (a
+crash while filling leaves no sidecar, so the next start fills again). The sidecar records
+where the rows came from ("init" or a checkpoint directory): a restart asking for the same
+source reopens the file without a copy; one asking for another refills it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .rows import numpy_dtype
+
+__all__ = ["open_rows", "mapped_stats"]
+
+log = logging.getLogger(__name__)
+
+#: Rows filled per step: what a fill holds in RAM besides the mapping.
+FILL_ROWS = 1 << 16
+
+
+def _paths(data_dir: str, fingerprint: str, start: int, stop: int, dtype: str) -> tuple[Path, Path]:
+    stem = f"rows-{fingerprint}-{start:013d}-{stop:013d}.{dtype}"
+    return Path(data_dir) / f"{stem}.bin", Path(data_dir) / f"{stem}.json"
+
+
+def open_rows(data_dir: str, fingerprint: str, start: int, stop: int, dim: int, dtype: str, source: str,
+              fill: Callable[[int, int], np.ndarray]) -> tuple[np.ndarray, bool]:
+    """The mapped rows ``[stop - start, dim]`` of range ``[start, stop)``, and whether they were
+    (re)filled now: reopened as they are when the sidecar says the file is complete and came
+    from ``source``; else filled by ``fill(a, b)`` (global rows ``[a, b)`` in ``dtype``), a
+    chunk at a time, and only then marked complete."""
+    data, meta = _paths(data_dir, fingerprint, start, stop, dtype)
+    dt = numpy_dtype(dtype)
+    n = stop - start
+    want = {"fingerprint": fingerprint, "row_start": start, "row_stop": stop, "dim": dim, "dtype": dtype}
+    try:
+        have = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        have = None
+    if (isinstance(have, dict) and {k: have.get(k) for k in want} == want and have.get("source") == source
+            and data.exists() and data.stat().st_size == n * dim * dt.itemsize):
+        log.info("mapped rows %s reopened (from %s)", data, source)
+        return np.memmap(data, dtype=dt, mode="r+", shape=(n, dim)), False
+    if isinstance(have, dict):
+        log.warning("mapped rows %s were from %r; filling them again from %r", data, have.get("source"), source)
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    meta.unlink(missing_ok=True)  # incomplete until the fill is done
+    with open(data, "wb") as f:
+        f.truncate(n * dim * dt.itemsize)
+    rows = np.memmap(data, dtype=dt, mode="r+", shape=(n, dim))
+    for a in range(0, n, FILL_ROWS):
+        b = min(n, a + FILL_ROWS)
+        rows[a:b] = fill(start + a, start + b)
+    rows.flush()
+    tmp = meta.with_name(meta.name + ".tmp")
+    tmp.write_text(json.dumps({**want, "source": source}))
+    os.replace(tmp, meta)
+    log.info("mapped rows %s filled from %s", data, source)
+    return rows, True
+
+
+def mapped_stats(rows: Any) -> dict[str, int]:
+    """Bytes of ``rows``' file mapping, and how many of them are in RAM now (this process's
+    resident pages of it, from /proc/self/smaps; 0 where that cannot be read)."""
+    if not isinstance(rows, np.memmap) or rows.filename is None:
+        return {"mapped_bytes": 0, "mapped_resident_bytes": 0}
+    name, resident = os.path.realpath(rows.filename), 0
+    try:
+        with open("/proc/self/smaps") as f:
+            inside = False
+            for line in f:
+                head = line.split()
+                if head and "-" in head[0] and len(head) >= 5 and all(c in "0123456789abcdef-" for c in head[0]):
+                    inside = len(head) >= 6 and head[5] == name
+                elif inside and line.startswith("Rss:"):
+                    resident += int(head[1]) * 1024
+    except OSError:
+        resident = 0
+    # whole pages: the last one is counted whole, though the file may end inside it
+    return {"mapped_bytes": int(rows.nbytes), "mapped_resident_bytes": min(resident, int(rows.nbytes))}
