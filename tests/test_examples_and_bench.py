@@ -229,3 +229,20 @@ def test_bench_latency_and_the_generated_report(tmp_path):
     assert "## Lookup latency vs table size" in text and "## Hashing throughput" in text
     assert "](../results/latency.png)" in text and "Machine:" in text
     assert "## Offload" not in text  # no offload.json: no section, no invented figures
+
+
+@pytest.mark.slow
+def test_bench_latency_of_a_memory_mapped_shard_warm_and_cold(tmp_path):
+    out = tmp_path / "latency_mmap.json"
+    r = subprocess.run([sys.executable, "-m", "engram_ray.cli", "bench", "latency-vs-size", "--preset", "tiny",
+                        "--storage", "mmap", "--sizes", "0.002", "0.004", "--batch", "64", "--calls", "3",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert rep["benchmark"] == "latency-vs-size-mmap" and rep["storage"] == "mmap"
+    assert [x["table_gib"] > 0.0015 for x in rep["results"]] == [True, True]
+    for x in rep["results"]:
+        assert 0 < x["warm_p50_ms"] <= x["warm_p99_ms"] and 0 < x["cold_p50_ms"] <= x["cold_p99_ms"]
+    assert out.with_suffix(".png").exists() and "cold p50" in r.stdout
+    import tempfile
+    assert not list(Path(tempfile.gettempdir()).glob("engram-latency-mmap-*"))  # its temporary tables are gone

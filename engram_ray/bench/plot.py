@@ -76,6 +76,25 @@ def plot_latency(report: dict[str, Any], path: str | Path) -> None:
     _save(fig, path)
 
 
+def plot_latency_mapped(report: dict[str, Any], path: str | Path) -> None:
+    """The mmap series: warm and cold p50/p99 gather latency against the table's size."""
+    plt = _pyplot()
+
+    r = report["results"]
+    x = [v["table_gib"] for v in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, style in (("warm", "-"), ("cold", "--")):
+        ax.plot(x, [v[f"{kind}_p50_ms"] for v in r], "o" + style, label=f"{kind} p50")
+        ax.plot(x, [v[f"{kind}_p99_ms"] for v in r], "s" + style, label=f"{kind} p99")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("table size on disk (GiB, float32)")
+    ax.set_ylabel(f"gather of {report['batch_rows']:,} rows (ms)")
+    ax.set_title("Memory-mapped shard: pages in the page cache (warm) or on disk (cold)", fontsize=10)
+    ax.legend()
+    _save(fig, path)
+
+
 def plot_rates(report: dict[str, Any], path: str | Path, *, x: str, series: dict[str, str],
                xlabel: str, ylabel: str, title: str, group: str | None = None) -> None:
     """Lines of ``series`` (result key -> label) against result key ``x``, one per ``group``."""

@@ -243,6 +243,8 @@ def _cmd_bench_latency(args: argparse.Namespace) -> int:
 
     cfg, source = engram_config(args)
     vocab = default_vocab(load_tokenizer(args.tokenizer))
+    if args.storage == "mmap":
+        return _latency_mapped(args, cfg, source, vocab)
     report = bench_latency.run(cfg, vocab, sizes_gib=args.sizes, shards=args.shards, batch=args.batch,
                                calls=args.calls, progress=True)
     report["source"] = source
@@ -253,6 +255,34 @@ def _cmd_bench_latency(args: argparse.Namespace) -> int:
     for r in report["results"]:
         print(f"  {r['resident_gib']:>12.2f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}")
     _plot_beside(args.out, lambda png: plot_latency(report, png))
+    return 0
+
+
+def _latency_mapped(args: argparse.Namespace, cfg: Any, source: str, vocab: Any) -> int:
+    import shutil
+    import tempfile
+
+    from ..bench import latency as bench_latency
+    from ..bench.common import write_report
+    from ..bench.plot import plot_latency_mapped
+
+    data_dir = args.data_dir or tempfile.mkdtemp(prefix="engram-latency-mmap-")
+    try:
+        report = bench_latency.run_mapped(cfg, vocab, data_dir, sizes_gib=args.sizes, batch=args.batch,
+                                          calls=args.calls, progress=True)
+    finally:
+        if not args.data_dir:
+            shutil.rmtree(data_dir, ignore_errors=True)
+    report["source"] = source
+    write_report(report, args.out)
+    print(f"Gather latency of a memory-mapped shard vs table size ({source} geometry, {args.batch:,} random rows "
+          f"per lookup, {args.calls} lookups per size and kind; {report['machine']['cpu']}, "
+          f"{report['machine']['cores']} cores; cold = pages evicted before each lookup)")
+    print(f"  {'table GiB':>10} {'warm p50':>9} {'warm p99':>9} {'cold p50':>9} {'cold p99':>9}  (ms)")
+    for r in report["results"]:
+        print(f"  {r['table_gib']:>10.2f} {r['warm_p50_ms']:>9.2f} {r['warm_p99_ms']:>9.2f} "
+              f"{r['cold_p50_ms']:>9.2f} {r['cold_p99_ms']:>9.2f}")
+    _plot_beside(args.out, lambda png: plot_latency_mapped(report, png))
     return 0
 
 
@@ -383,6 +413,11 @@ def _add_latency_vs_size(bsub) -> None:
     b.add_argument("--shards", type=int, default=2)
     b.add_argument("--batch", type=int, default=4096, help="rows per lookup (default: 4096)")
     b.add_argument("--calls", type=int, default=50, help="lookups per size (default: 50)")
+    b.add_argument("--storage", default="ram", choices=["ram", "mmap"],
+                   help="ram: deployed shards with a resident cap (default); mmap: one memory-mapped shard "
+                        "of each size on disk, in this process, timed with its pages warm and evicted (cold)")
+    b.add_argument("--data-dir", metavar="DIR", help="--storage mmap: where the tables go (default: a temporary "
+                                                     "directory, removed after)")
     b.add_argument("--out", metavar="FILE.json", help="write the report here, and FILE.png")
     b.set_defaults(func=_cmd_bench_latency)
 

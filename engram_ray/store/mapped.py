@@ -22,7 +22,7 @@ import numpy as np
 
 from .rows import numpy_dtype
 
-__all__ = ["open_rows", "mapped_stats"]
+__all__ = ["open_rows", "mapped_stats", "evict"]
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +90,22 @@ def mapped_stats(rows: Any) -> dict[str, int]:
         resident = 0
     # whole pages: the last one is counted whole, though the file may end inside it
     return {"mapped_bytes": int(rows.nbytes), "mapped_resident_bytes": min(resident, int(rows.nbytes))}
+
+
+def evict(rows: Any) -> bool:
+    """Drop ``rows``' file pages from this process and from the page cache, so the next reads
+    come from the disk (benchmarks: a table colder than any cache). Pages written and not yet
+    flushed stay (they are flushed first). False where it cannot be done (not a mapped file)."""
+    mm = getattr(rows, "_mmap", None)
+    if not isinstance(rows, np.memmap) or mm is None or rows.filename is None:
+        return False
+    import mmap as _mmap
+
+    rows.flush()
+    mm.madvise(_mmap.MADV_DONTNEED)  # unmap our pages: the page cache may then drop them
+    fd = os.open(rows.filename, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return True
