@@ -34,6 +34,7 @@ bench: setup
 	$(BIN)/engram-ray bench hash --out results/hash.json
 	$(BIN)/engram-ray bench lookup --out results/lookup.json
 	$(BIN)/engram-ray bench latency-vs-size --out results/latency.json
+	$(BIN)/engram-ray bench latency-vs-size --storage mmap --sizes 0.25 0.5 1 2 --calls 30 --out results/latency_mmap.json
 	$(BIN)/engram-ray bench offload --profile --out results/offload.json
 	$(BIN)/engram-ray bench load --out results/load.json
 	$(BIN)/engram-ray bench recovery --out results/recovery.json

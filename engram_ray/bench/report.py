@@ -142,6 +142,19 @@ def _latency(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
     return lines
 
 
+def _latency_mmap(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
+    """Section: a memory-mapped shard's gather latency, pages warm or on disk."""
+    lines = ["## Disk-backed shards: gather latency, warm and cold pages", "", f"Machine: {_machine(r)}.", "",
+             f"{r['batch_rows']:,} random rows per lookup, {r['calls_per_size']} lookups per size and kind; "
+             f"{r['note']}.", "", "| table GiB | warm p50 ms | warm p99 ms | cold p50 ms | cold p99 ms |",
+             "|---:|---:|---:|---:|---:|"]
+    for v in r["results"]:
+        lines.append(f"| {v['table_gib']:.2f} | {v['warm_p50_ms']:.2f} | {v['warm_p99_ms']:.2f} | "
+                     f"{v['cold_p50_ms']:.2f} | {v['cold_p99_ms']:.2f} |")
+    lines.append(_img(folder, out, "latency_mmap"))
+    return lines
+
+
 def _load(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
     """Section: errors and memory growth under sustained lookups."""
     m = r["memory"]
@@ -209,7 +222,7 @@ def _gpu(summary: dict[str, Any], folder: Path, out: Path) -> list[str]:
 
 
 #: Sections in page order, each rendered from ``<folder>/<name>.json`` when it exists.
-SECTIONS = {"offload": _offload, "lookup": _lookup, "latency": _latency, "load": _load,
+SECTIONS = {"offload": _offload, "lookup": _lookup, "latency": _latency, "latency_mmap": _latency_mmap, "load": _load,
             "recovery": _recovery, "hash": _hash}
 
 
