@@ -52,7 +52,7 @@ def open_rows(data_dir: str, fingerprint: str, start: int, stop: int, dim: int, 
     if (isinstance(have, dict) and {k: have.get(k) for k in want} == want and have.get("source") == source
             and data.exists() and data.stat().st_size == n * dim * dt.itemsize):
         log.info("mapped rows %s reopened (from %s)", data, source)
-        return np.memmap(data, dtype=dt, mode="r+", shape=(n, dim)), False
+        return _random_access(np.memmap(data, dtype=dt, mode="r+", shape=(n, dim))), False
     if isinstance(have, dict):
         log.warning("mapped rows %s were from %r; filling them again from %r", data, have.get("source"), source)
     Path(data_dir).mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,18 @@ def open_rows(data_dir: str, fingerprint: str, start: int, stop: int, dim: int, 
     tmp.write_text(json.dumps({**want, "source": source}))
     os.replace(tmp, meta)
     log.info("mapped rows %s filled from %s", data, source)
-    return rows, True
+    return _random_access(rows), True
+
+
+def _random_access(rows: np.memmap) -> np.memmap:
+    """Lookups read random rows: no readahead around a faulting page (it would read 32 pages
+    to use one)."""
+    import mmap as _mmap
+
+    mm = getattr(rows, "_mmap", None)
+    if mm is not None:
+        mm.madvise(_mmap.MADV_RANDOM)
+    return rows
 
 
 def mapped_stats(rows: Any) -> dict[str, int]:
