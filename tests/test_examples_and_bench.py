@@ -246,3 +246,19 @@ def test_bench_latency_of_a_memory_mapped_shard_warm_and_cold(tmp_path):
     assert out.with_suffix(".png").exists() and "cold p50" in r.stdout
     import tempfile
     assert not list(Path(tempfile.gettempdir()).glob("engram-latency-mmap-*"))  # its temporary tables are gone
+
+
+@pytest.mark.slow
+def test_bench_agent_hop_times_both_paths_to_the_same_shards(tmp_path):
+    out = tmp_path / "agent_hop.json"
+    r = subprocess.run([sys.executable, "-m", "engram_ray.cli", "bench", "agent-hop", "--preset", "tiny",
+                        "--ids", "32", "256", "--calls", "5", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert [x["ids"] for x in rep["results"]] == [32, 256]
+    for x in rep["results"]:
+        assert 0 < x["client_p50_ms"] <= x["client_p90_ms"] and 0 < x["agent_p50_ms"] <= x["agent_p90_ms"]
+        assert x["agent_extra_ms"] == pytest.approx(x["agent_p50_ms"] - x["client_p50_ms"])
+    assert rep["cores"]["agent"] == rep["cores"]["shards"]  # the default: the agent on the memory cores
+    assert "agent +" in r.stdout

@@ -155,6 +155,24 @@ def _latency_mmap(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
     return lines
 
 
+def _agent_hop(r: dict[str, Any], folder: Path, out: Path, title: str = "") -> list[str]:
+    """Section: a lookup's round trip through the lookup agent against an in-process client."""
+    cores = "; ".join(f"{k} on {v}" for k, v in r["cores"].items())
+    lines = [title or "## The lookup agent's hop", "", f"Machine: {_machine(r)}.", "",
+             f"{r['preset']} layout, {r['shards']} plain shards, {r['calls_per_size']} interleaved round trips "
+             f"per size (prefetch_unique -> result). Cores: {cores}.", "",
+             "| ids | client p50 ms | agent p50 ms | client p90 ms | agent p90 ms | agent adds (p50) |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for v in r["results"]:
+        lines.append(f"| {v['ids']:,} | {v['client_p50_ms']:.3f} | {v['agent_p50_ms']:.3f} | {v['client_p90_ms']:.3f} "
+                     f"| {v['agent_p90_ms']:.3f} | {v['agent_extra_ms']:+.3f} ms |")
+    return lines + [""]
+
+
+def _agent_hop_own_core(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
+    return _agent_hop(r, folder, out, "### The same, with the agent on the worker's core (idle while it waits)")
+
+
 def _load(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
     """Section: errors and memory growth under sustained lookups."""
     m = r["memory"]
@@ -222,7 +240,8 @@ def _gpu(summary: dict[str, Any], folder: Path, out: Path) -> list[str]:
 
 
 #: Sections in page order, each rendered from ``<folder>/<name>.json`` when it exists.
-SECTIONS = {"offload": _offload, "lookup": _lookup, "latency": _latency, "latency_mmap": _latency_mmap, "load": _load,
+SECTIONS = {"offload": _offload, "agent_hop": _agent_hop, "agent_hop_own_core": _agent_hop_own_core,
+            "lookup": _lookup, "latency": _latency, "latency_mmap": _latency_mmap, "load": _load,
             "recovery": _recovery, "hash": _hash}
 
 

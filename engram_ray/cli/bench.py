@@ -286,6 +286,28 @@ def _latency_mapped(args: argparse.Namespace, cfg: Any, source: str, vocab: Any)
     return 0
 
 
+def _cmd_bench_agent_hop(args: argparse.Namespace) -> int:
+    from ..bench import agent_hop
+    from ..bench.common import write_report
+    from ..core.layout import TableLayout
+    from ..data import default_vocab, load_tokenizer
+
+    cfg, source = engram_config(args)
+    layout = TableLayout.build(cfg, default_vocab(load_tokenizer(args.tokenizer)))
+    report = agent_hop.run(layout, source, sizes=args.ids, shards=args.shards, calls=args.calls,
+                           agent_cores=args.agent_cores, max_resident_gib=args.max_resident_gib, progress=True)
+    write_report(report, args.out)
+    print(f"Lookup round trip, in-process client vs the lookup agent ({source}, {args.shards} shards, "
+          f"{args.calls} interleaved calls per size;")
+    print(f"  cores {report['cores']}; {report['machine']['cpu']})")
+    print(f"  {'ids':>7} {'client p50':>11} {'agent p50':>10} {'client p90':>11} {'agent p90':>10} "
+          f"{'agent +':>9}  (ms)")
+    for r in report["results"]:
+        print(f"  {r['ids']:>7,} {r['client_p50_ms']:>11.3f} {r['agent_p50_ms']:>10.3f} "
+              f"{r['client_p90_ms']:>11.3f} {r['agent_p90_ms']:>10.3f} {r['agent_extra_ms']:>+9.3f}")
+    return 0
+
+
 def _cmd_bench_report(args: argparse.Namespace) -> int:
     from ..bench.report import write_results
 
@@ -422,6 +444,26 @@ def _add_latency_vs_size(bsub) -> None:
     b.set_defaults(func=_cmd_bench_latency)
 
 
+def _add_agent_hop(bsub) -> None:
+    b = bsub.add_parser("agent-hop", help="what the lookup agent adds to a lookup's round trip",
+                        description="Start plain shards and a lookup agent, and time lookups through an "
+                                    "in-process EngramClient and through the agent, interleaved, per size. "
+                                    "Shards (and by default the agent) run on the memory cores, the worker "
+                                    "on the first core.")
+    add_table_args(b, "table_100b")
+    b.add_argument("--ids", type=int, nargs="+", default=[128, 2048, 16384], help="ids per lookup (default: "
+                                                                                  "128 2048 16384)")
+    b.add_argument("--shards", type=int, default=2)
+    b.add_argument("--calls", type=int, default=200, help="round trips per size and path (default: 200)")
+    b.add_argument("--agent-cores", default="memory", choices=["memory", "worker"],
+                   help="memory: the agent shares the shards' cores (default); worker: the worker's core, "
+                        "which it has to itself while the worker waits")
+    b.add_argument("--max-resident-gib", type=float, default=1.0,
+                   help="RAM for the table's rows in all; rows map into it (default: 1)")
+    b.add_argument("--out", metavar="FILE.json", help="write the report here")
+    b.set_defaults(func=_cmd_bench_agent_hop)
+
+
 def _add_report(bsub) -> None:
     b = bsub.add_parser("report", help="render the results page (Markdown) from benchmark JSON files",
                         description="Regenerate docs/RESULTS.md from results/*.json: no figure is typed by hand.")
@@ -441,4 +483,5 @@ def register(sub) -> None:
     _add_load(bsub)
     _add_recovery(bsub)
     _add_latency_vs_size(bsub)
+    _add_agent_hop(bsub)
     _add_report(bsub)
