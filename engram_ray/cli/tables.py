@@ -66,10 +66,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     layout = _layout(args)
     dtype = args.dtype
     if args.from_checkpoint:
-        from ..store.checkpoint import load_range
+        from ..store.checkpoint import load_range, verify_range
+
+        verify_range(args.from_checkpoint, layout.fingerprint, 0, layout.total_rows)  # once, not per chunk
 
         def read(a: int, b: int) -> Any:
-            return load_range(args.from_checkpoint, layout.fingerprint, a, b, layout.row_dim, dtype)[0]
+            return load_range(args.from_checkpoint, layout.fingerprint, a, b, layout.row_dim, dtype, verify=False)[0]
         source = args.from_checkpoint
         client = None
     else:

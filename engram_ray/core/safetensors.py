@@ -14,6 +14,7 @@ directions against the package.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import struct
@@ -67,8 +68,8 @@ class SafetensorsFile:
                 raise ValueError(f"{self.path}: header of {n} bytes in a file of {size}: not a safetensors file")
             try:
                 header = json.loads(f.read(n))
-            except (ValueError, UnicodeDecodeError) as e:
-                raise ValueError(f"{self.path}: the header is not JSON ({e})") from None
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:
+                raise ValueError(f"{self.path}: the header is not JSON ({type(e).__name__})") from None
         if not isinstance(header, dict):
             raise ValueError(f"{self.path}: the header is {type(header).__name__}, not an object")
         meta = header.pop("__metadata__", {}) or {}
@@ -82,19 +83,21 @@ class SafetensorsFile:
 
     def _entry(self, name: str, e: object, data_start: int, data_size: int) -> TensorInfo:
         where = f"{self.path}: tensor {name!r}"
-        if not isinstance(e, dict) or e.get("dtype") not in DTYPES:
-            raise ValueError(f"{where}: dtype {e.get('dtype') if isinstance(e, dict) else e!r} "
-                             f"is not one of {', '.join(DTYPES)}")
+        dtype = e.get("dtype") if isinstance(e, dict) else None
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise ValueError(f"{where}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        assert isinstance(e, dict)
         shape, offs = e.get("shape"), e.get("data_offsets")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise ValueError(f"{where}: shape {shape!r} is not a list of sizes")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
+        # type(d) is int: JSON true/false are bools, which isinstance(d, int) would take
+        if not isinstance(shape, list) or len(shape) > 8 or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"{where}: shape {shape!r} is not a list of at most 8 sizes")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)
                 and 0 <= offs[0] <= offs[1] <= data_size):
             raise ValueError(f"{where}: data_offsets {offs!r} outside the {data_size} bytes of data")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * _np_dtype(e["dtype"]).itemsize
+        nbytes = math.prod(shape) * _np_dtype(dtype).itemsize  # exact: numpy's int64 product wraps
         if offs[1] - offs[0] != nbytes:
             raise ValueError(f"{where}: {offs[1] - offs[0]} bytes for {e['dtype']} {shape} ({nbytes} expected)")
-        return TensorInfo(name, e["dtype"], tuple(shape), data_start + offs[0], nbytes)
+        return TensorInfo(name, dtype, tuple(shape), data_start + offs[0], nbytes)
 
     def array(self, name: str) -> np.ndarray:
         """Tensor ``name`` as a read-only memory map (F8 codes as uint8, BF16 as bfloat16)."""
@@ -117,14 +120,18 @@ class SafetensorsWriter:
         self.path = Path(path)
         header: dict[str, object] = {}
         if metadata:
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+                raise ValueError("SafetensorsWriter: metadata must map strings to strings")
             header["__metadata__"] = dict(metadata)
         self._order: list[tuple[str, int, np.dtype]] = []
         offset = 0
         for name, (dtype, shape) in specs.items():
             if dtype not in DTYPES:
                 raise ValueError(f"tensor {name!r}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+            if name == "__metadata__" or not all(type(d) is int and d >= 0 for d in shape):
+                raise ValueError(f"tensor {name!r} of shape {list(shape)}: not a name and shape a reader takes")
             dt = _np_dtype(dtype)
-            nbytes = int(np.prod(list(shape), dtype=np.int64)) * dt.itemsize
+            nbytes = math.prod(shape) * dt.itemsize
             header[name] = {"dtype": dtype, "shape": [int(d) for d in shape], "data_offsets": [offset, offset + nbytes]}
             self._order.append((name, nbytes, dt))
             offset += nbytes
@@ -143,7 +150,7 @@ class SafetensorsWriter:
             want = self._order[self._at][0] if self._at < len(self._order) else "nothing more"
             raise ValueError(f"SafetensorsWriter: got data for {name!r}; expected {want!r}")
         arr = np.ascontiguousarray(chunk)
-        if arr.dtype.itemsize != self._order[self._at][2].itemsize or arr.nbytes > self._left:
+        if arr.dtype != self._order[self._at][2] or arr.nbytes > self._left:  # same dtype: no reinterpreting
             raise ValueError(f"SafetensorsWriter: {arr.dtype} chunk of {arr.nbytes} bytes for {name!r} "
                              f"({self._order[self._at][2]}, {self._left} bytes left)")
         self._f.write(arr.view(np.uint8).reshape(-1).data)

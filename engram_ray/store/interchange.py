@@ -23,6 +23,7 @@ holds a whole table.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -154,24 +155,45 @@ class ImportReport:
 def import_tables(sources: Sequence[LayerSource], layout: TableLayout, out_dir: str | os.PathLike, *,
                   dtype: str = "bfloat16", chunk_rows: int = 1 << 18,
                   progress: Callable[[int], Any] | None = None) -> ImportReport:
-    """Write the planned tables into checkpoint ``out_dir`` as ``dtype`` rows, one piece per
-    ``chunk_rows`` rows (the memory one chunk takes is all the import holds)."""
+    """Write the planned tables into a new checkpoint ``out_dir`` (absent or empty) as ``dtype``
+    rows, one piece per ``chunk_rows`` rows (about twice a float32 chunk is what the import
+    holds). A row that is not finite in ``dtype`` stops the import, naming the tensor and row;
+    the directory appears only once every row is in."""
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows}: expected a positive count")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"checkpoint directory {out} exists and is not empty: an import writes a new one "
+                         "(old pieces beside new ones would mix two tables)")
     target = numpy_dtype(dtype)
     t0, rows, read, written, pieces = time.perf_counter(), 0, 0, 0, 0
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    for src in sources:
-        for a in range(0, src.rows, chunk_rows):
-            b = min(src.rows, a + chunk_rows)
-            values = src.read(a, b)
-            read += (b - a) * (src.file.tensors[src.tensor].nbytes // src.rows) + (
-                (b - a) * (src.file.tensors[src.scales].nbytes // src.rows) if src.scales else 0)
-            chunk = values.astype(target)
-            save_rows(out_dir, layout.fingerprint, src.row_start + a, chunk, dtype)
-            rows, written, pieces = rows + (b - a), written + chunk.nbytes, pieces + 1
-            if progress is not None:
-                progress(b - a)
+    # written under another name and renamed when whole: a failed import leaves no checkpoint
+    part = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(part, ignore_errors=True)
+    try:
+        for src in sources:
+            for a in range(0, src.rows, chunk_rows):
+                b = min(src.rows, a + chunk_rows)
+                values = src.read(a, b)
+                read += (b - a) * (src.file.tensors[src.tensor].nbytes // src.rows) + (
+                    (b - a) * (src.file.tensors[src.scales].nbytes // src.rows) if src.scales else 0)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    chunk = values.astype(target)
+                bad = ~np.isfinite(chunk.astype(np.float32)).all(axis=1)
+                if bad.any():
+                    r = a + int(np.flatnonzero(bad)[0])
+                    raise ValueError(f"tensor {src.tensor!r} (layer {src.layer_id}) row {r}: a value that is not "
+                                     f"finite in {dtype} (NaN, infinity, or too large for it); nothing was imported")
+                save_rows(part, layout.fingerprint, src.row_start + a, chunk, dtype)
+                rows, written, pieces = rows + (b - a), written + chunk.nbytes, pieces + 1
+                if progress is not None:
+                    progress(b - a)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(part, out)
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)
+        raise
     return ImportReport(rows, read, written, time.perf_counter() - t0, pieces)
 
 

@@ -30,9 +30,31 @@ log = logging.getLogger(__name__)
 FILL_ROWS = 1 << 16
 
 
-def _paths(data_dir: str, fingerprint: str, start: int, stop: int, dtype: str) -> tuple[Path, Path]:
+def _paths(data_dir: str, fingerprint: str, start: int, stop: int, dtype: str) -> tuple[Path, Path, Path]:
     stem = f"rows-{fingerprint}-{start:013d}-{stop:013d}.{dtype}"
-    return Path(data_dir) / f"{stem}.bin", Path(data_dir) / f"{stem}.json"
+    return (Path(data_dir) / f"{stem}.bin", Path(data_dir) / f"{stem}.json", Path(data_dir) / f"{stem}.lock")
+
+
+class _Lock:
+    """An exclusive flock on a shard's rows, held while its mapping lives: two copies of a
+    shard on one node with one data_dir would otherwise share the rows (and apply every
+    update twice)."""
+
+    def __init__(self, path: Path):
+        import fcntl
+
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = -1
+            raise ValueError(f"mapped rows {path.with_suffix('.bin')} are in use by another shard: give each "
+                             "copy of a shard its own --data-dir") from None
+
+    def __del__(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
 
 
 def open_rows(data_dir: str, fingerprint: str, start: int, stop: int, dim: int, dtype: str, source: str,
@@ -41,7 +63,9 @@ def open_rows(data_dir: str, fingerprint: str, start: int, stop: int, dim: int, 
     (re)filled now: reopened as they are when the sidecar says the file is complete and came
     from ``source``; else filled by ``fill(a, b)`` (global rows ``[a, b)`` in ``dtype``), a
     chunk at a time, and only then marked complete."""
-    data, meta = _paths(data_dir, fingerprint, start, stop, dtype)
+    data, meta, lock_path = _paths(data_dir, fingerprint, start, stop, dtype)
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    lock = _Lock(lock_path)
     dt = numpy_dtype(dtype)
     n = stop - start
     want = {"fingerprint": fingerprint, "row_start": start, "row_stop": stop, "dim": dim, "dtype": dtype}
@@ -52,23 +76,34 @@ def open_rows(data_dir: str, fingerprint: str, start: int, stop: int, dim: int, 
     if (isinstance(have, dict) and {k: have.get(k) for k in want} == want and have.get("source") == source
             and data.exists() and data.stat().st_size == n * dim * dt.itemsize):
         log.info("mapped rows %s reopened (from %s)", data, source)
-        return _random_access(np.memmap(data, dtype=dt, mode="r+", shape=(n, dim))), False
+        return _held(np.memmap(data, dtype=dt, mode="r+", shape=(n, dim)), lock), False
     if isinstance(have, dict):
-        log.warning("mapped rows %s were from %r; filling them again from %r", data, have.get("source"), source)
-    Path(data_dir).mkdir(parents=True, exist_ok=True)
+        why = "another source" if have.get("source") != source else "a file of another size"
+        log.warning("mapped rows %s: %s (%r, now %r); filling them again", data, why, have.get("source"), source)
     meta.unlink(missing_ok=True)  # incomplete until the fill is done
-    with open(data, "wb") as f:
-        f.truncate(n * dim * dt.itemsize)
-    rows = np.memmap(data, dtype=dt, mode="r+", shape=(n, dim))
+    # filled under another name and renamed into place: whoever still maps the old file (a
+    # shard going down) keeps its pages, never a file cut short under it
+    part = data.with_name(data.name + ".partial")
+    with open(part, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, max(1, n * dim * dt.itemsize))  # a full disk fails here, not as SIGBUS
+    rows = np.memmap(part, dtype=dt, mode="r+", shape=(n, dim))
     for a in range(0, n, FILL_ROWS):
         b = min(n, a + FILL_ROWS)
         rows[a:b] = fill(start + a, start + b)
     rows.flush()
+    del rows
+    os.replace(part, data)
     tmp = meta.with_name(meta.name + ".tmp")
     tmp.write_text(json.dumps({**want, "source": source}))
     os.replace(tmp, meta)
     log.info("mapped rows %s filled from %s", data, source)
-    return _random_access(rows), True
+    return _held(np.memmap(data, dtype=dt, mode="r+", shape=(n, dim)), lock), True
+
+
+def _held(rows: np.memmap, lock: _Lock) -> np.memmap:
+    """``rows`` advised for random access, holding ``lock`` as long as the mapping lives."""
+    rows._engram_lock = lock  # type: ignore[attr-defined]
+    return _random_access(rows)
 
 
 def _random_access(rows: np.memmap) -> np.memmap:
@@ -92,9 +127,9 @@ def mapped_stats(rows: Any) -> dict[str, int]:
         with open("/proc/self/smaps") as f:
             inside = False
             for line in f:
-                head = line.split()
+                head = line.split(maxsplit=5)  # the path (field 6) may hold spaces
                 if head and "-" in head[0] and len(head) >= 5 and all(c in "0123456789abcdef-" for c in head[0]):
-                    inside = len(head) >= 6 and head[5] == name
+                    inside = len(head) >= 6 and head[5].rstrip("\n") == name
                 elif inside and line.startswith("Rss:"):
                     resident += int(head[1]) * 1024
     except OSError:

@@ -259,7 +259,8 @@ class TableShard:
                 "num_shards": self.num_shards, "row_start": self.row_start,
                 "row_stop": self.row_stop, "dim": self.dim, "dtype": self.store.dtype,
                 "optimizer": self.optimizer.config.kind, "bytes": self.nbytes,
-                "resident_rows": self.resident_rows, "storage": self.store.storage,
+                "resident_rows": self.resident_rows,
+                "storage": "mmap" if isinstance(self.values, np.memmap) else "ram",
                 **mapped_stats(self.values), "counters": dict(self.counters)}
 
     # Checkpoints -------------------------------------------------------------------------
@@ -277,11 +278,16 @@ class TableShard:
     def load(cls, directory, layout: TableLayout, num_shards: int, shard_index: int,
              store: StoreConfig = StoreConfig()) -> TableShard:
         """Shard ``shard_index`` of ``num_shards`` from a checkpoint written with any shard count."""
-        from .checkpoint import load_range
+        from .checkpoint import load_range, verify_range
         start, stop = ShardPlan(layout.total_rows, num_shards).shard_range(shard_index)
         if store.storage == "mmap":  # copied into the mapped file once, reopened after
+            checked: list[bool] = []
+
             def from_checkpoint(a: int, b: int) -> np.ndarray:
-                return load_range(directory, layout.fingerprint, a, b, layout.row_dim, store.dtype)[0]
+                if not checked:  # every piece's checksum once, not once per fill chunk
+                    verify_range(directory, layout.fingerprint, start, stop)
+                    checked.append(True)
+                return load_range(directory, layout.fingerprint, a, b, layout.row_dim, store.dtype, verify=False)[0]
             values, _ = open_rows(store.data_dir, layout.fingerprint, start, stop, layout.row_dim, store.dtype,
                                   f"checkpoint {os.path.realpath(directory)}", from_checkpoint)
             state: dict[str, np.ndarray] = {}

@@ -65,11 +65,32 @@ def _raw(tmp_path, header: object, data: bytes = b"") -> str:
     ({"t": {"dtype": "X9", "shape": [1], "data_offsets": [0, 1]}}, b"\0", "dtype"),
     ({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}, b"", "shape"),
     ([1, 2], b"", "not an object"),
+    ({"t": {"dtype": [], "shape": [1], "data_offsets": [0, 1]}}, b"\0", "dtype"),          # unhashable
+    ({"t": {"dtype": "U8", "shape": [2**63, 4], "data_offsets": [0, 4]}}, b"\0" * 4, "expected"),  # no wrap
+    ({"t": {"dtype": "U8", "shape": [True, 4], "data_offsets": [0, 4]}}, b"\0" * 4, "shape"),
+    ({"t": {"dtype": "U8", "shape": [1] * 9, "data_offsets": [0, 1]}}, b"\0", "at most 8"),
     ({"__metadata__": {"a": 1}}, b"", "strings"),
 ])
 def test_hostile_headers_are_refused_naming_what_is_wrong(tmp_path, header, data, why):
     with pytest.raises(ValueError, match=why):
         SafetensorsFile(_raw(tmp_path, header, data))
+
+
+def test_a_deeply_nested_header_is_refused_as_not_json(tmp_path):
+    p = tmp_path / "deep.safetensors"
+    text = b"[" * 100_000
+    p.write_bytes(struct.pack("<Q", len(text)) + text)
+    with pytest.raises(ValueError, match="not JSON"):
+        SafetensorsFile(p)
+
+
+def test_the_writer_takes_only_the_tensors_own_dtype(tmp_path):
+    with pytest.raises(ValueError, match="float16 chunk"):  # same width as BF16, other bits
+        with SafetensorsWriter(tmp_path / "w.safetensors", {"t": ("BF16", (1, 4))}) as w:
+            w.write("t", np.ones((1, 4), np.float16))
+    with pytest.raises(ValueError, match="not a name and shape"):
+        SafetensorsWriter(tmp_path / "w.safetensors", {"__metadata__": ("U8", (1,))})
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_header_longer_than_the_file_is_refused_unread(tmp_path):

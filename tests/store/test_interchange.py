@@ -147,3 +147,19 @@ def test_the_commands_import_and_export_with_progress_and_a_report(tmp_path, cap
     assert f.metadata["fingerprint"] == layout.fingerprint
     got = np.concatenate([f.array(NAME.format(layer=lid)).astype(np.float32) for lid in layout.layer_ids])
     np.testing.assert_array_equal(got, want)
+
+
+def test_an_import_never_mixes_tables_or_leaves_half_a_checkpoint(tmp_path, layout):
+    names = NameMap(pattern=NAME)
+    values = np.random.default_rng(4).standard_normal((layout.total_rows, layout.row_dim)).astype(np.float32)
+    path = export_tables(lambda a, b: values[a:b], layout, tmp_path / "t.safetensors", dtype="float32", names=names)
+    import_tables(plan_import([path], layout, names), layout, tmp_path / "ckpt", dtype="float32")
+    with pytest.raises(ValueError, match="exists and is not empty"):  # old pieces would mix with new ones
+        import_tables(plan_import([path], layout, names), layout, tmp_path / "ckpt", dtype="float32")
+    bad = values.copy()
+    bad[layout.layer_rows[0] + 7, 3] = np.inf  # layer 14's row 7
+    path = export_tables(lambda a, b: bad[a:b], layout, tmp_path / "bad.safetensors", dtype="float32", names=names)
+    with pytest.raises(ValueError, match=r"layer 14\) row 7: a value that is not finite"):
+        import_tables(plan_import([path], layout, names), layout, tmp_path / "ckpt2", dtype="float32",
+                      chunk_rows=100)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "ckpt", "t.safetensors"]

@@ -1,6 +1,7 @@
 """Disk-backed shards (StoreConfig(storage="mmap")): rows in a memory-mapped file, filled once,
 reopened without a copy, refilled when the source changes or the fill never finished."""
 
+import gc
 import logging
 
 import numpy as np
@@ -43,6 +44,10 @@ def test_a_mapped_shard_serves_the_rows_a_ram_shard_does_and_reopens_without_a_c
     assert len(list((tmp_path / "data").glob("rows-*.bin"))) == 1
     mm.apply_gradients(ids[:3], np.ones((3, layout.row_dim), np.float32))  # an update lands in the file
     want = mm.gather(ids)
+    with pytest.raises(ValueError, match="in use by another shard"):  # one shard per rows file
+        TableShard.create(layout, 2, 1, _mmap(tmp_path))
+    del mm
+    gc.collect()  # the mapping and its lock go with the shard
     monkeypatch.setattr(shard_module, "init_rows", _no("init_rows"))
     again = TableShard.create(layout, 2, 1, _mmap(tmp_path))
     np.testing.assert_array_equal(again.gather(ids), want)
@@ -54,7 +59,10 @@ def test_an_unfinished_fill_or_another_source_fills_again(tmp_path, layout, capl
     (meta,) = (tmp_path / "data").glob("rows-*.json")
     meta.unlink()  # as if the process died while filling: the file is not trusted
     mm.values[:100] = 0
+    del mm
+    gc.collect()
     np.testing.assert_array_equal(TableShard.create(layout, 1, 0, _mmap(tmp_path)).gather(np.arange(100)), want)
+    gc.collect()
     # the rows came from init; asking for a checkpoint's rows fills the file from it
     ckpt = tmp_path / "ckpt"
     src = TableShard.create(layout, 1, 0, StoreConfig(optimizer=SGD, init_seed=7))
@@ -72,6 +80,8 @@ def test_loading_a_checkpoint_copies_it_once(tmp_path, layout, monkeypatch):
     first = TableShard.load(ckpt, layout, 3, 2, _mmap(tmp_path))  # another shard count
     ids = np.arange(first.row_start, first.row_stop)
     np.testing.assert_array_equal(first.gather(ids), src.gather(ids))
+    del first
+    gc.collect()
     monkeypatch.setattr("engram_ray.store.checkpoint.load_range", _no("load_range"))
     np.testing.assert_array_equal(TableShard.load(ckpt, layout, 3, 2, _mmap(tmp_path)).gather(ids), src.gather(ids))
 
@@ -86,3 +96,10 @@ def test_mmap_settings_that_cannot_work_are_refused(tmp_path, kw, why):
     base = {"storage": "mmap", "data_dir": str(tmp_path), "optimizer": SGD, **kw}
     with pytest.raises(ValueError, match=why):
         StoreConfig(**base)
+
+
+def test_residency_is_read_for_a_data_dir_with_spaces(tmp_path, layout):
+    mm = TableShard.create(layout, 1, 0, StoreConfig(storage="mmap", data_dir=str(tmp_path / "my data"),
+                                                     optimizer=SGD))
+    mm.gather(np.arange(layout.total_rows))
+    assert mm.describe()["mapped_resident_bytes"] > 0
