@@ -118,55 +118,54 @@ def _offload_breakdown(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _table(title: str, r: dict[str, Any], intro: str, columns: list[str], rows: list[list[str]],
+           image: str = "") -> list[str]:
+    """A section: its title, the machine, one paragraph, a table of right-aligned columns, and
+    the plot beside the report if there is one."""
+    align = "|".join(["---:"] * len(columns))
+    return ([title, "", f"Machine: {_machine(r)}.", "", intro, "", "| " + " | ".join(columns) + " |", f"|{align}|"]
+            + ["| " + " | ".join(row) + " |" for row in rows] + [image or ""])
+
+
 def _lookup(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
     """Section: the client's data plane against an in-process gather."""
-    lines = ["## Lookup data plane: client vs in-process gather", "", f"Machine: {_machine(r)}.", "",
-              f"{r['table_rows']:,} rows of {r['row_bytes']} B; {r['transport']}. Median of {r['repeats']}.", "",
-              "| shards | rows | client rows/s | client GB/s | in-process GB/s | time ratio |",
-              "|---:|---:|---:|---:|---:|---:|"]
-    for v in r["results"]:
-        lines.append(f"| {v['shards']} | {v['rows']:,} | {v['client_rows_per_s']:,.0f} | "
-                     f"{v['client_gb_per_s']:.2f} | {v['local_gb_per_s']:.2f} | {v['client_over_local']:.1f}x |")
-    lines.append(_img(folder, out, "lookup"))
-    return lines
+    return _table("## Lookup data plane: client vs in-process gather", r,
+                  f"{r['table_rows']:,} rows of {r['row_bytes']} B; {r['transport']}. Median of {r['repeats']}.",
+                  ["shards", "rows", "client rows/s", "client GB/s", "in-process GB/s", "time ratio"],
+                  [[f"{v['shards']}", f"{v['rows']:,}", f"{v['client_rows_per_s']:,.0f}", f"{v['client_gb_per_s']:.2f}",
+                    f"{v['local_gb_per_s']:.2f}", f"{v['client_over_local']:.1f}x"] for v in r["results"]],
+                  _img(folder, out, "lookup"))
 
 
 def _latency(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
     """Section: lookup latency against resident table size."""
-    lines = ["## Lookup latency vs table size (O(1))", "", f"Machine: {_machine(r)}.", "",
-              f"{r['batch_rows']:,} random rows per lookup, {r['calls_per_size']} lookups per size, "
-              f"{r['shards']} shards; {r['note']}.", "", "| resident GiB | p50 ms | p99 ms |", "|---:|---:|---:|"]
-    for v in r["results"]:
-        lines.append(f"| {v['resident_gib']:.2f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} |")
-    lines.append(_img(folder, out, "latency"))
-    return lines
+    return _table("## Lookup latency vs table size (O(1))", r,
+                  f"{r['batch_rows']:,} random rows per lookup, {r['calls_per_size']} lookups per size, "
+                  f"{r['shards']} shards; {r['note']}.", ["resident GiB", "p50 ms", "p99 ms"],
+                  [[f"{v['resident_gib']:.2f}", f"{v['p50_ms']:.2f}", f"{v['p99_ms']:.2f}"] for v in r["results"]],
+                  _img(folder, out, "latency"))
 
 
 def _latency_mmap(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
     """Section: a memory-mapped shard's gather latency, pages warm or on disk."""
-    lines = ["## Disk-backed shards: gather latency, warm and cold pages", "", f"Machine: {_machine(r)}.", "",
-             f"{r['batch_rows']:,} random rows per lookup, {r['calls_per_size']} lookups per size and kind; "
-             f"{r['note']}.", "", "| table GiB | warm p50 ms | warm p99 ms | cold p50 ms | cold p99 ms |",
-             "|---:|---:|---:|---:|---:|"]
-    for v in r["results"]:
-        lines.append(f"| {v['table_gib']:.2f} | {v['warm_p50_ms']:.2f} | {v['warm_p99_ms']:.2f} | "
-                     f"{v['cold_p50_ms']:.2f} | {v['cold_p99_ms']:.2f} |")
-    lines.append(_img(folder, out, "latency_mmap"))
-    return lines
+    return _table("## Disk-backed shards: gather latency, warm and cold pages", r,
+                  f"{r['batch_rows']:,} random rows per lookup, {r['calls_per_size']} lookups per size and kind; "
+                  f"{r['note']}.", ["table GiB", "warm p50 ms", "warm p99 ms", "cold p50 ms", "cold p99 ms"],
+                  [[f"{v['table_gib']:.2f}"] + [f"{v[k]:.2f}" for k in ("warm_p50_ms", "warm_p99_ms", "cold_p50_ms",
+                                                                         "cold_p99_ms")] for v in r["results"]],
+                  _img(folder, out, "latency_mmap"))
 
 
 def _agent_hop(r: dict[str, Any], folder: Path, out: Path, title: str = "") -> list[str]:
     """Section: a lookup's round trip through the lookup agent against an in-process client."""
     cores = "; ".join(f"{k} on {v}" for k, v in r["cores"].items())
-    lines = [title or "## The lookup agent's hop", "", f"Machine: {_machine(r)}.", "",
-             f"{r['preset']} layout, {r['shards']} plain shards, {r['calls_per_size']} interleaved round trips "
-             f"per size (prefetch_unique -> result). Cores: {cores}.", "",
-             "| ids | client p50 ms | agent p50 ms | client p90 ms | agent p90 ms | agent adds (p50) |",
-             "|---:|---:|---:|---:|---:|---:|"]
-    for v in r["results"]:
-        lines.append(f"| {v['ids']:,} | {v['client_p50_ms']:.3f} | {v['agent_p50_ms']:.3f} | {v['client_p90_ms']:.3f} "
-                     f"| {v['agent_p90_ms']:.3f} | {v['agent_extra_ms']:+.3f} ms |")
-    return lines + [""]
+    return _table(title or "## The lookup agent's hop", r,
+                  f"{r['preset']} layout, {r['shards']} plain shards, {r['calls_per_size']} interleaved round trips "
+                  f"per size (prefetch_unique -> result). Cores: {cores}.",
+                  ["ids", "client p50 ms", "agent p50 ms", "client p90 ms", "agent p90 ms", "agent adds (p50)"],
+                  [[f"{v['ids']:,}"] + [f"{v[k]:.3f}" for k in ("client_p50_ms", "agent_p50_ms", "client_p90_ms",
+                                                                 "agent_p90_ms")] + [f"{v['agent_extra_ms']:+.3f} ms"]
+                   for v in r["results"]])
 
 
 def _agent_hop_own_core(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
