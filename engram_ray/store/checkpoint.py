@@ -113,10 +113,17 @@ def save_shard(shard, directory: str | os.PathLike, *, dir_fd: int | None = None
     try:
         fcntl.flock(dir_fd, fcntl.LOCK_EX)  # one save at a time into this directory
         try:
-            state = shard.snapshot()  # consistent: no update between the rows and the state
-            values = state.pop("rows")
-            sha = _write_piece(dir_fd, shard.fingerprint, shard.row_start, values, shard.store.dtype,
-                               shard.store.optimizer.kind, state)
+            if isinstance(shard.values, np.memmap) and not shard.optimizer.state():
+                # a mapped shard (no optimiser state): its rows stream from the mapping to the file
+                # under the writers' lock, never copied whole into RAM (they may not fit)
+                with shard._lock:
+                    sha = _write_piece(dir_fd, shard.fingerprint, shard.row_start, shard.values, shard.store.dtype,
+                                       shard.store.optimizer.kind, {})
+            else:
+                state = shard.snapshot()  # consistent: no update between the rows and the state
+                values = state.pop("rows")
+                sha = _write_piece(dir_fd, shard.fingerprint, shard.row_start, values, shard.store.dtype,
+                                   shard.store.optimizer.kind, state)
         finally:
             fcntl.flock(dir_fd, fcntl.LOCK_UN)
     finally:

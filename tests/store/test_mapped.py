@@ -103,3 +103,13 @@ def test_residency_is_read_for_a_data_dir_with_spaces(tmp_path, layout):
                                                      optimizer=SGD))
     mm.gather(np.arange(layout.total_rows))
     assert mm.describe()["mapped_resident_bytes"] > 0
+
+
+def test_a_mapped_shard_saves_without_a_copy_in_ram(tmp_path, layout, monkeypatch):
+    mm = TableShard.create(layout, 1, 0, _mmap(tmp_path))
+    mm.apply_gradients(np.arange(5), np.ones((5, layout.row_dim), np.float32))
+    monkeypatch.setattr(TableShard, "snapshot", _no("snapshot"))  # the whole-table copy
+    mm.save(tmp_path / "ckpt")
+    back = TableShard.load(tmp_path / "ckpt", layout, 2, 1, StoreConfig(optimizer=SGD))
+    ids = np.arange(back.row_start, back.row_stop)
+    np.testing.assert_array_equal(back.gather(ids), mm.gather(ids))
