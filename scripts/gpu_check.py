@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 #: Seconds kept back from the budget for stopping the shards and writing the summary.
 RESERVE_S = 15
 #: Each step's own limit (seconds); a step gets the smaller of this and what the budget has left.
-LIMITS = {"wheels": 60, "env": 60, "tests": 150, "shards": 60, "train": 120, "bench": 300}
+LIMITS = {"wheels": 60, "env": 60, "tests": 150, "shards": 60, "train": 120, "bench": 340}
 #: What a check runs at, by mode: table preset, model, steps, bench model and dtype, bench sizes.
 SIZES = {
     # the serving workload scaled so that four modes x repeats of a ~1B bf16 model fit the budget
