@@ -28,6 +28,7 @@ __all__ = [
     "StoreConfig",
     "ServiceConfig",
     "PRESETS",
+    "FLOAT_DTYPES",
     "preset",
     "tiny",
     "demo",
@@ -192,11 +193,17 @@ def _from_dict(cls: type, data: Mapping[str, Any]) -> Any:
 _OPTIMIZERS = ("adam", "sgd", "none")
 #: Dtypes a table's rows are stored (and served) in, with their width in bytes: the one
 #: list (the codec, checkpoints, plan and the CLI read it from here).
-STORE_DTYPE_BYTES: Mapping[str, int] = types.MappingProxyType({"float32": 4, "bfloat16": 2, "float16": 2})
+#: fp8_e4m3 is a packed row, not a per-value width: a row of D values is D e4m3 code bytes
+#: and D/32 ue8m0 scale bytes (core/fp8.py; core/dtypes.row_width), read-only.
+STORE_DTYPE_BYTES: Mapping[str, int] = types.MappingProxyType({"float32": 4, "bfloat16": 2, "float16": 2,
+                                                               "fp8_e4m3": 1})
 STORE_DTYPES = tuple(STORE_DTYPE_BYTES)
+#: The storage dtypes that hold values one by one (gradients come in these, or float64).
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 #: Short names accepted wherever a storage dtype is given.
 DTYPE_ALIASES: Mapping[str, str] = types.MappingProxyType({"fp32": "float32", "f32": "float32", "bf16": "bfloat16",
-                                                     "fp16": "float16", "f16": "float16", "half": "float16"})
+                                                     "fp16": "float16", "f16": "float16", "half": "float16",
+                                                     "fp8": "fp8_e4m3", "e4m3": "fp8_e4m3"})
 
 
 def store_dtype(name: str) -> str:
@@ -283,6 +290,9 @@ class StoreConfig(_JsonFields):
         _check_float(name, "init_std", self.init_std, 0.0, 1e6)
         _check_int(name, "init_seed", self.init_seed, 0, 2**63 - 1)
         _check_int(name, "resident_rows_per_shard", self.resident_rows_per_shard, 0)
+        if dtype == "fp8_e4m3" and self.optimizer.kind != "none":
+            raise _field_error(name, "optimizer", self.optimizer.kind, "'none' with dtype='fp8_e4m3' (an FP8 "
+                               "table is served read-only)")
         if self.storage not in ("ram", "mmap"):
             raise _field_error(name, "storage", self.storage, '"ram" or "mmap"')
         if self.storage == "mmap":

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 from .agent.protocol import AgentRefused, AgentUnavailable
+from .core.dtypes import FP8
+from .core.fp8 import dequantize_packed
 from .core.layout import TableLayout
 from .core.optim import sum_duplicates
 from .model.memory import MemoryFetch
@@ -231,6 +233,9 @@ class RemoteMemory:
         self._layout = source.layout
         self.device = torch.device(device)
         self.dtype, self.pin = dtype, pin
+        #: The source serves packed FP8 rows (codes + ue8m0 scales): dequantised where they are
+        #: used -- on the device after the copy (so the copy moves 264 B a row, not 512), or here.
+        self.fp8 = getattr(source, "dtype_name", "") == FP8
         # CUDA: host-to-device copies of rows run on a side stream from pinned buffers, so
         # they overlap the compute stream; the compute stream waits only on that copy's event.
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -257,7 +262,9 @@ class RemoteMemory:
         ``release`` (CUDA): the arrays are in pinned memory the source lent (a registered
         agent slot): the copy reads them there, and ``release()`` runs once it is done."""
         if self.copy_stream is None:
-            return _host_tensor(rows_ud).to(self.dtype, copy=True), torch.from_numpy(np.array(inverse_n, np.int64))
+            values = (torch.from_numpy(dequantize_packed(rows_ud, self._layout.row_dim)) if self.fp8
+                      else _host_tensor(rows_ud))
+            return values.to(self.dtype, copy=True), torch.from_numpy(np.array(inverse_n, np.int64))
         self._reap()
         if release is not None:
             src_rows, src_inv = _host_tensor(rows_ud), torch.from_numpy(inverse_n)
@@ -325,7 +332,15 @@ class RemoteMemory:
         compute.wait_event(event)  # the layer waits on the copy, not the host
         rows_ud.record_stream(compute)  # the allocator must not reuse them before compute is done
         dev_inv.record_stream(compute)
-        return rows_ud.to(self.dtype)
+        return (self._dequantize(rows_ud) if self.fp8 else rows_ud).to(self.dtype)
+
+    def _dequantize(self, packed: torch.Tensor) -> torch.Tensor:
+        """Packed FP8 rows ``[U, D + D/32]`` (uint8, on the device) -> float32 ``[U, D]``: the
+        codes viewed as torch's float8_e4m3fn, times 2**(scale - 127) per block of 32."""
+        d = self._layout.row_dim
+        codes = packed[:, :d].contiguous().view(torch.float8_e4m3fn).to(torch.float32)   # [U, D]
+        scales = torch.exp2(packed[:, d:].to(torch.float32) - 127.0)                      # [U, D/32]
+        return (codes.view(-1, d // 32, 32) * scales[..., None]).view(-1, d)
 
     def update(self, fetch: MemoryFetch) -> int:
         """After backward: push the fetch's row gradients to the shards; returns rows updated."""

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..client import UniqueRows
 from ..client.plan import check_grads, out_rows, scatter
+from ..core.dtypes import row_values, row_width
 from ..core.layout import TableLayout
 from ..rpc.codec import wire_dtype
 from .protocol import (
@@ -126,6 +127,7 @@ class AgentClient:
         self.timeout, self.connect_timeout = timeout, connect_timeout
         self.dtype_name = ""
         self.dtype = np.dtype(np.float32)
+        self.width = layout.row_dim
         self._sock: socket.socket | None = None
         self._gen = 0
         self._slots: list[Slot] = []
@@ -188,6 +190,7 @@ class AgentClient:
             raise AgentRefused(f"agent at {self.path} serves another table ({fp!r})")
         self.dtype_name = dtype.rstrip(b"\0").decode()
         self.dtype = np.dtype(wire_dtype(self.dtype_name))
+        self.width = row_width(self.dtype_name, self.layout.row_dim)  # packed bytes for FP8 rows
 
     def _ensure(self) -> socket.socket:
         if self._sock is None:
@@ -344,7 +347,7 @@ class AgentClient:
         """Map the slot the agent sent, checked: the number both sides will use, a memfd sealed
         against shrinking (a truncated mapping would SIGBUS this process) and large enough.
         Anything else ends the connection: slot numbers must never drift apart."""
-        layout = SlotLayout(capacity, self.layout.row_dim, self.dtype.itemsize)
+        layout = SlotLayout(capacity, self.layout.row_dim, self.dtype.itemsize, self.width)
         try:
             if len(fds) != 1 or value != capacity or self._reply_slot != len(self._slots):
                 raise ValueError(f"{len(fds)} fds, capacity {value}, slot {self._reply_slot}")
@@ -441,8 +444,13 @@ class AgentClient:
         """Start fetching ``row_ids`` (any shape) as unique rows + inverse; returns at once."""
         return self.prefetch_unique_many([row_ids])[0]
 
+    def values(self, rows: np.ndarray) -> np.ndarray:
+        """Looked-up rows as float32 ``[..., row_dim]`` (FP8 dequantised, exactly)."""
+        return row_values(rows, self.dtype_name, self.layout.row_dim)
+
     def lookup(self, row_ids: Any, timeout: float | None = None) -> np.ndarray:
-        """Rows ``[*row_ids.shape, dim]`` in the storage dtype (a copy: the slot is released)."""
+        """Rows ``[*row_ids.shape, width]`` as stored (a copy: the slot is released; FP8 rows
+        are packed bytes: :meth:`values`)."""
         f = self.prefetch_unique(row_ids)
         try:
             u = f.result(timeout)
@@ -455,7 +463,7 @@ class AgentClient:
         f = self.prefetch_unique(row_ids)
         try:
             u = f.result(timeout)
-            rows = out_rows(out, u.inverse.size, self.layout.row_dim, self.dtype, unique=False)  # as the client
+            rows = out_rows(out, u.inverse.size, self.width, self.dtype, unique=False)  # as the client
             np.take(u.rows, u.inverse, axis=0, out=rows)
             return out
         finally:

@@ -75,12 +75,18 @@ def _up(n: int, a: int = ALIGN) -> int:
 
 @dataclass(frozen=True)
 class SlotLayout:
-    """Where the parts of a slot of ``capacity`` ids lie, for rows of ``row_dim`` values of
-    ``itemsize`` bytes (the rows area also holds float32 gradients for pushes)."""
+    """Where the parts of a slot of ``capacity`` ids lie, for stored rows of ``width`` elements
+    of ``itemsize`` bytes (``width`` 0: ``row_dim``; an FP8 row's packed bytes otherwise); the
+    rows area also holds float32 gradients ``[capacity, row_dim]`` for pushes."""
 
     capacity: int
     row_dim: int
     itemsize: int
+    width: int = 0
+
+    @property
+    def row_width(self) -> int:
+        return self.width or self.row_dim
 
     @property
     def inverse_at(self) -> int:
@@ -92,7 +98,7 @@ class SlotLayout:
 
     @property
     def nbytes(self) -> int:
-        rows = self.capacity * self.row_dim * max(4, self.itemsize)
+        rows = self.capacity * max(self.row_width * self.itemsize, self.row_dim * 4)
         return _up(self.rows_at + rows, mmap.PAGESIZE)
 
 
@@ -105,10 +111,10 @@ class Slot:
         self.layout = layout
         self.mm = mmap.mmap(fd, layout.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         buf = np.frombuffer(self.mm, dtype=np.uint8)
-        c, d = layout.capacity, layout.row_dim
+        c, d, w = layout.capacity, layout.row_dim, layout.row_width
         self.ids = buf[:8 * c].view(np.int64)
         self.inverse = buf[layout.inverse_at:layout.inverse_at + 8 * c].view(np.int64)
-        self.rows = buf[layout.rows_at:layout.rows_at + c * d * dtype.itemsize].view(dtype).reshape(c, d)
+        self.rows = buf[layout.rows_at:layout.rows_at + c * w * dtype.itemsize].view(dtype).reshape(c, w)
         self.grads = buf[layout.rows_at:layout.rows_at + c * d * 4].view(np.float32).reshape(c, d)
         self.busy = False
         #: Worker side: registered with the device as pinned memory (AgentClient.pin_slots).

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..client import EngramClient
+from ..core.dtypes import row_width
 from .protocol import (
     HELLO,
     HELLO_INFO,
@@ -319,7 +320,8 @@ class LookupAgent:
 
     def _new_slot(self, conn: _Conn, req_id: int, capacity: int) -> None:
         lim = self.limits
-        layout = SlotLayout(int(capacity), self.layout.row_dim, self.dtype.itemsize)
+        layout = SlotLayout(int(capacity), self.layout.row_dim, self.dtype.itemsize,
+                            row_width(self.client.dtype_name, self.layout.row_dim))
         if not 1 <= capacity <= lim.max_slot_ids or len(conn.slots) >= lim.max_slots \
                 or conn.nbytes + layout.nbytes > lim.max_bytes:
             raise _Refused(Op.SLOT, req_id, 0, f"slot of {capacity} ids refused (limits: {lim.max_slot_ids} ids, "

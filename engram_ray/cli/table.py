@@ -10,7 +10,7 @@ from .common import add_table_args, engram_config, gib
 
 
 def _cmd_layout(args: argparse.Namespace) -> int:
-    from ..core.layout import DTYPE_BYTES, ShardPlan, TableLayout
+    from ..core.layout import ShardPlan, TableLayout
     from ..data import default_vocab, load_tokenizer
 
     cfg, source = engram_config(args)
@@ -23,7 +23,7 @@ def _cmd_layout(args: argparse.Namespace) -> int:
                          "compressed": vocab.size, "ratio": round(vocab.ratio, 4)}
     info["shards"] = [{"shard": s, "rows": list(plan.shard_range(s)),
                        "bytes": {d: (plan.shard_range(s)[1] - plan.shard_range(s)[0]) * layout.row_bytes(d)
-                                 for d in DTYPE_BYTES}}
+                                 for d in layout.storage_dtypes()}}
                       for s in range(plan.num_shards)]
     if args.json:
         print(json.dumps(info, indent=2))
@@ -37,7 +37,7 @@ def _cmd_layout(args: argparse.Namespace) -> int:
           f"{layout.num_heads * layout.row_dim})")
     print(f"  rows          {layout.total_rows:,}  ({', '.join(f'{r:,}' for r in layout.layer_rows)} per layer)")
     print(f"  parameters    {layout.num_params:,}  ({layout.num_params / 1e9:.2f} B)")
-    print("  size          " + "   ".join(f"{d} {gib(layout.nbytes(d))}" for d in DTYPE_BYTES))
+    print("  size          " + "   ".join(f"{d} {gib(layout.nbytes(d))}" for d in layout.storage_dtypes()))
     print(f"  vocabulary    {vocab.num_tokens:,} tokens -> {vocab.size:,} compressed "
           f"({100 * vocab.ratio:.1f} %), digest {vocab.digest}")
     for li, layer in enumerate(layout.layer_ids):

@@ -7,6 +7,8 @@ import json
 from typing import Any
 
 from ..config import STORE_DTYPES, store_dtype
+from ..core.dtypes import FP8, row_width
+from ..core.fp8 import quantize_packed
 from .common import add_table_args, engram_config, gib
 
 
@@ -69,9 +71,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         from ..store.checkpoint import load_range, verify_range
 
         verify_range(args.from_checkpoint, layout.fingerprint, 0, layout.total_rows)  # once, not per chunk
+        width = row_width(dtype, layout.row_dim)
 
         def read(a: int, b: int) -> Any:
-            return load_range(args.from_checkpoint, layout.fingerprint, a, b, layout.row_dim, dtype, verify=False)[0]
+            return load_range(args.from_checkpoint, layout.fingerprint, a, b, width, dtype, verify=False)[0]
         source = args.from_checkpoint
         client = None
     else:
@@ -84,7 +87,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
         client = EngramClient(args.addresses.split(","), layout, token=token)
 
         def read(a: int, b: int) -> Any:
-            return client.lookup(np.arange(a, b, dtype=np.int64))
+            rows = client.lookup(np.arange(a, b, dtype=np.int64))
+            if (client.dtype_name == FP8) == (dtype == FP8):
+                return rows  # as served (an FP8 service's packed bytes, or values cast on writing)
+            values = client.values(rows)  # across FP8 and values: dequantise, or quantise
+            return quantize_packed(values) if dtype == FP8 else values
         source = args.addresses
     try:
         with _bar(layout.total_rows, "export") as bar:
@@ -122,8 +129,8 @@ def register(sub) -> None:
     add_table_args(p, "demo")
     p.add_argument("--to-checkpoint", required=True, metavar="DIR", help="checkpoint directory to write")
     p.add_argument("--dtype", default="bfloat16", type=store_dtype, metavar="|".join(STORE_DTYPES),
-                   help="storage dtype of the rows, or bf16/fp16/fp32 (default: bfloat16; FP8 converts to "
-                        "bfloat16 exactly)")
+                   help="storage dtype of the rows, or bf16/fp16/fp32/fp8 (default: bfloat16, to which FP8 "
+                        "converts exactly; fp8_e4m3 keeps an FP8 source's bytes as they are)")
     p.add_argument("--json", action="store_true", help="also print the report as JSON")
     _add_names(p)
     p.set_defaults(func=_cmd_import)

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from ..core.dtypes import row_values, row_width
 from ..core.layout import ShardPlan, TableLayout
 from ..rpc import codec, wire
 from ..rpc.generated import engram_pb2 as pb
@@ -81,8 +82,10 @@ class EngramClient:
             raise
         self.dtype_name = self.shards[0].dtype
         self.dtype = codec.wire_dtype(self.dtype_name)
+        #: Stored elements per row: row_dim, or an FP8 row's packed bytes (see :meth:`values`).
+        self.width = row_width(self.dtype_name, layout.row_dim)
         sizes = plan.MessageSizes.for_shards(self.shards, max_message_bytes=max_message_bytes, chunk_bytes=chunk_bytes,
-                                             row_dim=layout.row_dim, row_itemsize=self.dtype.itemsize)
+                                             row_dim=self.width, row_itemsize=self.dtype.itemsize)
         self._transfers = Transfers(self._calls, layout, self.plan, sizes, self.dtype_name, self._stats)
 
     @property
@@ -144,7 +147,7 @@ class EngramClient:
     def _start(self, row_ids: Sequence[Any], kind: str, outs: Sequence[np.ndarray | None] | None,
                unique: bool, ordered: bool = False) -> list[Prefetch]:
         """Check ids and output buffers, then hand every lookup to the I/O thread at once."""
-        checked, bufs = plan.lookups(row_ids, outs, self.layout, self.dtype, unique)
+        checked, bufs = plan.lookups(row_ids, outs, self.layout, self.dtype, unique, self.width)
         items: list[tuple[np.ndarray, tuple[int, ...], Prefetch]] = [
             (flat, shape, Prefetch(int(flat.size))) for flat, shape in checked]
         self._stats.count("lookups", len(items))
@@ -153,8 +156,12 @@ class EngramClient:
         return [p for _, _, p in items]
 
     def lookup(self, row_ids: Any, timeout: float | None = None) -> np.ndarray:
-        """Rows ``[*row_ids.shape, dim]`` in the shards' storage dtype."""
+        """Rows ``[*row_ids.shape, width]`` as stored (FP8: packed bytes; :meth:`values`)."""
         return self.prefetch(row_ids).result(timeout)
+
+    def values(self, rows: np.ndarray) -> np.ndarray:
+        """Looked-up rows as float32 ``[..., row_dim]`` (FP8 dequantised, exactly)."""
+        return row_values(rows, self.dtype_name, self.layout.row_dim)
 
     async def alookup(self, row_ids: Any) -> np.ndarray:
         """:meth:`lookup` for callers in an event loop."""

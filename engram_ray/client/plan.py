@@ -144,16 +144,18 @@ def out_rows(out: Any, n: int, row_dim: int, dtype: np.dtype, unique: bool) -> n
     return rows
 
 
-def lookups(row_ids: Sequence[Any], outs: Sequence[Any] | None, layout: Any, dtype: np.dtype, unique: bool
-            ) -> tuple[list[tuple[np.ndarray, tuple[int, ...]]], list[np.ndarray | None]]:
+def lookups(row_ids: Sequence[Any], outs: Sequence[Any] | None, layout: Any, dtype: np.dtype, unique: bool,
+            width: int | None = None) -> tuple[list[tuple[np.ndarray, tuple[int, ...]]], list[np.ndarray | None]]:
     """Checked lookups: per id array its flat ids (a copy: another thread reads them later) and
-    shape, and its output buffer as ``[rows, dim]`` (None: the client allocates)."""
+    shape, and its output buffer as ``[rows, width]`` (None: the client allocates; ``width``:
+    the stored row's elements, ``layout.row_dim`` unless the rows are packed FP8)."""
+    width = layout.row_dim if width is None else width
     if outs is not None and len(outs) != len(row_ids):
         raise InvalidRequest(f"{len(outs)} output buffers for {len(row_ids)} id arrays")
     items, bufs = [], []
     for i, r in enumerate(row_ids):
         ids, flat = flat_ids(r, layout.total_rows, copy=True)
         out = outs[i] if outs is not None else None
-        bufs.append(None if out is None else out_rows(out, int(flat.size), layout.row_dim, dtype, unique))
+        bufs.append(None if out is None else out_rows(out, int(flat.size), width, dtype, unique))
         items.append((flat, ids.shape))
     return items, bufs

@@ -15,6 +15,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from ..core.dtypes import row_width
 from ..core.layout import ShardPlan, TableLayout
 from ..core.optim import sum_duplicates
 from ..errors import EngramError
@@ -97,6 +98,7 @@ class Transfers:
                  dtype_name: str, stats: ClientStats):
         self.calls, self.layout, self.bounds, self.sizes = calls, layout, shard_plan.bounds, sizes
         self.dtype_name, self.dtype = dtype_name, codec.wire_dtype(dtype_name)
+        self.width = row_width(dtype_name, layout.row_dim)  # packed bytes for FP8 rows
         self.stats = stats
         self._client_id = uuid.uuid4().hex[:12]
         self._seq = itertools.count(1)
@@ -168,9 +170,9 @@ class Transfers:
         uniq, inverse = plan.dedup(flat)
         t1 = time.perf_counter()
         if rows_out is None:
-            uniq_rows = np.empty((uniq.size, self.layout.row_dim), dtype=self.dtype)
+            uniq_rows = np.empty((uniq.size, self.width), dtype=self.dtype)
         else:
-            uniq_rows = plan.check_out(rows_out, uniq.size, self.layout.row_dim, self.dtype)
+            uniq_rows = plan.check_out(rows_out, uniq.size, self.width, self.dtype)
         decode_s = [0.0]
         calls = [self._chunk(s, a, b, pb.LookupRequest(fingerprint=self.layout.fingerprint,
                                                        row_ids=codec.encode(uniq[a:b])), uniq_rows, decode_s)
@@ -193,7 +195,7 @@ class Transfers:
             rows = codec.decode(resp.rows, what="rows", dtypes=(self.dtype_name,), ndim=2)
         except ValueError as e:  # the shard's answer is bad, not the caller's ids
             raise EngramError(f"{where} answered a lookup with {e}") from None
-        if rows.shape != (b - a, self.layout.row_dim):
+        if rows.shape != (b - a, self.width):
             raise EngramError(f"{where} answered {rows.shape} rows for {b - a} ids")
         uniq_rows[a:b] = rows
         decode_s[0] += time.perf_counter() - t

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["E4M3_MAX", "BLOCK", "e4m3_values", "encode_e4m3", "decode_e4m3", "quantize_rows",
-           "dequantize_rows", "fp8_row_bytes"]
+           "dequantize_rows", "fp8_row_bytes", "pack_rows", "unpack_rows", "quantize_packed", "dequantize_packed"]
 
 #: Largest finite e4m3fn value.
 E4M3_MAX = 448.0
@@ -106,3 +106,28 @@ def dequantize_rows(codes_nd: np.ndarray, scales_nb: np.ndarray) -> np.ndarray:
                          f"[N, D] and [N, D/{BLOCK}]")
     factor = np.exp2(scales.astype(np.float32) - _UE8M0_BIAS)                      # [N, D/32]
     return (decode_e4m3(codes).reshape(n, d // BLOCK, BLOCK) * factor[..., None]).reshape(n, d)
+
+
+# Packed rows: what an FP8 table stores and sends, one row = its D codes then its D/32 scales.
+def pack_rows(codes_nd: np.ndarray, scales_nb: np.ndarray) -> np.ndarray:
+    """(codes ``[N, D]``, scales ``[N, D/32]``) -> packed uint8 rows ``[N, D + D/32]``."""
+    return np.concatenate([np.asarray(codes_nd, np.uint8), np.asarray(scales_nb, np.uint8)], axis=1)
+
+
+def unpack_rows(packed: np.ndarray, row_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Packed rows ``[N, D + D/32]`` -> (codes ``[N, D]``, scales ``[N, D/32]``), views."""
+    if packed.ndim != 2 or packed.shape[1] != fp8_row_bytes(row_dim):
+        raise ValueError(f"packed FP8 rows of shape {packed.shape}: expected [N, {fp8_row_bytes(row_dim)}] "
+                         f"for rows of {row_dim}")
+    return packed[:, :row_dim], packed[:, row_dim:]
+
+
+def quantize_packed(rows_nd: np.ndarray) -> np.ndarray:
+    """float rows ``[N, D]`` -> packed FP8 rows ``[N, D + D/32]``."""
+    return pack_rows(*quantize_rows(rows_nd))
+
+
+def dequantize_packed(packed: np.ndarray, row_dim: int) -> np.ndarray:
+    """Packed FP8 rows -> float32 rows ``[N, D]`` (exact)."""
+    codes, scales = unpack_rows(np.asarray(packed, np.uint8), row_dim)
+    return dequantize_rows(codes, scales)

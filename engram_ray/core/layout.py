@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..config import STORE_DTYPE_BYTES, EngramConfig, store_dtype
+from .dtypes import FP8, row_width
 from .hashing import head_primes
 
 __all__ = ["TableLayout", "ShardPlan", "DTYPE_BYTES", "dtype_bytes"]
@@ -105,10 +106,16 @@ class TableLayout:
 
     def nbytes(self, dtype: str = "float32") -> int:
         """Bytes of the whole table stored as ``dtype``."""
-        return self.num_params * dtype_bytes(dtype)[1]
+        return self.total_rows * self.row_bytes(dtype)
+
+    def storage_dtypes(self) -> tuple[str, ...]:
+        """The storage dtypes this table's rows can take (FP8 needs rows of a multiple of 32)."""
+        return tuple(d for d in DTYPE_BYTES if d != FP8 or self.row_dim % 32 == 0)
 
     def row_bytes(self, dtype: str = "float32") -> int:
-        return self.row_dim * dtype_bytes(dtype)[1]
+        """Bytes of one stored row: ``row_dim`` values, or an FP8 row's codes and scales."""
+        name, width = dtype_bytes(dtype)
+        return row_width(name, self.row_dim) * width
 
     # Ids --------------------------------------------------------------------------------
     def layer_index(self, layer_id: int) -> int:
@@ -162,7 +169,7 @@ class TableLayout:
             "rows": self.total_rows,
             "rows_per_layer": list(self.layer_rows),
             "params": self.num_params,
-            "bytes": {d: self.nbytes(d) for d in DTYPE_BYTES},
+            "bytes": {d: self.nbytes(d) for d in self.storage_dtypes()},
             "compressed_vocab_size": self.compressed_vocab_size,
             "vocab_digest": self.vocab_digest,
         }

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..config import StoreConfig
+from .dtypes import row_width
 from .layout import TableLayout, dtype_bytes
 
 __all__ = ["CapacityPlan", "MEMORY_GIB_RESOURCE", "MEMORY_RESOURCE", "bytes_per_row", "optimizer_state_bytes_per_row",
@@ -47,7 +48,8 @@ def optimizer_state_bytes_per_row(kind: str, dim: int) -> int:
 def bytes_per_row(row_dim: int, dtype: str, optimizer: str) -> int:
     """Bytes one resident row takes in a shard: the row in its storage dtype and the
     optimiser's state beside it."""
-    return row_dim * dtype_bytes(dtype)[1] + optimizer_state_bytes_per_row(optimizer, row_dim)
+    name, width = dtype_bytes(dtype)
+    return row_width(name, row_dim) * width + optimizer_state_bytes_per_row(optimizer, row_dim)
 
 
 def shard_bytes(layout: TableLayout, num_shards: int, *, dtype: str, optimizer: str,
@@ -158,11 +160,11 @@ def plan_capacity(layout: TableLayout, *, dtype: str = "bfloat16", node_ram_gib:
     on_fullest = math.ceil(shards * replicas / nodes)
     ids_per_token = len(layout.layer_ids) * layout.num_heads
     distinct = ids_per_token * dedup_ratio
-    lookup = distinct * (8 + dim * width)
+    lookup = distinct * (8 + row_width(name, dim) * width)  # FP8: a row's codes and scales
     push = distinct * (8 + dim * 4)
     return CapacityPlan(
         table_params=layout.num_params, table_rows=rows, row_dim=dim, dtype=name, optimizer=optimizer,
-        replicas=replicas, table_bytes=rows * dim * width, resident_bytes=replicas * one_copy,
+        replicas=replicas, table_bytes=rows * row_width(name, dim) * width, resident_bytes=replicas * one_copy,
         node_ram_gib=node_ram_gib, headroom=headroom, usable_gib_per_node=usable / GIB, shards=shards,
         shards_per_node=fit, memory_nodes=nodes, shard_gib=one_shard / GIB,
         gib_per_node=on_fullest * one_shard / GIB,

@@ -18,7 +18,7 @@ from typing import NoReturn
 
 import grpc
 
-from ..config import STORE_DTYPES
+from ..config import FLOAT_DTYPES
 from ..errors import (
     CheckpointError,
     FingerprintMismatch,
@@ -140,7 +140,7 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
         ids = codec.decode(request.row_ids, what="row_ids", dtypes=("int64",), ndim=1)
         self._check_count(ids.size, "gradient push")
         # gradients travel in any storage dtype; the shard widens them to float32
-        grads = codec.decode(request.grads, what="grads", ndim=2, dtypes=STORE_DTYPES)
+        grads = codec.decode(request.grads, what="grads", ndim=2, dtypes=FLOAT_DTYPES)
         return ids, grads
 
     def _observe(self, method: str, t0: float, rows: int, ok: bool) -> None:

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..config import STORE_DTYPES
+from ..core.dtypes import FP8
 from ..errors import CheckpointError, InvalidRequest
 from .rows import numpy_dtype, sha256_hex
 
@@ -263,6 +264,9 @@ def _load_range(directory, fingerprint, start, stop, dim, dtype, with_state, ver
             continue
         if lo > covered:
             break
+        if (h["dtype"] == FP8) != (dtype == FP8):  # packed bytes and values do not convert by a cast
+            raise CheckpointError(f"checkpoint piece {h['path'].name} holds {h['dtype']} rows; a {dtype} table "
+                                  "cannot load them (import the table again with that --dtype)")
         if h["dim"] != dim:
             raise CheckpointError(f"checkpoint piece {h['path'].name} has rows of {h['dim']}, not {dim}")
         n = h["row_stop"] - h["row_start"]

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..core import fp8
-from ..core.dtypes import numpy_dtype
+from ..core.dtypes import FP8, numpy_dtype
 from ..core.layout import TableLayout
 from ..core.safetensors import SafetensorsFile, SafetensorsWriter
 from .checkpoint import save_rows
@@ -82,6 +82,14 @@ class LayerSource:
     file: SafetensorsFile
     tensor: str
     scales: str | None = None
+
+    def read_packed(self, a: int, b: int) -> np.ndarray:
+        """Rows ``[a, b)`` as packed FP8 rows ``[b - a, D + D/32]``: an FP8 source's own codes
+        and ue8m0 scales byte for byte, anything else quantised."""
+        if self.scales is not None and self.file.tensors[self.scales].dtype in ("U8", "F8_E8M0"):
+            return fp8.pack_rows(np.asarray(self.file.array(self.tensor)[a:b]),
+                                 np.asarray(self.file.array(self.scales)[a:b]))
+        return fp8.quantize_packed(self.read(a, b))
 
     def read(self, a: int, b: int) -> np.ndarray:
         """Rows ``[a, b)`` of the layer as float32 ``[b - a, D]`` (FP8 dequantised)."""
@@ -174,12 +182,16 @@ def import_tables(sources: Sequence[LayerSource], layout: TableLayout, out_dir: 
         for src in sources:
             for a in range(0, src.rows, chunk_rows):
                 b = min(src.rows, a + chunk_rows)
-                values = src.read(a, b)
                 read += (b - a) * (src.file.tensors[src.tensor].nbytes // src.rows) + (
                     (b - a) * (src.file.tensors[src.scales].nbytes // src.rows) if src.scales else 0)
-                with np.errstate(over="ignore", invalid="ignore"):
-                    chunk = values.astype(target)
-                bad = ~np.isfinite(chunk.astype(np.float32)).all(axis=1)
+                if dtype == FP8:  # kept as FP8: the source's bytes where it has them
+                    chunk = src.read_packed(a, b)
+                    check = fp8.dequantize_packed(chunk, layout.row_dim)
+                else:
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        chunk = src.read(a, b).astype(target)
+                    check = chunk.astype(np.float32)
+                bad = ~np.isfinite(check).all(axis=1)
                 if bad.any():
                     r = a + int(np.flatnonzero(bad)[0])
                     raise ValueError(f"tensor {src.tensor!r} (layer {src.layer_id}) row {r}: a value that is not "
@@ -203,11 +215,18 @@ def export_tables(read_rows: Callable[[int, int], np.ndarray], layout: TableLayo
     """Write every layer's table, ``read_rows(start, stop)`` (global rows) chunk by chunk, as
     one ``dtype`` tensor per layer named by ``names``; the layout's fingerprint goes into the
     file's metadata. Deterministic: the same rows give the same bytes."""
-    if dtype not in _ST_DTYPE:
-        raise ValueError(f"dtype {dtype!r}: export writes one of {', '.join(_ST_DTYPE)}")
+    if dtype not in _ST_DTYPE and dtype != FP8:
+        raise ValueError(f"dtype {dtype!r}: export writes one of {', '.join([*_ST_DTYPE, FP8])}")
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows}: expected a positive count")
     target = numpy_dtype(dtype)
+    d = layout.row_dim
+    if dtype == FP8:  # V4.1-style: the codes, then their ue8m0 scales beside them
+        specs = {}
+        for lid, rows in zip(layout.layer_ids, layout.layer_rows):
+            specs[names.table(lid)] = ("F8_E4M3", (rows, d))
+            specs[names.scale(lid)] = ("F8_E8M0", (rows, d // fp8.BLOCK))
+        return _export_fp8(read_rows, layout, path, specs, names, chunk_rows, progress)
     specs = {names.table(lid): (_ST_DTYPE[dtype], (rows, layout.row_dim))
              for lid, rows in zip(layout.layer_ids, layout.layer_rows)}
     meta = {"format": "engram-ray-tables-v1", "fingerprint": layout.fingerprint,
@@ -223,4 +242,25 @@ def export_tables(read_rows: Callable[[int, int], np.ndarray], layout: TableLayo
                 w.write(names.table(lid), block.astype(target, copy=False))
                 if progress is not None:
                     progress(b - a)
+    return Path(path)
+
+
+def _export_fp8(read_rows: Callable[[int, int], np.ndarray], layout: TableLayout, path: str | os.PathLike,
+                specs: dict[str, tuple[str, tuple[int, int]]], names: NameMap, chunk_rows: int,
+                progress: Callable[[int], Any] | None) -> Path:
+    """Packed FP8 rows out as two tensors a layer (codes, then scales): each layer read twice."""
+    d = layout.row_dim
+    meta = {"format": "engram-ray-tables-v1", "fingerprint": layout.fingerprint,
+            "layer_ids": ",".join(map(str, layout.layer_ids))}
+    with SafetensorsWriter(path, specs, meta) as w:
+        for li, lid in enumerate(layout.layer_ids):
+            start, n = int(layout.offsets[li][0]), layout.layer_rows[li]
+            for part, name in ((0, names.table(lid)), (1, names.scale(lid))):
+                for a in range(0, n, chunk_rows):
+                    b = min(n, a + chunk_rows)
+                    packed = np.asarray(read_rows(start + a, start + b))
+                    codes, scales = fp8.unpack_rows(packed, d)
+                    w.write(name, np.ascontiguousarray(scales if part else codes))
+                    if progress is not None and part:
+                        progress(b - a)
     return Path(path)

@@ -7,7 +7,8 @@ import hashlib
 
 import numpy as np
 
-from ..core.dtypes import numpy_dtype
+from ..core.dtypes import FP8, numpy_dtype
+from ..core.fp8 import quantize_packed
 from ..core.rows import INIT_BLOCK_ROWS, init_rows_f32
 
 __all__ = ["INIT_BLOCK_ROWS", "numpy_dtype", "init_rows", "sha256_hex"]
@@ -15,7 +16,14 @@ __all__ = ["INIT_BLOCK_ROWS", "numpy_dtype", "init_rows", "sha256_hex"]
 
 def init_rows(start: int, stop: int, dim: int, *, seed: int, std: float, dtype: str = "float32",
               out: np.ndarray | None = None) -> np.ndarray:
-    """Initial values of global rows ``[start, stop)``: ``[stop-start, dim]`` in ``dtype``."""
+    """Initial values of global rows ``[start, stop)``: ``[stop-start, dim]`` in ``dtype`` (FP8:
+    the float32 rows quantised, packed ``[stop-start, row_width]``)."""
+    if dtype == FP8:
+        packed = quantize_packed(init_rows_f32(start, stop, dim, seed=seed, std=std))
+        if out is None:
+            return packed
+        out[...] = packed
+        return out
     if out is None:
         out = np.empty((stop - start, dim), dtype=numpy_dtype(dtype))
     return init_rows_f32(start, stop, dim, seed=seed, std=std, out=out)

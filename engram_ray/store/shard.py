@@ -17,7 +17,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..config import STORE_DTYPES, StoreConfig
+from ..config import FLOAT_DTYPES, StoreConfig
+from ..core.dtypes import FP8, row_width
 from ..core.layout import ShardPlan, TableLayout
 from ..core.optim import SparseOptimizer, finite_rows, sum_duplicates
 from ..errors import InvalidRequest
@@ -27,7 +28,7 @@ from .rows import init_rows, numpy_dtype, sha256_hex
 __all__ = ["TableShard", "Saved", "GRAD_DTYPES"]
 
 #: Gradient dtypes a shard accepts (widened to float32 before anything else).
-GRAD_DTYPES = (*STORE_DTYPES, "float64")
+GRAD_DTYPES = (*FLOAT_DTYPES, "float64")
 
 
 class Saved(NamedTuple):
@@ -47,6 +48,8 @@ class TableShard:
             raise ValueError(f"TableShard: row range [{row_start}, {row_stop}) is empty or negative")
         self.fingerprint = fingerprint
         self.row_start, self.row_stop, self.dim = int(row_start), int(row_stop), int(dim)
+        #: Stored elements per row: ``dim`` values, or an FP8 row's packed bytes (codes + scales).
+        self.width = row_width(store.dtype, self.dim)
         self.store = store
         self.shard_index, self.num_shards = shard_index, num_shards
         self.dtype = numpy_dtype(store.dtype)
@@ -57,9 +60,9 @@ class TableShard:
         if values is None:
             values = init_rows(self.row_start, self.row_start + self.resident_rows, dim,
                                seed=store.init_seed, std=store.init_std, dtype=store.dtype)
-        if values.shape != (self.resident_rows, dim) or values.dtype != self.dtype:
+        if values.shape != (self.resident_rows, self.width) or values.dtype != self.dtype:
             raise ValueError(f"TableShard: values {values.dtype} {values.shape}; expected "
-                             f"{self.dtype} {(self.resident_rows, dim)}")
+                             f"{self.dtype} {(self.resident_rows, self.width)}")
         self.values = values
         opt = store.optimizer if not self.capped else type(store.optimizer)(kind="none")
         self.optimizer = SparseOptimizer(opt, self.resident_rows, dim)
@@ -80,7 +83,8 @@ class TableShard:
         if store.storage == "mmap":  # filled once with the initial rows, reopened after
             def initial(a: int, b: int) -> np.ndarray:
                 return init_rows(a, b, layout.row_dim, seed=store.init_seed, std=store.init_std, dtype=store.dtype)
-            values, _ = open_rows(store.data_dir, layout.fingerprint, start, stop, layout.row_dim, store.dtype,
+            values, _ = open_rows(store.data_dir, layout.fingerprint, start, stop,
+                                  row_width(store.dtype, layout.row_dim), store.dtype,
                                   f"init seed={store.init_seed} std={store.init_std}", initial)
         return cls(fingerprint=layout.fingerprint, row_start=start, row_stop=stop,
                    dim=layout.row_dim, store=store, shard_index=shard_index, num_shards=num_shards, values=values)
@@ -94,7 +98,7 @@ class TableShard:
         n = min(stop - start, store.resident_rows_per_shard or stop - start)
         return cls(fingerprint=layout.fingerprint, row_start=start, row_stop=stop, dim=layout.row_dim,
                    store=store, shard_index=shard_index, num_shards=num_shards,
-                   values=np.zeros((n, layout.row_dim), dtype=numpy_dtype(store.dtype)))
+                   values=np.zeros((n, row_width(store.dtype, layout.row_dim)), dtype=numpy_dtype(store.dtype)))
 
     # ----------------------------------------------------------------------------------
     @property
@@ -109,7 +113,7 @@ class TableShard:
 
     @property
     def row_bytes(self) -> int:
-        return self.dim * self.dtype.itemsize
+        return self.width * self.dtype.itemsize
 
     @property
     def nbytes(self) -> int:
@@ -136,9 +140,9 @@ class TableShard:
         """Rows ``[n, dim]`` (storage dtype) for global ids ``rows [n]``, into ``out`` if given.
         Each row is read whole: as it was before a concurrent update, or after it."""
         local = self.local_rows(rows)
-        if out is not None and (out.shape != (local.size, self.dim) or out.dtype != self.dtype):
+        if out is not None and (out.shape != (local.size, self.width) or out.dtype != self.dtype):
             raise InvalidRequest(f"gather: out is {out.dtype} {out.shape}; expected "
-                                 f"{self.dtype} {(local.size, self.dim)}")
+                                 f"{self.dtype} {(local.size, self.width)}")
         if self.capped:
             local = local % self.resident_rows
         # Lock-free while no update runs (the common case: lookups never wait for each other);
@@ -174,6 +178,9 @@ class TableShard:
         row's duplicates is not finite, or when the step would store a value (or optimiser
         state) that is not finite in the storage dtype."""
         local = self.local_rows(rows)
+        if self.store.dtype == FP8:
+            raise InvalidRequest(f"shard {self.shard_index} serves an FP8 table, read-only: it refuses updates "
+                                 "(train a float32 or bfloat16 table, or serve this one for inference)")
         if self.capped:
             raise InvalidRequest(f"shard {self.shard_index} keeps {self.resident_rows} of its "
                                  f"{self.num_rows} rows resident (a benchmark table): it serves "
@@ -280,6 +287,7 @@ class TableShard:
         """Shard ``shard_index`` of ``num_shards`` from a checkpoint written with any shard count."""
         from .checkpoint import load_range, verify_range
         start, stop = ShardPlan(layout.total_rows, num_shards).shard_range(shard_index)
+        width = row_width(store.dtype, layout.row_dim)  # checkpoints hold rows as stored
         if store.storage == "mmap":  # copied into the mapped file once, reopened after
             checked: list[bool] = []
 
@@ -287,12 +295,12 @@ class TableShard:
                 if not checked:  # every piece's checksum once, not once per fill chunk
                     verify_range(directory, layout.fingerprint, start, stop)
                     checked.append(True)
-                return load_range(directory, layout.fingerprint, a, b, layout.row_dim, store.dtype, verify=False)[0]
-            values, _ = open_rows(store.data_dir, layout.fingerprint, start, stop, layout.row_dim, store.dtype,
+                return load_range(directory, layout.fingerprint, a, b, width, store.dtype, verify=False)[0]
+            values, _ = open_rows(store.data_dir, layout.fingerprint, start, stop, width, store.dtype,
                                   f"checkpoint {os.path.realpath(directory)}", from_checkpoint)
             state: dict[str, np.ndarray] = {}
         else:
-            values, state = load_range(directory, layout.fingerprint, start, stop, layout.row_dim,
+            values, state = load_range(directory, layout.fingerprint, start, stop, width,
                                        store.dtype, with_state=store.optimizer.kind == "adam")
         shard = cls(fingerprint=layout.fingerprint, row_start=start, row_stop=stop,
                     dim=layout.row_dim, store=store, shard_index=shard_index,

@@ -163,3 +163,65 @@ def test_an_import_never_mixes_tables_or_leaves_half_a_checkpoint(tmp_path, layo
         import_tables(plan_import([path], layout, names), layout, tmp_path / "ckpt2", dtype="float32",
                       chunk_rows=100)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "ckpt", "t.safetensors"]
+
+
+def test_an_fp8_service_serves_the_checkpoints_bytes_and_workers_get_torchs_values(tmp_path, layout):
+    # issue 14's done-when: import a V4.1-layout FP8 file into an FP8 service (kept as FP8:
+    # 264 B a row on the wire), then a worker's lookup -- in-process client and lookup agent
+    # alike -- gives the values torch dequantises from the same bytes
+    from engram_ray.agent import AgentClient
+    from engram_ray.agent.process import spawn
+    from engram_ray.core.safetensors import SafetensorsFile
+    from engram_ray.remote_memory import RemoteMemory
+
+    want = _fp8_file(tmp_path / "v41.safetensors", layout)
+    sources = plan_import([tmp_path / "v41.safetensors"], layout, NameMap(pattern=NAME))
+    rep = import_tables(sources, layout, tmp_path / "ckpt", dtype="fp8_e4m3", chunk_rows=1000)
+    assert rep.bytes_written == layout.total_rows * 264 == layout.nbytes("fp8_e4m3")
+    src = SafetensorsFile(tmp_path / "v41.safetensors")
+    store = StoreConfig(dtype="fp8_e4m3", optimizer=OptimizerConfig(kind="none"))
+    host = ShardHost(layout, store, ServiceConfig(auth=False), 1, 0, checkpoint=str(tmp_path / "ckpt"))
+    agent_proc = None
+    try:
+        ids = np.random.default_rng(6).integers(0, layout.total_rows, size=(2, 3, 5, 24))  # [L, B, T, H]
+        with EngramClient([host.address()], layout) as client:
+            packed = client.lookup(ids[0])
+            assert packed.shape == (3, 5, 24, 264) and packed.dtype == np.uint8  # bytes on the wire
+            r1 = layout.layer_rows[0]
+            first = ids[0].ravel()[ids[0].ravel() < r1][:1]
+            np.testing.assert_array_equal(packed.reshape(-1, 264)[ids[0].ravel() == first[0]][0, :256],
+                                          src.array(NAME.format(layer=1))[first[0]])  # the file's codes, as is
+            np.testing.assert_array_equal(client.values(packed), want[ids[0]])
+            with pytest.raises(ValueError, match="read-only"):
+                client.push_gradients(ids[0], np.ones((3, 5, 24, 256), np.float32))
+            fetch = RemoteMemory(client).fetch(ids, requires_grad=False)
+            np.testing.assert_array_equal(fetch.rows(1).numpy(), want[ids[1]].reshape(3, 5, -1))
+        sock = str(tmp_path / "agent.sock")
+        agent_proc = spawn(sock, [host.address()], layout)
+        with AgentClient(sock, layout, start=lambda: None, connect_timeout=60) as agent:
+            np.testing.assert_array_equal(agent.values(agent.lookup(ids[1])), want[ids[1]])
+            fetch = RemoteMemory(agent).fetch(ids, requires_grad=False)
+            for li in (0, 1):
+                np.testing.assert_array_equal(fetch.rows(li).numpy(), want[ids[li]].reshape(3, 5, -1))
+    finally:
+        if agent_proc is not None:
+            agent_proc.terminate()
+            agent_proc.wait(10)
+        host.stop(0)
+
+
+def test_fp8_tables_export_as_codes_and_scales_and_round_trip(tmp_path, layout):
+    _fp8_file(tmp_path / "v41.safetensors", layout)
+    names = NameMap(pattern=NAME)
+    import_tables(plan_import([tmp_path / "v41.safetensors"], layout, names), layout, tmp_path / "a",
+                  dtype="fp8_e4m3")
+
+    def read(directory):
+        return lambda a, b: load_range(directory, layout.fingerprint, a, b, 264, "fp8_e4m3")[0]
+    first = export_tables(read(tmp_path / "a"), layout, tmp_path / "a.safetensors", dtype="fp8_e4m3", names=names)
+    import_tables(plan_import([first], layout, names), layout, tmp_path / "b", dtype="fp8_e4m3")
+    again = export_tables(read(tmp_path / "b"), layout, tmp_path / "b.safetensors", dtype="fp8_e4m3", names=names,
+                          chunk_rows=333)
+    assert again.read_bytes() == first.read_bytes()
+    with pytest.raises(Exception, match="cannot load them"):  # packed bytes never cast into values
+        load_range(tmp_path / "a", layout.fingerprint, 0, 10, 256, "bfloat16")
