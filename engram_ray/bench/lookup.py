@@ -46,7 +46,7 @@ def _run(config, vocab, shard_counts, batch_sizes, repeats, store, progress) -> 
                         # distinct ids, as a client sends after deduplication
                         ids = np.sort(rng.choice(svc.layout.total_rows, size=min(n, svc.layout.total_rows),
                                                  replace=False))
-                        out = np.empty((ids.size, local.dim), local.dtype)
+                        out = np.empty((ids.size, local.width), local.dtype)  # as stored (FP8: packed)
                         client.lookup(ids)
                         local.gather(ids, out=out)
                         t_client, t_local = [], []

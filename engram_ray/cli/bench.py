@@ -46,13 +46,14 @@ def _cmd_bench_hash(args: argparse.Namespace) -> int:
 def _cmd_bench_lookup(args: argparse.Namespace) -> int:
     from ..bench import lookup as bench_lookup
     from ..bench.common import write_report
-    from ..config import StoreConfig
+    from ..config import OptimizerConfig, StoreConfig
     from ..data import default_vocab, load_tokenizer
 
     cfg, source = engram_config(args)
     vocab = default_vocab(load_tokenizer(args.tokenizer))
     report = bench_lookup.run(cfg, vocab, shard_counts=args.shards, batch_sizes=args.batch,
-                              repeats=args.repeats, store=StoreConfig(dtype=args.dtype), progress=True)
+                              repeats=args.repeats, progress=True,
+                              store=StoreConfig(dtype=args.dtype, optimizer=OptimizerConfig(kind="none")))
     report["source"] = source
     write_report(report, args.out)
     print(f"EngramClient lookup vs in-process gather ({source}, {report['table_rows']:,} rows of "
