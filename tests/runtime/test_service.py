@@ -191,3 +191,48 @@ def test_a_process_is_seen_gone_on_its_own_node():
     assert wait_gone(node, proc.pid, 5) is True
     assert probe_on_node(node, proc.pid, 5) is True
     assert probe_on_node("ab" * 28, proc.pid, 5) is True  # a node that is gone took its processes along
+
+
+def test_a_deployed_fp8_service_serves_an_imported_v41_style_table(tmp_path):
+    # issue 14's done-when on Ray: an FP8 checkpoint made by `engram-ray import` from a
+    # V4.1-layout file, deployed as an FP8 service; a worker's RemoteMemory (through the
+    # service's lookup agent) gets the values torch dequantises from the file's bytes
+    import torch
+
+    from engram_ray.config import EngramConfig
+    from engram_ray.core import fp8
+    from engram_ray.core.layout import TableLayout
+    from engram_ray.core.safetensors import SafetensorsWriter
+    from engram_ray.remote_memory import RemoteMemory
+    from engram_ray.store.interchange import NameMap, import_tables, plan_import
+
+    cfg = EngramConfig(engram_vocab_size=(61, 67, 71), max_ngram_size=4, n_embed_per_ngram=512,
+                       n_head_per_ngram=8, layer_ids=(1, 14), pad_id=2, seed=0, kernel_size=4)
+    layout = TableLayout.build(cfg, VOCAB)
+    name = "model.layers.{layer}.engram.embedding.weight"
+    rng = np.random.default_rng(0)
+    specs, data, want = {}, {}, []
+    for lid, rows in zip(layout.layer_ids, layout.layer_rows):
+        codes, scales = fp8.quantize_rows(rng.standard_normal((rows, layout.row_dim)).astype(np.float32))
+        t, s = name.format(layer=lid), name.format(layer=lid)[:-6] + "weight_scale_inv"
+        specs[t], specs[s] = ("F8_E4M3", codes.shape), ("F8_E8M0", scales.shape)
+        data[t], data[s] = codes, scales
+        want.append((torch.from_numpy(codes).view(torch.float8_e4m3fn).float().view(rows, -1, 32)
+                     * torch.exp2(torch.from_numpy(scales).float() - 127)[..., None]).view(rows, -1).numpy())
+    with SafetensorsWriter(tmp_path / "v41.safetensors", specs) as w:
+        for k in specs:
+            w.write(k, data[k])
+    import_tables(plan_import([tmp_path / "v41.safetensors"], layout, NameMap(pattern=name)), layout,
+                  tmp_path / "ckpt", dtype="fp8_e4m3")
+    store = StoreConfig(dtype="fp8_e4m3", optimizer=OptimizerConfig(kind="none"))
+    svc = deploy(cfg, vocab=VOCAB, num_shards=2, store=store, name="t-fp8", checkpoint=str(tmp_path / "ckpt"))
+    try:
+        assert {d["dtype"] for d in svc.describe()} == {"fp8_e4m3"}
+        ids = rng.integers(0, layout.total_rows, size=(2, 2, 3, 24))
+        with svc.agent_client() as agent:
+            fetch = RemoteMemory(agent).fetch(ids, requires_grad=False)
+            table = np.concatenate(want)
+            for li in (0, 1):
+                np.testing.assert_array_equal(fetch.rows(li).numpy(), table[ids[li]].reshape(2, 3, -1))
+    finally:
+        svc.shutdown()
