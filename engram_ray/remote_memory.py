@@ -262,9 +262,11 @@ class RemoteMemory:
         ``release`` (CUDA): the arrays are in pinned memory the source lent (a registered
         agent slot): the copy reads them there, and ``release()`` runs once it is done."""
         if self.copy_stream is None:
-            values = (torch.from_numpy(dequantize_packed(rows_ud, self._layout.row_dim)) if self.fp8
-                      else _host_tensor(rows_ud))
-            return values.to(self.dtype, copy=True), torch.from_numpy(np.array(inverse_n, np.int64))
+            if self.fp8:  # dequantised into an array of its own: no second copy
+                values = torch.from_numpy(dequantize_packed(rows_ud, self._layout.row_dim)).to(self.dtype)
+            else:
+                values = _host_tensor(rows_ud).to(self.dtype, copy=True)
+            return values, torch.from_numpy(np.array(inverse_n, np.int64))
         self._reap()
         if release is not None:
             src_rows, src_inv = _host_tensor(rows_ud), torch.from_numpy(inverse_n)

@@ -83,7 +83,8 @@ def profile_top(fn, top: int = 30, path_of: tuple[str, ...] = ("remote_memory.py
     # Stats.stats: {(file, line, name): (calls, ncalls, own, cumulative, callers)}; typeshed omits it
     items = st.stats.items()  # type: ignore[attr-defined]
     rows = sorted(items, key=lambda kv: -kv[1][2])[:top]
-    path = sorted((kv for kv in items if any(p in kv[0][0] for p in path_of) and kv not in rows),
+    shown = {key for key, _ in rows}
+    path = sorted((kv for kv in items if any(p in kv[0][0] for p in path_of) and kv[0] not in shown),
                   key=lambda kv: -kv[1][3])
     return [{"function": f"{Path(f).name}:{line}({name})", "calls": nc, "own_s": tt, "cumulative_s": ct,
              **({"path": True} if i >= len(rows) else {})}

@@ -7,18 +7,16 @@ import json
 import os
 import time
 
-from .common import add_table_args, engram_config
+from .common import add_table_args, table_layout
 
 
 def _layout(args: argparse.Namespace):  # -> TableLayout
     from ..core.layout import TableLayout
-    from ..data import default_vocab, load_tokenizer
 
     if args.layout:
         with open(args.layout) as f:
             return TableLayout.from_dict(json.load(f))
-    cfg, _ = engram_config(args)
-    return TableLayout.build(cfg, default_vocab(load_tokenizer(args.tokenizer)))
+    return table_layout(args)[0]
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ..config import DTYPE_ALIASES, MODEL_PRESETS, STORE_DTYPES, store_dtype
-from .common import add_table_args, engram_config
+from .common import add_table_args, engram_config, table_layout
 
 
 def _plot_beside(out: str | None, plot) -> None:
@@ -290,11 +290,8 @@ def _latency_mapped(args: argparse.Namespace, cfg: Any, source: str, vocab: Any)
 def _cmd_bench_agent_hop(args: argparse.Namespace) -> int:
     from ..bench import agent_hop
     from ..bench.common import write_report
-    from ..core.layout import TableLayout
-    from ..data import default_vocab, load_tokenizer
 
-    cfg, source = engram_config(args)
-    layout = TableLayout.build(cfg, default_vocab(load_tokenizer(args.tokenizer)))
+    layout, source = table_layout(args)
     report = agent_hop.run(layout, source, sizes=args.ids, shards=args.shards, calls=args.calls,
                            agent_cores=args.agent_cores, max_resident_gib=args.max_resident_gib, progress=True)
     write_report(report, args.out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from ..config import PRESETS, STORE_DTYPES, EngramConfig, OptimizerConfig, StoreConfig, preset
 
@@ -15,6 +16,16 @@ def engram_config(args: argparse.Namespace) -> tuple[EngramConfig, str]:
     if getattr(args, "config", None):
         return EngramConfig.from_json(args.config), args.config
     return preset(args.preset), args.preset
+
+
+def table_layout(args: argparse.Namespace) -> tuple[Any, str]:
+    """The :class:`~engram_ray.core.layout.TableLayout` of ``--preset``/``--config`` hashed
+    over ``--tokenizer``'s vocabulary, and where the config came from."""
+    from ..core.layout import TableLayout
+    from ..data import default_vocab, load_tokenizer
+
+    cfg, source = engram_config(args)
+    return TableLayout.build(cfg, default_vocab(load_tokenizer(args.tokenizer))), source
 
 
 def add_table_args(p: argparse.ArgumentParser, default_preset: str) -> None:

@@ -16,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .common import add_store_args, add_table_args, engram_config, store_config
+from .common import add_store_args, add_table_args, store_config, table_layout
 
 
 def read_token(args: argparse.Namespace) -> str | None:
@@ -46,16 +46,13 @@ def _service(args: argparse.Namespace):
 
 
 def _cmd_shard(args: argparse.Namespace) -> int:
-    from ..core.layout import TableLayout
-    from ..data import default_vocab, load_tokenizer
     from ..rpc.host import ShardHost
     from ..store.recovery import recovery_dir_name
 
     if not 0 <= args.index < args.shards:
         raise ValueError(f"--index {args.index}: expected 0..{args.shards - 1} for --shards {args.shards}")
     token = read_token(args)
-    cfg, source = engram_config(args)
-    layout = TableLayout.build(cfg, default_vocab(load_tokenizer(args.tokenizer)))
+    layout, source = table_layout(args)
     store = store_config(args)
     if args.max_resident_gib is not None:
         from ..core.plan import resident_rows_per_shard

@@ -9,15 +9,7 @@ from typing import Any
 from ..config import STORE_DTYPES, store_dtype
 from ..core.dtypes import FP8, row_width
 from ..core.fp8 import quantize_packed
-from .common import add_table_args, engram_config, gib
-
-
-def _layout(args: argparse.Namespace) -> Any:
-    from ..core.layout import TableLayout
-    from ..data import default_vocab, load_tokenizer
-
-    cfg, _ = engram_config(args)
-    return TableLayout.build(cfg, default_vocab(load_tokenizer(args.tokenizer)))
+from .common import add_table_args, gib, table_layout
 
 
 def _names(args: argparse.Namespace) -> Any:
@@ -44,7 +36,7 @@ def _bar(total: int, what: str) -> Any:
 def _cmd_import(args: argparse.Namespace) -> int:
     from ..store.interchange import import_tables, plan_import
 
-    layout = _layout(args)
+    layout, _ = table_layout(args)
     dtype = args.dtype
     sources = plan_import(args.files, layout, _names(args))  # every tensor checked before a byte is written
     with _bar(layout.total_rows, "import") as bar:
@@ -65,7 +57,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from ..store.interchange import export_tables
 
-    layout = _layout(args)
+    layout, _ = table_layout(args)
     dtype = args.dtype
     if args.from_checkpoint:
         from ..store.checkpoint import load_range, verify_range

@@ -229,10 +229,8 @@ def verify_range(directory: str | os.PathLike, fingerprint: str, start: int, sto
     ``verify=False``, instead of hashing each whole piece again for every chunk."""
     for h in list_pieces(directory, fingerprint):
         if h["row_start"] < stop and h["row_stop"] > start:
-            dt = numpy_dtype(h["dtype"])
-            raw = _array(h["path"], _RAW[dt.itemsize], (h["row_stop"] - h["row_start"], h["dim"]), None, "rows")
-            if sha256_hex(raw) != h["sha256"]:
-                raise CheckpointError(f"checkpoint piece {h['path'].name} fails its checksum: the file is corrupt")
+            _array(h["path"], _RAW[numpy_dtype(h["dtype"]).itemsize], (h["row_stop"] - h["row_start"], h["dim"]),
+                   h["sha256"], "rows")
 
 
 def load_range(directory: str | os.PathLike, fingerprint: str, start: int, stop: int, dim: int,
@@ -271,11 +269,7 @@ def _load_range(directory, fingerprint, start, stop, dim, dtype, with_state, ver
             raise CheckpointError(f"checkpoint piece {h['path'].name} has rows of {h['dim']}, not {dim}")
         n = h["row_stop"] - h["row_start"]
         src_dt = numpy_dtype(h["dtype"])
-        raw = _array(h["path"], _RAW[src_dt.itemsize], (n, dim), None, "rows")
-        rows = raw.view(src_dt)
-        if verify and sha256_hex(rows) != h["sha256"]:
-            raise CheckpointError(f"checkpoint piece {h['path'].name} fails its checksum: "
-                                  "the file is corrupt")
+        rows = _array(h["path"], _RAW[src_dt.itemsize], (n, dim), h["sha256"] if verify else None, "rows").view(src_dt)
         a, b = lo - h["row_start"], hi - h["row_start"]
         out[lo - start: hi - start] = rows[a:b].astype(out.dtype, copy=False)
         if with_state:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..core import fp8
-from ..core.dtypes import FP8, numpy_dtype
+from ..core.dtypes import FP8, numpy_dtype, row_width
 from ..core.layout import TableLayout
 from ..core.safetensors import SafetensorsFile, SafetensorsWriter
 from .checkpoint import save_rows
@@ -212,55 +212,39 @@ def import_tables(sources: Sequence[LayerSource], layout: TableLayout, out_dir: 
 def export_tables(read_rows: Callable[[int, int], np.ndarray], layout: TableLayout, path: str | os.PathLike, *,
                   dtype: str = "bfloat16", names: NameMap = NameMap(), chunk_rows: int = 1 << 18,
                   progress: Callable[[int], Any] | None = None) -> Path:
-    """Write every layer's table, ``read_rows(start, stop)`` (global rows) chunk by chunk, as
-    one ``dtype`` tensor per layer named by ``names``; the layout's fingerprint goes into the
-    file's metadata. Deterministic: the same rows give the same bytes."""
+    """Write every layer's table, ``read_rows(start, stop)`` (global rows, as stored in
+    ``dtype``) chunk by chunk, named by ``names``: one ``dtype`` tensor per layer, or for FP8
+    the codes and their ue8m0 scales (V4.1's two tensors; the layer is read once for each).
+    The layout's fingerprint goes into the file's metadata. Deterministic: the same rows give
+    the same bytes."""
     if dtype not in _ST_DTYPE and dtype != FP8:
         raise ValueError(f"dtype {dtype!r}: export writes one of {', '.join([*_ST_DTYPE, FP8])}")
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows}: expected a positive count")
-    target = numpy_dtype(dtype)
-    d = layout.row_dim
-    if dtype == FP8:  # V4.1-style: the codes, then their ue8m0 scales beside them
-        specs = {}
-        for lid, rows in zip(layout.layer_ids, layout.layer_rows):
-            specs[names.table(lid)] = ("F8_E4M3", (rows, d))
-            specs[names.scale(lid)] = ("F8_E8M0", (rows, d // fp8.BLOCK))
-        return _export_fp8(read_rows, layout, path, specs, names, chunk_rows, progress)
-    specs = {names.table(lid): (_ST_DTYPE[dtype], (rows, layout.row_dim))
-             for lid, rows in zip(layout.layer_ids, layout.layer_rows)}
+    d, target = layout.row_dim, numpy_dtype(dtype)
+
+    def parts(lid: int, rows: int) -> list[tuple[str, str, tuple[int, int], Callable[[np.ndarray], np.ndarray]]]:
+        """(tensor name, safetensors dtype, shape, block -> its bytes) for layer ``lid``."""
+        if dtype != FP8:
+            return [(names.table(lid), _ST_DTYPE[dtype], (rows, d), lambda blk: blk.astype(target, copy=False))]
+        return [(names.table(lid), "F8_E4M3", (rows, d), lambda blk: np.ascontiguousarray(blk[:, :d])),
+                (names.scale(lid), "F8_E8M0", (rows, d // fp8.BLOCK), lambda blk: np.ascontiguousarray(blk[:, d:]))]
+
+    layers = [parts(lid, rows) for lid, rows in zip(layout.layer_ids, layout.layer_rows)]
+    specs = {name: (st, shape) for ps in layers for name, st, shape, _ in ps}
     meta = {"format": "engram-ray-tables-v1", "fingerprint": layout.fingerprint,
             "layer_ids": ",".join(map(str, layout.layer_ids))}
+    width = row_width(dtype, d)
     with SafetensorsWriter(path, specs, meta) as w:
-        for li, lid in enumerate(layout.layer_ids):
+        for li, ps in enumerate(layers):
             start, n = int(layout.offsets[li][0]), layout.layer_rows[li]
-            for a in range(0, n, chunk_rows):
-                b = min(n, a + chunk_rows)
-                block = np.asarray(read_rows(start + a, start + b))
-                if block.shape != (b - a, layout.row_dim):
-                    raise ValueError(f"export: rows [{start + a}, {start + b}) came back as {block.shape}")
-                w.write(names.table(lid), block.astype(target, copy=False))
-                if progress is not None:
-                    progress(b - a)
-    return Path(path)
-
-
-def _export_fp8(read_rows: Callable[[int, int], np.ndarray], layout: TableLayout, path: str | os.PathLike,
-                specs: dict[str, tuple[str, tuple[int, int]]], names: NameMap, chunk_rows: int,
-                progress: Callable[[int], Any] | None) -> Path:
-    """Packed FP8 rows out as two tensors a layer (codes, then scales): each layer read twice."""
-    d = layout.row_dim
-    meta = {"format": "engram-ray-tables-v1", "fingerprint": layout.fingerprint,
-            "layer_ids": ",".join(map(str, layout.layer_ids))}
-    with SafetensorsWriter(path, specs, meta) as w:
-        for li, lid in enumerate(layout.layer_ids):
-            start, n = int(layout.offsets[li][0]), layout.layer_rows[li]
-            for part, name in ((0, names.table(lid)), (1, names.scale(lid))):
+            for k, (name, _, _, take) in enumerate(ps):
                 for a in range(0, n, chunk_rows):
                     b = min(n, a + chunk_rows)
-                    packed = np.asarray(read_rows(start + a, start + b))
-                    codes, scales = fp8.unpack_rows(packed, d)
-                    w.write(name, np.ascontiguousarray(scales if part else codes))
-                    if progress is not None and part:
+                    block = np.asarray(read_rows(start + a, start + b))
+                    if block.shape != (b - a, width):
+                        raise ValueError(f"export: rows [{start + a}, {start + b}) came back as {block.shape}")
+                    w.write(name, take(block))
+                    if progress is not None and k == len(ps) - 1:
                         progress(b - a)
     return Path(path)

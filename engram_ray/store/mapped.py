@@ -11,8 +11,10 @@ source reopens the file without a copy; one asking for another refills it.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import mmap
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -41,8 +43,6 @@ class _Lock:
     update twice)."""
 
     def __init__(self, path: Path):
-        import fcntl
-
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -58,10 +58,10 @@ class _Lock:
 
 
 def open_rows(data_dir: str, fingerprint: str, start: int, stop: int, dim: int, dtype: str, source: str,
-              fill: Callable[[int, int], np.ndarray]) -> tuple[np.ndarray, bool]:
-    """The mapped rows ``[stop - start, dim]`` of range ``[start, stop)``, and whether they were
-    (re)filled now: reopened as they are when the sidecar says the file is complete and came
-    from ``source``; else filled by ``fill(a, b)`` (global rows ``[a, b)`` in ``dtype``), a
+              fill: Callable[[int, int], np.ndarray]) -> np.memmap:
+    """The mapped rows ``[stop - start, dim]`` of range ``[start, stop)``: reopened as they are
+    when the sidecar says the file is complete and came from ``source``; else filled by
+    ``fill(a, b)`` (global rows ``[a, b)`` in ``dtype``, asked in order from ``start``), a
     chunk at a time, and only then marked complete."""
     data, meta, lock_path = _paths(data_dir, fingerprint, start, stop, dtype)
     Path(data_dir).mkdir(parents=True, exist_ok=True)
@@ -76,7 +76,7 @@ def open_rows(data_dir: str, fingerprint: str, start: int, stop: int, dim: int, 
     if (isinstance(have, dict) and {k: have.get(k) for k in want} == want and have.get("source") == source
             and data.exists() and data.stat().st_size == n * dim * dt.itemsize):
         log.info("mapped rows %s reopened (from %s)", data, source)
-        return _held(np.memmap(data, dtype=dt, mode="r+", shape=(n, dim)), lock), False
+        return _held(np.memmap(data, dtype=dt, mode="r+", shape=(n, dim)), lock)
     if isinstance(have, dict):
         why = "another source" if have.get("source") != source else "a file of another size"
         log.warning("mapped rows %s: %s (%r, now %r); filling them again", data, why, have.get("source"), source)
@@ -97,23 +97,14 @@ def open_rows(data_dir: str, fingerprint: str, start: int, stop: int, dim: int, 
     tmp.write_text(json.dumps({**want, "source": source}))
     os.replace(tmp, meta)
     log.info("mapped rows %s filled from %s", data, source)
-    return _held(np.memmap(data, dtype=dt, mode="r+", shape=(n, dim)), lock), True
+    return _held(np.memmap(data, dtype=dt, mode="r+", shape=(n, dim)), lock)
 
 
 def _held(rows: np.memmap, lock: _Lock) -> np.memmap:
-    """``rows`` advised for random access, holding ``lock`` as long as the mapping lives."""
+    """``rows`` holding ``lock`` as long as the mapping lives, advised for random access:
+    lookups read random rows, and readahead around a faulting page reads 32 pages to use one."""
     rows._engram_lock = lock  # type: ignore[attr-defined]
-    return _random_access(rows)
-
-
-def _random_access(rows: np.memmap) -> np.memmap:
-    """Lookups read random rows: no readahead around a faulting page (it would read 32 pages
-    to use one)."""
-    import mmap as _mmap
-
-    mm = getattr(rows, "_mmap", None)
-    if mm is not None:
-        mm.madvise(_mmap.MADV_RANDOM)
+    rows._mmap.madvise(mmap.MADV_RANDOM)  # type: ignore[attr-defined]
     return rows
 
 
@@ -145,10 +136,8 @@ def evict(rows: Any) -> bool:
     mm = getattr(rows, "_mmap", None)
     if not isinstance(rows, np.memmap) or mm is None or rows.filename is None:
         return False
-    import mmap as _mmap
-
     rows.flush()
-    mm.madvise(_mmap.MADV_DONTNEED)  # unmap our pages: the page cache may then drop them
+    mm.madvise(mmap.MADV_DONTNEED)  # unmap our pages: the page cache may then drop them
     fd = os.open(rows.filename, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

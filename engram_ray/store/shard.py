@@ -83,9 +83,9 @@ class TableShard:
         if store.storage == "mmap":  # filled once with the initial rows, reopened after
             def initial(a: int, b: int) -> np.ndarray:
                 return init_rows(a, b, layout.row_dim, seed=store.init_seed, std=store.init_std, dtype=store.dtype)
-            values, _ = open_rows(store.data_dir, layout.fingerprint, start, stop,
-                                  row_width(store.dtype, layout.row_dim), store.dtype,
-                                  f"init seed={store.init_seed} std={store.init_std}", initial)
+            values = open_rows(store.data_dir, layout.fingerprint, start, stop,
+                               row_width(store.dtype, layout.row_dim), store.dtype,
+                               f"init seed={store.init_seed} std={store.init_std}", initial)
         return cls(fingerprint=layout.fingerprint, row_start=start, row_stop=stop,
                    dim=layout.row_dim, store=store, shard_index=shard_index, num_shards=num_shards, values=values)
 
@@ -137,7 +137,7 @@ class TableShard:
 
     # Serving -------------------------------------------------------------------------
     def gather(self, rows: Any, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows ``[n, dim]`` (storage dtype) for global ids ``rows [n]``, into ``out`` if given.
+        """Rows ``[n, width]`` as stored for global ids ``rows [n]``, into ``out`` if given.
         Each row is read whole: as it was before a concurrent update, or after it."""
         local = self.local_rows(rows)
         if out is not None and (out.shape != (local.size, self.width) or out.dtype != self.dtype):
@@ -288,16 +288,14 @@ class TableShard:
         from .checkpoint import load_range, verify_range
         start, stop = ShardPlan(layout.total_rows, num_shards).shard_range(shard_index)
         width = row_width(store.dtype, layout.row_dim)  # checkpoints hold rows as stored
+        values: np.ndarray
         if store.storage == "mmap":  # copied into the mapped file once, reopened after
-            checked: list[bool] = []
-
             def from_checkpoint(a: int, b: int) -> np.ndarray:
-                if not checked:  # every piece's checksum once, not once per fill chunk
+                if a == start:  # the first chunk: every piece's checksum once, not once per chunk
                     verify_range(directory, layout.fingerprint, start, stop)
-                    checked.append(True)
                 return load_range(directory, layout.fingerprint, a, b, width, store.dtype, verify=False)[0]
-            values, _ = open_rows(store.data_dir, layout.fingerprint, start, stop, width, store.dtype,
-                                  f"checkpoint {os.path.realpath(directory)}", from_checkpoint)
+            values = open_rows(store.data_dir, layout.fingerprint, start, stop, width, store.dtype,
+                               f"checkpoint {os.path.realpath(directory)}", from_checkpoint)
             state: dict[str, np.ndarray] = {}
         else:
             values, state = load_range(directory, layout.fingerprint, start, stop, width,
