@@ -146,3 +146,21 @@ def test_rows_reach_the_gpu_from_the_registered_slot(served, agent):
     torch.cuda.synchronize()
     gpu._reap()
     assert not gpu._lent and len(agent._free) == len(agent._slots)
+
+
+def test_rows_without_gradients_are_gathered_from_the_slot(served, agent):
+    """Inference rows (no gradient, on the host) come out of the agent's slot in one gather:
+    bit-identical to LocalMemory's, in the model's dtype, and every slot is given back."""
+    layout = served.layout
+    local = LocalMemory(layout, init_std=STORE.init_std, optimizer=STORE.optimizer)
+    rng = np.random.default_rng(4)
+    ids = served.indexer.rows(rng.integers(0, 90, size=(3, 7)))          # [L, B, T, H]
+    for dtype in (torch.float32, torch.bfloat16):
+        memory = RemoteMemory(agent, dtype=dtype)
+        f, want = memory.fetch(ids, requires_grad=False), local.fetch(ids, requires_grad=False)
+        for li in range(ids.shape[0]):
+            got = f.rows(li)
+            assert got.dtype == dtype and not got.requires_grad
+            assert torch.equal(got, want.rows(li).to(dtype))
+        assert f.unique_ids == {} and f.tensors == {}  # nothing kept for a push
+        assert sorted(agent._free) == list(range(len(agent._slots)))  # every slot back
