@@ -180,6 +180,14 @@ class RemoteFetch:
         self.stage_seconds += time.perf_counter() - t1
         return out
 
+    def release(self) -> None:
+        """Give back the source's buffers of every layer not taken yet: a fetch that will not
+        be used (e.g. a serving engine's lookahead planned otherwise)."""
+        for li, p in enumerate(self.pending):
+            release = getattr(p, "release", None)
+            if release is not None and li not in self._staged and li not in self.tensors:
+                release()
+
     def _rows_direct(self, li: int) -> torch.Tensor:
         """Rows without gradients on the host: expanded in one gather straight out of the
         source's buffers, which are then released -- no staged copy of the unique rows, no copy

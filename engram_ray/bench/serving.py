@@ -13,7 +13,19 @@ same shape of work on :class:`~engram_ray.model.EngramLM` (scaled down by flags 
   serving engine's does (one ``[d, 1]`` forward, not ``d`` forwards);
 * every forward's Engram rows come from the memory: all of a step's fetches (the chunks' and
   the decode batch's, whose tokens were sampled at the end of the previous step) are issued at
-  the start of the step, so the decode batch's rows travel while the chunks compute.
+  the start of the step, so the decode batch's rows travel while the chunks compute;
+* **lookahead**: prompt tokens are known before they run, so the rows of the *next* step's
+  prefill chunks are asked for at the start of this one, after this step's own lookups (an
+  ordered memory sends them last). A chunk's rows then travel for a whole step, not just the
+  two blocks before the first Engram layer -- only the decode batch's rows (sampled one step
+  earlier) still race the blocks. The next plan is predicted exactly as the loop will make
+  it (who retires, who is admitted, where slots move); a chunk planned otherwise is fetched
+  as usual and the unused lookahead is dropped (counted in ``ServeResult.lookahead``).
+  Measured in ``engram-ray bench offload``'s serving phase on 2 cores (5 runs each way): the
+  chunks' time blocked for rows at the first Engram layer fell from 2.1 to 1.1 ms a run --
+  little here, where two CPU blocks of a 256-token chunk outlast its lookup; on a GPU, whose
+  blocks take microseconds, a chunk's rows otherwise arrive late. The decode batch's rows
+  (~9 ms a run blocked here) are what still waits.
 
 Why slots stay ordered ``[decoding..., prefilling...]``: the decode batch is then a contiguous
 view ``[0, d)`` of the cache (no gather of the cache each step). Chunks complete in FIFO order,
@@ -25,6 +37,7 @@ the hole (a copy of one sequence's cache, up to its length).
 from __future__ import annotations
 
 import collections
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,36 +137,64 @@ class ServeResult:
     output_tokens: int
     steps: int
     outputs: list[list[int]]
+    #: Prefill chunks whose rows were asked for a step ahead and used ("hits"), chunks fetched
+    #: in their own step ("misses"), and lookahead fetches planned otherwise and dropped.
+    lookahead: dict[str, int] = field(default_factory=dict)
 
 
 class _Engine:
     """The continuous-batching loop over one model and memory (``memory=None``: no Engram)."""
 
     def __init__(self, model: Any, memory: Any, indexer: Any, reqs: list[Request], *, max_batch: int,
-                 token_budget: int, device: torch.device, acc: dict[str, float]):
+                 token_budget: int, device: torch.device, acc: dict[str, float], lookahead: bool = True):
         self.model, self.memory, self.indexer, self.device, self.acc = model, memory, indexer, device, acc
         self.max_batch, self.budget = max_batch, token_budget
         self.slots = SlotCache(model, max_batch, device)
-        self.waiting = collections.deque(enumerate(reqs))
+        self.waiting = collections.deque((i, r, indexer.new_history(1)) for i, r in enumerate(reqs))
         self.live: list[_Seq] = []
         self.n_decoding = 0                  # live[:n_decoding] have their whole prompt cached
         self.outputs: list[list[int]] = [[] for _ in reqs]
+        self.lookahead = lookahead and memory is not None
+        #: (request, start, stop) -> (fetch, history after the chunk): next step's chunks, asked
+        #: for a step ahead.
+        self.ahead: dict[tuple[int, int, int], tuple[Any, np.ndarray]] = {}
+        self.counts = {"hits": 0, "misses": 0, "dropped": 0}
 
     def step(self) -> None:
         """Admit, issue every fetch of the step, prefill chunks, decode once, retire."""
         while self.waiting and len(self.live) < self.max_batch:
-            i, req = self.waiting.popleft()
-            self.live.append(_Seq(i, req, self.indexer.new_history(1)))
+            i, req, hist = self.waiting.popleft()
+            self.live.append(_Seq(i, req, hist))
         chunks = self._plan_chunks()
         decoding = self.live[:self.n_decoding]
-        # Every fetch of the step in one hand-over, in the order the forwards run (chunks, then
-        # the decode batch): an ordered memory sends the lookups in the order layers ask.
-        rows = [self._index(s, s.req.prompt[None, a:b]) for s, _, a, b in chunks]
+        # Chunks asked for a step ahead are taken; the rest, and the decode batch, are asked
+        # for now, in one hand-over in the order the forwards run (chunks, then the decode
+        # batch): an ordered memory sends the lookups in the order layers ask.
+        ready: dict[int, Any] = {}
+        rows, new = [], []
+        for k, (s, _, a, b) in enumerate(chunks):
+            got = self.ahead.pop((s.index, a, b), None)
+            if got is not None:
+                ready[k], s.history = got
+            else:
+                rows.append(self._index(s, s.req.prompt[None, a:b]))
+                new.append(k)
+        if self.lookahead:
+            self.counts["hits"] += len(ready)
+            self.counts["misses"] += len(new)
+        self._drop_ahead()  # planned otherwise: their slots go back before new lookups take some
         if decoding:
             rows.append(self._index_decode(decoding))
-        fetches = self._issue(rows)
-        chunk_fetches = fetches[:len(chunks)]
-        dec_fetch = fetches[len(chunks)] if decoding else None
+        # next step's chunks last: this step's rows first on the memory side
+        following = self._next_chunks(chunks) if self.lookahead else []
+        ahead_rows = [self._index_ahead(s, a, b) for s, a, b in following]
+        fetches = self._issue(rows + [r for r, _ in ahead_rows])
+        for k, f in zip(new, fetches):
+            ready[k] = f
+        dec_fetch = fetches[len(new)] if decoding else None
+        for (s, a, b), (_, hist), f in zip(following, ahead_rows, fetches[len(rows):]):
+            self.ahead[(s.index, a, b)] = (f, hist)
+        chunk_fetches = [ready[k] for k in range(len(chunks))]
         for (seq, slot, a, b), fetch in zip(chunks, chunk_fetches):
             self._prefill(seq, slot, a, b, fetch)
         if decoding:
@@ -162,15 +203,55 @@ class _Engine:
 
     def _plan_chunks(self) -> list[tuple[_Seq, int, int, int]]:
         """Prompt chunks ``(seq, slot, start, stop)`` of this step: FIFO up to the budget."""
+        prefilling = [(self.live[k], self.live[k].done) for k in range(self.n_decoding, len(self.live))]
+        return [(s, self.n_decoding + k, a, b) for k, (s, a, b) in enumerate(self._fill(prefilling))]
+
+    def _fill(self, prefilling: list[tuple[Any, int]]) -> list[tuple[Any, int, int]]:
+        """``(seq, start, stop)`` for prefilling ``(seq, done)`` in slot order, up to the budget."""
         out, left = [], self.budget
-        for slot in range(self.n_decoding, len(self.live)):
+        for s, done in prefilling:
             if left <= 0:
                 break
-            s = self.live[slot]
-            n = min(left, s.req.prompt.size - s.done)
-            out.append((s, slot, s.done, s.done + n))
+            n = min(left, s.req.prompt.size - done)
+            out.append((s, done, done + n))
             left -= n
         return out
+
+    def _next_chunks(self, chunks: list[tuple[_Seq, int, int, int]]) -> list[tuple[Any, int, int]]:
+        """The prefill chunks the next step will plan, predicted from this step's: every live
+        sequence one token further (or its chunk done), the same retirements and slot moves as
+        :meth:`_retire`, then the same admissions from ``waiting``."""
+        done = {id(s): b for s, _, _, b in chunks}
+        n_dec, outs = self.n_decoding, {}
+        for s in self.live:
+            d = done.get(id(s), s.done)
+            if s.done == s.req.prompt.size:
+                outs[id(s)] = len(s.out) + 1          # one decode step
+            elif d == s.req.prompt.size:
+                outs[id(s)], n_dec = 1, n_dec + 1     # its last chunk samples its first token
+        live = list(self.live)
+        n_dec = _retire_order(live, n_dec, lambda s: outs.get(id(s), 0) >= s.req.output_len)
+        prefilling = [(s, done.get(id(s), s.done)) for s in live[n_dec:]]
+        free = self.max_batch - len(live)
+        prefilling += [(_Seq(i, r, h), 0) for i, r, h in itertools.islice(self.waiting, max(0, free))]
+        return self._fill(prefilling)
+
+    def _index_ahead(self, seq: Any, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """A next-step chunk's rows and the history after it (not kept by the sequence yet):
+        its history now is the sequence's after this step's chunk, which was indexed first."""
+        t1 = time.perf_counter()
+        rows, hist = self.indexer.step(seq.history, seq.req.prompt[None, a:b])
+        self.acc["hash_s"] += time.perf_counter() - t1
+        return rows, hist
+
+    def _drop_ahead(self) -> None:
+        """Give back the lookahead fetches no chunk of this step took."""
+        for fetch, _ in self.ahead.values():
+            release = getattr(fetch, "release", None)
+            if release is not None:
+                release()
+        self.counts["dropped"] += len(self.ahead)
+        self.ahead.clear()
 
     def _index(self, seq: _Seq, new_bt: np.ndarray) -> np.ndarray | None:
         """One sequence's new tokens -> their rows ``[L, 1, n, H]`` (None without a memory)."""
@@ -231,29 +312,42 @@ class _Engine:
 
     def _retire(self) -> None:
         """Finished sequences leave; slots stay ``[decoding..., prefilling...]`` (see module)."""
-        for i in range(self.n_decoding - 1, -1, -1):  # high slots first: what moves is live
-            s = self.live[i]
-            if len(s.out) < s.req.output_len:
-                continue
-            self.outputs[s.index] = s.out
-            last_dec, last = self.n_decoding - 1, len(self.live) - 1
-            self._relocate(last_dec, i)
-            self._relocate(last, last_dec)
-            self.live.pop()
-            self.n_decoding -= 1
+        for s in self.live[:self.n_decoding]:
+            if len(s.out) >= s.req.output_len:
+                self.outputs[s.index] = s.out
+        self.n_decoding = _retire_order(self.live, self.n_decoding, lambda s: len(s.out) >= s.req.output_len,
+                                        move=lambda src, dst: self.slots.move(src, dst, self.live[src].pos))
 
-    def _relocate(self, src: int, dst: int) -> None:
+
+def _retire_order(live: list[Any], n_decoding: int, finished: Any, move: Any = None) -> int:
+    """Take the ``finished`` decoding sequences out of ``live`` (slots ``[decoding...,
+    prefilling...]``), in place: the last decoding one fills a hole and the last live one the
+    slot that frees (``move(src, dst)`` first, for the cache). Returns the new decoding count.
+    The engine retires with it and predicts the next step's plan with it: one rule for both."""
+    def relocate(src: int, dst: int) -> None:
         if src != dst:
-            self.slots.move(src, dst, self.live[src].pos)
-            self.live[dst] = self.live[src]
+            if move is not None:
+                move(src, dst)
+            live[dst] = live[src]
+
+    for i in range(n_decoding - 1, -1, -1):  # high slots first: what moves is live
+        if not finished(live[i]):
+            continue
+        last_dec, last = n_decoding - 1, len(live) - 1
+        relocate(last_dec, i)
+        relocate(last, last_dec)
+        live.pop()
+        n_decoding -= 1
+    return n_decoding
 
 
 def serve(model: Any, memory: Any, indexer: Any, reqs: list[Request], *, max_batch: int, token_budget: int,
-          device: torch.device, acc: dict[str, float] | None = None) -> ServeResult:
-    """Serve ``reqs`` to completion (greedy); ``acc`` gathers hash / issue / wait seconds."""
+          device: torch.device, acc: dict[str, float] | None = None, lookahead: bool = True) -> ServeResult:
+    """Serve ``reqs`` to completion (greedy); ``acc`` gathers hash / issue / wait seconds.
+    ``lookahead``: ask for the next step's prefill rows a step ahead (see the module)."""
     acc = acc if acc is not None else collections.defaultdict(float)
     eng = _Engine(model, memory, indexer, reqs, max_batch=max_batch, token_budget=token_budget,
-                  device=device, acc=acc)
+                  device=device, acc=acc, lookahead=lookahead)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -261,7 +355,9 @@ def serve(model: Any, memory: Any, indexer: Any, reqs: list[Request], *, max_bat
     while eng.waiting or eng.live:
         eng.step()
         steps += 1
+    eng._drop_ahead()  # nothing is left to plan: a lookahead predicted otherwise goes back
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return ServeResult(time.perf_counter() - t0, sum(r.prompt.size for r in reqs),
-                       sum(r.output_len for r in reqs), steps, eng.outputs)
+                       sum(r.output_len for r in reqs), steps, eng.outputs,
+                       dict(eng.counts) if eng.lookahead else {})

@@ -4,6 +4,7 @@ through a direct EngramClient and as from LocalMemory (bit for bit, on CPU)."""
 import copy
 import os
 import stat
+import time
 
 import numpy as np
 import pytest
@@ -164,3 +165,22 @@ def test_rows_without_gradients_are_gathered_from_the_slot(served, agent):
             assert torch.equal(got, want.rows(li).to(dtype))
         assert f.unique_ids == {} and f.tensors == {}  # nothing kept for a push
         assert sorted(agent._free) == list(range(len(agent._slots)))  # every slot back
+
+
+def test_a_fetch_not_used_gives_its_slots_back(served, agent):
+    """RemoteFetch.release (a serving engine's dropped lookahead): every slot goes back, the
+    layer taken before stays as it was, and the next fetch reads the same rows."""
+    memory = RemoteMemory(agent)
+    ids = served.indexer.rows(np.random.default_rng(5).integers(0, 90, size=(2, 6)))
+    f = memory.fetch(ids, requires_grad=False)
+    first = f.rows(0)
+    f.release()
+    f.release()  # idempotent
+    deadline = time.monotonic() + 10
+    while sorted(agent._free) != list(range(len(agent._slots))) and time.monotonic() < deadline:
+        time.sleep(0.01)
+        with agent._lock:
+            agent._poll()  # a slot whose reply was not in yet is freed when the reply is read
+    assert sorted(agent._free) == list(range(len(agent._slots)))
+    again = memory.fetch(ids, requires_grad=False)
+    assert torch.equal(again.rows(0), first)

@@ -41,19 +41,38 @@ def _alone(model, memory, indexer, req):
     return out
 
 
-@pytest.mark.parametrize("max_batch,budget", [(3, 5), (4, 64)])
+@pytest.mark.parametrize("lookahead", [True, False])
+@pytest.mark.parametrize("max_batch,budget", [(3, 5), (4, 64), (2, 3)])
 @torch.no_grad()
-def test_continuous_batching_gives_each_request_its_solo_output(setup, max_batch, budget):
+def test_continuous_batching_gives_each_request_its_solo_output(setup, max_batch, budget, lookahead):
     model, memory, indexer = setup
     tokens = np.random.default_rng(1).integers(0, model.cfg.vocab_size, size=500)
     reqs = draw_requests(tokens, 7, (3, 12), (1, 9), seed=2)
     acc = collections.defaultdict(float)
     got = serve(model, memory, indexer, reqs, max_batch=max_batch, token_budget=budget,
-                device=torch.device("cpu"), acc=acc)
+                device=torch.device("cpu"), acc=acc, lookahead=lookahead)
     assert got.outputs == [_alone(model, memory, indexer, r) for r in reqs]
+    if lookahead:
+        # the next plan is predicted exactly: every chunk after the first step's was asked
+        # for a step ahead, and no lookahead went unused
+        assert got.lookahead["dropped"] == 0 and got.lookahead["hits"] > 0, got.lookahead
+        assert got.lookahead["misses"] == len(_first_step_chunks(reqs, max_batch, budget)), got.lookahead
+    else:
+        assert got.lookahead == {}
     assert got.prompt_tokens == sum(r.prompt.size for r in reqs)
     assert got.output_tokens == sum(r.output_len for r in reqs) == sum(map(len, got.outputs))
     assert got.seconds > 0 and acc["hash_s"] > 0 and got.steps >= max(r.output_len for r in reqs)
+
+
+def _first_step_chunks(reqs, max_batch, budget):
+    """The chunks of the engine's first step: the first ``max_batch`` prompts, FIFO up to the budget."""
+    out, left = [], budget
+    for r in reqs[:max_batch]:
+        if left <= 0:
+            break
+        out.append(min(left, r.prompt.size))
+        left -= out[-1]
+    return out
 
 
 @torch.no_grad()
