@@ -36,14 +36,17 @@ def default_socket_path(name: str) -> str:
 
 
 def run(addresses: Sequence[str | Sequence[str]], layout: TableLayout, socket_path: str, *,
-        token: str | None = None, ready: Callable[[LookupAgent], None] | None = None) -> int:
+        token: str | None = None, ready: Callable[[LookupAgent], None] | None = None,
+        cache_bytes: int = 0, cache_policy: str = "tinylfu") -> int:
     """Serve ``layout``'s rows from the shards at ``addresses`` on ``socket_path`` until
-    SIGTERM / SIGINT (blocking). Returns 0; raises if another agent serves the path."""
+    SIGTERM / SIGINT (blocking), keeping the hottest rows in ``cache_bytes`` (0: no cache)
+    for every worker of the node. Returns 0; raises if another agent serves the path."""
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    with EngramClient([a if isinstance(a, str) else list(a) for a in addresses], layout, token=token) as client:
+    with EngramClient([a if isinstance(a, str) else list(a) for a in addresses], layout, token=token,
+                      cache_bytes=cache_bytes, cache_policy=cache_policy) as client:
         agent = LookupAgent(client, socket_path).start()
         try:
             if ready is not None:
@@ -55,7 +58,7 @@ def run(addresses: Sequence[str | Sequence[str]], layout: TableLayout, socket_pa
 
 
 def spawn(socket_path: str, addresses: Sequence[str], layout: TableLayout, *,
-          token_file: str | None = None) -> subprocess.Popen:
+          token_file: str | None = None, cache_gib: float = 0.0, cache_policy: str = "tinylfu") -> subprocess.Popen:
     """Start ``python -m engram_ray.agent`` serving on ``socket_path`` (returns at once; a
     worker's :class:`~.client.AgentClient` retries connecting while it comes up). The layout
     goes to it as a JSON file beside the socket (0600)."""
@@ -68,5 +71,7 @@ def spawn(socket_path: str, addresses: Sequence[str], layout: TableLayout, *,
            "--layout", layout_file, "--socket", socket_path]
     if token_file:
         cmd += ["--token-file", token_file]
+    if cache_gib:
+        cmd += ["--cache-gib", str(cache_gib), "--cache-policy", cache_policy]
     log.info("starting a lookup agent: %s", " ".join(cmd))
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)

@@ -77,8 +77,8 @@ class DeployedShards:
     def client(self) -> Any:
         return self.svc.client()
 
-    def agent_client(self) -> Any:
-        return self.svc.agent_client()
+    def agent_client(self, cache_bytes: int = 0, cache_policy: str = "tinylfu") -> Any:
+        return self.svc.agent_client(cache_bytes=cache_bytes, cache_policy=cache_policy)
 
     def describe(self) -> list[dict[str, Any]]:
         return self.svc.describe()
@@ -117,9 +117,10 @@ class RunningShards:
         from ..client import EngramClient
         return EngramClient(self.addresses, self._layout, token=self.token)
 
-    def agent_client(self) -> Any:
-        """A worker's client of a lookup agent for these shards: a plain process started now
-        (it inherits this process's cores: the memory side's, when isolated)."""
+    def agent_client(self, cache_bytes: int = 0, cache_policy: str = "tinylfu") -> Any:
+        """A worker's client of a lookup agent for these shards (with a hot-row cache of
+        ``cache_bytes``): a plain process started now (it inherits this process's cores: the
+        memory side's, when isolated)."""
         import os
 
         from ..agent import AgentClient
@@ -129,7 +130,8 @@ class RunningShards:
         def start() -> None:  # when no agent answers: the first connect, or after one died
             if self._agent is not None and self._agent.poll() is None:
                 return  # still coming up
-            self._agent = spawn(path, self.addresses, self._layout, token_file=self.token_file)
+            self._agent = spawn(path, self.addresses, self._layout, token_file=self.token_file,
+                                cache_gib=cache_bytes / 2**30, cache_policy=cache_policy)
         return AgentClient(path, self._layout, start=start)
 
     def describe(self) -> list[dict[str, Any]]:
@@ -137,11 +139,14 @@ class RunningShards:
             return c.describe()
 
 
-def memory_client(source: Any, via: str) -> Any:
-    """The seam: what the remote modes read rows through (``via``: client or agent)."""
+def memory_client(source: Any, via: str, cache_bytes: int = 0, cache_policy: str = "tinylfu") -> Any:
+    """The seam: what the remote modes read rows through (``via``: client or agent), with a
+    hot-row cache of ``cache_bytes`` in the agent (0: none; the agent's only)."""
     if via not in VIAS:
         raise ValueError(f"--via {via!r}: choose one of {', '.join(VIAS)}")
-    return source.client() if via == "client" else source.agent_client()
+    if cache_bytes and via != "agent":
+        raise ValueError("--cache-gib: the hot-row cache lives in the lookup agent; use --via agent")
+    return source.client() if via == "client" else source.agent_client(cache_bytes, cache_policy)
 
 
 def remote_memory(client: Any, *, device: torch.device, dtype: torch.dtype, prefetch: bool) -> Any:

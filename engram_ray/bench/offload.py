@@ -74,6 +74,9 @@ class Options:
     memory_at: tuple[str, ...] = ()
     token_file: str | None = None
     via: str = "agent"
+    # the agent's hot-row cache (bytes; 0: none) and its policy
+    cache_bytes: int = 0
+    cache_policy: str = "tinylfu"
     # cores: model apart from the memory side (memory_cores: how many for it; None: a quarter)
     isolate: bool = True
     memory_cores: int | None = None
@@ -192,7 +195,7 @@ def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np
             iso.pin_children()
             server = src.describe()
             resident = sum(d["resident_rows"] for d in server)
-            client = memory_client(src, o.via)
+            client = memory_client(src, o.via, o.cache_bytes, o.cache_policy)
             try:
                 m = iso.run_model(lambda: _measure(engram_cfg, model_cfg, vocab, tokens, src, client,
                                                    resident, o, iso))
@@ -230,6 +233,8 @@ def _report(engram_cfg: EngramConfig, model_cfg: ModelConfig, layout: TableLayou
         "phases": list(m.tokens), "microbatches": o.microbatches,
         "repeats": o.repeats, "statistic": "median", "order": "interleaved a b c d per repetition, one warm-up",
         "results": res, "overhead": overhead, "overhead_paired": paired_overhead(m.times, list(m.tokens)),
+        "cache": stats.get("cache") if stats else None,
+        "wire": {k: stats.get(k) for k in ("bytes_received", "bytes_saved")} if stats else None,
         "lookup_p50_ms": stats["latency_p50_ms"] if stats else None,
         "lookup_p99_ms": stats["latency_p99_ms"] if stats else None,
         "dedup_ratio": stats["dedup_ratio"] if stats else None,

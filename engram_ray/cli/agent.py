@@ -7,7 +7,7 @@ import json
 import os
 import time
 
-from .common import add_table_args, table_layout
+from .common import add_cache_args, add_table_args, cache_bytes, table_layout
 
 
 def _layout(args: argparse.Namespace):  # -> TableLayout
@@ -32,7 +32,8 @@ def _cmd_agent(args: argparse.Namespace) -> int:
 
     def ready(agent) -> None:
         print(f"lookup agent serving {layout.fingerprint} on {agent.path}", flush=True)
-    return process.run(addresses, layout, path, token=token, ready=ready)
+    return process.run(addresses, layout, path, token=token, ready=ready,
+                       cache_bytes=cache_bytes(args.cache_gib), cache_policy=args.cache_policy)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token-file", metavar="FILE", help="file holding the service's client token")
     p.add_argument("--socket", metavar="PATH", help="Unix socket to serve on (default: per layout, under "
                                                     "$TMPDIR/engram-agent-UID/)")
+    add_cache_args(p)
     p.set_defaults(func=_cmd_agent)
     _register_measure(sub)
 

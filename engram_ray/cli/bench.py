@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ..config import DTYPE_ALIASES, MODEL_PRESETS, STORE_DTYPES, store_dtype
-from .common import add_table_args, engram_config, table_layout
+from .common import add_cache_args, add_table_args, cache_bytes, engram_config, table_layout
 
 
 def _plot_beside(out: str | None, plot) -> None:
@@ -85,7 +85,8 @@ def _offload_options(args: argparse.Namespace) -> Any:
         microbatches=args.microbatches,
         repeats=args.repeats, device=args.device, dtype=store_dtype(args.dtype),
         memory_at=tuple(parse_addresses(args.memory_at)) if args.memory_at else (),
-        token_file=args.token_file, via=args.via, isolate=not args.no_isolate, memory_cores=args.memory_cores,
+        token_file=args.token_file, via=args.via, cache_bytes=cache_bytes(args.cache_gib),
+        cache_policy=args.cache_policy, isolate=not args.no_isolate, memory_cores=args.memory_cores,
         profile=args.profile, trace=args.trace, progress=True)
 
 
@@ -147,6 +148,12 @@ def _print_offload(report: dict[str, Any]) -> None:
     if report["lookup_p50_ms"] is not None:
         print(f"  lookups: p50 {report['lookup_p50_ms']:.1f} ms, p99 {report['lookup_p99_ms']:.1f} ms, "
               f"dedup ratio {report['dedup_ratio']:.2f}")
+    c = report.get("cache")
+    if c:
+        print(f"  agent's row cache ({c['policy']}, {c['capacity_rows']:,} rows, {c['bytes'] / 2**20:.0f} MiB): "
+              f"hit rate {100 * (c['hit_rate'] or 0):.1f}%, fill {100 * c['fill']:.0f}%, "
+              f"{c['evictions']:,} evictions; {report['wire']['bytes_received'] / 2**20:.1f} MiB over gRPC, "
+              f"{report['wire']['bytes_saved'] / 2**20:.1f} MiB served from the cache")
     print("  where a run's time goes (mean seconds per run; wait = blocked for rows, "
           "stage = the rest of taking them):")
     print(f"    {'phase:mode':<20} {'total':>7} {'compute':>8} {'hash':>7} {'issue':>7} {'wait':>7} {'stage':>7}")
@@ -362,6 +369,7 @@ def _add_offload(bsub) -> None:
     b.add_argument("--via", default="agent", choices=["client", "agent"],
                    help="how the remote modes reach the shards: the node-local lookup agent (rows through "
                         "shared memory; default), or an EngramClient in the model's process")
+    add_cache_args(b.add_argument_group("the lookup agent's hot-row cache (remote modes, --via agent)"))
     g = b.add_argument_group("prefill and decode phases")
     g.add_argument("--sequences", type=int, default=16, help="prefill sequences (paper: 512)")
     g.add_argument("--min-len", type=int, default=32, help="shortest sequence (paper: 100)")

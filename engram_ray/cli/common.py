@@ -56,3 +56,20 @@ def store_config(args: argparse.Namespace) -> StoreConfig:
     return StoreConfig(dtype=args.dtype, init_std=args.init_std,
                        optimizer=OptimizerConfig(kind=args.optimizer, lr=args.lr),
                        storage=args.storage, data_dir=args.data_dir)
+
+
+def add_cache_args(p: argparse.ArgumentParser) -> None:
+    """The hot-row cache of a lookup agent (or bench's): its size and policy."""
+    p.add_argument("--cache-gib", type=float, default=0.0, metavar="GIB",
+                   help="keep the hottest rows in this much RAM, shared by the node's workers "
+                        "(default: 0, no cache)")
+    p.add_argument("--cache-policy", default="tinylfu", choices=["tinylfu", "lru"],
+                   help="which rows stay: tinylfu admits a row only if it is asked for more often "
+                        "than the one it would evict (default); lru keeps the most recent")
+
+
+def cache_bytes(gib: float) -> int:
+    """``--cache-gib`` in bytes, refused if negative."""
+    if not gib >= 0:
+        raise ValueError(f"--cache-gib {gib}: expected a size >= 0 in GiB")
+    return int(gib * 2**30)

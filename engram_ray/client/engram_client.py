@@ -22,6 +22,7 @@ from ..core.layout import ShardPlan, TableLayout
 from ..rpc import codec, wire
 from ..rpc.generated import engram_pb2 as pb
 from . import plan, shards
+from .cache import RowCache
 from .calls import ShardCalls
 from .iothread import IoThread, shutdown
 from .replicas import ReplicaSet, Resolver, channel_options
@@ -46,7 +47,11 @@ class EngramClient:
     overrides the name checked). ``resolver``: returns the shards' current addresses; when a
     shard stays unavailable after the retries, the client asks it (a restarted shard may serve
     elsewhere) and keeps trying for up to ``recover_timeout`` seconds before raising
-    :class:`~engram_ray.errors.ShardUnavailable`.
+    :class:`~engram_ray.errors.ShardUnavailable`. ``cache_bytes``: keep the hottest rows here,
+    in about that many bytes (:class:`~.cache.RowCache`, ``cache_policy`` "tinylfu" or "lru"):
+    a lookup then asks the shards only for the rest. This client never serves a row older
+    than its own acknowledged push; rows another writer changed are dropped when a lookup's
+    answer shows their shard's update count moved (see the README's cache contract).
     """
 
     timeout = _policy("timeout", "Seconds per message.")
@@ -59,7 +64,8 @@ class EngramClient:
                  max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES, chunk_bytes: int = 1 << 20,
                  connect_timeout: float = 10.0, token: str | None = None,
                  tls_ca: bytes | None = None, tls_server_name: str | None = None,
-                 resolver: Resolver | None = None, recover_timeout: float = 60.0):
+                 resolver: Resolver | None = None, recover_timeout: float = 60.0,
+                 cache_bytes: int = 0, cache_policy: str = "tinylfu"):
         creds = grpc.ssl_channel_credentials(root_certificates=tls_ca) if tls_ca else None
         self._replicas = ReplicaSet(addresses, channel_options(max_message_bytes, tls_server_name), creds)
         self.layout = layout
@@ -86,7 +92,9 @@ class EngramClient:
         self.width = row_width(self.dtype_name, layout.row_dim)
         sizes = plan.MessageSizes.for_shards(self.shards, max_message_bytes=max_message_bytes, chunk_bytes=chunk_bytes,
                                              row_dim=self.width, row_itemsize=self.dtype.itemsize)
-        self._transfers = Transfers(self._calls, layout, self.plan, sizes, self.dtype_name, self._stats)
+        cache = (RowCache.for_bytes(int(cache_bytes), self.width, self.dtype, policy=cache_policy)
+                 if cache_bytes else None)
+        self._transfers = Transfers(self._calls, layout, self.plan, sizes, self.dtype_name, self._stats, cache)
 
     @property
     def max_rows_per_message(self) -> int:
@@ -202,6 +210,8 @@ class EngramClient:
         return [r.header_path for r in answers]
 
     def stats(self) -> dict[str, Any]:
-        """Requests, ids, dedup, bytes, retries, errors, latency, I/O-thread seconds (:mod:`.stats`)."""
-        return self._stats.report()
+        """Requests, ids, dedup, bytes, retries, errors, latency, I/O-thread seconds (:mod:`.stats`),
+        and the row cache's hits, misses, fill and evictions (``cache``: None without one)."""
+        cache = self._transfers.cache
+        return {**self._stats.report(), "cache": cache.report() if cache is not None else None}
 

@@ -12,8 +12,8 @@ import numpy as np
 __all__ = ["ClientStats", "COUNTERS", "IO_STAGES"]
 
 #: The counters :meth:`ClientStats.report` always shows (0 until counted).
-COUNTERS = ("lookups", "ids", "unique_ids", "bytes_received", "pushes", "rows_pushed", "retries", "failovers",
-            "redirects", "re_resolved", "errors")
+COUNTERS = ("lookups", "ids", "unique_ids", "bytes_received", "bytes_saved", "pushes", "rows_pushed", "retries",
+            "failovers", "redirects", "re_resolved", "errors")
 #: Where a lookup's time goes on the I/O thread: dedup (np.unique), encode (build requests),
 #: in_flight (calls issued to last answer: transport + shard), decode (bytes -> rows, scatter
 #: to the caller's order). None of it blocks the caller.

@@ -22,6 +22,7 @@ from ..errors import EngramError
 from ..rpc import codec
 from ..rpc.generated import engram_pb2 as pb
 from . import plan
+from .cache import RowCache
 from .calls import ShardCalls
 from .stats import ClientStats
 
@@ -95,11 +96,15 @@ class Transfers:
     """Lookups and pushes of ``layout``'s rows, stored as ``dtype_name``, over ``calls``."""
 
     def __init__(self, calls: ShardCalls, layout: TableLayout, shard_plan: ShardPlan, sizes: plan.MessageSizes,
-                 dtype_name: str, stats: ClientStats):
+                 dtype_name: str, stats: ClientStats, cache: RowCache | None = None):
         self.calls, self.layout, self.bounds, self.sizes = calls, layout, shard_plan.bounds, sizes
         self.dtype_name, self.dtype = dtype_name, codec.wire_dtype(dtype_name)
         self.width = row_width(dtype_name, layout.row_dim)  # packed bytes for FP8 rows
         self.stats = stats
+        #: Hot rows (None: every row from the shards). Touched on the I/O thread only.
+        self.cache = cache
+        #: Per shard, its update count as of the rows cached from it (None: none seen yet).
+        self._versions: list[int | None] = [None] * (len(self.bounds) - 1)
         self._client_id = uuid.uuid4().hex[:12]
         self._seq = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()  # lookups in flight (touched on the I/O thread only)
@@ -138,34 +143,35 @@ class Transfers:
                      out: np.ndarray | None = None) -> np.ndarray:
         """Rows ``[*shape, dim]`` in the caller's order; into ``out`` (``[N, dim]``, C-contiguous,
         the storage dtype) when given, else a new array."""
-        uniq, inverse, uniq_rows, stages, t3 = await self._fetch(flat, p, None)
+        uniq, inverse, uniq_rows, stages, t3, fetched = await self._fetch(flat, p, None)
         if out is None:
             rows = plan.scatter(uniq_rows, inverse, shape)
         else:
             rows = out
             np.take(uniq_rows, np.arange(uniq.size) if inverse is None else inverse, axis=0, out=out)
         stages["decode"] += time.perf_counter() - t3
-        self._done(uniq, uniq_rows, stages, p)
+        self._done(uniq, fetched, stages, p)
         return rows
 
     async def unique(self, flat: np.ndarray, shape: tuple[int, ...], p: Prefetch,
                      rows_out: np.ndarray | None = None) -> UniqueRows:
         """:class:`UniqueRows` of ``flat``; rows written into ``rows_out[:U]`` when given
         (caller-owned, ``[>= N, dim]`` in the storage dtype: no copy after the wire's)."""
-        uniq, inverse, uniq_rows, stages, t3 = await self._fetch(flat, p, rows_out)
+        uniq, inverse, uniq_rows, stages, t3, fetched = await self._fetch(flat, p, rows_out)
         inv = np.arange(uniq.size, dtype=np.int64) if inverse is None else inverse.astype(np.int64, copy=False)
         stages["decode"] += time.perf_counter() - t3
-        self._done(uniq, uniq_rows, stages, p)
+        self._done(uniq, fetched, stages, p)
         return UniqueRows(uniq, uniq_rows, inv, shape)
 
-    def _done(self, uniq: np.ndarray, uniq_rows: np.ndarray, stages: dict[str, float], p: Prefetch) -> None:
-        self.stats.lookup_done(unique_ids=int(uniq.size), nbytes=uniq_rows.nbytes, stages=stages,
-                               latency=p._seconds or 0.0)
+    def _done(self, uniq: np.ndarray, fetched: int, stages: dict[str, float], p: Prefetch) -> None:
+        self.stats.lookup_done(unique_ids=int(uniq.size), nbytes=fetched * self.width * np.dtype(self.dtype).itemsize,
+                               stages=stages, latency=p._seconds or 0.0)
 
     async def _fetch(self, flat: np.ndarray, p: Prefetch, rows_out: np.ndarray | None
-                     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, dict[str, float], float]:
-        """Dedup, call every message at once, place the rows of the unique ids as they land
-        (into ``rows_out[:U]`` when given). Returns ``(uniq, inverse, uniq_rows, stages, t)``."""
+                     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, dict[str, float], float, int]:
+        """Dedup, take the cached rows, call every message for the rest at once, place the rows
+        of the unique ids as they land (into ``rows_out[:U]`` when given). Returns ``(uniq,
+        inverse, uniq_rows, stages, t, rows fetched from the shards)``."""
         t0 = time.perf_counter()
         uniq, inverse = plan.dedup(flat)
         t1 = time.perf_counter()
@@ -173,16 +179,28 @@ class Transfers:
             uniq_rows = np.empty((uniq.size, self.width), dtype=self.dtype)
         else:
             uniq_rows = plan.check_out(rows_out, uniq.size, self.width, self.dtype)
+        cache = self.cache
+        want, dest, miss, epoch = uniq, uniq_rows, None, 0
+        if cache is not None:  # hits land in place now; only the misses go out
+            epoch = cache.epoch
+            miss = np.flatnonzero(~cache.get(uniq, uniq_rows))
+            want = uniq[miss]
+            dest = np.empty((want.size, self.width), dtype=self.dtype)
         decode_s = [0.0]
         calls = [self._chunk(s, a, b, pb.LookupRequest(fingerprint=self.layout.fingerprint,
-                                                       row_ids=codec.encode(uniq[a:b])), uniq_rows, decode_s)
-                 for s, a, b in plan.split(uniq, self.bounds, self.sizes.lookup_rows)]
+                                                       row_ids=codec.encode(want[a:b])), dest, decode_s)
+                 for s, a, b in plan.split(want, self.bounds, self.sizes.lookup_rows)]
         t2 = time.perf_counter()
         await _gather(calls)
         t3 = time.perf_counter()
+        if cache is not None and miss is not None:
+            uniq_rows[miss] = dest
+            if cache.epoch == epoch:  # no push through this client ran meanwhile: fresh
+                cache.put(want, dest)
+            self.stats.count("bytes_saved", (uniq.size - want.size) * self.width * np.dtype(self.dtype).itemsize)
         p._seconds = t3 - t0
         stages = {"dedup": t1 - t0, "encode": t2 - t1, "in_flight": t3 - t2 - decode_s[0], "decode": decode_s[0]}
-        return uniq, inverse, uniq_rows, stages, t3
+        return uniq, inverse, uniq_rows, stages, t3, int(want.size)
 
     async def _chunk(self, shard: int, a: int, b: int, request: pb.LookupRequest, uniq_rows: np.ndarray,
                      decode_s: list[float]) -> None:
@@ -197,22 +215,49 @@ class Transfers:
             raise EngramError(f"{where} answered a lookup with {e}") from None
         if rows.shape != (b - a, self.width):
             raise EngramError(f"{where} answered {rows.shape} rows for {b - a} ids")
+        if self.cache is not None:
+            self._seen(shard, int(resp.update_count))
         uniq_rows[a:b] = rows
         decode_s[0] += time.perf_counter() - t
+
+    def _seen(self, shard: int, count: int) -> None:
+        """A shard's update count, as a lookup answer carries it: if it moved since the rows
+        cached from it were fetched, another writer changed rows there -- drop them all."""
+        assert self.cache is not None
+        if self._versions[shard] is not None and self._versions[shard] != count:
+            self.cache.drop_range(int(self.bounds[shard]), int(self.bounds[shard + 1]))
+        self._versions[shard] = count
 
     # Pushes --------------------------------------------------------------------------------
     async def push(self, flat: np.ndarray, g: np.ndarray) -> int:
         """Gradients ``g [n, dim]`` of ids ``flat [n]``, duplicates summed, to their shards;
-        returns the number of distinct rows updated."""
+        returns the number of distinct rows updated. Cached copies of the rows are forgotten
+        when the push starts and again when it ends, and lookups in flight meanwhile do not
+        fill the cache: this client never serves a row older than its own acknowledged push."""
         uniq, summed = sum_duplicates(flat, g)
+        cache = self.cache
+        if cache is not None:
+            cache.epoch += 1
+            cache.invalidate(uniq)
         chunks = plan.split(uniq, self.bounds, self.sizes.push_rows)
-        resps = await _gather([self.calls.call(s, "ApplyGradients", self._push_request(uniq[a:b], summed[a:b]))
-                               for s, a, b in chunks])
+        try:
+            resps = await _gather([self.calls.call(s, "ApplyGradients",
+                                                   self._push_request(uniq[a:b], summed[a:b]))
+                                   for s, a, b in chunks])
+        finally:
+            if cache is not None:  # landed or not (a retry may land later): nothing stale stays
+                cache.epoch += 1
+                cache.invalidate(uniq)
         for (s, a, b), r in zip(chunks, resps):
             if not 0 <= r.rows_updated <= b - a or r.update_count < 0:
                 raise EngramError(f"shard {s} ({self.calls.replicas.addresses[s]}) answered a push of {b - a} "
                                   f"distinct rows with rows_updated={r.rows_updated}, "
                                   f"update_count={r.update_count}")
+            seen = self._versions[s]
+            if cache is not None and seen is not None:
+                # our own update is accounted for by the invalidation; any other count means
+                # another writer too (or a retried push counted twice): drop the shard's rows
+                self._seen(s, r.update_count if r.update_count == seen + 1 else -1)
         self.stats.count("pushes", 1)
         self.stats.count("rows_pushed", int(uniq.size))
         return sum(r.rows_updated for r in resps)

@@ -177,11 +177,14 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
                 raise RequestTooLarge(
                     f"lookup of {ids.size} rows x {self.shard.row_bytes} B = {size} B exceeds the "
                     f"shard's {self.max_message_bytes} B message limit; split the request")
+            # read before the gather: rows at least as new as the count they are labelled with
+            # (a push landing meanwhile shows in the next answer's count: a cache drops them)
+            updates = self.shard.counters["updates"]
             rows = self.shard.gather(ids)
         except Exception as e:  # noqa: BLE001 - every error becomes a status code
             self._observe("Lookup", t0, 0, False)
             self.abort(context, e)
-        resp = pb.LookupResponse(rows=codec.encode(rows, self.shard.store.dtype))
+        resp = pb.LookupResponse(rows=codec.encode(rows, self.shard.store.dtype), update_count=updates)
         took = time.perf_counter() - t0
         with self._lock:  # handlers run on a thread pool
             self.bytes_served += rows.nbytes

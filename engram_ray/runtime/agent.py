@@ -27,15 +27,16 @@ def agent_name(service: str, node_id: str) -> str:
 
 class NodeAgent:
     """A :class:`LookupAgent` serving service ``service_name``'s rows to this node's workers,
-    with an ``EngramClient`` that follows shard restarts through the service's directory."""
+    with an ``EngramClient`` that follows shard restarts through the service's directory and
+    keeps the node's hottest rows in ``cache_bytes`` (0: no cache)."""
 
-    def __init__(self, service_name: str):
+    def __init__(self, service_name: str, cache_bytes: int = 0, cache_policy: str = "tinylfu"):
         from .service import attach
 
         svc = attach(service_name, address=None)
         node = ray.get_runtime_context().get_node_id()
         self.path = default_socket_path(f"{service_name}-{node[:16]}")
-        self.client = svc.client()
+        self.client = svc.client(cache_bytes=cache_bytes, cache_policy=cache_policy)
         self.agent = LookupAgent(self.client, self.path).start()
         log.info("lookup agent of %s on node %s: %s", service_name, node, self.path)
 
@@ -47,9 +48,11 @@ class NodeAgent:
                 "refused": self.agent.refused, "client": self.client.stats()}
 
 
-def start_agent(service_name: str, node_id: str | None = None) -> Any:
+def start_agent(service_name: str, node_id: str | None = None, *, cache_bytes: int = 0,
+                cache_policy: str = "tinylfu") -> Any:
     """The agent actor of ``service_name`` on ``node_id`` (default: this process's node),
-    started if there is none; returns its handle once it serves."""
+    started if there is none (with a hot-row cache of ``cache_bytes``: the first starter's
+    settings hold for the node); returns its handle once it serves."""
     node = node_id or ray.get_runtime_context().get_node_id()
     name = agent_name(service_name, node)
     actor: Any
@@ -59,21 +62,24 @@ def start_agent(service_name: str, node_id: str | None = None) -> Any:
         # get_if_exists: two workers racing to start it get the same actor
         actor = ray.remote(NodeAgent).options(
             name=name, namespace=NAMESPACE, get_if_exists=True, max_restarts=-1, num_cpus=0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(service_name)
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+                service_name, cache_bytes, cache_policy)
     ray.get(actor.socket_path.remote())  # surfaces a failed constructor here
     return actor
 
 
-def agent_client(service: Any, **kwargs: Any) -> AgentClient:
+def agent_client(service: Any, *, cache_bytes: int = 0, cache_policy: str = "tinylfu",
+                 **kwargs: Any) -> AgentClient:
     """An :class:`AgentClient` on this node's agent of ``service`` (a ``MemoryService``),
-    starting the agent if needed; when the agent dies, the client's next call waits for Ray
-    to restart it (or starts a new one, if it is gone for good)."""
-    actor = start_agent(service.name)
+    starting the agent if needed (``cache_bytes``, ``cache_policy``: its hot-row cache); when
+    the agent dies, the client's next call waits for Ray to restart it (or starts a new one,
+    if it is gone for good)."""
+    actor = start_agent(service.name, cache_bytes=cache_bytes, cache_policy=cache_policy)
     path = ray.get(actor.socket_path.remote())
 
     def restart() -> None:
         try:
             ray.get(actor.socket_path.remote(), timeout=60)  # Ray restarts a dead one
         except Exception:  # noqa: BLE001 - gone for good (e.g. its owner died): start another
-            start_agent(service.name)
+            start_agent(service.name, cache_bytes=cache_bytes, cache_policy=cache_policy)
     return AgentClient(path, service.layout, start=restart, **kwargs)

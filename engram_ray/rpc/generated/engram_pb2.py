@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65ngram/v1/engram.proto\x12\tengram.v1\"3\n\x05\x41rray\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"G\n\rLookupRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12!\n\x07row_ids\x18\x02 \x01(\x0b\x32\x10.engram.v1.Array\"0\n\x0eLookupResponse\x12\x1e\n\x04rows\x18\x01 \x01(\x0b\x32\x10.engram.v1.Array\"\x90\x01\n\x15\x41pplyGradientsRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12!\n\x07row_ids\x18\x02 \x01(\x0b\x32\x10.engram.v1.Array\x12\x1f\n\x05grads\x18\x03 \x01(\x0b\x32\x10.engram.v1.Array\x12\x12\n\nrequest_id\x18\x04 \x01(\tJ\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07\"D\n\x16\x41pplyGradientsResponse\x12\x14\n\x0crows_updated\x18\x01 \x01(\x03\x12\x14\n\x0cupdate_count\x18\x02 \x01(\x03\"\x11\n\x0f\x44\x65scribeRequest\"\xdc\x01\n\rShardCounters\x12\x0f\n\x07lookups\x18\x01 \x01(\x03\x12\x13\n\x0brows_served\x18\x02 \x01(\x03\x12\x14\n\x0c\x62ytes_served\x18\x03 \x01(\x03\x12\x0f\n\x07updates\x18\x04 \x01(\x03\x12\x14\n\x0crows_updated\x18\x05 \x01(\x03\x12\x10\n\x08rejected\x18\x06 \x01(\x03\x12\x16\n\x0elookup_seconds\x18\x07 \x01(\x01\x12\x15\n\rlookup_p50_ms\x18\x08 \x01(\x01\x12\x15\n\rlookup_p99_ms\x18\t \x01(\x01\x12\x10\n\x08uptime_s\x18\n \x01(\x01\"\x82\x04\n\x10\x44\x65scribeResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\x05\x12\x12\n\nnum_shards\x18\x03 \x01(\x05\x12\x11\n\trow_start\x18\x04 \x01(\x03\x12\x10\n\x08row_stop\x18\x05 \x01(\x03\x12\x0b\n\x03\x64im\x18\x06 \x01(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x11\n\toptimizer\x18\x08 \x01(\t\x12\x16\n\x0eresident_bytes\x18\t \x01(\x03\x12\x19\n\x11max_message_bytes\x18\n \x01(\x03\x12*\n\x08\x63ounters\x18\x0b \x01(\x0b\x32\x18.engram.v1.ShardCounters\x12\x15\n\rresident_rows\x18\x0c \x01(\x03\x12\x1b\n\x13max_ids_per_request\x18\r \x01(\x03\x12\x11\n\trss_bytes\x18\x0e \x01(\x03\x12\x0c\n\x04role\x18\x0f \x01(\t\x12\x0f\n\x07replica\x18\x10 \x01(\x05\x12\x0f\n\x07primary\x18\x11 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kups\x18\x12 \x03(\t\x12\r\n\x05state\x18\x13 \x01(\t\x12\x11\n\trows_from\x18\x14 \x01(\t\x12\r\n\x05notes\x18\x15 \x03(\t\x12\x0f\n\x07storage\x18\x16 \x01(\t\x12\x14\n\x0cmapped_bytes\x18\x17 \x01(\x03\x12\x1d\n\x15mapped_resident_bytes\x18\x18 \x01(\x03\" \n\x0bSaveRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\"3\n\x0cSaveResponse\x12\x13\n\x0bheader_path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"^\n\x0e\x46orwardRequest\x12.\n\x04push\x18\x01 \x01(\x0b\x32 .engram.v1.ApplyGradientsRequest\x12\x0f\n\x07primary\x18\x02 \x01(\x05\x12\x0b\n\x03seq\x18\x03 \x01(\x03\"P\n\x0fSnapshotRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x14\n\x0cjoin_address\x18\x02 \x01(\t\x12\x12\n\njoin_index\x18\x03 \x01(\x05\"\x9a\x01\n\rSnapshotChunk\x12\x0c\n\x04part\x18\x01 \x01(\t\x12\x12\n\nrow_offset\x18\x02 \x01(\x03\x12\x1e\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x10.engram.v1.Array\x12\x0f\n\x07primary\x18\x04 \x01(\x05\x12\x13\n\x0b\x61pplied_ids\x18\x05 \x03(\t\x12\x14\n\x0c\x61pplied_rows\x18\x06 \x03(\x03\x12\x0b\n\x03seq\x18\x07 \x01(\x03\x32\xa2\x02\n\x0c\x45ngramMemory\x12=\n\x06Lookup\x12\x18.engram.v1.LookupRequest\x1a\x19.engram.v1.LookupResponse\x12U\n\x0e\x41pplyGradients\x12 .engram.v1.ApplyGradientsRequest\x1a!.engram.v1.ApplyGradientsResponse\x12\x43\n\x08\x44\x65scribe\x12\x1a.engram.v1.DescribeRequest\x1a\x1b.engram.v1.DescribeResponse\x12\x37\n\x04Save\x12\x16.engram.v1.SaveRequest\x1a\x17.engram.v1.SaveResponse2\x99\x01\n\nEngramPeer\x12G\n\x07\x46orward\x12\x19.engram.v1.ForwardRequest\x1a!.engram.v1.ApplyGradientsResponse\x12\x42\n\x08Snapshot\x12\x1a.engram.v1.SnapshotRequest\x1a\x18.engram.v1.SnapshotChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65ngram/v1/engram.proto\x12\tengram.v1\"3\n\x05\x41rray\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"G\n\rLookupRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12!\n\x07row_ids\x18\x02 \x01(\x0b\x32\x10.engram.v1.Array\"F\n\x0eLookupResponse\x12\x1e\n\x04rows\x18\x01 \x01(\x0b\x32\x10.engram.v1.Array\x12\x14\n\x0cupdate_count\x18\x02 \x01(\x04\"\x90\x01\n\x15\x41pplyGradientsRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12!\n\x07row_ids\x18\x02 \x01(\x0b\x32\x10.engram.v1.Array\x12\x1f\n\x05grads\x18\x03 \x01(\x0b\x32\x10.engram.v1.Array\x12\x12\n\nrequest_id\x18\x04 \x01(\tJ\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07\"D\n\x16\x41pplyGradientsResponse\x12\x14\n\x0crows_updated\x18\x01 \x01(\x03\x12\x14\n\x0cupdate_count\x18\x02 \x01(\x03\"\x11\n\x0f\x44\x65scribeRequest\"\xdc\x01\n\rShardCounters\x12\x0f\n\x07lookups\x18\x01 \x01(\x03\x12\x13\n\x0brows_served\x18\x02 \x01(\x03\x12\x14\n\x0c\x62ytes_served\x18\x03 \x01(\x03\x12\x0f\n\x07updates\x18\x04 \x01(\x03\x12\x14\n\x0crows_updated\x18\x05 \x01(\x03\x12\x10\n\x08rejected\x18\x06 \x01(\x03\x12\x16\n\x0elookup_seconds\x18\x07 \x01(\x01\x12\x15\n\rlookup_p50_ms\x18\x08 \x01(\x01\x12\x15\n\rlookup_p99_ms\x18\t \x01(\x01\x12\x10\n\x08uptime_s\x18\n \x01(\x01\"\x82\x04\n\x10\x44\x65scribeResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\x05\x12\x12\n\nnum_shards\x18\x03 \x01(\x05\x12\x11\n\trow_start\x18\x04 \x01(\x03\x12\x10\n\x08row_stop\x18\x05 \x01(\x03\x12\x0b\n\x03\x64im\x18\x06 \x01(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x11\n\toptimizer\x18\x08 \x01(\t\x12\x16\n\x0eresident_bytes\x18\t \x01(\x03\x12\x19\n\x11max_message_bytes\x18\n \x01(\x03\x12*\n\x08\x63ounters\x18\x0b \x01(\x0b\x32\x18.engram.v1.ShardCounters\x12\x15\n\rresident_rows\x18\x0c \x01(\x03\x12\x1b\n\x13max_ids_per_request\x18\r \x01(\x03\x12\x11\n\trss_bytes\x18\x0e \x01(\x03\x12\x0c\n\x04role\x18\x0f \x01(\t\x12\x0f\n\x07replica\x18\x10 \x01(\x05\x12\x0f\n\x07primary\x18\x11 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kups\x18\x12 \x03(\t\x12\r\n\x05state\x18\x13 \x01(\t\x12\x11\n\trows_from\x18\x14 \x01(\t\x12\r\n\x05notes\x18\x15 \x03(\t\x12\x0f\n\x07storage\x18\x16 \x01(\t\x12\x14\n\x0cmapped_bytes\x18\x17 \x01(\x03\x12\x1d\n\x15mapped_resident_bytes\x18\x18 \x01(\x03\" \n\x0bSaveRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\"3\n\x0cSaveResponse\x12\x13\n\x0bheader_path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"^\n\x0e\x46orwardRequest\x12.\n\x04push\x18\x01 \x01(\x0b\x32 .engram.v1.ApplyGradientsRequest\x12\x0f\n\x07primary\x18\x02 \x01(\x05\x12\x0b\n\x03seq\x18\x03 \x01(\x03\"P\n\x0fSnapshotRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x14\n\x0cjoin_address\x18\x02 \x01(\t\x12\x12\n\njoin_index\x18\x03 \x01(\x05\"\x9a\x01\n\rSnapshotChunk\x12\x0c\n\x04part\x18\x01 \x01(\t\x12\x12\n\nrow_offset\x18\x02 \x01(\x03\x12\x1e\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x10.engram.v1.Array\x12\x0f\n\x07primary\x18\x04 \x01(\x05\x12\x13\n\x0b\x61pplied_ids\x18\x05 \x03(\t\x12\x14\n\x0c\x61pplied_rows\x18\x06 \x03(\x03\x12\x0b\n\x03seq\x18\x07 \x01(\x03\x32\xa2\x02\n\x0c\x45ngramMemory\x12=\n\x06Lookup\x12\x18.engram.v1.LookupRequest\x1a\x19.engram.v1.LookupResponse\x12U\n\x0e\x41pplyGradients\x12 .engram.v1.ApplyGradientsRequest\x1a!.engram.v1.ApplyGradientsResponse\x12\x43\n\x08\x44\x65scribe\x12\x1a.engram.v1.DescribeRequest\x1a\x1b.engram.v1.DescribeResponse\x12\x37\n\x04Save\x12\x16.engram.v1.SaveRequest\x1a\x17.engram.v1.SaveResponse2\x99\x01\n\nEngramPeer\x12G\n\x07\x46orward\x12\x19.engram.v1.ForwardRequest\x1a!.engram.v1.ApplyGradientsResponse\x12\x42\n\x08Snapshot\x12\x1a.engram.v1.SnapshotRequest\x1a\x18.engram.v1.SnapshotChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,29 +37,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOOKUPREQUEST']._serialized_start=90
   _globals['_LOOKUPREQUEST']._serialized_end=161
   _globals['_LOOKUPRESPONSE']._serialized_start=163
-  _globals['_LOOKUPRESPONSE']._serialized_end=211
-  _globals['_APPLYGRADIENTSREQUEST']._serialized_start=214
-  _globals['_APPLYGRADIENTSREQUEST']._serialized_end=358
-  _globals['_APPLYGRADIENTSRESPONSE']._serialized_start=360
-  _globals['_APPLYGRADIENTSRESPONSE']._serialized_end=428
-  _globals['_DESCRIBEREQUEST']._serialized_start=430
-  _globals['_DESCRIBEREQUEST']._serialized_end=447
-  _globals['_SHARDCOUNTERS']._serialized_start=450
-  _globals['_SHARDCOUNTERS']._serialized_end=670
-  _globals['_DESCRIBERESPONSE']._serialized_start=673
-  _globals['_DESCRIBERESPONSE']._serialized_end=1187
-  _globals['_SAVEREQUEST']._serialized_start=1189
-  _globals['_SAVEREQUEST']._serialized_end=1221
-  _globals['_SAVERESPONSE']._serialized_start=1223
-  _globals['_SAVERESPONSE']._serialized_end=1274
-  _globals['_FORWARDREQUEST']._serialized_start=1276
-  _globals['_FORWARDREQUEST']._serialized_end=1370
-  _globals['_SNAPSHOTREQUEST']._serialized_start=1372
-  _globals['_SNAPSHOTREQUEST']._serialized_end=1452
-  _globals['_SNAPSHOTCHUNK']._serialized_start=1455
-  _globals['_SNAPSHOTCHUNK']._serialized_end=1609
-  _globals['_ENGRAMMEMORY']._serialized_start=1612
-  _globals['_ENGRAMMEMORY']._serialized_end=1902
-  _globals['_ENGRAMPEER']._serialized_start=1905
-  _globals['_ENGRAMPEER']._serialized_end=2058
+  _globals['_LOOKUPRESPONSE']._serialized_end=233
+  _globals['_APPLYGRADIENTSREQUEST']._serialized_start=236
+  _globals['_APPLYGRADIENTSREQUEST']._serialized_end=380
+  _globals['_APPLYGRADIENTSRESPONSE']._serialized_start=382
+  _globals['_APPLYGRADIENTSRESPONSE']._serialized_end=450
+  _globals['_DESCRIBEREQUEST']._serialized_start=452
+  _globals['_DESCRIBEREQUEST']._serialized_end=469
+  _globals['_SHARDCOUNTERS']._serialized_start=472
+  _globals['_SHARDCOUNTERS']._serialized_end=692
+  _globals['_DESCRIBERESPONSE']._serialized_start=695
+  _globals['_DESCRIBERESPONSE']._serialized_end=1209
+  _globals['_SAVEREQUEST']._serialized_start=1211
+  _globals['_SAVEREQUEST']._serialized_end=1243
+  _globals['_SAVERESPONSE']._serialized_start=1245
+  _globals['_SAVERESPONSE']._serialized_end=1296
+  _globals['_FORWARDREQUEST']._serialized_start=1298
+  _globals['_FORWARDREQUEST']._serialized_end=1392
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1394
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1474
+  _globals['_SNAPSHOTCHUNK']._serialized_start=1477
+  _globals['_SNAPSHOTCHUNK']._serialized_end=1631
+  _globals['_ENGRAMMEMORY']._serialized_start=1634
+  _globals['_ENGRAMMEMORY']._serialized_end=1924
+  _globals['_ENGRAMPEER']._serialized_start=1927
+  _globals['_ENGRAMPEER']._serialized_end=2080
 # @@protoc_insertion_point(module_scope)

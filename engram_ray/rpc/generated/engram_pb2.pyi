@@ -25,10 +25,12 @@ class LookupRequest(_message.Message):
     def __init__(self, fingerprint: _Optional[str] = ..., row_ids: _Optional[_Union[Array, _Mapping]] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("rows",)
+    __slots__ = ("rows", "update_count")
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_COUNT_FIELD_NUMBER: _ClassVar[int]
     rows: Array
-    def __init__(self, rows: _Optional[_Union[Array, _Mapping]] = ...) -> None: ...
+    update_count: int
+    def __init__(self, rows: _Optional[_Union[Array, _Mapping]] = ..., update_count: _Optional[int] = ...) -> None: ...
 
 class ApplyGradientsRequest(_message.Message):
     __slots__ = ("fingerprint", "row_ids", "grads", "request_id")

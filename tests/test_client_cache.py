@@ -1,0 +1,140 @@
+"""The client's hot-row cache: hits and misses, eviction by policy, and freshness under
+training (own pushes, and another writer's) against real shards on loopback."""
+
+import numpy as np
+import pytest
+
+from engram_ray.client import EngramClient
+from engram_ray.client.cache import RowCache
+
+from .test_client import Cluster
+
+
+def _rows(ids, width=4):
+    """Distinct rows: every element of row i is i."""
+    return np.repeat(np.asarray(ids, np.float32)[:, None], width, axis=1)
+
+
+def test_hits_return_the_rows_put_and_misses_leave_out_untouched():
+    c = RowCache(64, 4, np.float32)
+    c.put(np.array([3, 9, 700]), _rows([3, 9, 700]))
+    out = np.full((4, 4), -1.0, np.float32)
+    hit = c.get(np.array([9, 5, 700, 3]), out)
+    assert hit.tolist() == [True, False, True, True]
+    assert out[:, 0].tolist() == [9, -1, 700, 3]
+    r = c.report()
+    assert (r["hits"], r["misses"], r["rows"], r["inserts"], r["evictions"]) == (3, 1, 3, 3, 0)
+    assert r["hit_rate"] == pytest.approx(0.75) and 0 < r["fill"] < 1 and r["policy"] == "tinylfu"
+
+
+def test_lru_evicts_the_least_recently_used_way():
+    c = RowCache(2, 4, np.float32, ways=2, policy="lru")   # one set of two ways
+    c.put(np.array([1]), _rows([1]))
+    c.put(np.array([2]), _rows([2]))
+    c.get(np.array([1]), np.empty((1, 4), np.float32))     # 1 is now the more recent
+    c.put(np.array([3]), _rows([3]))                        # evicts 2
+    hit = c.get(np.array([1, 2, 3]), np.empty((3, 4), np.float32))
+    assert hit.tolist() == [True, False, True]
+    assert c.report()["evictions"] == 1
+
+
+def test_tinylfu_keeps_a_hot_row_from_a_one_off():
+    c = RowCache(1, 4, np.float32, ways=1, policy="tinylfu")
+    out = np.empty((1, 4), np.float32)
+    for _ in range(5):
+        c.get(np.array([7]), out)
+    c.put(np.array([7]), _rows([7]))
+    c.get(np.array([8]), out)                # asked once
+    c.put(np.array([8]), _rows([8]))         # not admitted over 7
+    assert c.get(np.array([7]), out).tolist() == [True] and out[0, 0] == 7
+    assert c.report()["rejected"] == 1
+    lru = RowCache(1, 4, np.float32, ways=1, policy="lru")
+    lru.put(np.array([7]), _rows([7]))
+    lru.put(np.array([8]), _rows([8]))
+    assert lru.get(np.array([7]), out).tolist() == [False]
+
+
+def test_tinylfu_beats_lru_on_zipf_traffic():
+    rng = np.random.default_rng(0)
+    rates = {}
+    for policy in ("lru", "tinylfu"):
+        c = RowCache(2000, 2, np.float32, policy=policy)
+        rng = np.random.default_rng(0)
+        for _ in range(100):
+            ids = np.unique(rng.zipf(1.2, size=2000) % 1_000_000)
+            out = np.empty((ids.size, 2), np.float32)
+            hit = c.get(ids, out)
+            assert np.array_equal(out[hit, 0], ids[hit].astype(np.float32))  # never a wrong row
+            c.put(ids[~hit], _rows(ids[~hit], 2))
+        rates[policy] = c.report()["hit_rate"]
+    assert rates["tinylfu"] > rates["lru"] > 0.1, rates
+
+
+def test_invalidate_and_drop_range_forget_rows():
+    c = RowCache(64, 4, np.float32)
+    ids = np.array([1, 2, 50, 51])
+    c.put(ids, _rows(ids))
+    c.invalidate(np.array([2, 2, 99]))
+    c.drop_range(50, 51)
+    assert c.get(ids, np.empty((4, 4), np.float32)).tolist() == [True, False, False, True]
+    assert c.report()["invalidated"] == 2
+
+
+def test_bad_sizes_and_policies_are_refused():
+    with pytest.raises(ValueError, match="policy 'fifo'"):
+        RowCache(8, 4, np.float32, policy="fifo")
+    with pytest.raises(ValueError, match="holds no row"):
+        RowCache.for_bytes(10, 4, np.float32)
+    assert RowCache.for_bytes(1 << 20, 4, np.float32).capacity > 30_000
+
+
+@pytest.fixture
+def two(tiny_layout):
+    c = Cluster(tiny_layout, 2)
+    yield c
+    c.stop()
+
+
+def test_a_caching_client_serves_the_same_rows_and_fewer_bytes(two, tiny_layout):
+    ids = np.random.default_rng(1).integers(0, tiny_layout.total_rows, size=(8, 40))
+    with EngramClient(two.addresses, tiny_layout) as plain, \
+            EngramClient(two.addresses, tiny_layout, cache_bytes=1 << 20) as cached:
+        want = plain.lookup(ids)
+        assert np.array_equal(cached.lookup(ids), want)          # all misses
+        served = sum(s.counters["rows_served"] for s in two.shards)
+        assert np.array_equal(cached.lookup(ids), want)          # all hits: no call at all
+        u = cached.prefetch_unique(ids).result(10)
+        assert np.array_equal(u.expand(), want)
+        assert sum(s.counters["rows_served"] for s in two.shards) == served
+        st = cached.stats()
+    n_unique = np.unique(ids).size
+    assert st["cache"]["hits"] == 2 * n_unique and st["cache"]["misses"] == n_unique
+    assert st["bytes_received"] == n_unique * 16 * 4 and st["bytes_saved"] == 2 * n_unique * 16 * 4
+    assert plain.stats()["cache"] is None
+
+
+def test_a_push_through_the_caching_client_is_never_served_stale(two, tiny_layout):
+    ids = np.arange(0, tiny_layout.total_rows, 7)
+    with EngramClient(two.addresses, tiny_layout, cache_bytes=1 << 20) as cached, \
+            EngramClient(two.addresses, tiny_layout) as plain:
+        cached.lookup(ids)
+        in_flight = cached.prefetch(ids)     # may land before or after the push
+        cached.push_gradients(ids[:5], np.ones((5, 16), np.float32))
+        in_flight.result(10)
+        assert np.array_equal(cached.lookup(ids), plain.lookup(ids))
+        assert cached.stats()["cache"]["invalidated"] >= 5
+
+
+def test_another_writers_push_drops_that_shards_cached_rows(two, tiny_layout):
+    """Another node's client pushes: the caching client's next lookup that reaches the shard
+    sees its update count move and drops the shard's rows; from the lookup after that on,
+    every row is fresh (the contract: at most one lookup behind another writer)."""
+    half = two.shards[1].row_start
+    a, b = np.array([half + 1, half + 2]), np.array([half + 3])
+    with EngramClient(two.addresses, tiny_layout, cache_bytes=1 << 20) as cached, \
+            EngramClient(two.addresses, tiny_layout) as other:
+        cached.lookup(a)
+        other.push_gradients(a, np.ones((2, 16), np.float32))
+        cached.lookup(np.concatenate([a, b]))          # b misses: the answer shows the push
+        assert cached.stats()["cache"]["invalidated"] >= 2
+        assert np.array_equal(cached.lookup(a), other.lookup(a))
