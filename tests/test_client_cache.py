@@ -138,3 +138,18 @@ def test_another_writers_push_drops_that_shards_cached_rows(two, tiny_layout):
         cached.lookup(np.concatenate([a, b]))          # b misses: the answer shows the push
         assert cached.stats()["cache"]["invalidated"] >= 2
         assert np.array_equal(cached.lookup(a), other.lookup(a))
+
+
+def test_describe_reports_what_share_of_each_table_lookups_read(two, tiny_layout):
+    ids = np.random.default_rng(3).integers(0, tiny_layout.total_rows, size=3000)
+    with EngramClient(two.addresses, tiny_layout) as client:
+        client.lookup(ids)
+        client.lookup(ids[:100])
+        d = client.describe()
+    seen = np.unique(ids)
+    assert sum(s["reads"] for s in d) == seen.size + np.unique(ids[:100]).size  # deduped before the wire
+    for s in d:
+        assert sum(t["rows"] for t in s["table_use"]) == s["row_stop"] - s["row_start"]
+        here = seen[(seen >= s["row_start"]) & (seen < s["row_stop"])]
+        assert sum(t["touched"] for t in s["table_use"]) == pytest.approx(here.size, rel=0.05)
+        assert 0 < s["reads_top1pct_share"] <= s["reads_top10pct_share"] <= 1

@@ -84,8 +84,11 @@ def shard_info(i: int, address: str, d: Any, layout: TableLayout, plan: ShardPla
 
 def describe_dict(d: Any, address: str, replicas: list[str]) -> dict[str, Any]:
     """A Describe answer as a dict, counters included, with the copy's address and its shard's."""
-    info = {fd.name: getattr(d, fd.name) for fd in d.DESCRIPTOR.fields if fd.name not in ("counters", "backups")}
+    info = {fd.name: getattr(d, fd.name) for fd in d.DESCRIPTOR.fields
+            if fd.name not in ("counters", "backups", "table_use")}
     info["backups"] = list(d.backups)
+    info["table_use"] = [{"layer": t.layer, "order": t.order, "rows": t.rows, "touched": t.touched,
+                          "utilisation": min(1.0, t.touched / t.rows) if t.rows else 0.0} for t in d.table_use]
     info["counters"] = {fd.name: getattr(d.counters, fd.name) for fd in d.counters.DESCRIPTOR.fields}
     info["address"] = address
     info["replicas"] = list(replicas)

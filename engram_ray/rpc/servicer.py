@@ -19,6 +19,7 @@ from typing import NoReturn
 import grpc
 
 from ..config import FLOAT_DTYPES
+from ..core.usage import RowUsage
 from ..errors import (
     CheckpointError,
     FingerprintMismatch,
@@ -69,6 +70,8 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
                  observer: Callable[[str, float, int, bool], None] | None = None,
                  save_root: str = "", dedup_window_s: float = 600.0):
         self.shard = shard
+        #: Which rows the lookups read: distinct rows per (layer, order) table, read skew.
+        self.usage = RowUsage(shard.layout, shard.row_start, shard.row_stop) if shard.layout is not None else None
         #: Called after each Lookup / ApplyGradients as (method, seconds, rows, ok), e.g. to
         #: export metrics; must be cheap and must not raise.
         self.observer = observer
@@ -181,6 +184,8 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
             # (a push landing meanwhile shows in the next answer's count: a cache drops them)
             updates = self.shard.counters["updates"]
             rows = self.shard.gather(ids)
+            if self.usage is not None:
+                self.usage.add(ids)
         except Exception as e:  # noqa: BLE001 - every error becomes a status code
             self._observe("Lookup", t0, 0, False)
             self.abort(context, e)
@@ -230,7 +235,18 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
             backups=[] if repl is None or repl.role != "primary" else repl.backups,
             state=self.state, rows_from=self.rows_from, storage=d["storage"], mapped_bytes=d["mapped_bytes"],
             mapped_resident_bytes=d["mapped_resident_bytes"],
-            notes=list(self.notes) + ([self.refusal] if self.state == REFUSING else []))
+            notes=list(self.notes) + ([self.refusal] if self.state == REFUSING else []),
+            **self._usage())
+
+    def _usage(self) -> dict:
+        """Describe's read-usage fields (none for a shard made without its layout)."""
+        if self.usage is None:
+            return {}
+        u = self.usage.report()
+        return {"table_use": [pb.TableUse(layer=t["layer"], order=t["order"], rows=t["rows"], touched=t["touched"])
+                              for t in u["tables"]],
+                "reads_top1pct_share": u["top1pct_share"] or 0.0, "reads_top10pct_share": u["top10pct_share"] or 0.0,
+                "reads": u["reads"]}
 
     def Save(self, request: pb.SaveRequest, context: grpc.ServicerContext) -> pb.SaveResponse:
         try:

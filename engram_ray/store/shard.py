@@ -43,10 +43,12 @@ class TableShard:
 
     def __init__(self, *, fingerprint: str, row_start: int, row_stop: int, dim: int,
                  store: StoreConfig = StoreConfig(), shard_index: int = 0, num_shards: int = 1,
-                 values: np.ndarray | None = None):
+                 values: np.ndarray | None = None, layout: TableLayout | None = None):
         if not 0 <= row_start < row_stop:
             raise ValueError(f"TableShard: row range [{row_start}, {row_stop}) is empty or negative")
         self.fingerprint = fingerprint
+        #: The table's layout, when the shard was made from one (which table a row is in).
+        self.layout = layout
         self.row_start, self.row_stop, self.dim = int(row_start), int(row_stop), int(dim)
         #: Stored elements per row: ``dim`` values, or an FP8 row's packed bytes (codes + scales).
         self.width = row_width(store.dtype, self.dim)
@@ -87,7 +89,8 @@ class TableShard:
                                row_width(store.dtype, layout.row_dim), store.dtype,
                                f"init seed={store.init_seed} std={store.init_std}", initial)
         return cls(fingerprint=layout.fingerprint, row_start=start, row_stop=stop,
-                   dim=layout.row_dim, store=store, shard_index=shard_index, num_shards=num_shards, values=values)
+                   dim=layout.row_dim, store=store, shard_index=shard_index, num_shards=num_shards, values=values,
+                   layout=layout)
 
     @classmethod
     def empty(cls, layout: TableLayout, num_shards: int, shard_index: int,
@@ -98,7 +101,8 @@ class TableShard:
         n = min(stop - start, store.resident_rows_per_shard or stop - start)
         return cls(fingerprint=layout.fingerprint, row_start=start, row_stop=stop, dim=layout.row_dim,
                    store=store, shard_index=shard_index, num_shards=num_shards,
-                   values=np.zeros((n, row_width(store.dtype, layout.row_dim)), dtype=numpy_dtype(store.dtype)))
+                   values=np.zeros((n, row_width(store.dtype, layout.row_dim)), dtype=numpy_dtype(store.dtype)),
+                   layout=layout)
 
     # ----------------------------------------------------------------------------------
     @property
@@ -302,7 +306,7 @@ class TableShard:
                                        store.dtype, with_state=store.optimizer.kind == "adam")
         shard = cls(fingerprint=layout.fingerprint, row_start=start, row_stop=stop,
                     dim=layout.row_dim, store=store, shard_index=shard_index,
-                    num_shards=num_shards, values=values)
+                    num_shards=num_shards, values=values, layout=layout)
         if state:
             shard.optimizer.load_state(state)
         return shard

@@ -81,7 +81,7 @@ class ShardCounters(_message.Message):
     def __init__(self, lookups: _Optional[int] = ..., rows_served: _Optional[int] = ..., bytes_served: _Optional[int] = ..., updates: _Optional[int] = ..., rows_updated: _Optional[int] = ..., rejected: _Optional[int] = ..., lookup_seconds: _Optional[float] = ..., lookup_p50_ms: _Optional[float] = ..., lookup_p99_ms: _Optional[float] = ..., uptime_s: _Optional[float] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("fingerprint", "shard_index", "num_shards", "row_start", "row_stop", "dim", "dtype", "optimizer", "resident_bytes", "max_message_bytes", "counters", "resident_rows", "max_ids_per_request", "rss_bytes", "role", "replica", "primary", "backups", "state", "rows_from", "notes", "storage", "mapped_bytes", "mapped_resident_bytes")
+    __slots__ = ("fingerprint", "shard_index", "num_shards", "row_start", "row_stop", "dim", "dtype", "optimizer", "resident_bytes", "max_message_bytes", "counters", "resident_rows", "max_ids_per_request", "rss_bytes", "role", "replica", "primary", "backups", "state", "rows_from", "notes", "storage", "mapped_bytes", "mapped_resident_bytes", "table_use", "reads_top1pct_share", "reads_top10pct_share", "reads")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,10 @@ class DescribeResponse(_message.Message):
     STORAGE_FIELD_NUMBER: _ClassVar[int]
     MAPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAPPED_RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TABLE_USE_FIELD_NUMBER: _ClassVar[int]
+    READS_TOP1PCT_SHARE_FIELD_NUMBER: _ClassVar[int]
+    READS_TOP10PCT_SHARE_FIELD_NUMBER: _ClassVar[int]
+    READS_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     shard_index: int
     num_shards: int
@@ -130,7 +134,23 @@ class DescribeResponse(_message.Message):
     storage: str
     mapped_bytes: int
     mapped_resident_bytes: int
-    def __init__(self, fingerprint: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., row_start: _Optional[int] = ..., row_stop: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., optimizer: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., counters: _Optional[_Union[ShardCounters, _Mapping]] = ..., resident_rows: _Optional[int] = ..., max_ids_per_request: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., role: _Optional[str] = ..., replica: _Optional[int] = ..., primary: _Optional[int] = ..., backups: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., rows_from: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., storage: _Optional[str] = ..., mapped_bytes: _Optional[int] = ..., mapped_resident_bytes: _Optional[int] = ...) -> None: ...
+    table_use: _containers.RepeatedCompositeFieldContainer[TableUse]
+    reads_top1pct_share: float
+    reads_top10pct_share: float
+    reads: int
+    def __init__(self, fingerprint: _Optional[str] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., row_start: _Optional[int] = ..., row_stop: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., optimizer: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., counters: _Optional[_Union[ShardCounters, _Mapping]] = ..., resident_rows: _Optional[int] = ..., max_ids_per_request: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., role: _Optional[str] = ..., replica: _Optional[int] = ..., primary: _Optional[int] = ..., backups: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., rows_from: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., storage: _Optional[str] = ..., mapped_bytes: _Optional[int] = ..., mapped_resident_bytes: _Optional[int] = ..., table_use: _Optional[_Iterable[_Union[TableUse, _Mapping]]] = ..., reads_top1pct_share: _Optional[float] = ..., reads_top10pct_share: _Optional[float] = ..., reads: _Optional[int] = ...) -> None: ...
+
+class TableUse(_message.Message):
+    __slots__ = ("layer", "order", "rows", "touched")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    ORDER_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    TOUCHED_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    order: int
+    rows: int
+    touched: float
+    def __init__(self, layer: _Optional[int] = ..., order: _Optional[int] = ..., rows: _Optional[int] = ..., touched: _Optional[float] = ...) -> None: ...
 
 class SaveRequest(_message.Message):
     __slots__ = ("directory",)
