@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from typing import Any
 
 import ray
@@ -39,6 +41,32 @@ class NodeAgent:
         self.client = svc.client(cache_bytes=cache_bytes, cache_policy=cache_policy)
         self.agent = LookupAgent(self.client, self.path).start()
         log.info("lookup agent of %s on node %s: %s", service_name, node, self.path)
+        if cache_bytes:
+            threading.Thread(target=self._export_cache, args=(service_name, node), daemon=True,
+                             name="engram-agent-metrics").start()
+
+    def _export_cache(self, service: str, node: str, every_s: float = 5.0) -> None:
+        """The row cache's figures to Ray's metrics (Prometheus) every ``every_s``:
+        engram_cache_hit_rate, engram_cache_fill, engram_cache_rows, and the running totals
+        engram_cache_hits / _misses / _evictions / _bytes_saved, tagged with service and node."""
+        from ray.util.metrics import Gauge
+
+        tags = {"service": service, "node": node[:16]}
+        names = {"hit_rate": "share of looked-up unique rows served from the node's cache",
+                 "fill": "share of the cache's rows in use", "rows": "rows held in the cache",
+                 "hits": "unique rows served from the cache", "misses": "unique rows fetched from shards",
+                 "evictions": "rows evicted from the cache", "bytes_saved": "bytes not fetched over gRPC"}
+        gauges = {k: Gauge(f"engram_cache_{k}", doc, tag_keys=tuple(tags)) for k, doc in names.items()}
+        while True:
+            try:
+                st = self.client.stats()
+                c = dict(st["cache"] or {}, bytes_saved=st.get("bytes_saved", 0))
+                for k, g in gauges.items():
+                    if c.get(k) is not None:
+                        g.set(float(c[k]), tags)
+            except Exception:  # noqa: BLE001 - metrics must never take the agent down
+                log.debug("exporting the cache's metrics failed", exc_info=True)
+            time.sleep(every_s)
 
     def socket_path(self) -> str:
         return self.path

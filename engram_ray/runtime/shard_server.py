@@ -6,6 +6,7 @@ runs without Ray."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from ..rpc.host import ShardHost
@@ -46,6 +47,9 @@ class ShardServer:
             restarted=self.restarted, previous_address=self._directory_address() if self.restarted else None,
             rejoin_peers=self._peers if rejoin else None,
             observer=lambda shard: _RayMetrics(spec.name, shard_index, shard.nbytes))
+        metrics = self.host.servicer.observer
+        if isinstance(metrics, _RayMetrics):  # the usage gauges read the servicer's tracker
+            metrics.usage = self.host.servicer.usage
         if self.restarted:
             self._announce()
 
@@ -106,10 +110,25 @@ class ShardServer:
 class _RayMetrics:
     """Exports each request to Ray's metrics (Prometheus at the dashboard's metrics port):
     engram_requests{method,status}, engram_rows{method}, engram_request_seconds{method},
-    engram_resident_bytes, tagged with the service and shard."""
+    engram_resident_bytes, tagged with the service and shard; and, at most every
+    ``USAGE_EVERY_S`` (on a request's thread), what lookups read: engram_rows_touched and
+    engram_table_utilisation{layer,order} (HyperLogLog estimates) and
+    engram_reads_top_share{top="1%"|"10%"} (read skew)."""
+
+    USAGE_EVERY_S = 5.0
 
     def __init__(self, service: str, shard: int, resident_bytes: int):
         from ray.util.metrics import Counter, Gauge, Histogram
+
+        #: The servicer's RowUsage (set once the servicer exists; None: no usage gauges).
+        self.usage: Any = None
+        self._usage_at = 0.0
+        self.touched = Gauge("engram_rows_touched", "distinct rows lookups read (estimate), per table",
+                             tag_keys=("service", "shard", "layer", "order"))
+        self.utilisation = Gauge("engram_table_utilisation", "share of a table's rows on this shard "
+                                 "that lookups read (estimate)", tag_keys=("service", "shard", "layer", "order"))
+        self.top_share = Gauge("engram_reads_top_share", "share of sampled reads that go to the most read "
+                               "rows", tag_keys=("service", "shard", "top"))
 
         self.tags = {"service": service, "shard": str(shard)}
         keys = ("service", "shard", "method")
@@ -128,3 +147,19 @@ class _RayMetrics:
         if ok:
             self.rows.inc(rows, tags)
             self.seconds.observe(seconds, tags)
+        now = time.monotonic()
+        if self.usage is not None and now - self._usage_at >= self.USAGE_EVERY_S:
+            self._usage_at = now
+            self.export_usage()
+
+    def export_usage(self) -> None:
+        """Set the usage gauges from the servicer's tracker now."""
+        u = self.usage.report()
+        for t in u["tables"]:
+            tags = dict(self.tags, layer=str(t["layer"]), order=str(t["order"]))
+            self.touched.set(t["touched"], tags)
+            self.utilisation.set(t["utilisation"], tags)
+        for top in ("1", "10"):
+            share = u[f"top{top}pct_share"]
+            if share is not None:
+                self.top_share.set(share, dict(self.tags, top=f"{top}%"))
