@@ -94,3 +94,16 @@ def test_shard_help_and_argument_checks(capsys, tmp_path):
     (tmp_path / "empty").write_text("\n")
     assert main(["shard", "--preset", "tiny", "--index", "0", "--token-file", str(tmp_path / "empty")]) == 2
     assert "is empty" in capsys.readouterr().err
+
+
+def test_status_sums_table_use_over_shards_and_reads_the_copy_read_most(capsys):
+    from engram_ray.cli.service import _print_table_use
+
+    def shard(i, replica, reads, touched):
+        return {"shard_index": i, "replica": replica, "reads": reads, "reads_top1pct_share": 0.25,
+                "reads_top10pct_share": 0.5,
+                "table_use": [{"layer": 2, "order": 2, "rows": 1000, "touched": touched, "utilisation": 0}]}
+    _print_table_use([shard(0, 0, 500, 100.0), shard(0, 1, 0, 0.0), shard(1, 0, 300, 50.0)])
+    out = capsys.readouterr().out
+    assert "layer  2 2-grams:" in out and "150 of" in out and "2,000 rows (7.500 %)" in out
+    assert "shard 0 top 1 % 25 %, top 10 % 50 %; shard 1" in out

@@ -35,6 +35,32 @@ def _print_shards(shards: list[dict], qps: dict[tuple[int, int], float] | None =
         if d.get("storage") == "mmap":  # a disk-backed shard: how much of its file is in RAM now
             print(f"  shard {d['shard_index']} copy {d.get('replica', 0)}: rows memory-mapped, "
                   f"{gib(d['mapped_resident_bytes'])} of {gib(d['mapped_bytes'])} resident")
+    _print_table_use([d for d in shards if "error" not in d])
+
+
+def _print_table_use(shards: list[dict]) -> None:
+    """Per (layer, order) table: the share of its rows lookups have read (HyperLogLog, summed
+    over shards; of a shard's copies the one read most); per shard: the read skew."""
+    best: dict[int, dict] = {}
+    for d in shards:  # reads go to one copy of a shard: its counts are the shard's
+        if d.get("table_use") and d.get("reads", 0) >= best.get(d["shard_index"], {}).get("reads", -1):
+            best[d["shard_index"]] = d
+    if not best:
+        return
+    tables: dict[tuple[int, int], list[float]] = {}
+    for d in best.values():
+        for t in d["table_use"]:
+            acc = tables.setdefault((t["layer"], t["order"]), [0.0, 0.0])
+            acc[0] += t["touched"]
+            acc[1] += t["rows"]
+    print("  table use since start (distinct rows read, HyperLogLog estimate):")
+    for (layer, order), (touched, rows) in sorted(tables.items()):
+        print(f"    layer {layer:>2} {order}-grams: {touched:>14,.0f} of {rows:>14,.0f} rows "
+              f"({100 * touched / rows:.3f} %)")
+    skew = "; ".join(f"shard {i} top 1 % {100 * d['reads_top1pct_share']:.0f} %, top 10 % "
+                     f"{100 * d['reads_top10pct_share']:.0f} %" for i, d in sorted(best.items()) if d["reads"])
+    if skew:
+        print(f"  read skew (share of reads to the most read rows, 1-in-64 sample): {skew}")
 
 
 def service_config(args: argparse.Namespace):

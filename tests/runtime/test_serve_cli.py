@@ -42,6 +42,7 @@ def test_serve_status_checkpoint_stop(tmp_path):
         assert st.stdout.count("127.0.0.1:") == 2 and st.stdout.count(" up ") == 2
         for column in ("RSS", "QPS", "p50 ms", "p99 ms"):
             assert column in st.stdout
+        assert "table use since start" in st.stdout and "2-grams:" in st.stdout and "3-grams:" in st.stdout
 
         ck = _cli("checkpoint", "--name", "clitest", "--address", "auto")
         assert ck.returncode == 0 and "recovery checkpoint of 2 shards" in ck.stdout, ck.stderr[-2000:]
