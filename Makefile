@@ -35,7 +35,9 @@ bench: setup
 	$(BIN)/engram-ray bench lookup --out results/lookup.json
 	$(BIN)/engram-ray bench latency-vs-size --out results/latency.json
 	$(BIN)/engram-ray bench latency-vs-size --storage mmap --sizes 0.25 0.5 1 2 --calls 30 --out results/latency_mmap.json
-	$(BIN)/engram-ray bench offload --profile --out results/offload.json
+	$(BIN)/engram-ray bench offload --profile --repeats 11 --out results/offload.json
+	$(BIN)/engram-ray bench offload --cache-gib 0.25 --out results/offload_cache.json
+	$(BIN)/engram-ray bench cache --out results/cache.json
 	$(BIN)/engram-ray bench agent-hop --out results/agent_hop.json
 	$(BIN)/engram-ray bench agent-hop --agent-cores worker --out results/agent_hop_own_core.json
 	$(BIN)/engram-ray bench load --out results/load.json

@@ -159,7 +159,7 @@ def test_bench_offload_against_running_shards_without_ray(tmp_path, gpt2_vocab):
                             "--token-file", str(token), "--sequences", "2", "--min-len", "8", "--max-len", "12",
                             "--decode-batch", "2", "--decode-tokens", "2", "--requests", "3", "--prompt-len", "6",
                             "10", "--output-len", "2", "3", "--max-batch", "2", "--repeats", "1", "--microbatches", "2",
-                            "--out", str(out)], capture_output=True, text=True, timeout=300)
+                            "--cache-gib", "0.01", "--out", str(out)], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         last = json.loads(r.stdout.strip().splitlines()[-1])
         assert last == {"code": 0, "ray_loaded": False}
@@ -176,8 +176,12 @@ def test_bench_offload_against_running_shards_without_ray(tmp_path, gpt2_vocab):
         assert rep["phases"][-1] == "decode_mb2" and "decode_mb2:remote_vs_local" in rep["overhead"]
         # the remote modes read their rows from these shards (their counters, read by Describe)
         assert rep["breakdown"]["serving:remote"]["hash_s"] > 0 and rep["lookup_p50_ms"] > 0
-        assert rep["per_lookup"]["rpcs_per_lookup"] >= 1 and rep["per_lookup"]["server_handler_ms_per_rpc"] > 0
+        # (the row cache answers most lookups of the repeated workload without any RPC)
+        assert rep["per_lookup"]["rpcs_per_lookup"] > 0 and rep["per_lookup"]["server_handler_ms_per_rpc"] > 0
         assert np.isfinite(rep["results"]["remote"]["serving_tokens_per_s"])
+        # the agent's row cache: the workload repeats, so the repetitions hit what the warm-up read
+        assert rep["cache"]["policy"] == "tinylfu" and rep["cache"]["hits"] > 0
+        assert rep["wire"]["bytes_saved"] > 0 and rep["wire"]["bytes_received"] > 0
     finally:
         for srv, _ in servers:
             srv.stop(0)
@@ -262,3 +266,18 @@ def test_bench_agent_hop_times_both_paths_to_the_same_shards(tmp_path):
         assert x["agent_extra_ms"] == pytest.approx(x["agent_p50_ms"] - x["client_p50_ms"])
     assert rep["cores"]["agent"] == rep["cores"]["shards"]  # the default: the agent on the memory cores
     assert "agent +" in r.stdout
+
+
+def test_bench_cache_writes_curves_and_a_plot(tmp_path):
+    out = tmp_path / "cache.json"
+    r = subprocess.run([sys.executable, "-m", "engram_ray.cli", "bench", "cache", "--corpora", "stdlib",
+                        "--presets", "tiny", "--tokens", "4000", "--batch", "2", "--seq-len", "64",
+                        "--sizes", "0.01", "0.5", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    (run,) = rep["runs"]
+    assert rep["benchmark"] == "cache" and run["corpus"] == "stdlib" and run["preset"] == "tiny"
+    assert [(c["share"], c["policy"]) for c in run["curves"]] == [(0.01, "lru"), (0.01, "tinylfu"),
+                                                                 (0.5, "lru"), (0.5, "tinylfu")]
+    assert all(0 <= c["hit_rate"] <= run["hit_rate_ceiling"] + 1e-12 for c in run["curves"])
+    assert (tmp_path / "cache.png").stat().st_size > 1000 and "Zipf s =" in r.stdout

