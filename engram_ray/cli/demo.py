@@ -99,8 +99,21 @@ def _summary(args: argparse.Namespace, steps: list[dict[str, Any]], val: list[tu
         "shards": [{"shard": d["shard_index"], "rows_served": d["counters"]["rows_served"],
                     "rows_updated": d["counters"]["rows_updated"], "bytes_served": d["counters"]["bytes_served"]}
                    for d in shards],
+        "table_use": _table_use(shards),
         "sample_prompt": args.prompt, "sample": sample,
     }
+
+
+def _table_use(shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (layer, order) table, summed over shards: rows, distinct rows read (HyperLogLog)."""
+    acc: dict[tuple[int, int], list[float]] = {}
+    for d in shards:
+        for t in d.get("table_use") or ():
+            a = acc.setdefault((t["layer"], t["order"]), [0, 0.0])
+            a[0] += t["rows"]
+            a[1] += t["touched"]
+    return [{"layer": layer, "order": order, "rows": int(rows), "touched": touched, "utilisation": touched / rows}
+            for (layer, order), (rows, touched) in sorted(acc.items())]
 
 
 def _print_summary(r: dict[str, Any]) -> None:
@@ -119,6 +132,9 @@ def _print_summary(r: dict[str, Any]) -> None:
     if r["hidden_fraction"] is not None:
         print(f"  prefetch     fetch {r['fetch_seconds']:.2f} s in all, waited {r['wait_seconds']:.2f} s: "
               f"{100 * r['hidden_fraction']:.0f} % of the fetch time hidden behind compute")
+    if r["table_use"]:
+        print("  table use    rows read of each table (HyperLogLog): " + ", ".join(
+            f"layer {t['layer']} {t['order']}-grams {100 * t['utilisation']:.1f} %" for t in r["table_use"]))
     print(f"  sample       {r['sample_prompt']!r} -> {r['sample']!r}")
 
 

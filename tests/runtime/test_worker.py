@@ -37,6 +37,9 @@ def test_demo_command_trains_through_the_service(corpus_dir, tmp_path):
     assert rep["fetch_seconds"] > 0 and rep["wait_seconds"] >= 0
     assert isinstance(rep["sample"], str)
     assert "summary" in r.stdout and "of the fetch time hidden behind compute" in r.stdout
+    # how much of each table the run read (every table, from the shards' HyperLogLogs)
+    assert len(rep["table_use"]) == 4 and all(0 < t["utilisation"] <= 1 for t in rep["table_use"])
+    assert "table use" in r.stdout
     # the shards saved the rows, the worker the dense weights
     assert len(list((ckpt / "engram").glob("rows-*.json"))) == 2 and (ckpt / "dense.pt").exists()
 
