@@ -16,7 +16,7 @@ def _rows(ids, width=4):
 
 
 def test_hits_return_the_rows_put_and_misses_leave_out_untouched():
-    c = RowCache(64, 4, np.float32)
+    c = RowCache(64, 4, np.float32)                         # the default policy: LRU
     c.put(np.array([3, 9, 700]), _rows([3, 9, 700]))
     out = np.full((4, 4), -1.0, np.float32)
     hit = c.get(np.array([9, 5, 700, 3]), out)
@@ -24,7 +24,7 @@ def test_hits_return_the_rows_put_and_misses_leave_out_untouched():
     assert out[:, 0].tolist() == [9, -1, 700, 3]
     r = c.report()
     assert (r["hits"], r["misses"], r["rows"], r["inserts"], r["evictions"]) == (3, 1, 3, 3, 0)
-    assert r["hit_rate"] == pytest.approx(0.75) and 0 < r["fill"] < 1 and r["policy"] == "tinylfu"
+    assert r["hit_rate"] == pytest.approx(0.75) and 0 < r["fill"] < 1 and r["policy"] == "lru"
 
 
 def test_lru_evicts_the_least_recently_used_way():

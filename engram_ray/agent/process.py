@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from ..client import EngramClient
+from ..client.cache import DEFAULT_POLICY
 from ..core.layout import TableLayout
 from .server import LookupAgent
 
@@ -37,7 +38,7 @@ def default_socket_path(name: str) -> str:
 
 def run(addresses: Sequence[str | Sequence[str]], layout: TableLayout, socket_path: str, *,
         token: str | None = None, ready: Callable[[LookupAgent], None] | None = None,
-        cache_bytes: int = 0, cache_policy: str = "tinylfu") -> int:
+        cache_bytes: int = 0, cache_policy: str = DEFAULT_POLICY) -> int:
     """Serve ``layout``'s rows from the shards at ``addresses`` on ``socket_path`` until
     SIGTERM / SIGINT (blocking), keeping the hottest rows in ``cache_bytes`` (0: no cache)
     for every worker of the node. Returns 0; raises if another agent serves the path."""
@@ -58,7 +59,8 @@ def run(addresses: Sequence[str | Sequence[str]], layout: TableLayout, socket_pa
 
 
 def spawn(socket_path: str, addresses: Sequence[str], layout: TableLayout, *,
-          token_file: str | None = None, cache_gib: float = 0.0, cache_policy: str = "tinylfu") -> subprocess.Popen:
+          token_file: str | None = None, cache_gib: float = 0.0,
+          cache_policy: str = DEFAULT_POLICY) -> subprocess.Popen:
     """Start ``python -m engram_ray.agent`` serving on ``socket_path`` (returns at once; a
     worker's :class:`~.client.AgentClient` retries connecting while it comes up). The layout
     goes to it as a JSON file beside the socket (0600)."""

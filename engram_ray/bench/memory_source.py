@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..client.cache import DEFAULT_POLICY
 from ..config import EngramConfig, StoreConfig
 from ..rpc.wire import read_token_file
 
@@ -77,7 +78,7 @@ class DeployedShards:
     def client(self) -> Any:
         return self.svc.client()
 
-    def agent_client(self, cache_bytes: int = 0, cache_policy: str = "tinylfu") -> Any:
+    def agent_client(self, cache_bytes: int = 0, cache_policy: str = DEFAULT_POLICY) -> Any:
         return self.svc.agent_client(cache_bytes=cache_bytes, cache_policy=cache_policy)
 
     def describe(self) -> list[dict[str, Any]]:
@@ -117,7 +118,7 @@ class RunningShards:
         from ..client import EngramClient
         return EngramClient(self.addresses, self._layout, token=self.token)
 
-    def agent_client(self, cache_bytes: int = 0, cache_policy: str = "tinylfu") -> Any:
+    def agent_client(self, cache_bytes: int = 0, cache_policy: str = DEFAULT_POLICY) -> Any:
         """A worker's client of a lookup agent for these shards (with a hot-row cache of
         ``cache_bytes``): a plain process started now (it inherits this process's cores: the
         memory side's, when isolated)."""
@@ -139,7 +140,7 @@ class RunningShards:
             return c.describe()
 
 
-def memory_client(source: Any, via: str, cache_bytes: int = 0, cache_policy: str = "tinylfu") -> Any:
+def memory_client(source: Any, via: str, cache_bytes: int = 0, cache_policy: str = DEFAULT_POLICY) -> Any:
     """The seam: what the remote modes read rows through (``via``: client or agent), with a
     hot-row cache of ``cache_bytes`` in the agent (0: none; the agent's only)."""
     if via not in VIAS:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..client.cache import DEFAULT_POLICY
 from ..config import EngramConfig, ModelConfig, OptimizerConfig, StoreConfig
 from ..core.indexer import RowIndexer
 from ..core.layout import TableLayout
@@ -76,7 +77,7 @@ class Options:
     via: str = "agent"
     # the agent's hot-row cache (bytes; 0: none) and its policy
     cache_bytes: int = 0
-    cache_policy: str = "tinylfu"
+    cache_policy: str = DEFAULT_POLICY
     # cores: model apart from the memory side (memory_cores: how many for it; None: a quarter)
     isolate: bool = True
     memory_cores: int | None = None

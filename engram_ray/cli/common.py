@@ -63,9 +63,10 @@ def add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-gib", type=float, default=0.0, metavar="GIB",
                    help="keep the hottest rows in this much RAM, shared by the node's workers "
                         "(default: 0, no cache)")
-    p.add_argument("--cache-policy", default="tinylfu", choices=["tinylfu", "lru"],
-                   help="which rows stay: tinylfu admits a row only if it is asked for more often "
-                        "than the one it would evict (default); lru keeps the most recent")
+    p.add_argument("--cache-policy", default="lru", choices=["lru", "tinylfu"],
+                   help="which rows stay: lru keeps the most recent (default); tinylfu admits a row "
+                        "only if it is asked for more often than the one it would evict (better on "
+                        "prose and for small caches; see docs/RESULTS.md)")
 
 
 def cache_bytes(gib: float) -> int:

@@ -22,7 +22,7 @@ from ..core.layout import ShardPlan, TableLayout
 from ..rpc import codec, wire
 from ..rpc.generated import engram_pb2 as pb
 from . import plan, shards
-from .cache import RowCache
+from .cache import DEFAULT_POLICY, RowCache
 from .calls import ShardCalls
 from .iothread import IoThread, shutdown
 from .replicas import ReplicaSet, Resolver, channel_options
@@ -48,7 +48,7 @@ class EngramClient:
     shard stays unavailable after the retries, the client asks it (a restarted shard may serve
     elsewhere) and keeps trying for up to ``recover_timeout`` seconds before raising
     :class:`~engram_ray.errors.ShardUnavailable`. ``cache_bytes``: keep the hottest rows here,
-    in about that many bytes (:class:`~.cache.RowCache`, ``cache_policy`` "tinylfu" or "lru"):
+    in about that many bytes (:class:`~.cache.RowCache`, ``cache_policy`` "lru" or "tinylfu"):
     a lookup then asks the shards only for the rest. This client never serves a row older
     than its own acknowledged push; rows another writer changed are dropped when a lookup's
     answer shows their shard's update count moved (see the README's cache contract).
@@ -65,7 +65,7 @@ class EngramClient:
                  connect_timeout: float = 10.0, token: str | None = None,
                  tls_ca: bytes | None = None, tls_server_name: str | None = None,
                  resolver: Resolver | None = None, recover_timeout: float = 60.0,
-                 cache_bytes: int = 0, cache_policy: str = "tinylfu"):
+                 cache_bytes: int = 0, cache_policy: str = DEFAULT_POLICY):
         creds = grpc.ssl_channel_credentials(root_certificates=tls_ca) if tls_ca else None
         self._replicas = ReplicaSet(addresses, channel_options(max_message_bytes, tls_server_name), creds)
         self.layout = layout

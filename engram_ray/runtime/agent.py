@@ -16,6 +16,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..agent import AgentClient, LookupAgent
 from ..agent.process import default_socket_path
+from ..client.cache import DEFAULT_POLICY
 from .spec import NAMESPACE
 
 __all__ = ["NodeAgent", "agent_name", "start_agent", "agent_client"]
@@ -32,7 +33,7 @@ class NodeAgent:
     with an ``EngramClient`` that follows shard restarts through the service's directory and
     keeps the node's hottest rows in ``cache_bytes`` (0: no cache)."""
 
-    def __init__(self, service_name: str, cache_bytes: int = 0, cache_policy: str = "tinylfu"):
+    def __init__(self, service_name: str, cache_bytes: int = 0, cache_policy: str = DEFAULT_POLICY):
         from .service import attach
 
         svc = attach(service_name, address=None)
@@ -77,7 +78,7 @@ class NodeAgent:
 
 
 def start_agent(service_name: str, node_id: str | None = None, *, cache_bytes: int = 0,
-                cache_policy: str = "tinylfu") -> Any:
+                cache_policy: str = DEFAULT_POLICY) -> Any:
     """The agent actor of ``service_name`` on ``node_id`` (default: this process's node),
     started if there is none (with a hot-row cache of ``cache_bytes``: the first starter's
     settings hold for the node); returns its handle once it serves."""
@@ -96,7 +97,7 @@ def start_agent(service_name: str, node_id: str | None = None, *, cache_bytes: i
     return actor
 
 
-def agent_client(service: Any, *, cache_bytes: int = 0, cache_policy: str = "tinylfu",
+def agent_client(service: Any, *, cache_bytes: int = 0, cache_policy: str = DEFAULT_POLICY,
                  **kwargs: Any) -> AgentClient:
     """An :class:`AgentClient` on this node's agent of ``service`` (a ``MemoryService``),
     starting the agent if needed (``cache_bytes``, ``cache_policy``: its hot-row cache); when
