@@ -1,6 +1,8 @@
 """The client's hot-row cache: hits and misses, eviction by policy, and freshness under
 training (own pushes, and another writer's) against real shards on loopback."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -125,10 +127,37 @@ def test_a_push_through_the_caching_client_is_never_served_stale(two, tiny_layou
         assert cached.stats()["cache"]["invalidated"] >= 5
 
 
+def test_a_row_put_twice_is_held_once_and_forgotten_at_once():
+    c = RowCache(64, 4, np.float32)
+    c.put(np.array([5, 6]), _rows([5, 6]))
+    c.put(np.array([5]), _rows([50]))                     # e.g. two lookups that both missed 5
+    assert c.report()["rows"] == 2
+    out = np.empty((1, 4), np.float32)
+    assert c.get(np.array([5]), out).tolist() == [True] and out[0, 0] == 5
+    c.invalidate(np.array([5]))
+    assert c.get(np.array([5]), out).tolist() == [False]
+
+
+def test_own_pushes_forget_only_their_rows_and_concurrent_misses_hold_one_copy(two, tiny_layout):
+    ids = np.arange(0, tiny_layout.total_rows, 5)
+    x = np.array([7])
+    with EngramClient(two.addresses, tiny_layout, cache_bytes=1 << 20) as cached, \
+            EngramClient(two.addresses, tiny_layout) as plain:
+        for f in cached.prefetch_many([ids, x, x, x]):    # concurrent lookups that all miss 7
+            f.result(10)
+        held = cached.stats()["cache"]["rows"]
+        assert held == ids.size + 1                        # 7 once, however many missed it
+        cached.push_gradients(np.array([0, 7]), np.ones((2, 16), np.float32))
+        after = cached.stats()["cache"]
+        assert after["rows"] == held - 2                   # the pushed rows, not the shards' others
+        assert np.array_equal(cached.lookup(np.array([0, 7, 5])), plain.lookup(np.array([0, 7, 5])))
+        assert cached.stats()["cache"]["hits"] > after["hits"]  # 5 still came from the cache
+
+
 def test_another_writers_push_drops_that_shards_cached_rows(two, tiny_layout):
     """Another node's client pushes: the caching client's next lookup that reaches the shard
-    sees its update count move and drops the shard's rows; from the lookup after that on,
-    every row is fresh (the contract: at most one lookup behind another writer)."""
+    sees its rows version move and drops the shard's rows; from the lookup after that on,
+    every row is fresh."""
     half = two.shards[1].row_start
     a, b = np.array([half + 1, half + 2]), np.array([half + 3])
     with EngramClient(two.addresses, tiny_layout, cache_bytes=1 << 20) as cached, \
@@ -153,3 +182,30 @@ def test_describe_reports_what_share_of_each_table_lookups_read(two, tiny_layout
         here = seen[(seen >= s["row_start"]) & (seen < s["row_stop"])]
         assert sum(t["touched"] for t in s["table_use"]) == pytest.approx(here.size, rel=0.05)
         assert 0 < s["reads_top1pct_share"] <= s["reads_top10pct_share"] <= 1
+
+
+def test_rows_of_a_quiet_shard_are_checked_again_after_the_max_age(two, tiny_layout):
+    """Lookups that only hit never ask the shard: after ``cache_max_age_s`` without an answer
+    from it, its rows are fetched again, so another writer's push is seen within that age."""
+    a = np.array([1, 2, 3])
+    with EngramClient(two.addresses, tiny_layout, cache_bytes=1 << 20, cache_max_age_s=2.0) as cached, \
+            EngramClient(two.addresses, tiny_layout) as other:
+        cached.lookup(a)
+        other.push_gradients(a, np.ones((3, 16), np.float32))
+        stale = cached.lookup(a)                          # within the age: served from the cache
+        assert not np.array_equal(stale, other.lookup(a))
+        time.sleep(2.1)
+        assert np.array_equal(cached.lookup(a), other.lookup(a))
+
+
+def test_a_restore_moves_the_rows_version(two, tiny_layout):
+    shard = two.shards[0]
+    before = shard.snapshot()
+    with EngramClient(two.addresses, tiny_layout, cache_bytes=1 << 20) as cached:
+        cached.lookup(np.array([1, 2]))
+        v = shard.rows_version
+        cached.push_gradients(np.array([1]), np.ones((1, 16), np.float32))
+        shard.restore(before)                             # an operator's recover, a replica's join
+        assert shard.rows_version == v + 2
+        cached.lookup(np.array([1, 2, 4]))                # 4 misses: the answer shows the restore
+        assert np.array_equal(cached.lookup(np.array([1, 2])), shard.gather(np.array([1, 2])))

@@ -70,7 +70,10 @@ def add_cache_args(p: argparse.ArgumentParser) -> None:
 
 
 def cache_bytes(gib: float) -> int:
-    """``--cache-gib`` in bytes, refused if negative."""
-    if not gib >= 0:
+    """``--cache-gib`` in bytes, refused if negative, not a number or beyond this machine's RAM."""
+    from ..client.cache import check_cache_bytes
+
+    if not 0 <= gib < float("inf"):
         raise ValueError(f"--cache-gib {gib}: expected a size >= 0 in GiB")
+    check_cache_bytes(gib * 2**30)
     return int(gib * 2**30)

@@ -28,13 +28,14 @@ Only the client's I/O thread touches a cache: no lock.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 
 from ..core.usage import mix64
 
-__all__ = ["RowCache", "POLICIES", "DEFAULT_POLICY"]
+__all__ = ["RowCache", "POLICIES", "DEFAULT_POLICY", "check_cache_bytes"]
 
 POLICIES = ("lru", "tinylfu")
 #: Measured with ``engram-ray bench cache`` (docs/RESULTS.md): over both corpora, both layouts
@@ -46,6 +47,20 @@ DEFAULT_POLICY = "lru"
 
 _SKETCH_SEEDS = (0x243F6A8885A308D3, 0x13198A2E03707344)
 _SET_SEED = 0x2545F4914F6CDD1D
+
+
+def check_cache_bytes(nbytes: float) -> None:
+    """Refuse a cache size that is negative or more than this machine's RAM (the arrays are
+    allocated lazily: an oversized cache would start, then be killed as it fills)."""
+    if not nbytes >= 0:
+        raise ValueError(f"cache of {nbytes} bytes: expected a size >= 0")
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not knowable here: nothing to check against
+        return
+    if nbytes > ram:
+        raise ValueError(f"cache of {nbytes / 2**30:.1f} GiB exceeds this machine's {ram / 2**30:.1f} GiB "
+                         "of RAM; give a size that leaves room for the rest (e.g. --cache-gib 4)")
 
 
 class RowCache:
@@ -78,8 +93,11 @@ class RowCache:
 
     @classmethod
     def for_bytes(cls, nbytes: int, width: int, dtype: Any, **kw: Any) -> RowCache:
-        """The cache whose rows take about ``nbytes`` (index arrays add 16 B a row)."""
-        row = width * np.dtype(dtype).itemsize + 16
+        """The cache that takes about ``nbytes``: rows, 16 B of index a row, and for TinyLFU
+        its sketch (about 8 B a row). Refused if this machine's RAM could not hold it."""
+        tinylfu = kw.get("policy", DEFAULT_POLICY) == "tinylfu"
+        row = width * np.dtype(dtype).itemsize + 16 + (8 if tinylfu else 0)
+        check_cache_bytes(nbytes)
         if nbytes < row:
             raise ValueError(f"a cache of {nbytes} bytes holds no row of {row} bytes")
         return cls(nbytes // row, width, dtype, **kw)
@@ -121,10 +139,17 @@ class RowCache:
         return hit
 
     def put(self, ids: np.ndarray, rows: np.ndarray) -> None:
-        """Offer fetched rows (unique ids not held, e.g. a lookup's misses): each takes its set's
-        least recently used way, if the policy admits it."""
+        """Offer fetched rows (unique ids, e.g. a lookup's misses): each takes its set's least
+        recently used way, if the policy admits it. Ids held already (concurrent lookups that
+        missed the same row) are left as they are: a row is never held twice, so forgetting
+        it (:meth:`invalidate`) forgets it."""
         if ids.size == 0:
             return
+        held = self._find(ids)[2]
+        if held.any():
+            ids, rows = ids[~held], rows[~held]
+            if ids.size == 0:
+                return
         s = self._set_of(ids)
         # the k-th id of a batch that maps to a set gets that set's k-th least recently used
         # way (empty ways, stamp -1, first): no two ids of a batch take one way; ids beyond a
@@ -198,6 +223,12 @@ class RowCache:
     def report(self) -> dict[str, Any]:
         """Counters, hit rate and fill, for the client's statistics."""
         asked = self.counts["hits"] + self.counts["misses"]
-        return {**self.counts, "policy": self.policy, "capacity_rows": self.capacity, "rows": self.size,
-                "fill": self.size / self.capacity, "bytes": self.nbytes,
+        size = self.size
+        return {**self.counts, "policy": self.policy, "capacity_rows": self.capacity, "rows": size,
+                "fill": size / self.capacity, "bytes": self.nbytes,
                 "hit_rate": self.counts["hits"] / asked if asked else None}
+
+    def unhit(self, n: int) -> None:
+        """Count ``n`` hits of the last :meth:`get` as misses (the caller fetched them anyway)."""
+        self.counts["hits"] -= n
+        self.counts["misses"] += n

@@ -22,7 +22,7 @@ from ..core.layout import ShardPlan, TableLayout
 from ..rpc import codec, wire
 from ..rpc.generated import engram_pb2 as pb
 from . import plan, shards
-from .cache import DEFAULT_POLICY, RowCache
+from .cache import DEFAULT_POLICY, RowCache, check_cache_bytes
 from .calls import ShardCalls
 from .iothread import IoThread, shutdown
 from .replicas import ReplicaSet, Resolver, channel_options
@@ -51,7 +51,8 @@ class EngramClient:
     in about that many bytes (:class:`~.cache.RowCache`, ``cache_policy`` "lru" or "tinylfu"):
     a lookup then asks the shards only for the rest. This client never serves a row older
     than its own acknowledged push; rows another writer changed are dropped when a lookup's
-    answer shows their shard's update count moved (see the README's cache contract).
+    answer shows their shard's rows version moved, and a cached row is served only while its
+    shard has answered within ``cache_max_age_s`` (see the README's cache contract).
     """
 
     timeout = _policy("timeout", "Seconds per message.")
@@ -65,7 +66,9 @@ class EngramClient:
                  connect_timeout: float = 10.0, token: str | None = None,
                  tls_ca: bytes | None = None, tls_server_name: str | None = None,
                  resolver: Resolver | None = None, recover_timeout: float = 60.0,
-                 cache_bytes: int = 0, cache_policy: str = DEFAULT_POLICY):
+                 cache_bytes: int = 0, cache_policy: str = DEFAULT_POLICY, cache_max_age_s: float = 1.0):
+        if cache_bytes:
+            check_cache_bytes(cache_bytes)  # before any connection: a bad size fails at once
         creds = grpc.ssl_channel_credentials(root_certificates=tls_ca) if tls_ca else None
         self._replicas = ReplicaSet(addresses, channel_options(max_message_bytes, tls_server_name), creds)
         self.layout = layout
@@ -92,9 +95,14 @@ class EngramClient:
         self.width = row_width(self.dtype_name, layout.row_dim)
         sizes = plan.MessageSizes.for_shards(self.shards, max_message_bytes=max_message_bytes, chunk_bytes=chunk_bytes,
                                              row_dim=self.width, row_itemsize=self.dtype.itemsize)
-        cache = (RowCache.for_bytes(int(cache_bytes), self.width, self.dtype, policy=cache_policy)
-                 if cache_bytes else None)
-        self._transfers = Transfers(self._calls, layout, self.plan, sizes, self.dtype_name, self._stats, cache)
+        try:
+            cache = (RowCache.for_bytes(int(cache_bytes), self.width, self.dtype, policy=cache_policy)
+                     if cache_bytes else None)
+        except BaseException:
+            self.close()
+            raise
+        self._transfers = Transfers(self._calls, layout, self.plan, sizes, self.dtype_name, self._stats, cache,
+                                    cache_max_age_s)
 
     @property
     def max_rows_per_message(self) -> int:

@@ -96,15 +96,21 @@ class Transfers:
     """Lookups and pushes of ``layout``'s rows, stored as ``dtype_name``, over ``calls``."""
 
     def __init__(self, calls: ShardCalls, layout: TableLayout, shard_plan: ShardPlan, sizes: plan.MessageSizes,
-                 dtype_name: str, stats: ClientStats, cache: RowCache | None = None):
+                 dtype_name: str, stats: ClientStats, cache: RowCache | None = None,
+                 cache_max_age_s: float = 1.0):
         self.calls, self.layout, self.bounds, self.sizes = calls, layout, shard_plan.bounds, sizes
         self.dtype_name, self.dtype = dtype_name, codec.wire_dtype(dtype_name)
         self.width = row_width(dtype_name, layout.row_dim)  # packed bytes for FP8 rows
         self.stats = stats
         #: Hot rows (None: every row from the shards). Touched on the I/O thread only.
         self.cache = cache
-        #: Per shard, its update count as of the rows cached from it (None: none seen yet).
+        #: Per shard, the version of its rows (LookupResponse.update_count) the cached rows of it
+        #: have (None: none seen yet), and when it last answered (time.monotonic()).
         self._versions: list[int | None] = [None] * (len(self.bounds) - 1)
+        self._answered = [0.0] * (len(self.bounds) - 1)
+        #: A cached row is served only if its shard answered this client within this many
+        #: seconds (with the version the row was cached at); else it is fetched again.
+        self.cache_max_age_s = cache_max_age_s
         self._client_id = uuid.uuid4().hex[:12]
         self._seq = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()  # lookups in flight (touched on the I/O thread only)
@@ -181,29 +187,49 @@ class Transfers:
             uniq_rows = plan.check_out(rows_out, uniq.size, self.width, self.dtype)
         cache = self.cache
         want, dest, miss, epoch = uniq, uniq_rows, None, 0
+        tags: dict[int, int | None] | None = None
         if cache is not None:  # hits land in place now; only the misses go out
             epoch = cache.epoch
-            miss = np.flatnonzero(~cache.get(uniq, uniq_rows))
+            miss = np.flatnonzero(~self._hits(uniq, uniq_rows))
             want = uniq[miss]
             dest = np.empty((want.size, self.width), dtype=self.dtype)
+            tags = {}  # per shard: the version its answers here carried (None: they differed)
         decode_s = [0.0]
         calls = [self._chunk(s, a, b, pb.LookupRequest(fingerprint=self.layout.fingerprint,
-                                                       row_ids=codec.encode(want[a:b])), dest, decode_s)
+                                                       row_ids=codec.encode(want[a:b])), dest, decode_s, tags)
                  for s, a, b in plan.split(want, self.bounds, self.sizes.lookup_rows)]
         t2 = time.perf_counter()
         await _gather(calls)
         t3 = time.perf_counter()
-        if cache is not None and miss is not None:
+        if cache is not None and miss is not None and tags is not None:
             uniq_rows[miss] = dest
-            if cache.epoch == epoch:  # no push through this client ran meanwhile: fresh
-                cache.put(want, dest)
+            if cache.epoch == epoch:  # no push through this client ran meanwhile
+                # only rows whose shard's version has not moved since they were read
+                fresh = [sh for sh, v in tags.items() if v is not None and v == self._versions[sh]]
+                keep = np.isin(np.searchsorted(self.bounds, want, side="right") - 1, fresh)
+                cache.put(want[keep], dest[keep])
             self.stats.count("bytes_saved", (uniq.size - want.size) * self.width * np.dtype(self.dtype).itemsize)
         p._seconds = t3 - t0
         stages = {"dedup": t1 - t0, "encode": t2 - t1, "in_flight": t3 - t2 - decode_s[0], "decode": decode_s[0]}
         return uniq, inverse, uniq_rows, stages, t3, int(want.size)
 
+    def _hits(self, uniq: np.ndarray, uniq_rows: np.ndarray) -> np.ndarray:
+        """The cached rows of ``uniq`` written into ``uniq_rows``; the hit mask. Rows of a shard
+        that has not answered for ``cache_max_age_s`` count as misses: fetched again, their
+        answer says whether the shard's rows changed (another writer's push)."""
+        assert self.cache is not None
+        hit = self.cache.get(uniq, uniq_rows)
+        now = time.monotonic()
+        quiet = [sh for sh, t in enumerate(self._answered) if now - t > self.cache_max_age_s]
+        if quiet and hit.any():
+            again = hit & np.isin(np.searchsorted(self.bounds, uniq, side="right") - 1, quiet)
+            if again.any():
+                self.cache.unhit(int(again.sum()))
+                hit &= ~again
+        return hit
+
     async def _chunk(self, shard: int, a: int, b: int, request: pb.LookupRequest, uniq_rows: np.ndarray,
-                     decode_s: list[float]) -> None:
+                     decode_s: list[float], tags: dict[int, int | None] | None = None) -> None:
         """Rows ``uniq_rows[a:b]`` from ``shard``, copied into place as they land, while the
         other messages are in flight; an answer of another dtype or shape is the shard's error."""
         resp = await self.calls.call(shard, "Lookup", request)
@@ -215,18 +241,22 @@ class Transfers:
             raise EngramError(f"{where} answered a lookup with {e}") from None
         if rows.shape != (b - a, self.width):
             raise EngramError(f"{where} answered {rows.shape} rows for {b - a} ids")
-        if self.cache is not None:
-            self._seen(shard, int(resp.update_count))
+        if tags is not None:
+            version = int(resp.update_count)
+            self._seen(shard, version)
+            tags[shard] = version if tags.get(shard, version) == version else None
         uniq_rows[a:b] = rows
         decode_s[0] += time.perf_counter() - t
 
-    def _seen(self, shard: int, count: int) -> None:
-        """A shard's update count, as a lookup answer carries it: if it moved since the rows
-        cached from it were fetched, another writer changed rows there -- drop them all."""
+    def _seen(self, shard: int, version: int) -> None:
+        """A shard's rows version, as an answer carries it: if it moved (either way: a restart
+        starts again from 0) since the rows cached from it were read, someone changed rows
+        there -- drop them all."""
         assert self.cache is not None
-        if self._versions[shard] is not None and self._versions[shard] != count:
+        self._answered[shard] = time.monotonic()
+        if self._versions[shard] is not None and self._versions[shard] != version:
             self.cache.drop_range(int(self.bounds[shard]), int(self.bounds[shard + 1]))
-        self._versions[shard] = count
+        self._versions[shard] = version
 
     # Pushes --------------------------------------------------------------------------------
     async def push(self, flat: np.ndarray, g: np.ndarray) -> int:
@@ -248,16 +278,21 @@ class Transfers:
             if cache is not None:  # landed or not (a retry may land later): nothing stale stays
                 cache.epoch += 1
                 cache.invalidate(uniq)
+        if cache is not None:
+            for (s, _, _), r in zip(chunks, resps):
+                seen = self._versions[s]
+                if seen is not None and r.update_count == seen + 1:
+                    # our push alone moved the version: its rows were forgotten above, the
+                    # rest of the shard's cached rows are still what the shard holds
+                    self._versions[s] = int(r.update_count)
+                    self._answered[s] = time.monotonic()
+                else:  # another writer too (or a retry counted twice): drop the shard's rows
+                    self._seen(s, int(r.update_count))
         for (s, a, b), r in zip(chunks, resps):
             if not 0 <= r.rows_updated <= b - a or r.update_count < 0:
                 raise EngramError(f"shard {s} ({self.calls.replicas.addresses[s]}) answered a push of {b - a} "
                                   f"distinct rows with rows_updated={r.rows_updated}, "
                                   f"update_count={r.update_count}")
-            seen = self._versions[s]
-            if cache is not None and seen is not None:
-                # our own update is accounted for by the invalidation; any other count means
-                # another writer too (or a retried push counted twice): drop the shard's rows
-                self._seen(s, r.update_count if r.update_count == seen + 1 else -1)
         self.stats.count("pushes", 1)
         self.stats.count("rows_pushed", int(uniq.size))
         return sum(r.rows_updated for r in resps)

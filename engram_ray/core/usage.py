@@ -97,6 +97,7 @@ class RowUsage:
         self._keys = np.empty(0, dtype=np.int64)      # sampled rows, sorted
         self._counts = np.empty(0, dtype=np.int64)    # their reads
         self.sampled_reads = 0                         # reads of sampled rows, dropped ones too
+        self._dropped = 0                              # sampled rows dropped (the least read)
         self.reads = 0
         self._pending: list[np.ndarray] = []
         self._pending_n = 0
@@ -131,6 +132,7 @@ class RowUsage:
             counts[old] += self._counts - 1
             if keys.size > self.max_sampled:
                 keep = np.sort(np.argsort(counts, kind="stable")[-self.max_sampled // 2:])
+                self._dropped += keys.size - keep.size
                 keys, counts = keys[keep], counts[keep]
             self._keys, self._counts = keys, counts
 
@@ -139,14 +141,14 @@ class RowUsage:
         of the sampled reads that went to the top ``top`` fraction of sampled rows read."""
         with self._lock:
             self._fold()
-            tables = [{"layer": layer, "order": order, "rows": b - a, "touched": hll.count(),
-                       "utilisation": min(1.0, hll.count() / (b - a))}
-                      for (layer, order, a, b), hll in zip(self.tables, self._hll)]
+            touched = [hll.count() for hll in self._hll]
+            tables = [{"layer": layer, "order": order, "rows": b - a, "touched": n,
+                       "utilisation": min(1.0, n / (b - a))} for (layer, order, a, b), n in zip(self.tables, touched)]
             counts = np.sort(self._counts)[::-1]
-            total = self.sampled_reads
+            total, population = self.sampled_reads, counts.size + self._dropped
         shares = {}
-        for f in top:
-            k = max(1, int(np.ceil(f * counts.size))) if counts.size else 0
+        for f in top:  # the top share of every sampled row read, dropped ones included
+            k = min(counts.size, max(1, int(np.ceil(f * population)))) if counts.size else 0
             shares[f"top{f * 100:g}pct_share"] = float(counts[:k].sum() / total) if total else None
-        return {"tables": tables, "reads": self.reads, "sampled_rows": int(counts.size),
+        return {"tables": tables, "reads": self.reads, "sampled_rows": int(population),
                 "sampled_reads": total, **shares}

@@ -48,7 +48,7 @@ class PeerServicer(pb_grpc.EngramPeerServicer):
             n = repl.forwarded(request, ids, grads)
         except Exception as e:  # noqa: BLE001 - every error becomes a status code
             m.abort(context, e)
-        return pb.ApplyGradientsResponse(rows_updated=n, update_count=m.shard.counters["updates"])
+        return pb.ApplyGradientsResponse(rows_updated=n, update_count=m.shard.rows_version)
 
     def Snapshot(self, request: pb.SnapshotRequest, context: grpc.ServicerContext) -> Iterator[pb.SnapshotChunk]:
         """Stream a consistent copy to a joining copy, without holding pushes up."""

@@ -180,16 +180,19 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
                 raise RequestTooLarge(
                     f"lookup of {ids.size} rows x {self.shard.row_bytes} B = {size} B exceeds the "
                     f"shard's {self.max_message_bytes} B message limit; split the request")
-            # read before the gather: rows at least as new as the count they are labelled with
-            # (a push landing meanwhile shows in the next answer's count: a cache drops them)
-            updates = self.shard.counters["updates"]
+            # read before the gather: rows at least as new as the version they are labelled with
+            # (a push landing meanwhile shows in the next answer's version: a cache drops them)
+            version = self.shard.rows_version
             rows = self.shard.gather(ids)
-            if self.usage is not None:
-                self.usage.add(ids)
         except Exception as e:  # noqa: BLE001 - every error becomes a status code
             self._observe("Lookup", t0, 0, False)
             self.abort(context, e)
-        resp = pb.LookupResponse(rows=codec.encode(rows, self.shard.store.dtype), update_count=updates)
+        if self.usage is not None:
+            try:
+                self.usage.add(ids)
+            except Exception:  # noqa: BLE001 - statistics never fail a lookup that succeeded
+                log.warning("recording the lookup's rows for table use failed", exc_info=True)
+        resp = pb.LookupResponse(rows=codec.encode(rows, self.shard.store.dtype), update_count=version)
         took = time.perf_counter() - t0
         with self._lock:  # handlers run on a thread pool
             self.bytes_served += rows.nbytes
@@ -210,7 +213,7 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
             self._observe("ApplyGradients", t0, 0, False)
             self.abort(context, e)
         self._observe("ApplyGradients", t0, n, True)
-        return pb.ApplyGradientsResponse(rows_updated=n, update_count=self.shard.counters["updates"])
+        return pb.ApplyGradientsResponse(rows_updated=n, update_count=self.shard.rows_version)
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeResponse:
         d = self.shard.describe()

@@ -74,7 +74,7 @@ class TableShard:
         #: or changed copied rows that were being written, and reads them again.
         self._version = 0
         self.counters = {"lookups": 0, "rows_served": 0, "updates": 0, "rows_updated": 0,
-                         "rejected": 0}
+                         "rejected": 0, "restores": 0}
 
     @classmethod
     def create(cls, layout: TableLayout, num_shards: int, shard_index: int,
@@ -258,6 +258,13 @@ class TableShard:
             if given:
                 self.optimizer.load_state(given)
             self._store(None, rows)
+            self.counters["restores"] += 1
+
+    @property
+    def rows_version(self) -> int:
+        """How many times the rows changed while this shard lived (updates applied + restores):
+        what lookup and push answers carry, so a client's row cache sees any change."""
+        return self.counters["updates"] + self.counters["restores"]
 
     # Identity ---------------------------------------------------------------------------
     def checksum(self) -> str:
