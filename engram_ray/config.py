@@ -104,6 +104,10 @@ class EngramConfig(_JsonFields):
     seed: int = 0
     #: Kernel of the causal ShortConv after the gated value.
     kernel_size: int = 4
+    #: The ShortConv's initial weights: "zero" as the paper says (Y = SiLU(conv(.)) + V starts
+    #: as the identity, so the branch learns a correction), or "default", PyTorch's own init,
+    #: as the reference demo (engram_demo_v1.py) leaves it. The table's rows do not depend on it.
+    short_conv_init: str = "zero"
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -117,6 +121,8 @@ class EngramConfig(_JsonFields):
         _check_int(name, "pad_id", self.pad_id, 0)
         _check_int(name, "seed", self.seed, 0, _MAX_SEED - 10007 * 4096)
         _check_int(name, "kernel_size", self.kernel_size, 1)
+        if self.short_conv_init not in ("zero", "default"):
+            raise _field_error(name, "short_conv_init", self.short_conv_init, '"zero" (the paper) or "default"')
         if len(self.engram_vocab_size) != self.max_ngram_size - 1:
             raise _field_error(
                 name, "engram_vocab_size", list(self.engram_vocab_size),
@@ -459,13 +465,25 @@ def model_preset(name: str) -> ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig(_JsonFields):
-    """The training loop: AdamW on dense weights; Engram rows use StoreConfig.optimizer."""
+    """The training loop, with the paper's recipe (arXiv 2601.07372, training details):
+
+    * the backbone: AdamW at ``lr`` with ``warmup_steps`` of linear warmup, then a cosine
+      decay to a tenth; weight decay only on the backbone's matrices -- not on biases, not on
+      the Engram layers' RMSNorm gains (stored ``[n, D]``: matrices by shape only), not on the
+      hyper-connections' mixing (initialised to the identity: decay would pull it to zero);
+    * the Engram rows: the shards' sparse Adam (StoreConfig.optimizer), without weight decay,
+      at ``table_lr_mult`` x the backbone's scheduled rate, sent with every push (the paper:
+      5x, same warmup and decay). 0: the shards' own constant rate, as before the recipe.
+    """
 
     steps: int = 200
     batch_size: int = 8
     seq_len: int = 128
     lr: float = 3e-3
     weight_decay: float = 0.1
+    #: Learning rate of the Engram rows as a multiple of the backbone's, on its schedule (0:
+    #: the rate the table was deployed with, constant).
+    table_lr_mult: float = 5.0
     warmup_steps: int = 20
     grad_clip: float = 1.0
     eval_every: int = 50
@@ -480,6 +498,7 @@ class TrainConfig(_JsonFields):
         _check_int(name, "seed", self.seed, 0)
         _check_float(name, "lr", self.lr, 0.0, 10.0, lo_open=True)
         _check_float(name, "weight_decay", self.weight_decay, 0.0, 10.0)
+        _check_float(name, "table_lr_mult", self.table_lr_mult, 0.0, 10.0 / self.lr)
         _check_float(name, "grad_clip", self.grad_clip, 0.0, 1e6)
 
 
@@ -487,8 +506,9 @@ class TrainConfig(_JsonFields):
 # Presets ------------------------------------------------------------------------------
 
 def reference_demo() -> EngramConfig:
-    """The reference demo's defaults (``engram_demo_v1.py``): 2 layers, orders 2-3, 8 heads."""
-    return EngramConfig()
+    """The reference demo's defaults (``engram_demo_v1.py``): 2 layers, orders 2-3, 8 heads,
+    and its ShortConv init (PyTorch's default, not the paper's zeros)."""
+    return EngramConfig(short_conv_init="default")
 
 
 def tiny() -> EngramConfig:

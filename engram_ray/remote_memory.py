@@ -46,7 +46,8 @@ class RowSource(Protocol):
 
     def prefetch_unique(self, row_ids: Any) -> Any: ...
     def prefetch_unique_many(self, row_ids: Any, *, ordered: bool = False) -> list[Any]: ...
-    def push_gradients(self, row_ids: Any, grads: Any, timeout: float | None = None) -> int: ...
+    def push_gradients(self, row_ids: Any, grads: Any, timeout: float | None = None, *,
+                       lr: float | None = None) -> int: ...
 
 
 class _Expand(torch.autograd.Function):
@@ -209,9 +210,10 @@ class RemoteFetch:
         self.stage_seconds += time.perf_counter() - t1
         return out
 
-    def push_gradients(self) -> int:
+    def push_gradients(self, lr: float | None = None) -> int:
         """Send d(loss)/d(rows) of every layer used to the shards, once, one row per distinct
-        id (layers' ids never overlap: each layer has its own tables); returns rows updated."""
+        id (layers' ids never overlap: each layer has its own tables), to be applied at ``lr``
+        (None: the shards' own rate); returns rows updated."""
         ids, grads = [], []
         for li, t in sorted(self.tensors.items()):
             if t.grad is not None:
@@ -219,7 +221,7 @@ class RemoteFetch:
                 grads.append(t.grad.float().cpu().numpy())
         if not ids:
             return 0
-        updated = self.memory.source.push_gradients(np.concatenate(ids), np.concatenate(grads))
+        updated = self.memory.source.push_gradients(np.concatenate(ids), np.concatenate(grads), lr=lr)
         self.tensors.clear()  # pushed: a second update() of this fetch sends nothing
         return updated
 
@@ -394,11 +396,12 @@ class RemoteMemory:
         scales = torch.exp2(packed[:, d:].to(torch.float32) - 127.0)                      # [U, D/32]
         return (codes.view(-1, d // 32, 32) * scales[..., None]).view(-1, d)
 
-    def update(self, fetch: MemoryFetch) -> int:
-        """After backward: push the fetch's row gradients to the shards; returns rows updated."""
+    def update(self, fetch: MemoryFetch, lr: float | None = None) -> int:
+        """After backward: push the fetch's row gradients to the shards, to be applied at
+        ``lr`` (the trainer's schedule; None: the shards' own rate); returns rows updated."""
         if not isinstance(fetch, RemoteFetch) or fetch.memory is not self:
             raise ValueError("RemoteMemory.update: pass a fetch of this memory")
-        return fetch.push_gradients()
+        return fetch.push_gradients(lr)
 
     def fetch(self, row_ids_lbth: np.ndarray, requires_grad: bool = True) -> RemoteFetch:
         """Start fetching global rows ``[L, B, T, H]`` (int64, host numpy); returns at once."""

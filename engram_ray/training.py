@@ -22,8 +22,23 @@ from .config import EngramConfig, ModelConfig, TrainConfig
 from .core.indexer import RowIndexer
 from .core.tokens import CompressedVocab
 from .model import EngramLM, Memory, MemoryFetch
+from .model.engram import EngramLayer, ShortConv
+from .model.hyper import HyperConnection
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "decay_groups"]
+
+
+def decay_groups(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(decayed, not decayed) parameters: weight decay only on the backbone's matrices. Not on
+    vectors (biases, norm gains), not on the Engram layers' own gains (RMSNorms stored ``[n, D]``:
+    matrices by shape, gains by role), not on hyper-connection mixing (the identity at init)."""
+    own = (EngramLayer, ShortConv, HyperConnection)
+    spared = {id(p) for m in model.modules() if isinstance(m, own) for p in m.parameters(recurse=False)}
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for p in model.parameters():
+        (decay if p.dim() >= 2 and id(p) not in spared else no_decay).append(p)
+    return decay, no_decay
 
 
 class Trainer:
@@ -50,8 +65,7 @@ class Trainer:
             # against the memory's own layout: a table built for another config is refused here
             self.indexer = RowIndexer.build(engram_cfg, vocab, layout=memory.layout)
         self.train_tokens, self.val_tokens = train_tokens, val_tokens
-        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
-        no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
+        decay, no_decay = decay_groups(self.model)
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
         self.rng = np.random.default_rng(cfg.seed)
@@ -90,6 +104,11 @@ class Trainer:
         progress = (self.step_count - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
         return c.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
+    def table_lr(self) -> float | None:
+        """This step's learning rate of the Engram rows: ``table_lr_mult`` x the backbone's
+        scheduled rate (None: the table's own rate, when the multiplier is 0)."""
+        return self.cfg.table_lr_mult * self._lr() if self.cfg.table_lr_mult else None
+
     def train_step(self) -> dict[str, float]:
         """One optimiser step; returns loss, timings and rows moved."""
         self.model.train()
@@ -104,7 +123,8 @@ class Trainer:
             g["lr"] = self._lr()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        rows_updated = self.memory.update(fetch) if fetch is not None and self.memory is not None else 0
+        rows_updated = (self.memory.update(fetch, lr=self.table_lr())
+                        if fetch is not None and self.memory is not None else 0)
         self.step_count += 1
         return {"step": self.step_count, "loss": loss.item(), "aux_loss": float(aux.detach()),
                 "seconds": time.perf_counter() - t0, "tokens": x.numel(),

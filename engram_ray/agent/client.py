@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..client import UniqueRows
-from ..client.plan import check_grads, out_rows, scatter
+from ..client.plan import check_grads, check_lr, out_rows, scatter
 from ..core.dtypes import row_values, row_width
 from ..core.layout import TableLayout
 from ..rpc.codec import wire_dtype
@@ -485,16 +485,20 @@ class AgentClient:
             raise AgentRefused(f"lookup agent at {self.path} sent statistics that are not an object")
         return report
 
-    def push_gradients(self, row_ids: Any, grads: Any, timeout: float | None = None) -> int:
-        """Send row gradients ``[*ids.shape, dim]`` through the agent; returns rows updated."""
+    def push_gradients(self, row_ids: Any, grads: Any, timeout: float | None = None, *,
+                       lr: float | None = None) -> int:
+        """Send row gradients ``[*ids.shape, dim]`` through the agent, applied at ``lr`` (None:
+        the shards' own rate); returns rows updated."""
         ids = np.asarray(row_ids)
         g = check_grads(ids.shape, grads, self.layout.row_dim)
+        check_lr(lr)
         with self._lock:
             flat = ids.reshape(-1)
             n = int(flat.size)
             slot = self._take_slot(n)
             s = self._slots[slot]
             s.ids[:n], s.grads[:n] = flat, g
+            s.push_lr[0] = lr or 0.0
             rid, gen = self._new_id(), self._gen
             self._owner[rid] = slot
             self._send(Op.PUSH, rid, slot, n)  # not resent on failure: a push may have landed

@@ -116,6 +116,9 @@ class Slot:
         self.inverse = buf[layout.inverse_at:layout.inverse_at + 8 * c].view(np.int64)
         self.rows = buf[layout.rows_at:layout.rows_at + c * w * dtype.itemsize].view(dtype).reshape(c, w)
         self.grads = buf[layout.rows_at:layout.rows_at + c * d * 4].view(np.float32).reshape(c, d)
+        #: A push's learning rate (float64; 0: the shards' own), in the inverse area, which a
+        #: push does not use otherwise.
+        self.push_lr = buf[layout.inverse_at:layout.inverse_at + 8].view(np.float64)
         self.busy = False
         #: Worker side: registered with the device as pinned memory (AgentClient.pin_slots).
         self.pinned = False

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..client import EngramClient
 from ..core.dtypes import row_width
+from ..core.optim import MAX_LR
 from .protocol import (
     HELLO,
     HELLO_INFO,
@@ -255,16 +256,22 @@ class LookupAgent:
         if op == Op.HELLO:
             raise _Refused(op, req_id, slot, "HELLO packet of the wrong size")
         s = self._slot(conn, op, req_id, slot, n)
+        lr = 0.0
+        if op == Op.PUSH:
+            lr = float(s.push_lr[0])
+            if not 0.0 <= lr <= MAX_LR:  # NaN fails too
+                raise _Refused(op, req_id, slot, f"push with learning rate {lr!r}: expected a finite rate in "
+                                                 f"(0, {MAX_LR}], or 0 for the shards' own")
         s.busy = True
-        # the worker may write its slot any time: read the ids once, now
-        return _Job(s, op, req_id, slot, s.ids[:n].copy(), op == Op.UNIQUE and bool(flags & ORDERED))
+        # the worker may write its slot any time: read the ids (and a push's rate) once, now
+        return _Job(s, op, req_id, slot, s.ids[:n].copy(), op == Op.UNIQUE and bool(flags & ORDERED), lr)
 
     def _start(self, conn: _Conn, job: _Job) -> None:
         """Hand a lookup or push to the client; the reply goes when it ends."""
         s, n = job.s, job.ids.size
         try:
             if job.op == Op.PUSH:
-                fut = self.client.submit_push(job.ids, s.grads[:n].copy())
+                fut = self.client.submit_push(job.ids, s.grads[:n].copy(), lr=job.lr or None)
                 fut.add_done_callback(lambda f: self._pushed(conn, s, job.req_id, job.slot, f))
                 return
             p: Any = self.client.prefetch_unique(job.ids, rows_out=s.rows)  # Op.UNIQUE
@@ -379,6 +386,7 @@ class _Job(NamedTuple):
     slot: int
     ids: np.ndarray      #: [n] int64, copied out of the slot
     ordered: bool
+    lr: float = 0.0      #: a push's learning rate (0: the shards' own)
 
 
 class _Refused(Exception):

@@ -39,7 +39,7 @@ def _run(args: argparse.Namespace, *, title: str) -> dict[str, Any]:
     t_start = time.perf_counter()
     ecfg, mcfg = preset(args.preset), model_demo()
     tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                       eval_every=args.eval_every, lr=args.lr)
+                       eval_every=args.eval_every, lr=args.lr, table_lr_mult=args.table_lr_mult)
     store = StoreConfig(init_std=0.02, optimizer=OptimizerConfig(kind="adam", lr=args.engram_lr))
     print(title)
     tok = load_tokenizer(args.tokenizer)
@@ -158,7 +158,11 @@ def _add_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--eval-every", type=int, default=30, help="validation every N steps (default: 30)")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of the dense weights")
-    p.add_argument("--engram-lr", type=float, default=1e-2, help="sparse Adam learning rate of the rows")
+    p.add_argument("--table-lr-mult", type=float, default=5.0,
+                   help="the rows' sparse Adam rate as a multiple of --lr, on its warmup and decay (default: 5, "
+                        "the paper's); 0: a constant --engram-lr")
+    p.add_argument("--engram-lr", type=float, default=1e-2,
+                   help="the shards' own rate of the rows, used when --table-lr-mult is 0 (default: 1e-2)")
     p.add_argument("--shards", type=int, default=2, help="memory service shards (default: 2)")
     p.add_argument("--name", default="engram-demo", help="service name (default: engram-demo)")
     p.add_argument("--address", default=None, help="Ray address (default: a local Ray in-process)")

@@ -184,21 +184,24 @@ class EngramClient:
         return await self.prefetch(row_ids)
 
     # Training ------------------------------------------------------------------------------
-    def push_gradients(self, row_ids: Any, grads: Any, timeout: float | None = None) -> int:
-        """Send row gradients ``[*ids.shape, dim]`` to their shards (duplicates summed here);
+    def push_gradients(self, row_ids: Any, grads: Any, timeout: float | None = None, *,
+                       lr: float | None = None) -> int:
+        """Send row gradients ``[*ids.shape, dim]`` to their shards (duplicates summed here),
+        applied at ``lr`` (a trainer's schedule; None: the rate the shards were deployed with);
         returns the number of distinct rows updated."""
-        return self.submit_push(row_ids, grads).result(timeout)
+        return self.submit_push(row_ids, grads, lr=lr).result(timeout)
 
-    def submit_push(self, row_ids: Any, grads: Any) -> concurrent.futures.Future[int]:
+    def submit_push(self, row_ids: Any, grads: Any, *, lr: float | None = None) -> concurrent.futures.Future[int]:
         """:meth:`push_gradients` without waiting: a future of the number of rows updated (for
         a caller, like the lookup agent, that must not block its thread on the push)."""
         ids, flat = plan.flat_ids(row_ids, self.layout.total_rows)
         g = plan.check_grads(ids.shape, grads, self.layout.row_dim)
-        return self._io.submit(self._transfers.push(flat, g))
+        plan.check_lr(lr)
+        return self._io.submit(self._transfers.push(flat, g, lr))
 
-    async def apush_gradients(self, row_ids: Any, grads: Any) -> int:
+    async def apush_gradients(self, row_ids: Any, grads: Any, *, lr: float | None = None) -> int:
         """:meth:`push_gradients` for callers in an event loop."""
-        return await asyncio.wrap_future(self.submit_push(row_ids, grads))
+        return await asyncio.wrap_future(self.submit_push(row_ids, grads, lr=lr))
 
     # Service calls --------------------------------------------------------------------------
     def describe(self, tolerate: bool = False, every_replica: bool = False) -> list[dict[str, Any]]:

@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from ..core.optim import MAX_LR
 from ..errors import InvalidRequest
 
-__all__ = ["HEADROOM", "MessageSizes", "flat_ids", "check_grads", "dedup", "split", "scatter", "check_out",
+__all__ = ["HEADROOM", "MessageSizes", "flat_ids", "check_grads", "check_lr", "dedup", "split", "scatter", "check_out",
            "out_rows", "lookups"]
 
 #: Bytes a message holds beside its arrays: fields, framing, and room for a primary to wrap a
@@ -159,3 +160,10 @@ def lookups(row_ids: Sequence[Any], outs: Sequence[Any] | None, layout: Any, dty
         bufs.append(None if out is None else out_rows(out, int(flat.size), width, dtype, unique))
         items.append((flat, ids.shape))
     return items, bufs
+
+
+def check_lr(lr: float | None) -> None:
+    """A push's learning rate: None (the shards' own) or a finite rate in (0, MAX_LR]."""
+    if lr is not None and not 0.0 < lr <= MAX_LR:
+        raise ValueError(f"learning rate {lr!r}: expected a finite rate in (0, {MAX_LR}] (or None: the "
+                         "rate the shards were deployed with)")

@@ -259,7 +259,7 @@ class Transfers:
         self._versions[shard] = version
 
     # Pushes --------------------------------------------------------------------------------
-    async def push(self, flat: np.ndarray, g: np.ndarray) -> int:
+    async def push(self, flat: np.ndarray, g: np.ndarray, lr: float | None = None) -> int:
         """Gradients ``g [n, dim]`` of ids ``flat [n]``, duplicates summed, to their shards;
         returns the number of distinct rows updated. Cached copies of the rows are forgotten
         when the push starts and again when it ends, and lookups in flight meanwhile do not
@@ -272,7 +272,7 @@ class Transfers:
         chunks = plan.split(uniq, self.bounds, self.sizes.push_rows)
         try:
             resps = await _gather([self.calls.call(s, "ApplyGradients",
-                                                   self._push_request(uniq[a:b], summed[a:b]))
+                                                   self._push_request(uniq[a:b], summed[a:b], lr))
                                    for s, a, b in chunks])
         finally:
             if cache is not None:  # landed or not (a retry may land later): nothing stale stays
@@ -297,8 +297,9 @@ class Transfers:
         self.stats.count("rows_pushed", int(uniq.size))
         return sum(r.rows_updated for r in resps)
 
-    def _push_request(self, ids: np.ndarray, grads: np.ndarray) -> pb.ApplyGradientsRequest:
+    def _push_request(self, ids: np.ndarray, grads: np.ndarray, lr: float | None = None
+                      ) -> pb.ApplyGradientsRequest:
         """A push, named (client id, sequence number) so a retry of it is applied once."""
         return pb.ApplyGradientsRequest(fingerprint=self.layout.fingerprint, row_ids=codec.encode(ids),
                                         grads=codec.encode(grads, "float32"),
-                                        request_id=f"{self._client_id}-{next(self._seq)}")
+                                        request_id=f"{self._client_id}-{next(self._seq)}", lr=lr or 0.0)

@@ -17,7 +17,12 @@ import numpy as np
 
 from ..config import OptimizerConfig
 
-__all__ = ["SparseOptimizer", "sum_duplicates", "finite_rows"]
+__all__ = ["SparseOptimizer", "sum_duplicates", "finite_rows", "MAX_LR"]
+
+
+#: The largest learning rate a push may carry (a step rate: Adam moves a row by about lr a
+#: step; anything larger is a mistake, or an attack on the rows).
+MAX_LR = 10.0
 
 
 def sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -56,25 +61,27 @@ class SparseOptimizer:
         if self.config.kind == "adam":
             self.m[...], self.v[...], self.steps[...] = state["adam_m"], state["adam_v"], state["adam_steps"]
 
-    def step(self, w: np.ndarray, local: np.ndarray, g: np.ndarray) -> np.ndarray:
+    def step(self, w: np.ndarray, local: np.ndarray, g: np.ndarray, lr: float | None = None) -> np.ndarray:
         """New float32 values of rows ``local`` (unique) with current values ``w`` [n, dim]
         and gradients ``g`` [n, dim]; updates the state of those rows."""
-        new, state = self.propose(w, local, g)
+        new, state = self.propose(w, local, g, lr)
         self.commit(local, state)
         return new
 
-    def propose(self, w: np.ndarray, local: np.ndarray, g: np.ndarray
+    def propose(self, w: np.ndarray, local: np.ndarray, g: np.ndarray, lr: float | None = None
                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The step without touching any state: new float32 values ``[n, dim]`` and the new
         state of rows ``local`` (empty for SGD), for :meth:`commit` once the caller has
-        checked them (a shard refuses a step whose values or state would not be finite)."""
+        checked them (a shard refuses a step whose values or state would not be finite).
+        ``lr``: this step's learning rate (a trainer's schedule); None: the configured one."""
         c = self.config
+        rate = np.float32(c.lr if lr is None else lr)
         if c.kind == "none":
             raise ValueError("this table was deployed without an optimiser (optimizer.kind='none'); "
                              "it cannot apply gradients")
         if c.kind == "sgd":
             with np.errstate(over="ignore", invalid="ignore"):
-                return w - np.float32(c.lr) * g, {}
+                return w - rate * g, {}
         t = self.steps[local] + 1
         m = np.float32(c.beta1) * self.m[local] + np.float32(1 - c.beta1) * g
         # g*g overflows float32 above |g| ~ 1.8e19: v becomes inf and the row never moves again
@@ -83,7 +90,7 @@ class SparseOptimizer:
             v = np.float32(c.beta2) * self.v[local] + np.float32(1 - c.beta2) * (g * g)
             bc1 = (1.0 - c.beta1 ** t).astype(np.float32)[:, None]
             bc2 = (1.0 - c.beta2 ** t).astype(np.float32)[:, None]
-            new = w - np.float32(c.lr) * (m / bc1) / (np.sqrt(v / bc2) + np.float32(c.eps))
+            new = w - rate * (m / bc1) / (np.sqrt(v / bc2) + np.float32(c.eps))
         return new, {"adam_m": m, "adam_v": v, "adam_steps": t}
 
     def commit(self, local: np.ndarray, state: dict[str, np.ndarray]) -> None:

@@ -38,12 +38,14 @@ class ShortConv(nn.Module):
     as the reference's left padding).
     """
 
-    def __init__(self, dim: int, n: int, kernel: int, dilation: int, eps: float):
+    def __init__(self, dim: int, n: int, kernel: int, dilation: int, eps: float, zero_init: bool = True):
         super().__init__()
         self.n, self.dim, self.eps = n, dim, eps
         self.reach = (kernel - 1) * dilation
         self.norm = nn.Parameter(torch.ones(n, dim))
         self.conv = nn.Conv1d(n * dim, n * dim, kernel, groups=n * dim, bias=False, dilation=dilation)
+        if zero_init:  # the paper: the branch starts as nothing, Y = V (EngramConfig.short_conv_init)
+            nn.init.zeros_(self.conv.weight)
 
     def forward(self, v: torch.Tensor, state: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +68,8 @@ class EngramLayer(nn.Module):
         self.key_proj = nn.Linear(mem, n * dim)                    # W_k of every branch at once
         self.norm_k = nn.Parameter(torch.ones(n, dim))
         self.norm_q = nn.Parameter(torch.ones(n, dim))
-        self.short_conv = ShortConv(dim, n, engram.kernel_size, engram.max_ngram_size, eps)
+        self.short_conv = ShortConv(dim, n, engram.kernel_size, engram.max_ngram_size, eps,
+                                    zero_init=engram.short_conv_init == "zero")
 
     def gates(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """Per-branch gates in (0, 1): ``[B, T, n, 1]`` for streams ``h`` and rows ``e``."""

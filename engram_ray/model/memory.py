@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..config import OptimizerConfig
 from ..core.layout import TableLayout
-from ..core.optim import SparseOptimizer, sum_duplicates
+from ..core.optim import MAX_LR, SparseOptimizer, sum_duplicates
 from ..core.rows import init_rows_f32
 
 __all__ = ["Memory", "MemoryFetch", "LocalMemory", "LocalFetch", "layer_gradients"]
@@ -72,9 +72,10 @@ class Memory(Protocol):
         lookups in the order the layers will ask."""
         ...
 
-    def update(self, fetch: MemoryFetch) -> int:
+    def update(self, fetch: MemoryFetch, lr: float | None = None) -> int:
         """After backward: one sparse-optimiser step on the rows ``fetch`` read, with the
-        gradient they received. Returns the number of distinct rows updated."""
+        gradient they received, at learning rate ``lr`` (a trainer's schedule; None: the
+        table's configured rate). Returns the number of distinct rows updated."""
         ...
 
 
@@ -153,9 +154,12 @@ class LocalMemory(nn.Module):
         return [self.fetch(r, requires_grad) for r in row_ids]
 
     @torch.no_grad()
-    def update(self, fetch: MemoryFetch) -> int:
+    def update(self, fetch: MemoryFetch, lr: float | None = None) -> int:
         """After backward: step the rows ``fetch`` read with their gradients (the numpy code
-        the shards run). Returns rows updated; 0 for a fetch made without gradients."""
+        the shards run) at ``lr`` (None: the configured rate). Returns rows updated; 0 for a
+        fetch made without gradients."""
+        if lr is not None and not 0.0 < lr <= MAX_LR:
+            raise ValueError(f"learning rate {lr!r}: expected a finite rate in (0, {MAX_LR}]")
         if not isinstance(fetch, LocalFetch) or fetch.memory is not self:
             raise ValueError("LocalMemory.update: pass a fetch of this memory")
         ids, grads = layer_gradients(fetch.row_ids, fetch.tensors)
@@ -166,10 +170,10 @@ class LocalMemory(nn.Module):
         uniq, summed = sum_duplicates(ids, grads)
         if self.table.device.type == "cpu":
             table = self.table.data.numpy()
-            table[uniq] = self.optimizer.step(table[uniq], uniq, summed)
+            table[uniq] = self.optimizer.step(table[uniq], uniq, summed, lr)
         else:  # on an accelerator: step a host copy of the touched rows
             at = torch.as_tensor(uniq, device=self.table.device)
-            new = self.optimizer.step(self.table.data[at].float().cpu().numpy(), uniq, summed)
+            new = self.optimizer.step(self.table.data[at].float().cpu().numpy(), uniq, summed, lr)
             self.table.data[at] = torch.as_tensor(new, device=self.table.device)
         fetch.tensors.clear()  # applied: a second update() of this fetch is a no-op
         return int(uniq.size)

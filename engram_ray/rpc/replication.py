@@ -63,6 +63,11 @@ log = logging.getLogger(__name__)
 JOIN_BUFFER_BYTES = 256 << 20
 
 
+def push_lr(request: pb.ApplyGradientsRequest) -> float | None:
+    """The learning rate a push carries (checked by the servicer), or None: the shard's own."""
+    return float(request.lr) if request.lr else None
+
+
 @dataclass
 class Join:
     """A copy joining through this primary (primary side), until its last chunk is sent."""
@@ -77,7 +82,7 @@ class JoinBuffer:
 
     primary: int
     budget: int = JOIN_BUFFER_BYTES
-    items: list[tuple[int, str, np.ndarray, np.ndarray]] = field(default_factory=list)
+    items: list[tuple[int, str, np.ndarray, np.ndarray, float | None]] = field(default_factory=list)
     nbytes: int = 0
     #: Why this join was given up ("" while it goes on).
     abandoned: str = ""
@@ -96,7 +101,7 @@ class JoinBuffer:
             self.abandon(f"more than {self.budget} B of pushes arrived while it copied the rows")
             raise NotServing(f"replica gave its join up ({self.abandoned}); it joins again", gave_up=True)
         shard.local_rows(ids)  # ids outside the shard: refused now, not after the copy
-        self.items.append((fwd.seq, fwd.push.request_id, ids.copy(), grads.copy()))
+        self.items.append((fwd.seq, fwd.push.request_id, ids.copy(), grads.copy(), push_lr(fwd.push)))
         self.nbytes += size
         return int(np.unique(ids).size)
 
@@ -114,7 +119,7 @@ class SingleCopy:
             done = self.log.get(request.request_id)
             if done is not None:
                 return done.rows
-            n = self.shard.apply_gradients(ids, grads)
+            n = self.shard.apply_gradients(ids, grads, push_lr(request))
             self.log.record(request.request_id, n)
             return n
 
@@ -190,7 +195,7 @@ class Replication:
             if done is not None:
                 n, seq = done.rows, done.seq  # applied here before; forward it again
             else:
-                n = self.shard.apply_gradients(ids, grads)
+                n = self.shard.apply_gradients(ids, grads, push_lr(request))
                 self.seq += 1
                 seq = self.seq
                 self.log.record(rid, n, complete=False, seq=seq)
@@ -218,11 +223,11 @@ class Replication:
                 raise NotPrimary(f"replica {self.index} is a primary itself and takes no forwards from "
                                  f"replica {fwd.primary}: two primaries; an operator must restart one")
             self.primary = fwd.primary  # follow whoever orders the pushes now
-            return self._apply_forwarded(fwd.seq, fwd.push.request_id, ids, grads)
+            return self._apply_forwarded(fwd.seq, fwd.push.request_id, ids, grads, push_lr(fwd.push))
 
-    def _apply_forwarded(self, seq: int, rid: str, ids: np.ndarray, grads: np.ndarray) -> int:
+    def _apply_forwarded(self, seq: int, rid: str, ids: np.ndarray, grads: np.ndarray, lr: float | None) -> int:
         done = self.log.get(rid)
-        n = done.rows if done is not None else self.shard.apply_gradients(ids, grads)
+        n = done.rows if done is not None else self.shard.apply_gradients(ids, grads, lr)
         self.seq = max(self.seq, seq)
         self.log.record(rid, n, complete=True, seq=seq)
         return n
@@ -326,9 +331,9 @@ class Replication:
             kept = sorted(self.buffer.items if self.buffer.primary == primary else [], key=lambda t: t[0])
             self.buffer = None
             n = 0
-            for s, rid, ids, grads in kept:
+            for s, rid, ids, grads, lr in kept:
                 if s > self.seq:
-                    self._apply_forwarded(s, rid, ids, grads)
+                    self._apply_forwarded(s, rid, ids, grads, lr)
                     n += 1
             return n
 

@@ -20,7 +20,7 @@ import numpy as np
 from ..config import FLOAT_DTYPES, StoreConfig
 from ..core.dtypes import FP8, row_width
 from ..core.layout import ShardPlan, TableLayout
-from ..core.optim import SparseOptimizer, finite_rows, sum_duplicates
+from ..core.optim import MAX_LR, SparseOptimizer, finite_rows, sum_duplicates
 from ..errors import InvalidRequest
 from .mapped import mapped_stats, open_rows
 from .rows import init_rows, numpy_dtype, sha256_hex
@@ -175,12 +175,16 @@ class TableShard:
         finally:
             self._version += 1
 
-    def apply_gradients(self, rows: Any, grads: Any) -> int:
+    def apply_gradients(self, rows: Any, grads: Any, lr: float | None = None) -> int:
         """One optimiser step on rows ``[n]`` with gradients ``[n, dim]`` (float32, or
-        bfloat16/float16/float64, widened); duplicate ids are summed first. Returns the number
-        of distinct rows updated. Refused, changing nothing, when a gradient or the sum of a
-        row's duplicates is not finite, or when the step would store a value (or optimiser
-        state) that is not finite in the storage dtype."""
+        bfloat16/float16/float64, widened); duplicate ids are summed first. ``lr``: this step's
+        learning rate (a trainer's schedule), or None for the configured one. Returns the
+        number of distinct rows updated. Refused, changing nothing, when a gradient or the sum
+        of a row's duplicates is not finite, when ``lr`` is not in (0, MAX_LR], or when the step
+        would store a value (or optimiser state) that is not finite in the storage dtype."""
+        if lr is not None and not 0.0 < lr <= MAX_LR:
+            raise InvalidRequest(f"learning rate {lr!r}: expected a finite rate in (0, {MAX_LR}] (or none: the "
+                                 f"shard's own, {self.store.optimizer.lr})")
         local = self.local_rows(rows)
         if self.store.dtype == FP8:
             raise InvalidRequest(f"shard {self.shard_index} serves an FP8 table, read-only: it refuses updates "
@@ -211,7 +215,7 @@ class TableShard:
                                  "duplicates are summed; nothing was applied (scale the loss down)")
         with self._lock:
             w = self.values[uniq].astype(np.float32)
-            new, state = self.optimizer.propose(w, uniq, g)
+            new, state = self.optimizer.propose(w, uniq, g, lr)
             with np.errstate(over="ignore", invalid="ignore"):
                 stored = new.astype(self.dtype)
             bad = ~finite_rows(stored, *state.values())

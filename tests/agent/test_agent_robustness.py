@@ -303,3 +303,43 @@ def test_a_worker_drops_an_agent_that_answers_what_was_not_asked(served, monkeyp
             worker.lookup(np.arange(5))
         monkeypatch.undo()
         assert worker.lookup(np.arange(5)).shape == (5, served.layout.row_dim)  # reconnects, serves on
+
+
+def test_a_push_through_the_agent_carries_its_rate_and_a_hostile_rate_is_refused(tmp_path):
+    """The rate travels in the slot (the worker writes it, the agent reads it once and checks
+    it): 0.25 moves SGD rows by 0.25; NaN or a huge rate written into the slot by a worker is
+    refused, and the rows stay as they were."""
+    from engram_ray import config as C
+    from engram_ray.config import OptimizerConfig, StoreConfig
+    from engram_ray.core.layout import TableLayout
+    from engram_ray.core.tokens import CompressedVocab
+
+    from .conftest import start_shards
+
+    layout = TableLayout.build(C.tiny(), CompressedVocab(np.arange(50)))
+    servers, addresses = start_shards(layout, store=StoreConfig(init_std=0.5, optimizer=OptimizerConfig(
+        kind="sgd", lr=1.0)))
+    proc = spawn_agent(str(tmp_path / "a.sock"), addresses, layout)
+    try:
+        with AgentClient(str(tmp_path / "a.sock"), layout) as agent:
+            ids, g = np.array([4, 9]), np.ones((2, 16), np.float32)
+            before = agent.lookup(ids)
+            assert agent.push_gradients(ids, g, lr=0.25) == 2
+            assert np.allclose(agent.lookup(ids), before - 0.25)
+            for bad in (float("nan"), 1e6):
+                # past the client's own check: the bytes a hostile worker could write
+                with agent._lock:
+                    slot = agent._take_slot(2)
+                    s = agent._slots[slot]
+                    s.ids[:2], s.grads[:2], s.push_lr[0] = ids, g, bad
+                    rid = agent._new_id()
+                    agent._owner[rid] = slot
+                    agent._send(Op.PUSH, rid, slot, 2)
+                    with pytest.raises(AgentRefused, match="learning rate"):
+                        agent._wait_id(rid, 10)
+                    agent._free.append(slot)
+            assert np.allclose(agent.lookup(ids), before - 0.25)
+    finally:
+        stop(proc)
+        for srv in servers:
+            srv.stop(0)

@@ -33,16 +33,18 @@ class LookupResponse(_message.Message):
     def __init__(self, rows: _Optional[_Union[Array, _Mapping]] = ..., update_count: _Optional[int] = ...) -> None: ...
 
 class ApplyGradientsRequest(_message.Message):
-    __slots__ = ("fingerprint", "row_ids", "grads", "request_id")
+    __slots__ = ("fingerprint", "row_ids", "grads", "request_id", "lr")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     ROW_IDS_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     row_ids: Array
     grads: Array
     request_id: str
-    def __init__(self, fingerprint: _Optional[str] = ..., row_ids: _Optional[_Union[Array, _Mapping]] = ..., grads: _Optional[_Union[Array, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    lr: float
+    def __init__(self, fingerprint: _Optional[str] = ..., row_ids: _Optional[_Union[Array, _Mapping]] = ..., grads: _Optional[_Union[Array, _Mapping]] = ..., request_id: _Optional[str] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class ApplyGradientsResponse(_message.Message):
     __slots__ = ("rows_updated", "update_count")
