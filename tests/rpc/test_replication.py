@@ -109,6 +109,19 @@ def test_every_acknowledged_push_is_on_every_replica(pair, tiny_layout):
     assert d["role"] == "primary" and d["backups"] == [pair.addresses[1]] and d["state"] == "serving"
 
 
+def test_a_pushs_learning_rate_reaches_every_replica(pair, tiny_layout):
+    replay = TableShard.create(tiny_layout, 1, 0, STORE)
+    with pair.client() as client:
+        ids = np.array([5, 17, 5])
+        g = np.ones((3, 16), np.float32)
+        client.push_gradients(ids, g, lr=0.3)
+        replay.apply_gradients(ids, g, lr=0.3)
+    assert pair.shards[0].checksum() == pair.shards[1].checksum() == replay.checksum()
+    default = TableShard.create(tiny_layout, 1, 0, STORE)
+    default.apply_gradients(ids, g)                   # at the deployed 0.05: other rows
+    assert default.checksum() != replay.checksum()
+
+
 def test_a_retried_push_is_applied_once_everywhere(pair, tiny_layout):
     fp = pair.shards[0].fingerprint
     _raw_push(pair.addresses[0], fp, "c-1")
