@@ -155,7 +155,7 @@ def test_a_dead_backup_is_dropped_and_pushes_go_on(pair, tiny_layout):
 def test_a_slow_backup_fails_the_push_until_it_catches_up(pair, tiny_layout):
     gate = threading.Event()
     apply = pair.shards[1].apply_gradients
-    pair.shards[1].apply_gradients = lambda ids, g: (gate.wait(10), apply(ids, g))[1]
+    pair.shards[1].apply_gradients = lambda ids, g, lr=None: (gate.wait(10), apply(ids, g, lr))[1]
     pair.servicers[0].replication.timeout = 0.3
     with pair.client(timeout=5, retries=0) as client:
         with pytest.raises(ShardUnavailable, match="not on every replica"):
