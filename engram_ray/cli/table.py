@@ -1,4 +1,5 @@
-"""``engram-ray layout`` and ``engram-ray hash``: look at a table before deploying it."""
+"""``engram-ray layout``, ``params`` and ``hash``: look at a table (and what it adds to a
+model) before deploying it."""
 
 from __future__ import annotations
 
@@ -6,7 +7,35 @@ import argparse
 import json
 import sys
 
+from ..config import MODEL_PRESETS, PRESETS
 from .common import add_table_args, engram_config, gib
+
+
+def _cmd_params(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ..config import model_preset
+    from ..model.params import count_params
+
+    ecfg = None if args.preset == "none" and not args.config else engram_config(args)[0]
+    mcfg = model_preset(args.model)
+    layers = args.layers or max(mcfg.n_layers, max(ecfg.layer_ids) + 1 if ecfg else 0)
+    mcfg = dataclasses.replace(mcfg, n_layers=layers)
+    pc = count_params(mcfg, ecfg)
+    if args.json:
+        print(json.dumps({"model": mcfg.to_dict(), "engram": ecfg.to_dict() if ecfg else None, **pc.to_dict()},
+                         indent=2))
+        return 0
+    what = f"{args.model} backbone ({layers} layers)" + (f" + Engram {args.config or args.preset}" if ecfg else "")
+    print(f"Parameters of {what}")
+    for name, n in (("total", pc.total), ("activated per token", pc.activated), ("sparse (inactive)", pc.sparse),
+                    ("  routed experts, inactive", pc.routed_inactive), ("  table rows, not read", pc.table -
+                                                                         pc.table_activated),
+                    ("backbone (dense)", pc.backbone), ("routed experts, all", pc.routed_experts),
+                    ("Engram layers", pc.engram_layers), ("Engram table", pc.table)):
+        print(f"  {name:<28} {n:>18,}  ({n / 1e6:,.2f} M)")
+    print(f"  rho (sparse share in experts) {'-' if pc.rho is None else f'{pc.rho:.4f}':>17}")
+    return 0
 
 
 def _cmd_layout(args: argparse.Namespace) -> int:
@@ -93,6 +122,20 @@ def register(sub) -> None:
     p.add_argument("--shards", type=int, default=1, help="split into this many shards (default: 1)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_cmd_layout)
+
+    p = sub.add_parser("params", help="parameter accounting of a backbone + Engram table: total, activated "
+                                      "per token, sparse, and rho (the sparse share in routed experts)",
+                       description="Count an Engram-MoE's parameters as the paper's sparsity-allocation study "
+                                   "does (exact: the model is built on the meta device).")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--preset", default="demo", choices=sorted(PRESETS) + ["none"],
+                   help="Engram table preset, or none for the backbone alone (default: demo)")
+    g.add_argument("--config", metavar="FILE.json", help="Engram config as JSON (keys = EngramConfig fields)")
+    p.add_argument("--model", default="demo", choices=sorted(MODEL_PRESETS), help="backbone preset (default: demo)")
+    p.add_argument("--layers", type=int, help="backbone layers (default: the preset's, deepened to hold the table's "
+                                              "Engram layers)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_cmd_params)
 
     p = sub.add_parser("hash", help="show the compressed ids and table rows a text looks up",
                        description="Hash a text with the exact Engram n-gram hash.")
