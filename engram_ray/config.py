@@ -37,6 +37,9 @@ __all__ = [
     "table_100b",
     "deepseek_v41_flash",
     "with_table_params",
+    "MIN_LR",
+    "MAX_LR",
+    "lr_error",
 ]
 
 # numpy.random.default_rng accepts seeds up to this (and the reference adds 10007 * layer).
@@ -463,14 +466,29 @@ def model_preset(name: str) -> ModelConfig:
     return fn()
 
 
+#: The learning rates a push may carry, per step: at least MIN_LR (smaller rounds to 0 in the
+#: float32 step while Adam's state still advances), at most MAX_LR (Adam moves a row by about
+#: lr a step: anything larger is a mistake, or an attack on the rows).
+MIN_LR = 1e-12
+MAX_LR = 10.0
+
+
+def lr_error(lr: object) -> str | None:
+    """Why ``lr`` is not a push's learning rate (None: it is one). Bools and NaN are refused."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not MIN_LR <= float(lr) <= MAX_LR:
+        return f"learning rate {lr!r}: expected a finite rate in [{MIN_LR:g}, {MAX_LR:g}]"
+    return None
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig(_JsonFields):
     """The training loop, with the paper's recipe (arXiv 2601.07372, training details):
 
     * the backbone: AdamW at ``lr`` with ``warmup_steps`` of linear warmup, then a cosine
-      decay to a tenth; weight decay only on the backbone's matrices -- not on biases, not on
-      the Engram layers' RMSNorm gains (stored ``[n, D]``: matrices by shape only), not on the
-      hyper-connections' mixing (initialised to the identity: decay would pull it to zero);
+      decay to a tenth; weight decay on weight matrices (linear, embedding and convolution
+      weights, the Engram layers' projections included), not on biases or other vectors, not
+      on the Engram layers' RMSNorm gains (stored ``[n, D]``: matrices by shape only), not on
+      the hyper-connections' mixing (initialised to the identity: decay would pull it to zero);
     * the Engram rows: the shards' sparse Adam (StoreConfig.optimizer), without weight decay,
       at ``table_lr_mult`` x the backbone's scheduled rate, sent with every push (the paper:
       5x, same warmup and decay). 0: the shards' own constant rate, as before the recipe.
@@ -498,7 +516,10 @@ class TrainConfig(_JsonFields):
         _check_int(name, "seed", self.seed, 0)
         _check_float(name, "lr", self.lr, 0.0, 10.0, lo_open=True)
         _check_float(name, "weight_decay", self.weight_decay, 0.0, 10.0)
-        _check_float(name, "table_lr_mult", self.table_lr_mult, 0.0, 10.0 / self.lr)
+        _check_float(name, "table_lr_mult", self.table_lr_mult, 0.0, 1e6)
+        if self.table_lr_mult and self.table_lr_mult * self.lr > MAX_LR:
+            raise _field_error(name, "table_lr_mult", self.table_lr_mult,
+                               f"table_lr_mult x lr <= {MAX_LR:g} (lr={self.lr:g}): the rows' peak rate")
         _check_float(name, "grad_clip", self.grad_clip, 0.0, 1e6)
 
 

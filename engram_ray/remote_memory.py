@@ -221,7 +221,10 @@ class RemoteFetch:
                 grads.append(t.grad.float().cpu().numpy())
         if not ids:
             return 0
-        updated = self.memory.source.push_gradients(np.concatenate(ids), np.concatenate(grads), lr=lr)
+        ids_n, grads_nd = np.concatenate(ids), np.concatenate(grads)
+        source = self.memory.source  # lr passed only when set: a RowSource of before rates still works
+        updated = source.push_gradients(ids_n, grads_nd, lr=lr) if lr is not None else source.push_gradients(
+            ids_n, grads_nd)
         self.tensors.clear()  # pushed: a second update() of this fetch sends nothing
         return updated
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import EngramConfig, ModelConfig, TrainConfig
+from .config import MAX_LR, MIN_LR, EngramConfig, ModelConfig, TrainConfig
 from .core.indexer import RowIndexer
 from .core.tokens import CompressedVocab
 from .model import EngramLM, Memory, MemoryFetch
@@ -107,7 +107,10 @@ class Trainer:
     def table_lr(self) -> float | None:
         """This step's learning rate of the Engram rows: ``table_lr_mult`` x the backbone's
         scheduled rate (None: the table's own rate, when the multiplier is 0)."""
-        return self.cfg.table_lr_mult * self._lr() if self.cfg.table_lr_mult else None
+        if not self.cfg.table_lr_mult:
+            return None
+        # within the rates a push may carry (the config bounds the peak; rounding may not)
+        return min(MAX_LR, max(MIN_LR, self.cfg.table_lr_mult * self._lr()))
 
     def train_step(self) -> dict[str, float]:
         """One optimiser step; returns loss, timings and rows moved."""
@@ -123,8 +126,10 @@ class Trainer:
             g["lr"] = self._lr()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        rows_updated = (self.memory.update(fetch, lr=self.table_lr())
-                        if fetch is not None and self.memory is not None else 0)
+        rows_updated = 0
+        if fetch is not None and self.memory is not None:
+            lr = self.table_lr()  # passed only when set: a Memory of before rates still works
+            rows_updated = self.memory.update(fetch, lr=lr) if lr is not None else self.memory.update(fetch)
         self.step_count += 1
         return {"step": self.step_count, "loss": loss.item(), "aux_loss": float(aux.detach()),
                 "seconds": time.perf_counter() - t0, "tokens": x.numel(),

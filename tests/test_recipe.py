@@ -82,6 +82,9 @@ def test_the_rows_follow_five_times_the_backbones_schedule(data, tiny_layout):
     assert off.table_lr() is None                             # the table's own rate
     with pytest.raises(ValueError, match="table_lr_mult"):
         TrainConfig(lr=1.0, table_lr_mult=20.0)              # 20 x 1.0 is past any sane rate
+    edge = Trainer(mc, C.tiny(), vocab, mem, *data, cfg=dataclasses.replace(cfg, lr=3e-3, table_lr_mult=10 / 3e-3))
+    edge.step_count = cfg.warmup_steps                       # the schedule's peak: 10.000000000000002 unclamped
+    assert edge.table_lr() == 10.0
 
 
 def test_a_push_carries_its_rate_to_the_shards_and_bad_rates_are_refused(tiny_layout):
@@ -95,12 +98,14 @@ def test_a_push_carries_its_rate_to_the_shards_and_bad_rates_are_refused(tiny_la
             assert np.allclose(client.lookup(ids), before - 0.25)
             client.push_gradients(ids, g)                          # the shards' own: 1.0
             assert np.allclose(client.lookup(ids), before - 1.25)
-            for bad in (0.0, -1.0, float("nan"), float("inf"), 11.0):
+            for bad in (0.0, -1.0, float("nan"), float("inf"), 11.0, 5e-324, 1e-40, True):
                 with pytest.raises(ValueError, match="learning rate"):
                     client.push_gradients(ids, g, lr=bad)
             assert np.allclose(client.lookup(ids), before - 1.25)  # nothing applied
         # a raw request past the client's checks: the shard refuses it, rows untouched
         with pytest.raises(InvalidRequest, match="learning rate"):
             c.shards[0].apply_gradients(np.array([3]), np.ones((1, 16), np.float32), lr=float("nan"))
+        with pytest.raises(InvalidRequest, match="learning rate"):   # rounds to 0 in float32
+            c.shards[0].apply_gradients(np.array([3]), np.ones((1, 16), np.float32), lr=1e-46)
     finally:
         c.stop()

@@ -33,7 +33,9 @@ __all__ = ["MAGIC", "Op", "REQUEST", "HELLO", "REPLY", "HELLO_INFO", "OK", "ERRO
            "ORDERED", "SlotLayout", "Slot", "create_memfd", "AgentUnavailable", "AgentRefused"]
 
 MAGIC = b"ERA1"
-VERSION = 1
+#: 2: a PUSH carries its learning rate in the slot (Slot.push_lr); HELLO refuses other versions,
+#: so an old worker never has its stale slot bytes read as a rate.
+VERSION = 2
 REQUEST = struct.Struct("<4sHHIIQ")
 HELLO = struct.Struct("<4sHHIIQ32s")
 REPLY = struct.Struct("<4sHHIIQQ")

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..client import EngramClient
 from ..core.dtypes import row_width
-from ..core.optim import MAX_LR
+from ..core.optim import lr_error
 from .protocol import (
     HELLO,
     HELLO_INFO,
@@ -259,9 +259,8 @@ class LookupAgent:
         lr = 0.0
         if op == Op.PUSH:
             lr = float(s.push_lr[0])
-            if not 0.0 <= lr <= MAX_LR:  # NaN fails too
-                raise _Refused(op, req_id, slot, f"push with learning rate {lr!r}: expected a finite rate in "
-                                                 f"(0, {MAX_LR}], or 0 for the shards' own")
+            if lr and lr_error(lr):  # 0: the shards' own rate
+                raise _Refused(op, req_id, slot, f"push with {lr_error(lr)}, or 0 for the shards' own")
         s.busy = True
         # the worker may write its slot any time: read the ids (and a push's rate) once, now
         return _Job(s, op, req_id, slot, s.ids[:n].copy(), op == Op.UNIQUE and bool(flags & ORDERED), lr)

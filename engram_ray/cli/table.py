@@ -19,7 +19,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
 
     ecfg = None if args.preset == "none" and not args.config else engram_config(args)[0]
     mcfg = model_preset(args.model)
-    layers = args.layers or max(mcfg.n_layers, max(ecfg.layer_ids) + 1 if ecfg else 0)
+    layers = args.layers if args.layers is not None else max(mcfg.n_layers, max(ecfg.layer_ids) + 1 if ecfg else 0)
     mcfg = dataclasses.replace(mcfg, n_layers=layers)
     pc = count_params(mcfg, ecfg)
     if args.json:

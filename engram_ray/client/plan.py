@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.optim import MAX_LR
+from ..core.optim import lr_error
 from ..errors import InvalidRequest
 
 __all__ = ["HEADROOM", "MessageSizes", "flat_ids", "check_grads", "check_lr", "dedup", "split", "scatter", "check_out",
@@ -163,7 +163,6 @@ def lookups(row_ids: Sequence[Any], outs: Sequence[Any] | None, layout: Any, dty
 
 
 def check_lr(lr: float | None) -> None:
-    """A push's learning rate: None (the shards' own) or a finite rate in (0, MAX_LR]."""
-    if lr is not None and not 0.0 < lr <= MAX_LR:
-        raise ValueError(f"learning rate {lr!r}: expected a finite rate in (0, {MAX_LR}] (or None: the "
-                         "rate the shards were deployed with)")
+    """A push's learning rate: None (the shards' own) or a rate ``config.lr_error`` accepts."""
+    if lr is not None and lr_error(lr):
+        raise ValueError(f"{lr_error(lr)} (or None: the rate the shards were deployed with)")

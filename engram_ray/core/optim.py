@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import OptimizerConfig
+from ..config import MAX_LR, MIN_LR, OptimizerConfig, lr_error
 
-__all__ = ["SparseOptimizer", "sum_duplicates", "finite_rows", "MAX_LR"]
+__all__ = ["SparseOptimizer", "sum_duplicates", "finite_rows", "MAX_LR", "MIN_LR", "lr_error"]
 
-
-#: The largest learning rate a push may carry (a step rate: Adam moves a row by about lr a
-#: step; anything larger is a mistake, or an attack on the rows).
-MAX_LR = 10.0
 
 
 def sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..config import OptimizerConfig
 from ..core.layout import TableLayout
-from ..core.optim import MAX_LR, SparseOptimizer, sum_duplicates
+from ..core.optim import SparseOptimizer, lr_error, sum_duplicates
 from ..core.rows import init_rows_f32
 
 __all__ = ["Memory", "MemoryFetch", "LocalMemory", "LocalFetch", "layer_gradients"]
@@ -158,8 +158,8 @@ class LocalMemory(nn.Module):
         """After backward: step the rows ``fetch`` read with their gradients (the numpy code
         the shards run) at ``lr`` (None: the configured rate). Returns rows updated; 0 for a
         fetch made without gradients."""
-        if lr is not None and not 0.0 < lr <= MAX_LR:
-            raise ValueError(f"learning rate {lr!r}: expected a finite rate in (0, {MAX_LR}]")
+        if lr is not None and lr_error(lr):
+            raise ValueError(lr_error(lr))
         if not isinstance(fetch, LocalFetch) or fetch.memory is not self:
             raise ValueError("LocalMemory.update: pass a fetch of this memory")
         ids, grads = layer_gradients(fetch.row_ids, fetch.tensors)

@@ -9,8 +9,8 @@ For a backbone (:class:`~engram_ray.config.ModelConfig`) and an Engram table
 * **activated** per token -- what one token's forward reads: everything dense except the
   routed experts it is not sent to (``n_routed - top_k`` per MoE layer), plus the table rows
   it looks up (one per head, order and Engram layer). The token embedding is counted as
-  activated whole, as the dense weights are (one of its rows is read; the output head, tied
-  to it, reads all);
+  activated whole, tied to the output head or not, as the dense weights are (one of its rows
+  is read; the output head reads all of its own);
 * **sparse** (inactive) = total - activated: the routed experts a token skips, and the rows
   it does not read;
 * **rho** -- the share of the sparse budget that goes to routed experts:

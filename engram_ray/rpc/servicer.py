@@ -19,7 +19,7 @@ from typing import NoReturn
 import grpc
 
 from ..config import FLOAT_DTYPES
-from ..core.optim import MAX_LR
+from ..core.optim import lr_error
 from ..core.usage import RowUsage
 from ..errors import (
     CheckpointError,
@@ -141,9 +141,8 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
         if request.ByteSize() + FORWARD_OVERHEAD > self.max_message_bytes:
             raise RequestTooLarge(f"push of {request.ByteSize()} B: a backup must receive it within the "
                                   f"{self.max_message_bytes} B message limit; split it")
-        if not 0.0 <= request.lr <= MAX_LR:  # NaN fails too
-            raise InvalidRequest(f"push with learning rate {request.lr!r}: expected a finite rate in "
-                                 f"(0, {MAX_LR}], or 0 for the shard's own")
+        if request.lr and lr_error(request.lr):  # 0: the shard's own rate
+            raise InvalidRequest(f"push with {lr_error(request.lr)}, or 0 for the shard's own")
         ids = codec.decode(request.row_ids, what="row_ids", dtypes=("int64",), ndim=1)
         self._check_count(ids.size, "gradient push")
         # gradients travel in any storage dtype; the shard widens them to float32

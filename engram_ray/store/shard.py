@@ -20,7 +20,7 @@ import numpy as np
 from ..config import FLOAT_DTYPES, StoreConfig
 from ..core.dtypes import FP8, row_width
 from ..core.layout import ShardPlan, TableLayout
-from ..core.optim import MAX_LR, SparseOptimizer, finite_rows, sum_duplicates
+from ..core.optim import SparseOptimizer, finite_rows, lr_error, sum_duplicates
 from ..errors import InvalidRequest
 from .mapped import mapped_stats, open_rows
 from .rows import init_rows, numpy_dtype, sha256_hex
@@ -180,11 +180,10 @@ class TableShard:
         bfloat16/float16/float64, widened); duplicate ids are summed first. ``lr``: this step's
         learning rate (a trainer's schedule), or None for the configured one. Returns the
         number of distinct rows updated. Refused, changing nothing, when a gradient or the sum
-        of a row's duplicates is not finite, when ``lr`` is not in (0, MAX_LR], or when the step
+        of a row's duplicates is not finite, when ``lr`` is not a rate (``config.lr_error``), or when the step
         would store a value (or optimiser state) that is not finite in the storage dtype."""
-        if lr is not None and not 0.0 < lr <= MAX_LR:
-            raise InvalidRequest(f"learning rate {lr!r}: expected a finite rate in (0, {MAX_LR}] (or none: the "
-                                 f"shard's own, {self.store.optimizer.lr})")
+        if lr is not None and lr_error(lr):
+            raise InvalidRequest(f"{lr_error(lr)} (or none: the shard's own, {self.store.optimizer.lr})")
         local = self.local_rows(rows)
         if self.store.dtype == FP8:
             raise InvalidRequest(f"shard {self.shard_index} serves an FP8 table, read-only: it refuses updates "
