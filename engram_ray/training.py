@@ -140,14 +140,17 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, batches: int | None = None) -> float:
         """Mean validation loss over fixed batches (the same ones every call)."""
-        self.model.eval()
         rng = np.random.default_rng(12345)
-        losses = []
-        for _ in range(batches or self.cfg.eval_batches):
-            x, y, fetch = self._inputs(self.batch("val", rng), requires_grad=False)
-            logits = self.model(x, fetch)
-            losses.append(F.cross_entropy(logits.flatten(0, 1), y.flatten()).item())
-        return float(np.mean(losses))
+        return float(np.mean([self.evaluate_batch(rng) for _ in range(batches or self.cfg.eval_batches)]))
+
+    @torch.no_grad()
+    def evaluate_batch(self, rng: np.random.Generator) -> float:
+        """Validation loss of one batch drawn with ``rng`` (a fixed seed: the same batch for
+        every model that is asked)."""
+        self.model.eval()
+        x, y, fetch = self._inputs(self.batch("val", rng), requires_grad=False)
+        logits = self.model(x, fetch)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[int], max_new_tokens: int = 40, temperature: float = 0.8,

@@ -1,0 +1,115 @@
+"""``engram-ray experiment ...``: the paper's experiments as commands that fan out over Ray."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from ..config import MODEL_PRESETS, PRESETS
+
+__all__ = ["register", "summarise"]
+
+
+def summarise(arms: list[Any], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per arm: its seeds' validation losses, their mean and standard error (over seeds when
+    there are several, else over the fixed evaluation batches), and its difference from the
+    first arm (the pure MoE) with the combined standard error and whether it exceeds 2 of them."""
+    out = []
+    for arm in arms:
+        mine = [r for r in runs if r["arm"] == arm.name]
+        losses = np.array([r["val_loss"] for r in mine])
+        if losses.size > 1:
+            se, over = float(losses.std(ddof=1) / np.sqrt(losses.size)), "seeds"
+        else:
+            se, over = float(mine[0]["val_loss_se"] or 0.0), "evaluation batches"
+        out.append({"arm": arm.name, "routed_experts": arm.routed_experts, "rho": arm.params.rho,
+                    "params": arm.params.to_dict(), "val_losses": losses.tolist(), "val_loss": float(losses.mean()),
+                    "val_loss_se": se, "se_over": over, "tokens": mine[0]["tokens"],
+                    "flops": mine[0]["flops"], "train_seconds": [r["train_seconds"] for r in mine]})
+    ref = out[0]
+    for a in out:
+        diff = a["val_loss"] - ref["val_loss"]
+        se = float(np.hypot(a["val_loss_se"], ref["val_loss_se"]))
+        a["vs_moe"] = {"diff": diff, "se": se, "exceeds_noise": bool(se > 0 and abs(diff) > 2 * se)}
+    return out
+
+
+def _cmd_allocation(args: argparse.Namespace) -> int:
+    from ..bench.common import write_report
+    from ..config import TrainConfig, model_preset, preset
+    from ..data import load_tokenizer
+    from ..experiments.allocation import allocation_arms
+    from ..runtime import ray_session
+    from ..runtime.experiments import run_arms
+
+    vocab_size = load_tokenizer("gpt2").get_vocab_size(with_added_tokens=True)  # what the runs train on
+    model = dataclasses.replace(model_preset(args.model), n_routed_experts=args.routed_experts, top_k=args.top_k,
+                                n_layers=args.layers, max_seq_len=max(args.seq_len, 16), vocab_size=vocab_size)
+    engram = dataclasses.replace(preset(args.preset), layer_ids=tuple(args.engram_layers))
+    arms = allocation_arms(model, engram, args.experts)
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                        warmup_steps=min(20, max(1, args.steps // 10)), eval_every=args.steps)
+    print(f"sparsity allocation: {len(arms)} arms x {len(args.seeds)} seeds, {args.steps} steps of "
+          f"{args.batch_size} x {args.seq_len} tokens on {args.corpus}")
+    for a in arms:
+        p = a.params
+        print(f"  {a.name:<5} {a.routed_experts} routed experts, table {p.table:>12,} params: total "
+              f"{p.total:,}, activated {p.activated:,}, rho {p.rho:.3f}")
+    with ray_session(args.address):
+        runs = run_arms(arms, args.seeds, corpus=args.corpus, train=train, eval_batches=args.eval_batches,
+                        gpus_per_run=args.gpus_per_run, progress=True)
+    rows = summarise(arms, runs)
+    report = {"experiment": "allocation", "corpus": args.corpus, "seeds": args.seeds, "train": train.to_dict(),
+              "eval_batches": args.eval_batches, "arms": [a.to_dict() for a in arms], "runs": runs,
+              "summary": rows,
+              "scale": {"total_params": arms[0].params.total, "activated_params": arms[0].params.activated,
+                        "tokens_per_run": rows[0]["tokens"], "flops_per_run": rows[0]["flops"],
+                        "note": "orders of magnitude below the paper's runs (billions of parameters and of "
+                                "tokens): a difference that does not exceed its noise here is a finding, "
+                                "not a failure"}}
+    write_report(report, args.out)
+    print(f"  {'arm':<5} {'rho':>6} {'val loss':>9} {'+-se':>7}  vs MoE")
+    for r in rows:
+        v = r["vs_moe"]
+        verdict = "" if r is rows[0] else (f"{v['diff']:+.4f} +- {v['se']:.4f} "
+                                           f"({'exceeds' if v['exceeds_noise'] else 'within'} 2 se)")
+        print(f"  {r['arm']:<5} {r['rho']:>6.3f} {r['val_loss']:>9.4f} {r['val_loss_se']:>7.4f}  {verdict}")
+    if args.out:
+        from ..bench.plot import plot_allocation
+        from .bench import _plot_beside
+        _plot_beside(args.out, lambda png: plot_allocation(report, png))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("experiment", help="the paper's experiments, fanned out over Ray: allocation",
+                       description="Experiments of the Engram paper, each arm and seed a Ray task.")
+    esub = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
+    a = esub.add_parser("allocation", help="val loss against rho: a fixed parameter budget split between "
+                                           "routed experts and Engram memory",
+                        description="Build arms from a MoE backbone by removing routed experts (top-k held, so "
+                                    "activated compute is fixed) and giving their parameters to an Engram table; "
+                                    "train each on the same tokens and seeds; report val loss against rho.")
+    a.add_argument("--model", default="demo", choices=sorted(MODEL_PRESETS), help="backbone preset (default: demo)")
+    a.add_argument("--layers", type=int, default=4, help="backbone layers (default: 4)")
+    a.add_argument("--routed-experts", type=int, default=8, help="routed experts of the pure MoE (default: 8)")
+    a.add_argument("--top-k", type=int, default=2, help="experts per token (default: 2)")
+    a.add_argument("--experts", type=int, nargs="+", default=[6, 4, 2],
+                   help="routed experts of the Engram arms (default: 6 4 2)")
+    a.add_argument("--preset", default="demo", choices=sorted(PRESETS),
+                   help="the table's shape: orders, heads, row width; its sizes are set by the sweep (default: demo)")
+    a.add_argument("--engram-layers", type=int, nargs="+", default=[1, 3], help="Engram layers (default: 1 3)")
+    a.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (default: 0 1)")
+    a.add_argument("--steps", type=int, default=100, help="training steps per run (default: 100)")
+    a.add_argument("--batch-size", type=int, default=8)
+    a.add_argument("--seq-len", type=int, default=128)
+    a.add_argument("--lr", type=float, default=3e-3, help="backbone AdamW rate (rows: 5x, the recipe)")
+    a.add_argument("--eval-batches", type=int, default=8, help="fixed validation batches (default: 8)")
+    a.add_argument("--corpus", default="stdlib", help="training text (default: stdlib)")
+    a.add_argument("--gpus-per-run", type=float, default=0.0, help="GPUs per Ray task (default: 0)")
+    a.add_argument("--address", default=None, help="Ray address (default: a local Ray in-process)")
+    a.add_argument("--out", metavar="FILE.json", help="write the report here, and FILE.png")
+    a.set_defaults(func=_cmd_allocation)

@@ -1,0 +1,38 @@
+"""Experiment arms as Ray tasks: every (arm, seed) trains side by side wherever the cluster
+has room (a GPU worker takes a GPU task where there is one), on the corpus each task loads
+from its node's cache (tokens never travel through Ray)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from ..config import TrainConfig
+from ..experiments.allocation import Arm
+from ..experiments.run import train_arm
+
+__all__ = ["run_arms"]
+
+
+def run_arms(arms: list[Arm], seeds: list[int], *, corpus: str, train: TrainConfig, eval_batches: int,
+             gpus_per_run: float = 0.0, progress: bool = False) -> list[dict[str, Any]]:
+    """Train every arm for every seed as one Ray task each (1 CPU, ``gpus_per_run`` GPUs);
+    the results in (arm, seed) order."""
+    import dataclasses
+
+    task: Any = ray.remote(train_arm).options(num_cpus=1, num_gpus=gpus_per_run)  # type: ignore[arg-type]
+    refs = [task.remote(arm, corpus=corpus, train=dataclasses.replace(train, seed=s), eval_batches=eval_batches)
+            for arm in arms for s in seeds]
+    if not progress:
+        return ray.get(refs)
+    from tqdm import tqdm
+    done: dict[Any, Any] = {}
+    pending = list(refs)
+    with tqdm(total=len(refs), desc="experiment", unit="run") as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for r in ready:
+                done[r] = ray.get(r)
+                bar.update(1)
+    return [done[r] for r in refs]

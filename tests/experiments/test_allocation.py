@@ -1,0 +1,74 @@
+"""The allocation sweep: arms that hold the parameter budget and the activated compute while
+rho falls, the summary's noise verdicts, and the command end to end on Ray (tiny)."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from engram_ray import config as C
+from engram_ray.cli.experiment import summarise
+from engram_ray.experiments.allocation import allocation_arms
+
+
+def _moe():
+    return dataclasses.replace(C.model_tiny(), n_routed_experts=6, top_k=2, n_layers=3)
+
+
+def test_arms_hold_the_budget_and_the_activated_compute_while_rho_falls():
+    arms = allocation_arms(_moe(), C.tiny(), [4, 2])
+    moe, e4, e2 = arms
+    assert moe.engram is None and moe.params.rho == 1.0
+    for a in (e4, e2):
+        assert moe.params.total * 0.99 <= a.params.total <= moe.params.total   # the same budget
+        # the same expert compute per token: top-k experts; only the Engram layers and rows add,
+        # and the router shrinks with the experts (dim x removed experts per layer)
+        extra = a.params.engram_layers + a.params.table_activated
+        router = _moe().dim * (_moe().n_routed_experts - a.routed_experts) * _moe().n_layers
+        assert moe.params.backbone - a.params.backbone == router
+        assert a.params.activated - extra == moe.params.activated - router
+    assert 1.0 > e4.params.rho > e2.params.rho == 0.0                        # E' = top_k: no inactive expert
+    assert e2.engram.engram_vocab_size[0] > e4.engram.engram_vocab_size[0]   # more memory as experts go
+    assert (e4.engram.layer_ids, e4.engram.n_head_per_ngram) == (C.tiny().layer_ids, C.tiny().n_head_per_ngram)
+
+
+def test_bad_sweeps_are_refused():
+    with pytest.raises(ValueError, match="expert counts \\[1, 6\\]"):
+        allocation_arms(_moe(), C.tiny(), [1, 6])
+    with pytest.raises(ValueError, match="MoE backbone"):
+        allocation_arms(dataclasses.replace(_moe(), ffn="dense"), C.tiny(), [2])
+
+
+def test_the_summary_says_whether_a_difference_exceeds_its_noise():
+    arms = [SimpleNamespace(name=n, routed_experts=e, params=SimpleNamespace(rho=r, to_dict=dict))
+            for n, e, r in (("moe", 6, 1.0), ("E4", 4, 0.5), ("E2", 2, 0.0))]
+    runs = [{"arm": a, "seed": s, "val_loss": v, "val_loss_se": 0.01, "tokens": 10, "flops": 1.0, "train_seconds": 1}
+            for a, s, v in (("moe", 0, 5.00), ("moe", 1, 5.02), ("E4", 0, 4.80), ("E4", 1, 4.82),
+                            ("E2", 0, 5.00), ("E2", 1, 5.04))]
+    rows = summarise(arms, runs)
+    assert rows[0]["val_loss"] == pytest.approx(5.01) and rows[0]["se_over"] == "seeds"
+    assert rows[1]["vs_moe"]["exceeds_noise"] and rows[1]["vs_moe"]["diff"] == pytest.approx(-0.2)
+    assert not rows[2]["vs_moe"]["exceeds_noise"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_command_trains_every_arm_on_ray_and_writes_json_and_a_plot(tmp_path):
+    out = tmp_path / "alloc.json"
+    r = subprocess.run([sys.executable, "-m", "engram_ray.cli", "experiment", "allocation", "--model", "tiny",
+                        "--preset", "tiny", "--layers", "3", "--routed-experts", "4", "--experts", "3", "2",
+                        "--engram-layers", "1", "2", "--seeds", "0", "1", "--steps", "3", "--batch-size", "2",
+                        "--seq-len", "32", "--eval-batches", "2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert [a["name"] for a in rep["arms"]] == ["moe", "E3", "E2"] and len(rep["runs"]) == 6
+    assert {(x["arm"], x["seed"]) for x in rep["runs"]} == {(a, s) for a in ("moe", "E3", "E2") for s in (0, 1)}
+    for row in rep["summary"]:
+        assert len(row["val_losses"]) == 2 and row["se_over"] == "seeds" and row["val_loss"] > 0
+        assert set(row["vs_moe"]) == {"diff", "se", "exceeds_noise"}
+    assert rep["scale"]["tokens_per_run"] == 3 * 2 * 32 and rep["summary"][0]["rho"] == 1.0
+    assert (tmp_path / "alloc.png").stat().st_size > 1000 and "vs MoE" in r.stdout
