@@ -162,15 +162,15 @@ def plot_cache(report: dict[str, Any], path: str | Path) -> None:
 
 
 def plot_allocation(report: dict[str, Any], path: str | Path) -> None:
-    """Validation loss against rho (the paper's allocation plot), error bars of 2 standard
-    errors, each seed's loss as a dot."""
+    """Validation loss against rho (the paper's allocation plot), error bars of one standard
+    error, each seed's loss as a dot."""
     plt = _pyplot()
 
     rows = report["summary"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
         ax.scatter([r["rho"]] * len(r["val_losses"]), r["val_losses"], s=12, color="#999999", zorder=2)
-    ax.errorbar([r["rho"] for r in rows], [r["val_loss"] for r in rows], yerr=[2 * r["val_loss_se"] for r in rows],
+    ax.errorbar([r["rho"] for r in rows], [r["val_loss"] for r in rows], yerr=[r["val_loss_se"] for r in rows],
                 fmt="o-", capsize=3, zorder=3)
     for r in rows:
         ax.annotate(r["arm"], (r["rho"], r["val_loss"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -178,5 +178,5 @@ def plot_allocation(report: dict[str, Any], path: str | Path) -> None:
     ax.set_ylabel("validation loss")
     s = report["scale"]
     ax.set_title(f"Sparsity allocation: {s['total_params'] / 1e6:.1f}M params, {s['tokens_per_run']:,} tokens "
-                 f"per run, {len(report['seeds'])} seeds (bars: 2 se)", fontsize=9)
+                 f"per run, {len(report['seeds'])} seeds (bars: 1 se)", fontsize=9)
     _save(fig, path)

@@ -13,27 +13,42 @@ from ..config import MODEL_PRESETS, PRESETS
 __all__ = ["register", "summarise"]
 
 
+#: Student's t, two-sided 95 %, by degrees of freedom (the next lower row is used: conservative).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+        10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000, 120: 1.980}
+
+
+def t95(df: int) -> float:
+    """Two-sided 95 % quantile of Student's t with ``df`` degrees of freedom (rounded down)."""
+    if df < 1:
+        return float("inf")
+    return _T95[max(k for k in _T95 if k <= df)] if df <= 120 else 1.96
+
+
 def summarise(arms: list[Any], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per arm: its seeds' validation losses, their mean and standard error (over seeds when
     there are several, else over the fixed evaluation batches), and its difference from the
-    first arm (the pure MoE) with the combined standard error and whether it exceeds 2 of them."""
+    first arm (the pure MoE) with the combined standard error and its 95 % interval (Student's t
+    with the fewer arm's degrees of freedom: with 2 seeds, t = 12.7), and whether the
+    difference lies outside it."""
     out = []
     for arm in arms:
         mine = [r for r in runs if r["arm"] == arm.name]
         losses = np.array([r["val_loss"] for r in mine])
         if losses.size > 1:
-            se, over = float(losses.std(ddof=1) / np.sqrt(losses.size)), "seeds"
+            se, over, df = float(losses.std(ddof=1) / np.sqrt(losses.size)), "seeds", losses.size - 1
         else:
-            se, over = float(mine[0]["val_loss_se"] or 0.0), "evaluation batches"
+            se, over, df = float(mine[0]["val_loss_se"] or 0.0), "evaluation batches", mine[0]["val_batches"] - 1
         out.append({"arm": arm.name, "routed_experts": arm.routed_experts, "rho": arm.params.rho,
                     "params": arm.params.to_dict(), "val_losses": losses.tolist(), "val_loss": float(losses.mean()),
-                    "val_loss_se": se, "se_over": over, "tokens": mine[0]["tokens"],
+                    "val_loss_se": se, "se_over": over, "df": int(df), "tokens": mine[0]["tokens"],
                     "flops": mine[0]["flops"], "train_seconds": [r["train_seconds"] for r in mine]})
     ref = out[0]
     for a in out:
         diff = a["val_loss"] - ref["val_loss"]
         se = float(np.hypot(a["val_loss_se"], ref["val_loss_se"]))
-        a["vs_moe"] = {"diff": diff, "se": se, "exceeds_noise": bool(se > 0 and abs(diff) > 2 * se)}
+        half = t95(min(a["df"], ref["df"])) * se
+        a["vs_moe"] = {"diff": diff, "se": se, "ci95": half, "exceeds_noise": bool(se > 0 and abs(diff) > half)}
     return out
 
 
@@ -74,8 +89,8 @@ def _cmd_allocation(args: argparse.Namespace) -> int:
     print(f"  {'arm':<5} {'rho':>6} {'val loss':>9} {'+-se':>7}  vs MoE")
     for r in rows:
         v = r["vs_moe"]
-        verdict = "" if r is rows[0] else (f"{v['diff']:+.4f} +- {v['se']:.4f} "
-                                           f"({'exceeds' if v['exceeds_noise'] else 'within'} 2 se)")
+        verdict = "" if r is rows[0] else (f"{v['diff']:+.4f}, 95 % interval +- {v['ci95']:.4f} "
+                                           f"({'beyond' if v['exceeds_noise'] else 'within'} the noise)")
         print(f"  {r['arm']:<5} {r['rho']:>6.3f} {r['val_loss']:>9.4f} {r['val_loss_se']:>7.4f}  {verdict}")
     if args.out:
         from ..bench.plot import plot_allocation

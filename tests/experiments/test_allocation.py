@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from engram_ray import config as C
-from engram_ray.cli.experiment import summarise
+from engram_ray.cli.experiment import summarise, t95
 from engram_ray.experiments.allocation import allocation_arms
 
 
@@ -49,9 +49,12 @@ def test_the_summary_says_whether_a_difference_exceeds_its_noise():
             for a, s, v in (("moe", 0, 5.00), ("moe", 1, 5.02), ("E4", 0, 4.80), ("E4", 1, 4.82),
                             ("E2", 0, 5.00), ("E2", 1, 5.04))]
     rows = summarise(arms, runs)
-    assert rows[0]["val_loss"] == pytest.approx(5.01) and rows[0]["se_over"] == "seeds"
+    assert rows[0]["val_loss"] == pytest.approx(5.01) and rows[0]["se_over"] == "seeds" and rows[0]["df"] == 1
+    # 2 seeds: 1 degree of freedom, t = 12.7: a difference of -0.2 with se 0.014 is beyond +- 0.18
+    assert rows[1]["vs_moe"]["ci95"] == pytest.approx(12.706 * rows[1]["vs_moe"]["se"])
     assert rows[1]["vs_moe"]["exceeds_noise"] and rows[1]["vs_moe"]["diff"] == pytest.approx(-0.2)
     assert not rows[2]["vs_moe"]["exceeds_noise"]
+    assert t95(1) == 12.706 and t95(11) == 2.228 and t95(1000) == 1.96 and t95(0) == float("inf")
 
 
 @pytest.mark.ray
@@ -69,6 +72,6 @@ def test_the_command_trains_every_arm_on_ray_and_writes_json_and_a_plot(tmp_path
     assert {(x["arm"], x["seed"]) for x in rep["runs"]} == {(a, s) for a in ("moe", "E3", "E2") for s in (0, 1)}
     for row in rep["summary"]:
         assert len(row["val_losses"]) == 2 and row["se_over"] == "seeds" and row["val_loss"] > 0
-        assert set(row["vs_moe"]) == {"diff", "se", "exceeds_noise"}
+        assert set(row["vs_moe"]) == {"diff", "se", "ci95", "exceeds_noise"}
     assert rep["scale"]["tokens_per_run"] == 3 * 2 * 32 and rep["summary"][0]["rho"] == 1.0
     assert (tmp_path / "alloc.png").stat().st_size > 1000 and "vs MoE" in r.stdout
