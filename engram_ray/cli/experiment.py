@@ -10,7 +10,7 @@ import numpy as np
 
 from ..config import MODEL_PRESETS, PRESETS
 
-__all__ = ["register", "summarise"]
+__all__ = ["register", "summarise", "ablation", "t95"]
 
 
 #: Student's t, two-sided 95 %, by degrees of freedom (the next lower row is used: conservative).
@@ -52,22 +52,30 @@ def summarise(arms: list[Any], runs: list[dict[str, Any]]) -> list[dict[str, Any
     return out
 
 
-def _cmd_allocation(args: argparse.Namespace) -> int:
-    from ..bench.common import write_report
+def _setup(args: argparse.Namespace, experts: list[int]) -> tuple[list[Any], Any]:
+    """The arms (pure MoE first, then one per expert count) and the training config of a sweep."""
     from ..config import TrainConfig, model_preset, preset
     from ..data import load_tokenizer
     from ..experiments.allocation import allocation_arms
-    from ..runtime import ray_session
-    from ..runtime.experiments import run_arms
 
     vocab_size = load_tokenizer("gpt2").get_vocab_size(with_added_tokens=True)  # what the runs train on
     model = dataclasses.replace(model_preset(args.model), n_routed_experts=args.routed_experts, top_k=args.top_k,
                                 n_layers=args.layers, max_seq_len=max(args.seq_len, 16), vocab_size=vocab_size)
     engram = dataclasses.replace(preset(args.preset), layer_ids=tuple(args.engram_layers))
-    arms = allocation_arms(model, engram, args.experts)
+    arms = allocation_arms(model, engram, experts)
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                         warmup_steps=min(20, max(1, args.steps // 10)), eval_every=args.steps)
-    print(f"sparsity allocation: {len(arms)} arms x {len(args.seeds)} seeds, {args.steps} steps of "
+    return arms, train
+
+
+def _run(args: argparse.Namespace, name: str, arms: list[Any], train: Any, ablate: bool = False
+         ) -> dict[str, Any]:
+    """Train every arm and seed on Ray; the report (written to ``--out``) with its summary."""
+    from ..bench.common import write_report
+    from ..runtime import ray_session
+    from ..runtime.experiments import run_arms
+
+    print(f"{name}: {len(arms)} arms x {len(args.seeds)} seeds, {args.steps} steps of "
           f"{args.batch_size} x {args.seq_len} tokens on {args.corpus}")
     for a in arms:
         p = a.params
@@ -75,9 +83,9 @@ def _cmd_allocation(args: argparse.Namespace) -> int:
               f"{p.total:,}, activated {p.activated:,}, rho {p.rho:.3f}")
     with ray_session(args.address):
         runs = run_arms(arms, args.seeds, corpus=args.corpus, train=train, eval_batches=args.eval_batches,
-                        gpus_per_run=args.gpus_per_run, progress=True)
+                        gpus_per_run=args.gpus_per_run, progress=True, ablate=ablate)
     rows = summarise(arms, runs)
-    report = {"experiment": "allocation", "corpus": args.corpus, "seeds": args.seeds, "train": train.to_dict(),
+    report = {"experiment": name, "corpus": args.corpus, "seeds": args.seeds, "train": train.to_dict(),
               "eval_batches": args.eval_batches, "arms": [a.to_dict() for a in arms], "runs": runs,
               "summary": rows,
               "scale": {"total_params": arms[0].params.total, "activated_params": arms[0].params.activated,
@@ -85,13 +93,19 @@ def _cmd_allocation(args: argparse.Namespace) -> int:
                         "note": "orders of magnitude below the paper's runs (billions of parameters and of "
                                 "tokens): a difference that does not exceed its noise here is a finding, "
                                 "not a failure"}}
-    write_report(report, args.out)
     print(f"  {'arm':<5} {'rho':>6} {'val loss':>9} {'+-se':>7}  vs MoE")
     for r in rows:
         v = r["vs_moe"]
         verdict = "" if r is rows[0] else (f"{v['diff']:+.4f}, 95 % interval +- {v['ci95']:.4f} "
                                            f"({'beyond' if v['exceeds_noise'] else 'within'} the noise)")
         print(f"  {r['arm']:<5} {r['rho']:>6.3f} {r['val_loss']:>9.4f} {r['val_loss_se']:>7.4f}  {verdict}")
+    write_report(report, args.out)
+    return report
+
+
+def _cmd_allocation(args: argparse.Namespace) -> int:
+    arms, train = _setup(args, args.experts)
+    report = _run(args, "allocation", arms, train)
     if args.out:
         from ..bench.plot import plot_allocation
         from .bench import _plot_beside
@@ -99,21 +113,42 @@ def _cmd_allocation(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("experiment", help="the paper's experiments, fanned out over Ray: allocation",
-                       description="Experiments of the Engram paper, each arm and seed a Ray task.")
-    esub = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
-    a = esub.add_parser("allocation", help="val loss against rho: a fixed parameter budget split between "
-                                           "routed experts and Engram memory",
-                        description="Build arms from a MoE backbone by removing routed experts (top-k held, so "
-                                    "activated compute is fixed) and giving their parameters to an Engram table; "
-                                    "train each on the same tokens and seeds; report val loss against rho.")
+def ablation(runs: list[dict[str, Any]], moe: str, engram: str) -> dict[str, Any]:
+    """The §6.3 ablation of an iso pair: per seed, the Engram model's loss with its Engram layers
+    off, and the share of its gain over the MoE that remains (1: all of it; 0: none; below 0:
+    worse than the MoE without Engram)."""
+    per_seed = []
+    for r in runs:
+        if r["arm"] != engram or r.get("val_loss_engram_off") is None:
+            continue
+        ref = next(x for x in runs if x["arm"] == moe and x["seed"] == r["seed"])
+        gain = ref["val_loss"] - r["val_loss"]
+        per_seed.append({"seed": r["seed"], "moe": ref["val_loss"], "engram": r["val_loss"],
+                         "engram_off": r["val_loss_engram_off"], "gain": gain,
+                         "gain_remaining": (ref["val_loss"] - r["val_loss_engram_off"]) / gain if gain else None})
+    off = [p["engram_off"] for p in per_seed]
+    return {"per_seed": per_seed, "engram_off_val_loss": float(np.mean(off)) if off else None}
+
+
+def _cmd_iso(args: argparse.Namespace) -> int:
+    arms, train = _setup(args, [args.experts])
+    report = _run(args, "iso", arms, train, ablate=True)
+    report["ablation"] = ablation(report["runs"], arms[0].name, arms[1].name)
+    from ..bench.common import write_report
+    write_report(report, args.out)
+    ab = report["ablation"]
+    print(f"  Engram off at inference (§6.3): val loss {ab['engram_off_val_loss']:.4f}; share of the gain that "
+          "remains per seed: " + ", ".join("-" if p["gain_remaining"] is None else f"{p['gain_remaining']:+.2f}"
+                                           for p in ab["per_seed"]))
+    return 0
+
+
+def _add_sweep_args(a: argparse.ArgumentParser) -> None:
+    """What every experiment's arms and runs are made of."""
     a.add_argument("--model", default="demo", choices=sorted(MODEL_PRESETS), help="backbone preset (default: demo)")
     a.add_argument("--layers", type=int, default=4, help="backbone layers (default: 4)")
     a.add_argument("--routed-experts", type=int, default=8, help="routed experts of the pure MoE (default: 8)")
     a.add_argument("--top-k", type=int, default=2, help="experts per token (default: 2)")
-    a.add_argument("--experts", type=int, nargs="+", default=[6, 4, 2],
-                   help="routed experts of the Engram arms (default: 6 4 2)")
     a.add_argument("--preset", default="demo", choices=sorted(PRESETS),
                    help="the table's shape: orders, heads, row width; its sizes are set by the sweep (default: demo)")
     a.add_argument("--engram-layers", type=int, nargs="+", default=[1, 3], help="Engram layers (default: 1 3)")
@@ -126,5 +161,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--corpus", default="stdlib", help="training text (default: stdlib)")
     a.add_argument("--gpus-per-run", type=float, default=0.0, help="GPUs per Ray task (default: 0)")
     a.add_argument("--address", default=None, help="Ray address (default: a local Ray in-process)")
-    a.add_argument("--out", metavar="FILE.json", help="write the report here, and FILE.png")
+    a.add_argument("--out", metavar="FILE.json", help="write the report here (allocation: and FILE.png)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("experiment", help="the paper's experiments, fanned out over Ray: allocation, iso",
+                       description="Experiments of the Engram paper, each arm and seed a Ray task.")
+    esub = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
+    a = esub.add_parser("allocation", help="val loss against rho: a fixed parameter budget split between "
+                                           "routed experts and Engram memory",
+                        description="Build arms from a MoE backbone by removing routed experts (top-k held, so "
+                                    "activated compute is fixed) and giving their parameters to an Engram table; "
+                                    "train each on the same tokens and seeds; report val loss against rho.")
+    _add_sweep_args(a)
+    a.add_argument("--experts", type=int, nargs="+", default=[6, 4, 2],
+                   help="routed experts of the Engram arms (default: 6 4 2)")
     a.set_defaults(func=_cmd_allocation)
+    b = esub.add_parser("iso", help="one iso-parameter pair, MoE vs Engram-MoE, and the ablation with Engram "
+                                    "off at inference",
+                        description="The pure MoE against the same budget with --experts routed experts and an "
+                                    "Engram table; the loss gap with its interval, and the Engram model evaluated "
+                                    "with its Engram layers off (the paper's section 6.3).")
+    _add_sweep_args(b)
+    b.add_argument("--experts", type=int, default=6, help="routed experts of the Engram model (default: 6)")
+    b.set_defaults(func=_cmd_iso)

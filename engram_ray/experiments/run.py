@@ -26,10 +26,11 @@ __all__ = ["train_arm"]
 
 
 def train_arm(arm: Arm, *, corpus: str, train: TrainConfig, eval_batches: int, table_lr: float = 1e-2,
-              threads: int = 1) -> dict[str, Any]:
+              threads: int = 1, ablate: bool = False) -> dict[str, Any]:
     """Train ``arm`` for ``train.steps`` steps (seed ``train.seed``) on ``corpus``; returns its
     validation loss (mean over ``eval_batches`` fixed batches, with their standard error),
-    training loss curve, tokens, FLOPs (6 x activated parameters x tokens) and seconds."""
+    training loss curve, tokens, FLOPs (6 x activated parameters x tokens) and seconds.
+    ``ablate``: also the validation loss with the Engram layers switched off (same batches)."""
     torch.set_num_threads(threads)
     tok = load_tokenizer("gpt2")
     vocab = default_vocab(tok)
@@ -45,8 +46,13 @@ def train_arm(arm: Arm, *, corpus: str, train: TrainConfig, eval_batches: int, t
     losses = [trainer.train_step()["loss"] for _ in range(train.steps)]
     train_s = time.perf_counter() - t0
     val = _val_losses(trainer, eval_batches)
+    off = None
+    if ablate and arm.engram is not None:
+        trainer.model.set_engram(False)
+        off = float(_val_losses(trainer, eval_batches).mean())
+        trainer.model.set_engram(True)
     tokens = train.steps * train.batch_size * train.seq_len
-    return {"arm": arm.name, "seed": train.seed, "val_loss": float(val.mean()),
+    return {"arm": arm.name, "seed": train.seed, "val_loss": float(val.mean()), "val_loss_engram_off": off,
             "val_loss_se": float(val.std(ddof=1) / np.sqrt(val.size)) if val.size > 1 else None,
             "val_batches": int(val.size), "train_loss_last10": float(np.mean(losses[-10:])),
             "train_loss": [float(x) for x in losses], "tokens": tokens,

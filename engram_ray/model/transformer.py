@@ -8,6 +8,8 @@ attention and FFN, each behind its own hyper-connection, pre-norm.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn as nn
 
@@ -33,11 +35,13 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if cfg.ffn == "moe" else SwiGLU(cfg.dim, cfg.ffn_dim)
         self.hc_attn = HyperConnection(cfg.hc_mult, 2 * layer)
         self.hc_ffn = HyperConnection(cfg.hc_mult, 2 * layer + 1)
+        #: False: the Engram layer is skipped (the paper's §6.3 ablation: Engram off at inference).
+        self.engram_on = True
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 rows: torch.Tensor | None, cache: KVCache | None,
                 start_pos: int | RowPositions) -> torch.Tensor:
-        if self.engram is not None:
+        if self.engram is not None and self.engram_on:
             state = cache.extra.get(("conv", self.layer)) if cache is not None else None
             out, state = self.engram(h, rows, state)
             if cache is not None:
@@ -104,7 +108,7 @@ class EngramLM(nn.Module):
         end = at.end if isinstance(at, RowPositions) else at + T
         if end > self.cfg.max_seq_len:
             raise ValueError(f"positions up to {end} exceed max_seq_len={self.cfg.max_seq_len}")
-        if self.engram_index and fetch is None:
+        if self.engram_index and fetch is None and self.engram_enabled:
             raise ValueError("this model has Engram layers: pass the fetch of the batch's rows")
         if isinstance(at, RowPositions):
             if cache is None:
@@ -114,9 +118,20 @@ class EngramLM(nn.Module):
             cos, sin = self.rope_cos[at:end], self.rope_sin[at:end]
         h = self.tok_emb(tokens)[:, :, None].expand(B, T, self.cfg.hc_mult, self.cfg.dim)
         for block, slot in zip(self.blocks, self.fetch_slots):
-            rows = fetch.rows(slot) if slot is not None and fetch is not None else None
+            on = cast(Block, block).engram_on  # off: its rows are not read (the ablation)
+            rows = fetch.rows(slot) if slot is not None and fetch is not None and on else None
             h = block(h, cos, sin, rows, cache, at)
         return self.head(self.norm(h.sum(dim=2)))
+
+    @property
+    def engram_enabled(self) -> bool:
+        return all(cast(Block, b).engram_on for b in self.blocks)
+
+    def set_engram(self, enabled: bool) -> None:
+        """Switch every Engram layer on or off. Off, the blocks skip their Engram layer (its rows
+        are not read: ``fetch`` may be None) -- the paper's §6.3 ablation, at inference."""
+        for b in self.blocks:
+            cast(Block, b).engram_on = bool(enabled)
 
     def aux_loss(self) -> torch.Tensor:
         """Sum of the MoE balance terms of the last forward, weighted by aux_loss_weight."""

@@ -16,14 +16,14 @@ __all__ = ["run_arms"]
 
 
 def run_arms(arms: list[Arm], seeds: list[int], *, corpus: str, train: TrainConfig, eval_batches: int,
-             gpus_per_run: float = 0.0, progress: bool = False) -> list[dict[str, Any]]:
+             gpus_per_run: float = 0.0, progress: bool = False, ablate: bool = False) -> list[dict[str, Any]]:
     """Train every arm for every seed as one Ray task each (1 CPU, ``gpus_per_run`` GPUs);
-    the results in (arm, seed) order."""
+    the results in (arm, seed) order (``ablate``: each also evaluated with Engram off)."""
     import dataclasses
 
     task: Any = ray.remote(train_arm).options(num_cpus=1, num_gpus=gpus_per_run)  # type: ignore[arg-type]
-    refs = [task.remote(arm, corpus=corpus, train=dataclasses.replace(train, seed=s), eval_batches=eval_batches)
-            for arm in arms for s in seeds]
+    refs = [task.remote(arm, corpus=corpus, train=dataclasses.replace(train, seed=s), eval_batches=eval_batches,
+                        ablate=ablate) for arm in arms for s in seeds]
     if not progress:
         return ray.get(refs)
     from tqdm import tqdm

@@ -75,3 +75,55 @@ def test_the_command_trains_every_arm_on_ray_and_writes_json_and_a_plot(tmp_path
         assert set(row["vs_moe"]) == {"diff", "se", "ci95", "exceeds_noise"}
     assert rep["scale"]["tokens_per_run"] == 3 * 2 * 32 and rep["summary"][0]["rho"] == 1.0
     assert (tmp_path / "alloc.png").stat().st_size > 1000 and "vs MoE" in r.stdout
+
+
+def test_engram_off_skips_the_engram_layers_and_reads_no_rows():
+    import torch
+
+    from engram_ray.core.indexer import RowIndexer
+    from engram_ray.core.tokens import CompressedVocab
+    from engram_ray.model import EngramLM, LocalMemory
+
+    mc = dataclasses.replace(C.model_tiny(), vocab_size=50)
+    ec = dataclasses.replace(C.tiny(), short_conv_init="default")
+    torch.manual_seed(0)
+    model = EngramLM(mc, ec).eval()
+    plain = EngramLM(mc, None).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if ".engram." not in k})
+    idx = RowIndexer.build(ec, CompressedVocab(np.arange(50)))
+    tok = torch.randint(0, 50, (2, 12))
+    fetch = LocalMemory(idx.layout, init_std=0.5).fetch(idx.rows(tok.numpy()), requires_grad=False)
+    with torch.no_grad():
+        on = model(tok, fetch)
+        model.set_engram(False)
+        off = model(tok, None)                       # no fetch needed: no rows are read
+        model.set_engram(True)
+        assert torch.equal(off, plain(tok)) and not torch.equal(on, off)
+        with pytest.raises(ValueError, match="pass the fetch"):
+            model(tok, None)
+
+
+def test_the_ablation_reports_the_share_of_the_gain_that_remains():
+    runs = [{"arm": "moe", "seed": 0, "val_loss": 5.0}, {"arm": "E4", "seed": 0, "val_loss": 4.8,
+                                                         "val_loss_engram_off": 4.9},
+            {"arm": "moe", "seed": 1, "val_loss": 5.1}, {"arm": "E4", "seed": 1, "val_loss": 4.9,
+                                                         "val_loss_engram_off": 5.3}]
+    ab = ablation(runs, "moe", "E4")
+    assert [p["gain_remaining"] for p in ab["per_seed"]] == pytest.approx([0.5, -1.0])
+    assert ab["engram_off_val_loss"] == pytest.approx(5.1)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_iso_command_trains_the_pair_and_ablates_it(tmp_path):
+    out = tmp_path / "iso.json"
+    r = subprocess.run([sys.executable, "-m", "engram_ray.cli", "experiment", "iso", "--model", "tiny", "--preset",
+                        "tiny", "--layers", "3", "--routed-experts", "4", "--experts", "2", "--engram-layers", "1",
+                        "2", "--seeds", "0", "--steps", "3", "--batch-size", "2", "--seq-len", "32",
+                        "--eval-batches", "2", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert rep["experiment"] == "iso" and [a["name"] for a in rep["arms"]] == ["moe", "E2"]
+    (p,) = rep["ablation"]["per_seed"]
+    assert p["engram_off"] > 0 and p["engram"] == rep["summary"][1]["val_loss"] and "section 6.3" not in r.stdout
+    assert "Engram off at inference" in r.stdout
