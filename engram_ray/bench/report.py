@@ -296,11 +296,28 @@ def _allocation(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
                    "beyond the noise"], rows, _img(folder, out, "allocation"))
 
 
+def _iso(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
+    """Section: one iso-parameter pair and the Engram-off ablation (``engram-ray experiment iso``)."""
+    moe, eng = r["summary"]
+    v, t = eng["vs_moe"], r["train"]
+    rows = [[p["seed"], f"{p['moe']:.4f}", f"{p['engram']:.4f}", f"{p['engram_off']:.4f}",
+             "-" if p["gain_remaining"] is None else f"{p['gain_remaining']:+.2f}"] for p in r["ablation"]["per_seed"]]
+    return _table("## Experiment: iso-parameter MoE vs Engram-MoE, and Engram off at inference", r,
+                  f"{moe['arm']} ({moe['params']['total']:,} params) against {eng['arm']} "
+                  f"({eng['params']['total']:,} params, rho {eng['rho']:.3f}): {len(r['seeds'])} seeds, {t['steps']} "
+                  f"steps of {t['batch_size']} x {t['seq_len']} tokens on {r['corpus']}. Gap {v['diff']:+.4f}, 95 % "
+                  f"interval +- {v['ci95']:.4f}: {'beyond' if v['exceeds_noise'] else 'within'} the noise. Engram off "
+                  "(the paper's section 6.3): the Engram model evaluated with its Engram layers skipped, and the share "
+                  "of its gain over the MoE that remains (below 0: worse than the MoE).",
+                  ["seed", "MoE", "Engram-MoE", "Engram off", "gain remaining"],
+                  [[str(c) for c in row] for row in rows])
+
+
 #: Sections in page order, each rendered from ``<folder>/<name>.json`` when it exists.
 SECTIONS = {"offload": _offload, "offload_cache": _offload_cache, "cache": _cache,
             "agent_hop": _agent_hop, "agent_hop_own_core": _agent_hop_own_core,
             "lookup": _lookup, "latency": _latency, "latency_mmap": _latency_mmap, "load": _load,
-            "recovery": _recovery, "hash": _hash, "allocation": _allocation}
+            "recovery": _recovery, "hash": _hash, "allocation": _allocation, "iso": _iso}
 
 
 def write_results(results: str | Path, out: str | Path) -> Path:
