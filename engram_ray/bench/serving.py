@@ -239,10 +239,7 @@ class _Engine:
     def _index_ahead(self, seq: Any, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
         """A next-step chunk's rows and the history after it (not kept by the sequence yet):
         its history now is the sequence's after this step's chunk, which was indexed first."""
-        t1 = time.perf_counter()
-        rows, hist = self.indexer.step(seq.history, seq.req.prompt[None, a:b])
-        self.acc["hash_s"] += time.perf_counter() - t1
-        return rows, hist
+        return self._hash(seq.history, seq.req.prompt[None, a:b])
 
     def _drop_ahead(self) -> None:
         """Give back the lookahead fetches no chunk of this step took."""
@@ -253,13 +250,18 @@ class _Engine:
         self.counts["dropped"] += len(self.ahead)
         self.ahead.clear()
 
+    def _hash(self, history: np.ndarray, new_bt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of new tokens ``[B, n]`` after ``history`` and the history after them, timed."""
+        t1 = time.perf_counter()
+        rows, hist = self.indexer.step(history, new_bt)
+        self.acc["hash_s"] += time.perf_counter() - t1
+        return rows, hist
+
     def _index(self, seq: _Seq, new_bt: np.ndarray) -> np.ndarray | None:
         """One sequence's new tokens -> their rows ``[L, 1, n, H]`` (None without a memory)."""
         if self.memory is None:
             return None
-        t1 = time.perf_counter()
-        rows, seq.history = self.indexer.step(seq.history, new_bt)
-        self.acc["hash_s"] += time.perf_counter() - t1
+        rows, seq.history = self._hash(seq.history, new_bt)
         return rows
 
     def _index_decode(self, decoding: list[_Seq]) -> np.ndarray | None:

@@ -82,3 +82,26 @@ def cache_bytes(gib: float) -> int:
         raise ValueError(f"--cache-gib {gib}: expected a size >= 0 in GiB")
     check_cache_bytes(gib * 2**30)
     return int(gib * 2**30)
+
+
+def read_copies(shards: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Per shard index, the Describe of its copy read most (reads go to one copy: its counts
+    are the shard's), among the copies that report table use."""
+    best: dict[int, dict[str, Any]] = {}
+    for d in shards:
+        if d.get("table_use") and d.get("reads", 0) >= best.get(d["shard_index"], {}).get("reads", -1):
+            best[d["shard_index"]] = d
+    return best
+
+
+def table_use(shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (layer, order) table, summed over shards (their copies read most): rows, distinct rows
+    read (the shards' HyperLogLog estimates) and utilisation."""
+    acc: dict[tuple[int, int], list[float]] = {}
+    for d in read_copies(shards).values():
+        for t in d["table_use"]:
+            a = acc.setdefault((t["layer"], t["order"]), [0, 0.0])
+            a[0] += t["rows"]
+            a[1] += t["touched"]
+    return [{"layer": layer, "order": order, "rows": int(rows), "touched": touched, "utilisation": touched / rows}
+            for (layer, order), (rows, touched) in sorted(acc.items())]

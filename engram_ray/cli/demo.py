@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import OptimizerConfig, ServiceConfig, StoreConfig, TrainConfig, model_demo, preset
-from .common import gib
+from .common import gib, table_use
 
 
 def _train(worker: Any, tcfg: TrainConfig) -> tuple[list[dict[str, float]], list[tuple[int, float]], float]:
@@ -99,21 +99,9 @@ def _summary(args: argparse.Namespace, steps: list[dict[str, Any]], val: list[tu
         "shards": [{"shard": d["shard_index"], "rows_served": d["counters"]["rows_served"],
                     "rows_updated": d["counters"]["rows_updated"], "bytes_served": d["counters"]["bytes_served"]}
                    for d in shards],
-        "table_use": _table_use(shards),
+        "table_use": table_use(shards),
         "sample_prompt": args.prompt, "sample": sample,
     }
-
-
-def _table_use(shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (layer, order) table, summed over shards: rows, distinct rows read (HyperLogLog)."""
-    acc: dict[tuple[int, int], list[float]] = {}
-    for d in shards:
-        for t in d.get("table_use") or ():
-            a = acc.setdefault((t["layer"], t["order"]), [0, 0.0])
-            a[0] += t["rows"]
-            a[1] += t["touched"]
-    return [{"layer": layer, "order": order, "rows": int(rows), "touched": touched, "utilisation": touched / rows}
-            for (layer, order), (rows, touched) in sorted(acc.items())]
 
 
 def _print_summary(r: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ..bench.common import write_report
 from ..config import MODEL_PRESETS, PRESETS
 
 __all__ = ["register", "summarise", "ablation", "t95"]
@@ -70,8 +71,7 @@ def _setup(args: argparse.Namespace, experts: list[int]) -> tuple[list[Any], Any
 
 def _run(args: argparse.Namespace, name: str, arms: list[Any], train: Any, ablate: bool = False
          ) -> dict[str, Any]:
-    """Train every arm and seed on Ray; the report (written to ``--out``) with its summary."""
-    from ..bench.common import write_report
+    """Train every arm and seed on Ray; the report with its summary (printed, not written)."""
     from ..runtime import ray_session
     from ..runtime.experiments import run_arms
 
@@ -99,13 +99,13 @@ def _run(args: argparse.Namespace, name: str, arms: list[Any], train: Any, ablat
         verdict = "" if r is rows[0] else (f"{v['diff']:+.4f}, 95 % interval +- {v['ci95']:.4f} "
                                            f"({'beyond' if v['exceeds_noise'] else 'within'} the noise)")
         print(f"  {r['arm']:<5} {r['rho']:>6.3f} {r['val_loss']:>9.4f} {r['val_loss_se']:>7.4f}  {verdict}")
-    write_report(report, args.out)
     return report
 
 
 def _cmd_allocation(args: argparse.Namespace) -> int:
     arms, train = _setup(args, args.experts)
     report = _run(args, "allocation", arms, train)
+    write_report(report, args.out)
     if args.out:
         from ..bench.plot import plot_allocation
         from .bench import _plot_beside
@@ -134,7 +134,6 @@ def _cmd_iso(args: argparse.Namespace) -> int:
     arms, train = _setup(args, [args.experts])
     report = _run(args, "iso", arms, train, ablate=True)
     report["ablation"] = ablation(report["runs"], arms[0].name, arms[1].name)
-    from ..bench.common import write_report
     write_report(report, args.out)
     ab = report["ablation"]
     print(f"  Engram off at inference (§6.3): val loss {ab['engram_off_val_loss']:.4f}; share of the gain that "

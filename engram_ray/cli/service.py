@@ -6,7 +6,7 @@ import argparse
 import signal
 import threading
 
-from .common import add_store_args, add_table_args, engram_config, gib, store_config
+from .common import add_store_args, add_table_args, engram_config, gib, read_copies, store_config, table_use
 
 
 def _print_shards(shards: list[dict], qps: dict[tuple[int, int], float] | None = None) -> None:
@@ -41,22 +41,13 @@ def _print_shards(shards: list[dict], qps: dict[tuple[int, int], float] | None =
 def _print_table_use(shards: list[dict]) -> None:
     """Per (layer, order) table: the share of its rows lookups have read (HyperLogLog, summed
     over shards; of a shard's copies the one read most); per shard: the read skew."""
-    best: dict[int, dict] = {}
-    for d in shards:  # reads go to one copy of a shard: its counts are the shard's
-        if d.get("table_use") and d.get("reads", 0) >= best.get(d["shard_index"], {}).get("reads", -1):
-            best[d["shard_index"]] = d
+    best = read_copies(shards)
     if not best:
         return
-    tables: dict[tuple[int, int], list[float]] = {}
-    for d in best.values():
-        for t in d["table_use"]:
-            acc = tables.setdefault((t["layer"], t["order"]), [0.0, 0.0])
-            acc[0] += t["touched"]
-            acc[1] += t["rows"]
     print("  table use since start (distinct rows read, HyperLogLog estimate):")
-    for (layer, order), (touched, rows) in sorted(tables.items()):
-        print(f"    layer {layer:>2} {order}-grams: {touched:>14,.0f} of {rows:>14,.0f} rows "
-              f"({100 * touched / rows:.3f} %)")
+    for t in table_use(shards):
+        print(f"    layer {t['layer']:>2} {t['order']}-grams: {t['touched']:>14,.0f} of {t['rows']:>14,.0f} rows "
+              f"({100 * t['utilisation']:.3f} %)")
     skew = "; ".join(f"shard {i} top 1 % {100 * d['reads_top1pct_share']:.0f} %, top 10 % "
                      f"{100 * d['reads_top10pct_share']:.0f} %" for i, d in sorted(best.items()) if d["reads"])
     if skew:

@@ -101,6 +101,7 @@ class Transfers:
         self.calls, self.layout, self.bounds, self.sizes = calls, layout, shard_plan.bounds, sizes
         self.dtype_name, self.dtype = dtype_name, codec.wire_dtype(dtype_name)
         self.width = row_width(dtype_name, layout.row_dim)  # packed bytes for FP8 rows
+        self._row_nbytes = self.width * np.dtype(self.dtype).itemsize
         self.stats = stats
         #: Hot rows (None: every row from the shards). Touched on the I/O thread only.
         self.cache = cache
@@ -170,7 +171,7 @@ class Transfers:
         return UniqueRows(uniq, uniq_rows, inv, shape)
 
     def _done(self, uniq: np.ndarray, fetched: int, stages: dict[str, float], p: Prefetch) -> None:
-        self.stats.lookup_done(unique_ids=int(uniq.size), nbytes=fetched * self.width * np.dtype(self.dtype).itemsize,
+        self.stats.lookup_done(unique_ids=int(uniq.size), nbytes=fetched * self._row_nbytes,
                                stages=stages, latency=p._seconds or 0.0)
 
     async def _fetch(self, flat: np.ndarray, p: Prefetch, rows_out: np.ndarray | None
@@ -186,29 +187,28 @@ class Transfers:
         else:
             uniq_rows = plan.check_out(rows_out, uniq.size, self.width, self.dtype)
         cache = self.cache
-        want, dest, miss, epoch = uniq, uniq_rows, None, 0
+        want, miss, epoch = uniq, None, 0
         tags: dict[int, int | None] | None = None
-        if cache is not None:  # hits land in place now; only the misses go out
+        if cache is not None:  # hits land in place now; only the misses go out, and land at `miss`
             epoch = cache.epoch
             miss = np.flatnonzero(~self._hits(uniq, uniq_rows))
             want = uniq[miss]
-            dest = np.empty((want.size, self.width), dtype=self.dtype)
             tags = {}  # per shard: the version its answers here carried (None: they differed)
         decode_s = [0.0]
         calls = [self._chunk(s, a, b, pb.LookupRequest(fingerprint=self.layout.fingerprint,
-                                                       row_ids=codec.encode(want[a:b])), dest, decode_s, tags)
+                                                       row_ids=codec.encode(want[a:b])), uniq_rows, decode_s,
+                             tags, miss)
                  for s, a, b in plan.split(want, self.bounds, self.sizes.lookup_rows)]
         t2 = time.perf_counter()
         await _gather(calls)
         t3 = time.perf_counter()
         if cache is not None and miss is not None and tags is not None:
-            uniq_rows[miss] = dest
             if cache.epoch == epoch:  # no push through this client ran meanwhile
                 # only rows whose shard's version has not moved since they were read
                 fresh = [sh for sh, v in tags.items() if v is not None and v == self._versions[sh]]
-                keep = np.isin(np.searchsorted(self.bounds, want, side="right") - 1, fresh)
-                cache.put(want[keep], dest[keep])
-            self.stats.count("bytes_saved", (uniq.size - want.size) * self.width * np.dtype(self.dtype).itemsize)
+                keep = np.isin(self._shard_of(want), fresh)
+                cache.put(want[keep], uniq_rows[miss[keep]])
+            self.stats.count("bytes_saved", (uniq.size - want.size) * self._row_nbytes)
         p._seconds = t3 - t0
         stages = {"dedup": t1 - t0, "encode": t2 - t1, "in_flight": t3 - t2 - decode_s[0], "decode": decode_s[0]}
         return uniq, inverse, uniq_rows, stages, t3, int(want.size)
@@ -222,16 +222,23 @@ class Transfers:
         now = time.monotonic()
         quiet = [sh for sh, t in enumerate(self._answered) if now - t > self.cache_max_age_s]
         if quiet and hit.any():
-            again = hit & np.isin(np.searchsorted(self.bounds, uniq, side="right") - 1, quiet)
+            again = hit & np.isin(self._shard_of(uniq), quiet)
             if again.any():
                 self.cache.unhit(int(again.sum()))
                 hit &= ~again
         return hit
 
+    def _shard_of(self, ids: np.ndarray) -> np.ndarray:
+        """The shard that owns each of ``ids``."""
+        return np.searchsorted(self.bounds, ids, side="right") - 1
+
     async def _chunk(self, shard: int, a: int, b: int, request: pb.LookupRequest, uniq_rows: np.ndarray,
-                     decode_s: list[float], tags: dict[int, int | None] | None = None) -> None:
-        """Rows ``uniq_rows[a:b]`` from ``shard``, copied into place as they land, while the
-        other messages are in flight; an answer of another dtype or shape is the shard's error."""
+                     decode_s: list[float], tags: dict[int, int | None] | None = None,
+                     at: np.ndarray | None = None) -> None:
+        """Rows ``a:b`` of the ids asked from ``shard``, copied into place as they land (into
+        ``uniq_rows[a:b]``, or ``uniq_rows[at[a:b]]`` when the ids asked are the cache's misses),
+        while the other messages are in flight; an answer of another dtype or shape is the
+        shard's error."""
         resp = await self.calls.call(shard, "Lookup", request)
         t = time.perf_counter()
         where = f"shard {shard} ({self.calls.replicas.addresses[shard]})"
@@ -245,7 +252,10 @@ class Transfers:
             version = int(resp.update_count)
             self._seen(shard, version)
             tags[shard] = version if tags.get(shard, version) == version else None
-        uniq_rows[a:b] = rows
+        if at is None:
+            uniq_rows[a:b] = rows
+        else:
+            uniq_rows[at[a:b]] = rows
         decode_s[0] += time.perf_counter() - t
 
     def _seen(self, shard: int, version: int) -> None:
