@@ -96,6 +96,11 @@ class Trainer:
         batch = torch.from_numpy(batch_bt).to(self.device)
         return batch[:, :-1], batch[:, 1:], fetch
 
+    def held_out(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, MemoryFetch | None]:
+        """A validation batch drawn with ``rng``: inputs and targets ``[B, T]`` on the device and
+        the started fetch of its rows (without gradients): what evaluation and probes feed."""
+        return self._inputs(self.batch("val", rng), requires_grad=False)
+
     # Steps ---------------------------------------------------------------------------------
     def _lr(self) -> float:
         c = self.cfg
@@ -148,7 +153,7 @@ class Trainer:
         """Validation loss of one batch drawn with ``rng`` (a fixed seed: the same batch for
         every model that is asked)."""
         self.model.eval()
-        x, y, fetch = self._inputs(self.batch("val", rng), requires_grad=False)
+        x, y, fetch = self.held_out(rng)
         logits = self.model(x, fetch)
         return F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
 

@@ -58,6 +58,9 @@ _FORBIDDEN = {
     # the lookup agent: a client-side process and its worker side; no torch, never Ray or server code
     "engram_ray.agent": {"torch", "ray", "engram_ray.model", "engram_ray.runtime", "engram_ray.store",
                          "engram_ray.rpc.servicer", "engram_ray.rpc.server", "engram_ray.bench"},
+    # the paper's experiments: plain torch on a LocalMemory; Ray fans them out from runtime/
+    "engram_ray.experiments": {"ray", "grpc", "engram_ray.runtime", "engram_ray.rpc", "engram_ray.store",
+                               "engram_ray.client", "engram_ray.agent", "engram_ray.cli", "engram_ray.bench"},
     # the model's remote memory: torch + client/agent, runs where there is no cluster
     "engram_ray.remote_memory": {"ray", "engram_ray.runtime", "engram_ray.store", "engram_ray.cli"},
 }

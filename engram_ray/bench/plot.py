@@ -180,3 +180,61 @@ def plot_allocation(report: dict[str, Any], path: str | Path) -> None:
     ax.set_title(f"Sparsity allocation: {s['total_params'] / 1e6:.1f}M params, {s['tokens_per_run']:,} tokens "
                  f"per run, {len(report['seeds'])} seeds (bars: 1 se)", fontsize=9)
     _save(fig, path)
+
+
+def plot_logit_lens(report: dict[str, Any], path: str | Path) -> None:
+    """LogitLens (``engram-ray analyze``): per state, the KL of its readout to the final output
+    distribution (left) and its own next-token loss (right), MoE against Engram-MoE; bars: one
+    standard error, thin lines: each seed."""
+    plt = _pyplot()
+
+    a = report["analysis"]["logit_lens"]
+    names = [x["name"] for x in report["arms"]]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, name, color in (("moe", names[0], "#1f77b4"), ("engram", names[1], "#d62728")):
+        m = a[key]
+        xs = list(range(len(m["kl"])))
+        for seed_kl in m["kl_per_seed"]:
+            ax.plot(xs, seed_kl, color=color, alpha=0.3, linewidth=0.8)
+        ax.errorbar(xs, m["kl"], yerr=m["kl_se"], fmt="o-", color=color, capsize=3, label=f"{key} ({name})")
+        bx.plot(xs, m["loss"], "o-", color=color, label=f"{key} ({name})")
+    ax.set_xlabel("state (0: embedding, i: after block i)")
+    ax.set_ylabel("KL(final || LogitLens readout), nats")
+    ax.set_title("LogitLens: distance to the final distribution", fontsize=9)
+    bx.set_xlabel("state (0: embedding, i: after block i)")
+    bx.set_ylabel("next-token loss of the state's readout")
+    bx.set_title("LogitLens: each state's own loss (mean over seeds)", fontsize=9)
+    for x in (ax, bx):
+        x.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_cka(report: dict[str, Any], path: str | Path) -> None:
+    """CKA (``engram-ray analyze``): the heatmap of CKA(MoE state i, Engram state j) with each
+    Engram state's soft alignment index (dots) against the MoE-vs-MoE reference (crosses) and
+    the diagonal; beside it, the reference's own heatmap (two MoE seeds)."""
+    plt = _pyplot()
+    import numpy as np
+
+    c = report["analysis"]["cka"]
+    panels = [("Engram-MoE (columns) vs MoE (rows)", c["engram_vs_moe"])]
+    if c["moe_vs_moe"] is not None:
+        panels.append(("MoE of the next seed (columns) vs MoE (rows): reference", c["moe_vs_moe"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    align = c["alignment"]
+    for ax, (title, s) in zip(axes[0], panels):
+        s = np.asarray(s)
+        im = ax.imshow(s, origin="lower", vmin=0.0, vmax=1.0, cmap="viridis")
+        ax.plot([0, s.shape[1] - 1], [0, s.shape[0] - 1], color="white", linestyle=":", linewidth=1)
+        ax.set_xlabel("state j of the compared model")
+        ax.set_ylabel("state i of the MoE")
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="linear CKA")
+    ax = axes[0][0]
+    ax.plot([r["state"] for r in align], [r["alignment"] for r in align], "o", color="#ff7f0e",
+            label=f"alignment index (top-{report['analysis']['top_k']})")
+    if "reference" in align[0]:
+        ax.plot([r["state"] for r in align], [r["reference"] for r in align], "x", color="white",
+                label="MoE-vs-MoE reference")
+    ax.legend(fontsize=7, loc="upper left")
+    _save(fig, path)

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..experiments.stats import interval_text
+
 
 def _read(folder: Path, name: str) -> dict[str, Any] | None:
     p = folder / f"{name}.json"
@@ -281,7 +283,7 @@ def _allocation(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
     t, sc = r["train"], r["scale"]
     rows = [[x["arm"], str(x["routed_experts"]), f"{x['rho']:.3f}", f"{x['params']['total']:,}",
              f"{x['params']['activated']:,}", f"{x['val_loss']:.4f} +- {x['val_loss_se']:.4f}",
-             "-" if x is r["summary"][0] else f"{x['vs_moe']['diff']:+.4f} +- {x['vs_moe'].get('ci95', 0):.4f}",
+             "-" if x is r["summary"][0] else interval_text(x["vs_moe"]).split(" (")[0],
              "-" if x is r["summary"][0] else ("yes" if x["vs_moe"]["exceeds_noise"] else "no")]
             for x in r["summary"]]
     return _table("## Experiment: sparsity allocation (loss against rho)", r,
@@ -305,8 +307,8 @@ def _iso(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
     return _table("## Experiment: iso-parameter MoE vs Engram-MoE, and Engram off at inference", r,
                   f"{moe['arm']} ({moe['params']['total']:,} params) against {eng['arm']} "
                   f"({eng['params']['total']:,} params, rho {eng['rho']:.3f}): {len(r['seeds'])} seeds, {t['steps']} "
-                  f"steps of {t['batch_size']} x {t['seq_len']} tokens on {r['corpus']}. Gap {v['diff']:+.4f}, 95 % "
-                  f"interval +- {v['ci95']:.4f}: {'beyond' if v['exceeds_noise'] else 'within'} the noise. Engram off "
+                  f"steps of {t['batch_size']} x {t['seq_len']} tokens on {r['corpus']}. Gap with its 95 % "
+                  f"interval: {interval_text(v)}. Engram off "
                   "(the paper's section 6.3): the Engram model evaluated with its Engram layers skipped, and the share "
                   "of its gain over the MoE that remains (below 0: worse than the MoE).",
                   ["seed", "MoE", "Engram-MoE", "Engram off", "gain remaining"],

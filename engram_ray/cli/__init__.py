@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import agent, bench, demo, experiment, plan, service, shard, table, tables
+from . import agent, analyze, bench, demo, experiment, plan, service, shard, table, tables
 
 __all__ = ["main", "build_parser"]
 
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"engram-ray {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (demo, table, plan, service, shard, agent, tables, bench, experiment):
+    for module in (demo, table, plan, service, shard, agent, tables, bench, experiment, analyze):
         module.register(sub)
     return parser
 

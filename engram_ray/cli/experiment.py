@@ -10,20 +10,9 @@ import numpy as np
 
 from ..bench.common import write_report
 from ..config import MODEL_PRESETS, PRESETS
+from ..experiments.stats import compare, interval_text, mean_se
 
-__all__ = ["register", "summarise", "ablation", "t95"]
-
-
-#: Student's t, two-sided 95 %, by degrees of freedom (the next lower row is used: conservative).
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-        10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000, 120: 1.980}
-
-
-def t95(df: int) -> float:
-    """Two-sided 95 % quantile of Student's t with ``df`` degrees of freedom (rounded down)."""
-    if df < 1:
-        return float("inf")
-    return _T95[max(k for k in _T95 if k <= df)] if df <= 120 else 1.96
+__all__ = ["register", "summarise", "ablation", "setup_sweep", "run_sweep", "add_sweep_args"]
 
 
 def summarise(arms: list[Any], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -37,7 +26,8 @@ def summarise(arms: list[Any], runs: list[dict[str, Any]]) -> list[dict[str, Any
         mine = [r for r in runs if r["arm"] == arm.name]
         losses = np.array([r["val_loss"] for r in mine])
         if losses.size > 1:
-            se, over, df = float(losses.std(ddof=1) / np.sqrt(losses.size)), "seeds", losses.size - 1
+            _, se, df = mean_se(losses)
+            over = "seeds"
         else:
             se, over, df = float(mine[0]["val_loss_se"] or 0.0), "evaluation batches", mine[0]["val_batches"] - 1
         out.append({"arm": arm.name, "routed_experts": arm.routed_experts, "rho": arm.params.rho,
@@ -46,14 +36,11 @@ def summarise(arms: list[Any], runs: list[dict[str, Any]]) -> list[dict[str, Any
                     "flops": mine[0]["flops"], "train_seconds": [r["train_seconds"] for r in mine]})
     ref = out[0]
     for a in out:
-        diff = a["val_loss"] - ref["val_loss"]
-        se = float(np.hypot(a["val_loss_se"], ref["val_loss_se"]))
-        half = t95(min(a["df"], ref["df"])) * se
-        a["vs_moe"] = {"diff": diff, "se": se, "ci95": half, "exceeds_noise": bool(se > 0 and abs(diff) > half)}
+        a["vs_moe"] = compare(a["val_loss"], a["val_loss_se"], a["df"], ref["val_loss"], ref["val_loss_se"], ref["df"])
     return out
 
 
-def _setup(args: argparse.Namespace, experts: list[int]) -> tuple[list[Any], Any]:
+def setup_sweep(args: argparse.Namespace, experts: list[int]) -> tuple[list[Any], Any]:
     """The arms (pure MoE first, then one per expert count) and the training config of a sweep."""
     from ..config import TrainConfig, model_preset, preset
     from ..data import load_tokenizer
@@ -69,11 +56,15 @@ def _setup(args: argparse.Namespace, experts: list[int]) -> tuple[list[Any], Any
     return arms, train
 
 
-def _run(args: argparse.Namespace, name: str, arms: list[Any], train: Any, ablate: bool = False
-         ) -> dict[str, Any]:
-    """Train every arm and seed on Ray; the report with its summary (printed, not written)."""
+def run_sweep(args: argparse.Namespace, name: str, arms: list[Any], train: Any, fn: Any = None,
+              **task_args: Any) -> dict[str, Any]:
+    """Train every arm and seed on Ray (each task ``fn``, default train_arm, with ``task_args``);
+    the report with its summary (printed, not written)."""
+    from ..experiments.run import train_arm
     from ..runtime import ray_session
     from ..runtime.experiments import run_arms
+
+    fn = fn or train_arm
 
     print(f"{name}: {len(arms)} arms x {len(args.seeds)} seeds, {args.steps} steps of "
           f"{args.batch_size} x {args.seq_len} tokens on {args.corpus}")
@@ -82,8 +73,8 @@ def _run(args: argparse.Namespace, name: str, arms: list[Any], train: Any, ablat
         print(f"  {a.name:<5} {a.routed_experts} routed experts, table {p.table:>12,} params: total "
               f"{p.total:,}, activated {p.activated:,}, rho {p.rho:.3f}")
     with ray_session(args.address):
-        runs = run_arms(arms, args.seeds, corpus=args.corpus, train=train, eval_batches=args.eval_batches,
-                        gpus_per_run=args.gpus_per_run, progress=True, ablate=ablate)
+        runs = run_arms(arms, args.seeds, train=train, gpus_per_run=args.gpus_per_run, progress=True, fn=fn,
+                        corpus=args.corpus, eval_batches=args.eval_batches, **task_args)
     rows = summarise(arms, runs)
     report = {"experiment": name, "corpus": args.corpus, "seeds": args.seeds, "train": train.to_dict(),
               "eval_batches": args.eval_batches, "arms": [a.to_dict() for a in arms], "runs": runs,
@@ -93,18 +84,17 @@ def _run(args: argparse.Namespace, name: str, arms: list[Any], train: Any, ablat
                         "note": "orders of magnitude below the paper's runs (billions of parameters and of "
                                 "tokens): a difference that does not exceed its noise here is a finding, "
                                 "not a failure"}}
-    print(f"  {'arm':<5} {'rho':>6} {'val loss':>9} {'+-se':>7}  vs MoE")
+    print(f"  {'arm':<5} {'rho':>6} {'val loss':>9} {'+-se':>7}  vs MoE, +- its 95 % interval")
     for r in rows:
         v = r["vs_moe"]
-        verdict = "" if r is rows[0] else (f"{v['diff']:+.4f}, 95 % interval +- {v['ci95']:.4f} "
-                                           f"({'beyond' if v['exceeds_noise'] else 'within'} the noise)")
+        verdict = "" if r is rows[0] else interval_text(v)
         print(f"  {r['arm']:<5} {r['rho']:>6.3f} {r['val_loss']:>9.4f} {r['val_loss_se']:>7.4f}  {verdict}")
     return report
 
 
 def _cmd_allocation(args: argparse.Namespace) -> int:
-    arms, train = _setup(args, args.experts)
-    report = _run(args, "allocation", arms, train)
+    arms, train = setup_sweep(args, args.experts)
+    report = run_sweep(args, "allocation", arms, train)
     write_report(report, args.out)
     if args.out:
         from ..bench.plot import plot_allocation
@@ -131,8 +121,8 @@ def ablation(runs: list[dict[str, Any]], moe: str, engram: str) -> dict[str, Any
 
 
 def _cmd_iso(args: argparse.Namespace) -> int:
-    arms, train = _setup(args, [args.experts])
-    report = _run(args, "iso", arms, train, ablate=True)
+    arms, train = setup_sweep(args, [args.experts])
+    report = run_sweep(args, "iso", arms, train, ablate=True)
     report["ablation"] = ablation(report["runs"], arms[0].name, arms[1].name)
     write_report(report, args.out)
     ab = report["ablation"]
@@ -142,7 +132,7 @@ def _cmd_iso(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_sweep_args(a: argparse.ArgumentParser) -> None:
+def add_sweep_args(a: argparse.ArgumentParser) -> None:
     """What every experiment's arms and runs are made of."""
     a.add_argument("--model", default="demo", choices=sorted(MODEL_PRESETS), help="backbone preset (default: demo)")
     a.add_argument("--layers", type=int, default=4, help="backbone layers (default: 4)")
@@ -151,7 +141,8 @@ def _add_sweep_args(a: argparse.ArgumentParser) -> None:
     a.add_argument("--preset", default="demo", choices=sorted(PRESETS),
                    help="the table's shape: orders, heads, row width; its sizes are set by the sweep (default: demo)")
     a.add_argument("--engram-layers", type=int, nargs="+", default=[1, 3], help="Engram layers (default: 1 3)")
-    a.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (default: 0 1)")
+    a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="seeds (default: 0 1 2; two give 1 degree of freedom, t = 12.7)")
     a.add_argument("--steps", type=int, default=100, help="training steps per run (default: 100)")
     a.add_argument("--batch-size", type=int, default=8)
     a.add_argument("--seq-len", type=int, default=128)
@@ -172,7 +163,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="Build arms from a MoE backbone by removing routed experts (top-k held, so "
                                     "activated compute is fixed) and giving their parameters to an Engram table; "
                                     "train each on the same tokens and seeds; report val loss against rho.")
-    _add_sweep_args(a)
+    add_sweep_args(a)
     a.add_argument("--experts", type=int, nargs="+", default=[6, 4, 2],
                    help="routed experts of the Engram arms (default: 6 4 2)")
     a.set_defaults(func=_cmd_allocation)
@@ -181,6 +172,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="The pure MoE against the same budget with --experts routed experts and an "
                                     "Engram table; the loss gap with its interval, and the Engram model evaluated "
                                     "with its Engram layers off (the paper's section 6.3).")
-    _add_sweep_args(b)
+    add_sweep_args(b)
     b.add_argument("--experts", type=int, default=6, help="routed experts of the Engram model (default: 6)")
     b.set_defaults(func=_cmd_iso)

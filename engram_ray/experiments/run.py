@@ -22,15 +22,13 @@ from ..model import LocalMemory
 from ..training import Trainer
 from .allocation import Arm
 
-__all__ = ["train_arm"]
+__all__ = ["train_arm", "train_model", "run_record", "val_batch_rng"]
 
 
-def train_arm(arm: Arm, *, corpus: str, train: TrainConfig, eval_batches: int, table_lr: float = 1e-2,
-              threads: int = 1, ablate: bool = False) -> dict[str, Any]:
-    """Train ``arm`` for ``train.steps`` steps (seed ``train.seed``) on ``corpus``; returns its
-    validation loss (mean over ``eval_batches`` fixed batches, with their standard error),
-    training loss curve, tokens, FLOPs (6 x activated parameters x tokens) and seconds.
-    ``ablate``: also the validation loss with the Engram layers switched off (same batches)."""
+def train_model(arm: Arm, *, corpus: str, train: TrainConfig, table_lr: float = 1e-2, threads: int = 1
+                ) -> tuple[Trainer, list[float], float]:
+    """Train ``arm`` for ``train.steps`` steps (seed ``train.seed``) on ``corpus``: the trainer
+    (its model, memory and data), the training losses and the seconds it took."""
     torch.set_num_threads(threads)
     tok = load_tokenizer("gpt2")
     vocab = default_vocab(tok)
@@ -44,7 +42,23 @@ def train_arm(arm: Arm, *, corpus: str, train: TrainConfig, eval_batches: int, t
     t0 = time.perf_counter()
     trainer = Trainer(arm.model, arm.engram, vocab, memory, data.train, data.val, cfg=train)
     losses = [trainer.train_step()["loss"] for _ in range(train.steps)]
-    train_s = time.perf_counter() - t0
+    return trainer, losses, time.perf_counter() - t0
+
+
+def train_arm(arm: Arm, *, corpus: str, train: TrainConfig, eval_batches: int, table_lr: float = 1e-2,
+              threads: int = 1, ablate: bool = False) -> dict[str, Any]:
+    """Train ``arm`` for ``train.steps`` steps (seed ``train.seed``) on ``corpus``; returns its
+    validation loss (mean over ``eval_batches`` fixed batches, with their standard error),
+    training loss curve, tokens, FLOPs (6 x activated parameters x tokens) and seconds.
+    ``ablate``: also the validation loss with the Engram layers switched off (same batches)."""
+    trainer, losses, train_s = train_model(arm, corpus=corpus, train=train, table_lr=table_lr, threads=threads)
+    return run_record(arm, trainer, losses, train_s, eval_batches, ablate=ablate)
+
+
+def run_record(arm: Arm, trainer: Trainer, losses: list[float], train_s: float, eval_batches: int,
+               ablate: bool = False) -> dict[str, Any]:
+    """What every experiment reports of a trained arm (see :func:`train_arm`)."""
+    train = trainer.cfg
     val = _val_losses(trainer, eval_batches)
     off = None
     if ablate and arm.engram is not None:
@@ -59,9 +73,14 @@ def train_arm(arm: Arm, *, corpus: str, train: TrainConfig, eval_batches: int, t
             "flops": 6.0 * arm.params.activated * tokens, "train_seconds": train_s}
 
 
+def val_batch_rng(i: int) -> np.random.Generator:
+    """The generator of fixed validation batch ``i``: the same held-out text for every arm."""
+    return np.random.default_rng(10_000 + i)
+
+
 def _val_losses(trainer: Trainer, batches: int) -> np.ndarray:
     """The loss of each of ``batches`` fixed validation batches (the same for every arm)."""
     out = []
     for i in range(batches):
-        out.append(trainer.evaluate_batch(np.random.default_rng(10_000 + i)))
+        out.append(trainer.evaluate_batch(val_batch_rng(i)))
     return np.array(out)

@@ -1,9 +1,12 @@
 """Experiment arms as Ray tasks: every (arm, seed) trains side by side wherever the cluster
 has room (a GPU worker takes a GPU task where there is one), on the corpus each task loads
-from its node's cache (tokens never travel through Ray)."""
+from its node's cache (tokens never travel through Ray; a probe's result carries its layer
+states on a few thousand held-out tokens, a few MB)."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -15,15 +18,14 @@ from ..experiments.run import train_arm
 __all__ = ["run_arms"]
 
 
-def run_arms(arms: list[Arm], seeds: list[int], *, corpus: str, train: TrainConfig, eval_batches: int,
-             gpus_per_run: float = 0.0, progress: bool = False, ablate: bool = False) -> list[dict[str, Any]]:
-    """Train every arm for every seed as one Ray task each (1 CPU, ``gpus_per_run`` GPUs);
-    the results in (arm, seed) order (``ablate``: each also evaluated with Engram off)."""
-    import dataclasses
-
-    task: Any = ray.remote(train_arm).options(num_cpus=1, num_gpus=gpus_per_run)  # type: ignore[arg-type]
-    refs = [task.remote(arm, corpus=corpus, train=dataclasses.replace(train, seed=s), eval_batches=eval_batches,
-                        ablate=ablate) for arm in arms for s in seeds]
+def run_arms(arms: list[Arm], seeds: list[int], *, train: TrainConfig, gpus_per_run: float = 0.0,
+             progress: bool = False, fn: Callable[..., dict[str, Any]] = train_arm, **kwargs: Any
+             ) -> list[dict[str, Any]]:
+    """Run ``fn(arm, train=<train with the seed>, **kwargs)`` (default :func:`train_arm`) for
+    every arm and seed as one Ray task each (1 CPU, ``gpus_per_run`` GPUs); the results in
+    (arm, seed) order."""
+    task: Any = ray.remote(fn).options(num_cpus=1, num_gpus=gpus_per_run)  # type: ignore[arg-type]
+    refs = [task.remote(arm, train=dataclasses.replace(train, seed=s), **kwargs) for arm in arms for s in seeds]
     if not progress:
         return ray.get(refs)
     from tqdm import tqdm

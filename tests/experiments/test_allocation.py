@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from engram_ray import config as C
-from engram_ray.cli.experiment import ablation, summarise, t95
+from engram_ray.cli.experiment import ablation, summarise
+from engram_ray.experiments.stats import t95
 from engram_ray.experiments.allocation import allocation_arms
 
 

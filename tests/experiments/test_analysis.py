@@ -1,0 +1,179 @@
+"""engram-ray analyze: linear CKA and the soft alignment index against their definitions, the
+LogitLens probe on a real (tiny) model, the report's verdicts on runs built to shift, and the
+command end to end on Ray."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from engram_ray import config as C
+from engram_ray.experiments.analysis import summarise_analysis
+from engram_ray.experiments.lens import layer_states, logit_lens
+from engram_ray.experiments.similarity import cka_matrix, linear_cka, soft_alignment
+from engram_ray.experiments.stats import compare, interval_text, mean_se
+from engram_ray.model import EngramLM, LocalMemory
+
+
+def _gram_cka(x, y):
+    """The textbook form: HSIC of centred Gram matrices (N x N), normalised."""
+    n = x.shape[0]
+    h = np.eye(n) - 1.0 / n
+    k, l_ = h @ (x @ x.T) @ h, h @ (y @ y.T) @ h
+    return np.sum(k * l_) / np.sqrt(np.sum(k * k) * np.sum(l_ * l_))
+
+
+def test_linear_cka_matches_its_definition_and_its_invariances():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 16))
+    y = x @ rng.normal(size=(16, 8)) + 0.5 * rng.normal(size=(200, 8))
+    assert linear_cka(x, y) == pytest.approx(_gram_cka(x, y), rel=1e-10)
+    assert linear_cka(x, x) == pytest.approx(1.0)
+    q, _ = np.linalg.qr(rng.normal(size=(16, 16)))            # orthogonal
+    assert linear_cka(x @ q * 7.0 + 3.0, y) == pytest.approx(linear_cka(x, y), rel=1e-10)
+    # unrelated representations of many tokens: close to 0
+    assert linear_cka(rng.normal(size=(4000, 8)), rng.normal(size=(4000, 8))) < 0.02
+    assert 0.0 <= linear_cka(x.astype(np.float32), y) <= 1.0
+
+
+def test_linear_cka_refuses_what_it_cannot_compare():
+    with pytest.raises(ValueError, match="same N"):
+        linear_cka(np.ones((5, 2)), np.ones((6, 2)))
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        linear_cka(np.ones((1, 2)), np.ones((1, 2)))
+    with pytest.raises(ValueError, match="constant"):
+        linear_cka(np.ones((5, 2)), np.arange(10.0).reshape(5, 2))
+
+
+def test_soft_alignment_is_the_weighted_mean_index_of_the_top_k_rows():
+    s = np.array([[0.9, 0.1, 0.0],
+                  [0.5, 0.8, 0.2],
+                  [0.1, 0.6, 0.7],
+                  [0.0, 0.3, 0.9]])
+    a = soft_alignment(s, 2)
+    assert a[0] == pytest.approx((0.9 * 0 + 0.5 * 1) / 1.4)
+    assert a[1] == pytest.approx((0.8 * 1 + 0.6 * 2) / 1.4)
+    assert a[2] == pytest.approx((0.9 * 3 + 0.7 * 2) / 1.6)
+    assert soft_alignment(s, 99)[0] == pytest.approx((0.5 + 0.2) / 1.5)   # k clipped to the rows
+    with pytest.raises(ValueError, match="k >= 1"):
+        soft_alignment(s, 0)
+    m = cka_matrix([s[:, :2], s], [s])
+    assert m.shape == (2, 1) and m[1, 0] == pytest.approx(1.0)
+
+
+def test_the_shared_statistics():
+    assert mean_se([1.0, 3.0]) == (2.0, 1.0, 1)
+    assert mean_se([4.0]) == (4.0, 0.0, 0)
+    c = compare(1.0, 0.1, 1, 0.0, 0.0, 1)
+    assert c["exceeds_noise"] is False and c["ci95"] == pytest.approx(1.2706)   # 12.7 se with 1 df
+    assert compare(1.0, 0.01, 5, 0.0, 0.0, 5)["exceeds_noise"] is True
+    none = compare(1.0, 0.0, 0, 0.0, 0.0, 0)
+    assert none["ci95"] is None and not none["exceeds_noise"] and "no interval" in interval_text(none)
+    assert interval_text(c) == "+1.0000 +- 1.2706 (within the noise)"
+
+
+def _model(engram=True):
+    mc = C.model_tiny()
+    ec = C.tiny() if engram else None
+    torch.manual_seed(0)
+    model = EngramLM(mc, ec).eval()
+    return model, mc, ec
+
+
+def test_layer_states_and_logit_lens_on_a_real_model():
+    from engram_ray.core.indexer import RowIndexer
+    from engram_ray.core.layout import TableLayout
+    from engram_ray.core.tokens import CompressedVocab
+
+    model, mc, ec = _model()
+    vocab = CompressedVocab(np.arange(mc.vocab_size))
+    layout = TableLayout.build(ec, vocab)
+    memory = LocalMemory(layout, init_std=0.5, init_seed=1)
+    tokens = np.random.default_rng(0).integers(0, mc.vocab_size, size=(2, 12))
+    fetch = memory.fetch(RowIndexer.build(ec, vocab, layout=layout).rows(tokens), requires_grad=False)
+    x = torch.from_numpy(tokens)
+    states, logits = layer_states(model, x, fetch)
+    assert len(states) == mc.n_layers + 1 and all(s.shape == (2, 12, mc.dim) for s in states)
+    assert torch.allclose(states[0], mc.hc_mult * model.tok_emb(x), atol=1e-6)     # n streams of the embedding
+    assert not model.blocks[0]._forward_pre_hooks and not model.blocks[1]._forward_hooks  # hooks removed
+    fetch = memory.fetch(RowIndexer.build(ec, vocab, layout=layout).rows(tokens), requires_grad=False)
+    assert torch.equal(logits, model(x, fetch))                                       # the model's own forward
+    y = torch.from_numpy(np.roll(tokens, -1, axis=1))
+    kl, ce = logit_lens(model, states, logits, y)
+    assert len(kl) == len(ce) == mc.n_layers + 1
+    assert kl[-1] == pytest.approx(0.0, abs=1e-6) and min(kl[:-1]) > 0            # the last state is the output
+    assert ce[-1] == pytest.approx(float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())),
+                                   rel=1e-5)
+
+
+def _runs(shift: int, seeds=(0, 1, 2), noise=0.05):
+    """Synthetic probed runs: MoE states are a smooth chain; the Engram model's state j is the
+    MoE's state j + shift (clipped), so the alignment should move by about ``shift``."""
+    rng = np.random.default_rng(0)
+    base = [rng.normal(size=(300, 6))]
+    for _ in range(5):
+        base.append(base[-1] + 0.8 * rng.normal(size=(300, 6)))
+    runs = []
+    for s in seeds:
+        r = np.random.default_rng(100 + s)
+        moe = [b + noise * r.normal(size=b.shape) for b in base]
+        eng = [base[min(j + shift, 5)] + noise * r.normal(size=(300, 6)) for j in range(6)]
+        lens = {"kl": [3.0 - 0.5 * j for j in range(6)], "loss": [6.0] * 6, "kl_batches": [[1.0, 1.1]] * 6}
+        eng_lens = dict(lens, kl=[k - 0.2 - 0.01 * s for k in lens["kl"]])
+        runs.append({"arm": "moe", "seed": s, "states": moe, "logit_lens": dict(lens, kl=[k + 0.01 * s for k in lens["kl"]])})
+        runs.append({"arm": "E6", "seed": s, "states": eng, "logit_lens": eng_lens})
+    return runs
+
+
+def test_the_report_finds_a_built_in_shift_and_not_one_that_is_absent():
+    shifted = summarise_analysis(_runs(1), "moe", "E6", top_k=2)
+    middle = shifted["cka"]["alignment"][2]
+    assert middle["shift"]["diff"] > 0.5 and middle["shift"]["exceeds_noise"]       # Engram state 2 ~ MoE state 3
+    same = summarise_analysis(_runs(0), "moe", "E6", top_k=2)
+    assert all(abs(r["shift"]["diff"]) < 0.2 for r in same["cka"]["alignment"])
+    ll = shifted["logit_lens"]
+    assert ll["engram"]["se_over"] == "seeds" and ll["engram"]["df"] == 2
+    assert ll["engram_minus_moe"][0]["diff"] == pytest.approx(-0.22) and ll["engram_minus_moe"][0]["exceeds_noise"]
+    assert np.asarray(shifted["cka"]["engram_vs_moe"]).shape == (6, 6)
+    json.dumps(shifted)                                                              # JSON-ready: no arrays
+    one = summarise_analysis(_runs(1, seeds=(0,)), "moe", "E6", top_k=2)
+    assert "shift" not in one["cka"]["alignment"][0] and one["cka"]["moe_vs_moe"] is None
+    assert one["logit_lens"]["engram"]["se_over"] == "probe batches"
+    with pytest.raises(ValueError, match="need runs of both"):
+        summarise_analysis(_runs(0), "moe", "E9", top_k=2)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_command_probes_both_models_on_ray_and_writes_json_and_two_plots(tmp_path):
+    out = tmp_path / "an.json"
+    r = subprocess.run([sys.executable, "-m", "engram_ray.cli", "analyze", "--model", "tiny", "--preset", "tiny",
+                        "--layers", "3", "--routed-experts", "4", "--experts", "3", "--engram-layers", "1", "2",
+                        "--seeds", "0", "1", "--steps", "3", "--batch-size", "2", "--seq-len", "32",
+                        "--eval-batches", "2", "--cka-tokens", "64", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    a = rep["analysis"]
+    assert a["states"] == 4 and a["seeds"] == [0, 1] and len(rep["runs"]) == 4
+    assert all("states" not in x for x in rep["runs"])
+    for key in ("moe", "engram"):
+        kl = a["logit_lens"][key]["kl"]
+        assert len(kl) == 4 and kl[-1] == pytest.approx(0.0, abs=1e-5) and min(kl[:-1]) > 0
+    s = np.asarray(a["cka"]["engram_vs_moe"])
+    assert s.shape == (4, 4) and ((s >= 0) & (s <= 1 + 1e-9)).all()
+    assert all(set(row["shift"]) == {"diff", "se", "ci95", "exceeds_noise"} for row in a["cka"]["alignment"])
+    assert rep["probe"]["cka_tokens"] == 64 and rep["scale"]["tokens_per_run"] == 3 * 2 * 32
+    for png in ("an_logit_lens.png", "an_cka.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    assert "LogitLens" in r.stdout and "alignment" in r.stdout
+
+
+def test_probe_batches_beyond_the_evaluation_batches_are_refused():
+    r = subprocess.run([sys.executable, "-m", "engram_ray.cli", "analyze", "--eval-batches", "2",
+                        "--probe-batches", "3"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--probe-batches 3" in r.stderr
