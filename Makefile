@@ -40,6 +40,7 @@ bench: setup
 	$(BIN)/engram-ray bench cache --out results/cache.json
 	$(BIN)/engram-ray experiment allocation --out results/allocation.json
 	$(BIN)/engram-ray experiment iso --out results/iso.json
+	$(BIN)/engram-ray analyze --out results/analyze.json
 	$(BIN)/engram-ray bench agent-hop --out results/agent_hop.json
 	$(BIN)/engram-ray bench agent-hop --agent-cores worker --out results/agent_hop_own_core.json
 	$(BIN)/engram-ray bench load --out results/load.json

@@ -189,23 +189,27 @@ def plot_logit_lens(report: dict[str, Any], path: str | Path) -> None:
     plt = _pyplot()
 
     a = report["analysis"]["logit_lens"]
-    names = [x["name"] for x in report["arms"]]
+    moe, eng = report["arms"][0], report["arms"][1]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, name, color in (("moe", names[0], "#1f77b4"), ("engram", names[1], "#d62728")):
+    for key, label, color in (("moe", f"MoE ({moe['routed_experts']} routed experts)", "#1f77b4"),
+                              ("engram", f"Engram-MoE ({eng['routed_experts']} + table)", "#d62728")):
         m = a[key]
         xs = list(range(len(m["kl"])))
         for seed_kl in m["kl_per_seed"]:
             ax.plot(xs, seed_kl, color=color, alpha=0.3, linewidth=0.8)
-        ax.errorbar(xs, m["kl"], yerr=m["kl_se"], fmt="o-", color=color, capsize=3, label=f"{key} ({name})")
-        bx.plot(xs, m["loss"], "o-", color=color, label=f"{key} ({name})")
-    ax.set_xlabel("state (0: embedding, i: after block i)")
-    ax.set_ylabel("KL(final || LogitLens readout), nats")
-    ax.set_title("LogitLens: distance to the final distribution", fontsize=9)
-    bx.set_xlabel("state (0: embedding, i: after block i)")
-    bx.set_ylabel("next-token loss of the state's readout")
-    bx.set_title("LogitLens: each state's own loss (mean over seeds)", fontsize=9)
+        ax.errorbar(xs, m["kl"], yerr=m["kl_se"], fmt="o-", color=color, capsize=3, label=label)
+        bx.plot(xs, m["loss"], "o-", color=color, label=label)
     for x in (ax, bx):
+        for b in eng["engram"]["layer_ids"]:  # block b's Engram layer first shows in state b + 1
+            x.axvline(b + 1, color="#999999", linestyle=":", linewidth=1)
+        x.set_xticks(xs)
+        x.set_xlabel("state (0: embedding, i: after i blocks)")
         x.legend(fontsize=8)
+    ax.set_ylabel("KL(final || LogitLens readout), nats")
+    ax.set_title("LogitLens: distance to the final distribution\n"
+                 "(bars: 1 se; dotted: first state after an Engram layer)", fontsize=9)
+    bx.set_ylabel("next-token loss of the state's readout")
+    bx.set_title("LogitLens: each state's own loss\n(mean over seeds)", fontsize=9)
     _save(fig, path)
 
 
@@ -226,7 +230,9 @@ def plot_cka(report: dict[str, Any], path: str | Path) -> None:
         s = np.asarray(s)
         im = ax.imshow(s, origin="lower", vmin=0.0, vmax=1.0, cmap="viridis")
         ax.plot([0, s.shape[1] - 1], [0, s.shape[0] - 1], color="white", linestyle=":", linewidth=1)
-        ax.set_xlabel("state j of the compared model")
+        ax.set_xticks(range(s.shape[1]))
+        ax.set_yticks(range(s.shape[0]))
+        ax.set_xlabel("state j of the compared model (j: after j blocks)")
         ax.set_ylabel("state i of the MoE")
         ax.set_title(title, fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="linear CKA")

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..experiments.stats import interval_text
+from ..experiments.stats import interval_text, t95
 
 
 def _read(folder: Path, name: str) -> dict[str, Any] | None:
@@ -292,7 +292,8 @@ def _allocation(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
                   f"of {t['batch_size']} x {t['seq_len']} tokens on {r['corpus']} ({sc['tokens_per_run']:,} tokens, "
                   f"{sc['flops_per_run']:.2e} training FLOPs a run), the paper's recipe, val loss over "
                   f"{r['eval_batches']} fixed batches; val loss +- one standard error over seeds; the difference "
-                  "+- its 95 % interval (Student's t: with 2 seeds, 12.7 standard errors). Scale: "
+                  f"+- its 95 % interval (Student's t with {len(r['seeds']) - 1} degrees of freedom: "
+                  f"{t95(len(r['seeds']) - 1):.1f} standard errors). Scale: "
                   f"{sc['total_params'] / 1e6:.1f}M parameters, {sc['note']}.",
                   ["arm", "routed experts", "rho", "total params", "activated", "val loss", "vs pure MoE",
                    "beyond the noise"], rows, _img(folder, out, "allocation"))
@@ -315,11 +316,50 @@ def _iso(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
                   [[str(c) for c in row] for row in rows])
 
 
+def _analyze(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
+    """Section: LogitLens and CKA of the iso pair (``engram-ray analyze``)."""
+    a, t, pr = r["analysis"], r["train"], r["probe"]
+    moe, eng = r["summary"]
+    ll = a["logit_lens"]
+    yes = {True: "yes", False: "no"}
+    lens_rows = [[str(i), f"{ll['moe']['kl'][i]:.3f} +- {ll['moe']['kl_se'][i]:.3f}",
+                  f"{ll['engram']['kl'][i]:.3f} +- {ll['engram']['kl_se'][i]:.3f}",
+                  interval_text(d, 3).split(" (")[0], yes[d["exceeds_noise"]],
+                  f"{ll['moe']['loss'][i]:.3f}", f"{ll['engram']['loss'][i]:.3f}"]
+                 for i, d in enumerate(ll["engram_minus_moe"])]
+    lines = _table("## Analysis: LogitLens and CKA, Engram-MoE against MoE", r,
+                   f"The iso pair of `experiment iso` ({moe['arm']}, {moe['params']['total']:,} params, against "
+                   f"{eng['arm']}, {eng['params']['total']:,} params, rho {eng['rho']:.3f}; val loss "
+                   f"{moe['val_loss']:.3f} vs {eng['val_loss']:.3f}), {len(r['seeds'])} seeds, {t['steps']} steps of "
+                   f"{t['batch_size']} x {t['seq_len']} tokens on {r['corpus']}, probed on {pr['lens_tokens']:,} "
+                   f"held-out tokens (CKA on the first {pr['cka_tokens']:,}). State 0 is the embedding, state i the "
+                   f"residual stream after i blocks (Engram layers in blocks {r['arms'][1]['engram']['layer_ids']}: "
+                   "block b's shows from state b + 1). LogitLens: KL(final || the state read through the final "
+                   "norm and "
+                   f"head), nats, mean +- se over {ll['engram']['se_over']}; the difference +- its 95 % interval; "
+                   "each state's own next-token loss beside.",
+                   ["state", "KL, MoE", "KL, Engram-MoE", "Engram - MoE", "beyond the noise", "loss, MoE",
+                    "loss, Engram-MoE"], lens_rows, _img(folder, out, "analyze_logit_lens"))
+    al = a["cka"]["alignment"]
+    if "shift" in al[0]:
+        cka_rows = [[str(x["state"]), f"{x['alignment']:.2f}", f"{x['reference']:.2f}",
+                     interval_text(x["shift"], 2).split(" (")[0], yes[x["shift"]["exceeds_noise"]]] for x in al]
+        lines += ["", f"Linear CKA between every state of the two models; per Engram-MoE state, the paper's soft "
+                      f"alignment index over the top-{a['top_k']} MoE states, against the same index between MoE "
+                      "models of two seeds (the reference: what seed noise and the index's bias at the ends give); "
+                      "the shift is their difference paired by seed, +- its 95 % interval (positive: the Engram "
+                      "state resembles deeper MoE states).", "",
+                  "| Engram state | alignment | MoE-vs-MoE | shift | beyond the noise |", "|---:|---:|---:|---:|---:|"]
+        lines += ["| " + " | ".join(row) + " |" for row in cka_rows]
+    return lines + [_img(folder, out, "analyze_cka")]
+
+
 #: Sections in page order, each rendered from ``<folder>/<name>.json`` when it exists.
 SECTIONS = {"offload": _offload, "offload_cache": _offload_cache, "cache": _cache,
             "agent_hop": _agent_hop, "agent_hop_own_core": _agent_hop_own_core,
             "lookup": _lookup, "latency": _latency, "latency_mmap": _latency_mmap, "load": _load,
-            "recovery": _recovery, "hash": _hash, "allocation": _allocation, "iso": _iso}
+            "recovery": _recovery, "hash": _hash, "allocation": _allocation, "iso": _iso,
+            "analyze": _analyze}
 
 
 def write_results(results: str | Path, out: str | Path) -> Path:

@@ -44,7 +44,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 def _print(a: dict[str, Any], moe: str, eng: str) -> None:
     lens = a["logit_lens"]
-    print(f"  LogitLens: KL(final || state) per state (0: embedding), {moe} vs {eng} "
+    print(f"  LogitLens: KL(final || state) per state (0: embedding, i: after i blocks), {moe} vs {eng} "
           f"(se over {lens['engram']['se_over']}):")
     for i, d in enumerate(lens["engram_minus_moe"]):
         print(f"    state {i}: {lens['moe']['kl'][i]:7.3f}  {lens['engram']['kl'][i]:7.3f}   "
@@ -60,14 +60,16 @@ def _print(a: dict[str, Any], moe: str, eng: str) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="LogitLens and CKA: an Engram model against the MoE of the same budget",
-                       description="Train the iso pair of `engram-ray experiment iso` (the pure MoE and the "
-                                   "same budget with --experts routed experts and an Engram table) on Ray, then "
+                       description="Train an iso pair as `engram-ray experiment iso` does (the pure MoE and the "
+                                   "same budget with --experts routed experts and an Engram table; 8 layers by "
+                                   "default, so that there are layers to compare) on Ray, then "
                                    "probe both on held-out text: LogitLens (per layer, the KL divergence of the "
                                    "layer's readout to the final output distribution) and linear CKA between "
                                    "every layer of the Engram model and every layer of the MoE, with the paper's "
                                    "soft alignment index read against a MoE-vs-MoE reference of another seed. "
                                    "With --out FILE.json it also draws FILE_logit_lens.png and FILE_cka.png.")
-    add_sweep_args(p)
+    # deeper than the other experiments' default: layer-wise findings need layers to compare
+    add_sweep_args(p, layers=8, engram_layers=(1, 4))
     p.add_argument("--experts", type=int, default=6, help="routed experts of the Engram model (default: 6)")
     p.add_argument("--probe-batches", type=int, default=2,
                    help="validation batches the probes read (the first of the fixed ones; default: 2)")

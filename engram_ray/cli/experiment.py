@@ -12,7 +12,7 @@ from ..bench.common import write_report
 from ..config import MODEL_PRESETS, PRESETS
 from ..experiments.stats import compare, interval_text, mean_se
 
-__all__ = ["register", "summarise", "ablation", "setup_sweep", "run_sweep", "add_sweep_args"]
+__all__ = ["register", "summarise", "ablation", "setup_sweep", "run_sweep", "add_sweep_args", "paper_scale", "scale"]
 
 
 def summarise(arms: list[Any], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -56,6 +56,25 @@ def setup_sweep(args: argparse.Namespace, experts: list[int]) -> tuple[list[Any]
     return arms, train
 
 
+def paper_scale() -> dict[str, Any]:
+    """The scale of the paper's main pair (MoE-27B and Engram-27B, its Table 1), to set ours against."""
+    total, activated, tokens = 26.7e9, 3.8e9, 262e9
+    return {"model": "Engram-27B / MoE-27B", "total_params": total, "activated_params": activated,
+            "tokens": tokens, "flops": 6.0 * activated * tokens}
+
+
+def scale(total: int, activated: int, tokens: int, flops: float) -> dict[str, Any]:
+    """A run's scale, and its ratio to the paper's (:func:`paper_scale`)."""
+    paper = paper_scale()
+    ratio = {"total_params": total / paper["total_params"], "tokens": tokens / paper["tokens"],
+             "flops": flops / paper["flops"]}
+    return {"total_params": total, "activated_params": activated, "tokens_per_run": tokens, "flops_per_run": flops,
+            "paper": paper, "vs_paper": ratio,
+            "note": f"{ratio['total_params']:.0e} of the paper's parameters, {ratio['tokens']:.0e} of its tokens, "
+                    f"{ratio['flops']:.0e} of its training FLOPs: a difference that does not exceed its noise "
+                    "here is a finding, not a failure"}
+
+
 def run_sweep(args: argparse.Namespace, name: str, arms: list[Any], train: Any, fn: Any = None,
               **task_args: Any) -> dict[str, Any]:
     """Train every arm and seed on Ray (each task ``fn``, default train_arm, with ``task_args``);
@@ -79,11 +98,7 @@ def run_sweep(args: argparse.Namespace, name: str, arms: list[Any], train: Any, 
     report = {"experiment": name, "corpus": args.corpus, "seeds": args.seeds, "train": train.to_dict(),
               "eval_batches": args.eval_batches, "arms": [a.to_dict() for a in arms], "runs": runs,
               "summary": rows,
-              "scale": {"total_params": arms[0].params.total, "activated_params": arms[0].params.activated,
-                        "tokens_per_run": rows[0]["tokens"], "flops_per_run": rows[0]["flops"],
-                        "note": "orders of magnitude below the paper's runs (billions of parameters and of "
-                                "tokens): a difference that does not exceed its noise here is a finding, "
-                                "not a failure"}}
+              "scale": scale(arms[0].params.total, arms[0].params.activated, rows[0]["tokens"], rows[0]["flops"])}
     print(f"  {'arm':<5} {'rho':>6} {'val loss':>9} {'+-se':>7}  vs MoE, +- its 95 % interval")
     for r in rows:
         v = r["vs_moe"]
@@ -132,15 +147,17 @@ def _cmd_iso(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_sweep_args(a: argparse.ArgumentParser) -> None:
-    """What every experiment's arms and runs are made of."""
+def add_sweep_args(a: argparse.ArgumentParser, layers: int = 4, engram_layers: tuple[int, ...] = (1, 3)) -> None:
+    """What every experiment's arms and runs are made of (defaults: ``layers`` blocks with
+    Engram layers at ``engram_layers``)."""
     a.add_argument("--model", default="demo", choices=sorted(MODEL_PRESETS), help="backbone preset (default: demo)")
-    a.add_argument("--layers", type=int, default=4, help="backbone layers (default: 4)")
+    a.add_argument("--layers", type=int, default=layers, help=f"backbone layers (default: {layers})")
     a.add_argument("--routed-experts", type=int, default=8, help="routed experts of the pure MoE (default: 8)")
     a.add_argument("--top-k", type=int, default=2, help="experts per token (default: 2)")
     a.add_argument("--preset", default="demo", choices=sorted(PRESETS),
                    help="the table's shape: orders, heads, row width; its sizes are set by the sweep (default: demo)")
-    a.add_argument("--engram-layers", type=int, nargs="+", default=[1, 3], help="Engram layers (default: 1 3)")
+    a.add_argument("--engram-layers", type=int, nargs="+", default=list(engram_layers),
+                   help=f"Engram layers (default: {' '.join(map(str, engram_layers))})")
     a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="seeds (default: 0 1 2; two give 1 degree of freedom, t = 12.7)")
     a.add_argument("--steps", type=int, default=100, help="training steps per run (default: 100)")

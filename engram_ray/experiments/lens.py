@@ -1,9 +1,10 @@
 """Probe a trained model's layers on held-out text: LogitLens and the states CKA compares.
 
-A layer's state is the residual stream after it, summed over the hyper-connection streams
-(what the output head reads): ``[B, T, n, D] -> [B, T, D]``; state 0 is the embedding (the
-input of block 0), state ``L`` the last block's output. LogitLens reads every state through the
-model's own final norm and head::
+A state is the residual stream between blocks, summed over the hyper-connection streams (what
+the output head reads): ``[B, T, n, D] -> [B, T, D]``. State 0 is the embedding (the input of
+block 0), state ``i`` the stream after ``i`` blocks (the output of block ``i - 1``), state ``L``
+the last block's output; an Engram layer in block ``b`` first shows in state ``b + 1``.
+LogitLens reads every state through the model's own final norm and head::
 
     p_l = softmax(head(norm(state_l)))        KL_l = E_tokens[ KL(p_L || p_l) ]
 

@@ -24,7 +24,7 @@ def run_arms(arms: list[Arm], seeds: list[int], *, train: TrainConfig, gpus_per_
     """Run ``fn(arm, train=<train with the seed>, **kwargs)`` (default :func:`train_arm`) for
     every arm and seed as one Ray task each (1 CPU, ``gpus_per_run`` GPUs); the results in
     (arm, seed) order."""
-    task: Any = ray.remote(fn).options(num_cpus=1, num_gpus=gpus_per_run)  # type: ignore[arg-type]
+    task: Any = ray.remote(fn).options(num_cpus=1, num_gpus=gpus_per_run)
     refs = [task.remote(arm, train=dataclasses.replace(train, seed=s), **kwargs) for arm in arms for s in seeds]
     if not progress:
         return ray.get(refs)

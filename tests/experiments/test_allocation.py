@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from engram_ray import config as C
-from engram_ray.cli.experiment import ablation, summarise
-from engram_ray.experiments.stats import t95
+from engram_ray.cli.experiment import ablation, paper_scale, scale, summarise
 from engram_ray.experiments.allocation import allocation_arms
+from engram_ray.experiments.stats import t95
 
 
 def _moe():
@@ -129,3 +129,12 @@ def test_the_iso_command_trains_the_pair_and_ablates_it(tmp_path):
     (p,) = rep["ablation"]["per_seed"]
     assert p["engram_off"] > 0 and p["engram"] == rep["summary"][1]["val_loss"]
     assert "Engram off at inference" in r.stdout
+
+
+def test_the_scale_is_stated_against_the_papers():
+    paper = paper_scale()
+    assert paper["flops"] == pytest.approx(6 * 3.8e9 * 262e9)
+    sc = scale(10_000_000, 8_000_000, 100_000, 6.0 * 8e6 * 1e5)
+    assert sc["vs_paper"]["flops"] == pytest.approx(4.8e12 / paper["flops"])
+    assert sc["vs_paper"]["total_params"] == pytest.approx(1e7 / 26.7e9)
+    assert "of the paper's parameters" in sc["note"] and "finding, not a failure" in sc["note"]

@@ -2,7 +2,6 @@
 LogitLens probe on a real (tiny) model, the report's verdicts on runs built to shift, and the
 command end to end on Ray."""
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -124,7 +123,8 @@ def _runs(shift: int, seeds=(0, 1, 2), noise=0.05):
         eng = [base[min(j + shift, 5)] + noise * r.normal(size=(300, 6)) for j in range(6)]
         lens = {"kl": [3.0 - 0.5 * j for j in range(6)], "loss": [6.0] * 6, "kl_batches": [[1.0, 1.1]] * 6}
         eng_lens = dict(lens, kl=[k - 0.2 - 0.01 * s for k in lens["kl"]])
-        runs.append({"arm": "moe", "seed": s, "states": moe, "logit_lens": dict(lens, kl=[k + 0.01 * s for k in lens["kl"]])})
+        moe_lens = dict(lens, kl=[k + 0.01 * s for k in lens["kl"]])
+        runs.append({"arm": "moe", "seed": s, "states": moe, "logit_lens": moe_lens})
         runs.append({"arm": "E6", "seed": s, "states": eng, "logit_lens": eng_lens})
     return runs
 
