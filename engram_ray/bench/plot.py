@@ -206,8 +206,10 @@ def plot_logit_lens(report: dict[str, Any], path: str | Path) -> None:
         x.set_xlabel("state (0: embedding, i: after i blocks)")
         x.legend(fontsize=8)
     ax.set_ylabel("KL(final || LogitLens readout), nats")
+    over = "seeds" if a["engram"]["df"] else "probe batches"
+    ax.set_yscale("symlog", linthresh=0.01)  # state 0's KL (~nats) would flatten the rest
     ax.set_title("LogitLens: distance to the final distribution\n"
-                 "(bars: 1 se; dotted: first state after an Engram layer)", fontsize=9)
+                 f"(bars: 1 se over {over}; dotted: first state after an Engram layer)", fontsize=9)
     bx.set_ylabel("next-token loss of the state's readout")
     bx.set_title("LogitLens: each state's own loss\n(mean over seeds)", fontsize=9)
     _save(fig, path)
@@ -221,9 +223,9 @@ def plot_cka(report: dict[str, Any], path: str | Path) -> None:
     import numpy as np
 
     c = report["analysis"]["cka"]
-    panels = [("Engram-MoE (columns) vs MoE (rows)", c["engram_vs_moe"])]
+    panels = [("Engram-MoE (columns) vs MoE (rows), mean over seed pairs", c["engram_vs_moe"])]
     if c["moe_vs_moe"] is not None:
-        panels.append(("MoE of the next seed (columns) vs MoE (rows): reference", c["moe_vs_moe"]))
+        panels.append(("reference: MoE of the next seed (columns) vs MoE (rows)", c["moe_vs_moe"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
     align = c["alignment"]
     for ax, (title, s) in zip(axes[0], panels):

@@ -311,7 +311,7 @@ def _iso(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
                   f"steps of {t['batch_size']} x {t['seq_len']} tokens on {r['corpus']}. Gap with its 95 % "
                   f"interval: {interval_text(v)}. Engram off "
                   "(the paper's section 6.3): the Engram model evaluated with its Engram layers skipped, and the share "
-                  "of its gain over the MoE that remains (below 0: worse than the MoE).",
+                  f"of its gain over the MoE that remains (below 0: worse than the MoE). Scale: {r['scale']['note']}.",
                   ["seed", "MoE", "Engram-MoE", "Engram off", "gain remaining"],
                   [[str(c) for c in row] for row in rows])
 
@@ -324,7 +324,8 @@ def _analyze(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
     yes = {True: "yes", False: "no"}
     lens_rows = [[str(i), f"{ll['moe']['kl'][i]:.3f} +- {ll['moe']['kl_se'][i]:.3f}",
                   f"{ll['engram']['kl'][i]:.3f} +- {ll['engram']['kl_se'][i]:.3f}",
-                  interval_text(d, 3).split(" (")[0], yes[d["exceeds_noise"]],
+                  "-" if d is None else interval_text(d, 3).split(" (")[0],
+                  "-" if d is None or d["ci95"] is None else yes[d["exceeds_noise"]],
                   f"{ll['moe']['loss'][i]:.3f}", f"{ll['engram']['loss'][i]:.3f}"]
                  for i, d in enumerate(ll["engram_minus_moe"])]
     lines = _table("## Analysis: LogitLens and CKA, Engram-MoE against MoE", r,
@@ -337,18 +338,22 @@ def _analyze(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
                    "block b's shows from state b + 1). LogitLens: KL(final || the state read through the final "
                    "norm and "
                    f"head), nats, mean +- se over {ll['engram']['se_over']}; the difference +- its 95 % interval; "
-                   "each state's own next-token loss beside.",
+                   f"each state's own next-token loss beside. Scale: {r['scale']['note']}.",
                    ["state", "KL, MoE", "KL, Engram-MoE", "Engram - MoE", "beyond the noise", "loss, MoE",
                     "loss, Engram-MoE"], lens_rows, _img(folder, out, "analyze_logit_lens"))
     al = a["cka"]["alignment"]
     if "shift" in al[0]:
-        cka_rows = [[str(x["state"]), f"{x['alignment']:.2f}", f"{x['reference']:.2f}",
-                     interval_text(x["shift"], 2).split(" (")[0], yes[x["shift"]["exceeds_noise"]]] for x in al]
+        cka_rows = [[str(x["state"]) + (" (before Engram)" if x.get("before_engram") else ""),
+                     f"{x['alignment']:.2f}", f"{x['reference']:.2f}",
+                     interval_text(x["shift"], 2).split(" (")[0],
+                     "-" if x["shift"]["ci95"] is None else yes[x["shift"]["exceeds_noise"]]] for x in al]
         lines += ["", f"Linear CKA between every state of the two models; per Engram-MoE state, the paper's soft "
-                      f"alignment index over the top-{a['top_k']} MoE states, against the same index between MoE "
-                      "models of two seeds (the reference: what seed noise and the index's bias at the ends give); "
-                      "the shift is their difference paired by seed, +- its 95 % interval (positive: the Engram "
-                      "state resembles deeper MoE states).", "",
+                      f"alignment index over the top-{a['top_k']} MoE states. Each pair crosses seeds (rows: the MoE "
+                      "of seed s; columns: the Engram-MoE of the next seed), and the reference is the same index of "
+                      "the next seed's MoE against the same rows: what seed noise and the index's bias at the ends "
+                      "give. The shift is their difference, +- its 95 % interval (approximate: the pairs share "
+                      "models); positive: the Engram state resembles deeper MoE states than another MoE's does. "
+                      "States before the first Engram layer differ only through training.", "",
                   "| Engram state | alignment | MoE-vs-MoE | shift | beyond the noise |", "|---:|---:|---:|---:|---:|"]
         lines += ["| " + " | ".join(row) + " |" for row in cka_rows]
     return lines + [_img(folder, out, "analyze_cka")]

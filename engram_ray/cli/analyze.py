@@ -18,14 +18,13 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from ..experiments.analysis import summarise_analysis
     from ..experiments.lens import probe_arm
 
-    if args.probe_batches > args.eval_batches:
-        raise ValueError(f"--probe-batches {args.probe_batches}: at most --eval-batches {args.eval_batches} "
-                         "(the probes read the first of the fixed validation batches)")
+    _check(args)
     arms, train = setup_sweep(args, [args.experts])
     report = run_sweep(args, "analyze", arms, train, fn=probe_arm, probe_batches=args.probe_batches,
                        cka_tokens=args.cka_tokens)
     moe, eng = arms[0].name, arms[1].name
-    report["analysis"] = summarise_analysis(report["runs"], moe, eng, args.align_top_k)
+    first = min(args.engram_layers) + 1  # block b's Engram layer first shows in state b + 1
+    report["analysis"] = summarise_analysis(report["runs"], moe, eng, args.align_top_k, first_engram_state=first)
     for r in report["runs"]:
         r.pop("states")  # a few MB of floats: compared above, not kept
     report["probe"] = {"batches": args.probe_batches, "cka_tokens": args.cka_tokens,
@@ -42,18 +41,36 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> None:
+    """Refuse what would fail after training, before anything starts."""
+    if not 1 <= args.probe_batches <= args.eval_batches:
+        raise ValueError(f"--probe-batches {args.probe_batches}: expected 1..--eval-batches {args.eval_batches} "
+                         "(the probes read the first of the fixed validation batches)")
+    tokens = args.probe_batches * args.batch_size * args.seq_len
+    if not 2 <= args.cka_tokens <= tokens:
+        raise ValueError(f"--cka-tokens {args.cka_tokens}: expected 2..{tokens}, the probe tokens (--probe-batches "
+                         f"{args.probe_batches} x --batch-size {args.batch_size} x --seq-len {args.seq_len})")
+    if not 1 <= args.align_top_k <= args.layers + 1:
+        raise ValueError(f"--align-top-k {args.align_top_k}: expected 1..{args.layers + 1} (the states: the "
+                         f"embedding and {args.layers} layers; a third of them or fewer reads alignment best)")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds {' '.join(map(str, args.seeds))}: a seed twice trains the same model twice")
+
+
 def _print(a: dict[str, Any], moe: str, eng: str) -> None:
     lens = a["logit_lens"]
     print(f"  LogitLens: KL(final || state) per state (0: embedding, i: after i blocks), {moe} vs {eng} "
           f"(se over {lens['engram']['se_over']}):")
     for i, d in enumerate(lens["engram_minus_moe"]):
-        print(f"    state {i}: {lens['moe']['kl'][i]:7.3f}  {lens['engram']['kl'][i]:7.3f}   "
-              f"Engram - MoE {interval_text(d, 3)}")
-    print(f"  CKA soft alignment (top-{a['top_k']}) of each Engram state over the MoE states:")
+        diff = "(the final state: 0 by definition)" if d is None else f"Engram - MoE {interval_text(d, 3)}"
+        print(f"    state {i}: {lens['moe']['kl'][i]:7.3f}  {lens['engram']['kl'][i]:7.3f}   {diff}")
+    print(f"  CKA soft alignment (top-{a['top_k']}) of each Engram state over the MoE states, against another "
+          "seed's MoE:")
     for row in a["cka"]["alignment"]:
         ref = "" if "shift" not in row else (f"   MoE-vs-MoE {row['reference']:.2f}, shift "
                                              f"{interval_text(row['shift'], 2)}")
-        print(f"    state {row['state']}: {row['alignment']:.2f}{ref}")
+        mark = "  (before the first Engram layer)" if row["before_engram"] else ""
+        print(f"    state {row['state']}: {row['alignment']:.2f}{ref}{mark}")
     if "shift" not in a["cka"]["alignment"][0]:
         print("    (one seed: no MoE-vs-MoE reference; run two or more seeds for a verdict)")
 
@@ -76,5 +93,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cka-tokens", type=int, default=2048,
                    help="held-out tokens whose states CKA compares (default: 2048)")
     p.add_argument("--align-top-k", type=int, default=3,
-                   help="MoE layers each alignment index weighs (the paper: 5 of ~30; default: 3)")
+                   help="MoE states each alignment index weighs (the paper: 5 of ~30 layers; at most a third "
+                        "of the states reads alignment best; default: 3)")
     p.set_defaults(func=_cmd_analyze)

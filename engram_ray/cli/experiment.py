@@ -99,6 +99,7 @@ def run_sweep(args: argparse.Namespace, name: str, arms: list[Any], train: Any, 
               "eval_batches": args.eval_batches, "arms": [a.to_dict() for a in arms], "runs": runs,
               "summary": rows,
               "scale": scale(arms[0].params.total, arms[0].params.activated, rows[0]["tokens"], rows[0]["flops"])}
+    print(f"  scale: {report['scale']['note']}")
     print(f"  {'arm':<5} {'rho':>6} {'val loss':>9} {'+-se':>7}  vs MoE, +- its 95 % interval")
     for r in rows:
         v = r["vs_moe"]

@@ -48,18 +48,22 @@ def layer_states(model: EngramLM, tokens_bt: torch.Tensor, fetch: MemoryFetch | 
 
 
 @torch.no_grad()
-def logit_lens(model: EngramLM, states: list[torch.Tensor], logits_btv: torch.Tensor, targets_bt: torch.Tensor
-               ) -> tuple[list[float], list[float]]:
+def logit_lens(model: EngramLM, states: list[torch.Tensor], logits_btv: torch.Tensor, targets_bt: torch.Tensor,
+               chunk: int = 512) -> tuple[list[float], list[float]]:
     """Per state: the mean KL(final || LogitLens) over the tokens, and the state's own
     next-token cross-entropy against ``targets_bt``."""
-    final = F.log_softmax(logits_btv.float(), dim=-1).flatten(0, 1)             # [N, V]
-    p_final = final.exp()
-    kl, ce = [], []
-    for s in states:
-        lens = F.log_softmax(model.head(model.norm(s)).float(), dim=-1).flatten(0, 1)
-        kl.append(float((p_final * (final - lens)).sum(-1).mean()))
-        ce.append(float(F.nll_loss(lens, targets_bt.flatten())))
-    return kl, ce
+    logits_nv, targets_n = logits_btv.flatten(0, 1), targets_bt.flatten()
+    n = targets_n.numel()
+    kl_sum, ce_sum = [0.0] * len(states), [0.0] * len(states)
+    # a few [chunk, V] float32 tensors at a time, not [N, V] per state (V = 50k: 200 MB per 1k tokens)
+    for a in range(0, n, chunk):
+        final = F.log_softmax(logits_nv[a:a + chunk].float(), dim=-1)             # [c, V]
+        p_final = final.exp()
+        for i, s in enumerate(states):
+            lens = F.log_softmax(model.head(model.norm(s.flatten(0, 1)[a:a + chunk])).float(), dim=-1)
+            kl_sum[i] += float((p_final * (final - lens)).sum())
+            ce_sum[i] += float(F.nll_loss(lens, targets_n[a:a + chunk], reduction="sum"))
+    return [k / n for k in kl_sum], [c / n for c in ce_sum]
 
 
 def probe_arm(arm: Arm, *, corpus: str, train: TrainConfig, eval_batches: int, probe_batches: int,
@@ -75,17 +79,20 @@ def probe_arm(arm: Arm, *, corpus: str, train: TrainConfig, eval_batches: int, p
     model = trainer.model
     model.eval()
     kl_b, ce_b, kept = [], [], []
+    n = have = 0
     for i in range(probe_batches):
         x, y, fetch = trainer.held_out(val_batch_rng(i))
         states, logits = layer_states(model, x, fetch)
         kl, ce = logit_lens(model, states, logits, y)
         kl_b.append(kl)
         ce_b.append(ce)
-        kept.append([s.flatten(0, 1).float().cpu().numpy() for s in states])
-    n = sum(k[0].shape[0] for k in kept)
-    if n < cka_tokens:
+        n += y.numel()
+        if have < cka_tokens:  # only the tokens CKA compares are kept
+            kept.append([s.flatten(0, 1)[:cka_tokens - have].float().cpu().numpy() for s in states])
+            have += kept[-1][0].shape[0]
+    if have < cka_tokens:
         raise ValueError(f"cka_tokens={cka_tokens}: the {probe_batches} probe batches hold only {n} tokens")
     rec["logit_lens"] = {"kl": np.mean(kl_b, axis=0).tolist(), "loss": np.mean(ce_b, axis=0).tolist(),
                          "kl_batches": np.array(kl_b).T.tolist(), "tokens": n}
-    rec["states"] = [np.concatenate([k[layer] for k in kept])[:cka_tokens] for layer in range(len(kept[0]))]
+    rec["states"] = [np.concatenate([k[layer] for k in kept]) for layer in range(len(kept[0]))]
     return rec

@@ -19,10 +19,11 @@ _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 
 
 def t95(df: int) -> float:
-    """Two-sided 95 % quantile of Student's t with ``df`` degrees of freedom (rounded down)."""
+    """Two-sided 95 % quantile of Student's t with ``df`` degrees of freedom (the table's row at or
+    below ``df``, so at least the true value; 1.98 from 120 on)."""
     if df < 1:
         return float("inf")
-    return _T95[max(k for k in _T95 if k <= df)] if df <= 120 else 1.96
+    return _T95[max(k for k in _T95 if k <= df)]
 
 
 def mean_se(values: Any) -> tuple[float, float, int]:
