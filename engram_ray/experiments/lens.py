@@ -67,14 +67,16 @@ def logit_lens(model: EngramLM, states: list[torch.Tensor], logits_btv: torch.Te
 
 
 def probe_arm(arm: Arm, *, corpus: str, train: TrainConfig, eval_batches: int, probe_batches: int,
-              cka_tokens: int, table_lr: float = 1e-2, threads: int = 1) -> dict[str, Any]:
+              cka_tokens: int, table_lr: float = 1e-2, threads: int = 1, device: str | None = None
+              ) -> dict[str, Any]:
     """Train ``arm`` as :func:`~engram_ray.experiments.run.train_arm` does, then probe it on the
     first ``probe_batches`` fixed validation batches: the run's record plus ``logit_lens`` (per
     state: KL and loss, over all probe tokens, and per batch) and ``states`` (per state, the
     first ``cka_tokens`` tokens' ``[N, D]`` float32 array: a few MB, what CKA compares)."""
     if probe_batches < 1 or cka_tokens < 2:
         raise ValueError(f"probe_batches={probe_batches} and cka_tokens={cka_tokens}: expected >= 1 and >= 2")
-    trainer, losses, train_s = train_model(arm, corpus=corpus, train=train, table_lr=table_lr, threads=threads)
+    trainer, losses, train_s = train_model(arm, corpus=corpus, train=train, table_lr=table_lr, threads=threads,
+                                           device=device)
     rec = run_record(arm, trainer, losses, train_s, eval_batches)
     model = trainer.model
     model.eval()
