@@ -208,6 +208,7 @@ def plot_logit_lens(report: dict[str, Any], path: str | Path) -> None:
     ax.set_ylabel("KL(final || LogitLens readout), nats")
     over = "seeds" if a["engram"]["df"] else "probe batches"
     ax.set_yscale("symlog", linthresh=0.01)  # state 0's KL (~nats) would flatten the rest
+    ax.set_ylim(bottom=0.0)
     ax.set_title("LogitLens: distance to the final distribution\n"
                  f"(bars: 1 se over {over}; dotted: first state after an Engram layer)", fontsize=9)
     bx.set_ylabel("next-token loss of the state's readout")

@@ -329,7 +329,8 @@ def _analyze(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
                   f"{ll['moe']['loss'][i]:.3f}", f"{ll['engram']['loss'][i]:.3f}"]
                  for i, d in enumerate(ll["engram_minus_moe"])]
     lines = _table("## Analysis: LogitLens and CKA, Engram-MoE against MoE", r,
-                   f"The iso pair of `experiment iso` ({moe['arm']}, {moe['params']['total']:,} params, against "
+                   f"An iso pair built as `experiment iso` builds it, {r['arms'][0]['model']['n_layers']} "
+                   f"layers ({moe['arm']}, {moe['params']['total']:,} params, against "
                    f"{eng['arm']}, {eng['params']['total']:,} params, rho {eng['rho']:.3f}; val loss "
                    f"{moe['val_loss']:.3f} vs {eng['val_loss']:.3f}), {len(r['seeds'])} seeds, {t['steps']} steps of "
                    f"{t['batch_size']} x {t['seq_len']} tokens on {r['corpus']}, probed on {pr['lens_tokens']:,} "
@@ -353,10 +354,19 @@ def _analyze(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
                       "the next seed's MoE against the same rows: what seed noise and the index's bias at the ends "
                       "give. The shift is their difference, +- its 95 % interval (approximate: the pairs share "
                       "models); positive: the Engram state resembles deeper MoE states than another MoE's does. "
-                      "States before the first Engram layer differ only through training.", "",
+                      "States before the first Engram layer differ only through training." + _resolution_text(a), "",
                   "| Engram state | alignment | MoE-vs-MoE | shift | beyond the noise |", "|---:|---:|---:|---:|---:|"]
         lines += ["| " + " | ".join(row) + " |" for row in cka_rows]
     return lines + [_img(folder, out, "analyze_cka")]
+
+
+def _resolution_text(a: dict[str, Any]) -> str:
+    res = a["cka"].get("depth_resolution")
+    if not res:
+        return ""
+    return (f" CKA's depth resolution at this scale, between two MoE seeds: {res['same_state']:.3f} for the same "
+            f"state against {res['other_states']:.3f} for different states (gap {res['gap']:+.3f}); the smaller the "
+            "gap, the less the alignment index can say.")
 
 
 #: Sections in page order, each rendered from ``<folder>/<name>.json`` when it exists.

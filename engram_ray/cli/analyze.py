@@ -71,6 +71,10 @@ def _print(a: dict[str, Any], moe: str, eng: str) -> None:
                                              f"{interval_text(row['shift'], 2)}")
         mark = "  (before the first Engram layer)" if row["before_engram"] else ""
         print(f"    state {row['state']}: {row['alignment']:.2f}{ref}{mark}")
+    res = a["cka"]["depth_resolution"]
+    if res is not None:
+        print(f"  CKA's depth resolution here (two MoE seeds): same state {res['same_state']:.3f}, other states "
+              f"{res['other_states']:.3f} (gap {res['gap']:+.3f}; near 0, the alignment index has little to read)")
     if "shift" not in a["cka"]["alignment"][0]:
         print("    (one seed: no MoE-vs-MoE reference; run two or more seeds for a verdict)")
 

@@ -72,6 +72,7 @@ def summarise_analysis(runs: list[dict[str, Any]], moe: str, engram: str, top_k:
                 "engram_vs_moe": np.mean(s_eng, axis=0).tolist(),
                 "engram_vs_moe_per_pair": [x.tolist() for x in s_eng],
                 "moe_vs_moe": np.mean(s_ref, axis=0).tolist() if s_ref else None,
+                "depth_resolution": _resolution(np.mean(s_ref, axis=0)) if s_ref else None,
                 "alignment": per_state,
                 "note": ("S[i][j]: CKA of MoE state i and Engram state j (state 0: the embedding), over the seed "
                          "pairs; alignment: the paper's soft alignment index of each Engram state over the top-k "
@@ -95,3 +96,13 @@ def _lens(runs: list[dict[str, Any]]) -> dict[str, Any]:
         over, df = "probe batches (one seed: text sampling only, no verdict)", 0
     return {"kl": [c[0] for c in cols], "kl_se": [c[1] for c in cols], "df": df, "se_over": over,
             "loss": loss.mean(axis=0).tolist(), "kl_per_seed": kl.tolist()}
+
+
+def _resolution(s_ii: np.ndarray) -> dict[str, float]:
+    """How well CKA tells depths apart here: between two MoE seeds, the mean CKA of the same
+    state (the diagonal) against that of different states. Close together, the alignment index
+    has little to read, whatever the models do."""
+    n = s_ii.shape[0]
+    off = ~np.eye(n, dtype=bool)
+    diag, rest = float(np.trace(s_ii) / n), float(s_ii[off].mean())
+    return {"same_state": diag, "other_states": rest, "gap": diag - rest}

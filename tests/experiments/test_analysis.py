@@ -161,6 +161,9 @@ def test_the_report_finds_a_built_in_shift_and_not_one_that_is_absent():
     assert ll["engram_minus_moe"][0]["diff"] == pytest.approx(-0.22) and ll["engram_minus_moe"][0]["exceeds_noise"]
     assert ll["engram_minus_moe"][-1] is None                                        # the final state: KL 0
     assert np.asarray(shifted["cka"]["engram_vs_moe"]).shape == (6, 6)
+    res = shifted["cka"]["depth_resolution"]   # a chain of distinct states: CKA tells them apart
+    assert res["same_state"] > res["other_states"]
+    assert res["gap"] == pytest.approx(res["same_state"] - res["other_states"])
     json.dumps(shifted)                                                              # JSON-ready: no arrays
     with pytest.raises(ValueError, match="need runs of both"):
         summarise_analysis(_runs(0), "moe", "E9", top_k=2)
@@ -169,6 +172,7 @@ def test_the_report_finds_a_built_in_shift_and_not_one_that_is_absent():
 def test_one_seed_gives_curves_but_no_verdict():
     one = summarise_analysis(_runs(1, seeds=(0,)), "moe", "E6", top_k=2)
     assert "shift" not in one["cka"]["alignment"][0] and one["cka"]["moe_vs_moe"] is None
+    assert one["cka"]["depth_resolution"] is None
     assert "no alignment verdict" in one["cka"]["note"]
     ll = one["logit_lens"]
     assert ll["engram"]["se_over"].startswith("probe batches") and ll["engram"]["df"] == 0
