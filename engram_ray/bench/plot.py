@@ -247,3 +247,24 @@ def plot_cka(report: dict[str, Any], path: str | Path) -> None:
                 label="MoE-vs-MoE reference")
     ax.legend(fontsize=7, loc="upper left")
     _save(fig, path)
+
+
+def plot_interference(report: dict[str, Any], path: str | Path) -> None:
+    """Slowdown of the compute cores' forward per load on the memory cores (bars: median;
+    dots: each round's time over the idle median)."""
+    plt = _pyplot()
+
+    res = report["results"]
+    base = res["idle"]["median_s"]
+    kinds = list(res)
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.bar(kinds, [100 * res[k]["slowdown"] for k in kinds], color="#1f77b4", alpha=0.7)
+    for i, k in enumerate(kinds):
+        ax.scatter([i] * len(res[k]["runs_s"]), [100 * (t / base - 1) for t in res[k]["runs_s"]], s=10,
+                   color="#333333", zorder=3)
+    ax.axhline(0, color="#999999", linewidth=0.8)
+    ax.set_ylabel("forward slower than with idle neighbours (%)")
+    iso = report["isolation"]
+    ax.set_title(f"Compute on cores {iso['compute_cores']}, one load process per memory core "
+                 f"{iso['memory_cores']}", fontsize=9)
+    _save(fig, path)

@@ -316,6 +316,24 @@ def _iso(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
                   [[str(c) for c in row] for row in rows])
 
 
+def _interference(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
+    """Section: what work on the memory cores costs compute on the compute cores."""
+    iso, w, g = r["isolation"], r["workload"], r["gather"]
+    m = r["model"]
+    rows = [[k, f"{1e3 * x['median_s']:.1f}", f"{1e3 * x['quartiles_s'][0]:.1f} - {1e3 * x['quartiles_s'][1]:.1f}",
+             f"{100 * x['slowdown']:+.1f} %"] for k, x in r["results"].items()]
+    return _table("## Interference: the memory cores' work against the compute cores", r,
+                  f"The decode-shaped forward of bench offload ({m['n_layers']} layers of {m['dim']}, batch "
+                  f"{w['decode_batch']} x {w['positions']} positions, best of {w['best_of']}) on cores "
+                  f"{iso['compute_cores']}, while one process per memory core ({iso['memory_cores']}) runs flat out "
+                  f"at: nothing; Python arithmetic (spin); random lookups of {g['rows_per_lookup']} rows of "
+                  f"{g['row_bytes']} B from a {g['table_gib']:g} GiB table (gather: a shard's reads without gRPC); "
+                  f"copying 64 MiB (stream). {r['rounds']} rounds, loads in turn; median and quartiles. "
+                  "What the pinned-apart memory side can still cost the model through the machine's shared cache "
+                  "and memory: on a cluster, the shards are on other machines.",
+                  ["load", "forward ms", "quartiles", "slowdown"], rows, _img(folder, out, "interference"))
+
+
 def _analyze(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
     """Section: LogitLens and CKA of the iso pair (``engram-ray analyze``)."""
     a, t, pr = r["analysis"], r["train"], r["probe"]
@@ -370,7 +388,7 @@ def _resolution_text(a: dict[str, Any]) -> str:
 
 
 #: Sections in page order, each rendered from ``<folder>/<name>.json`` when it exists.
-SECTIONS = {"offload": _offload, "offload_cache": _offload_cache, "cache": _cache,
+SECTIONS = {"offload": _offload, "offload_cache": _offload_cache, "interference": _interference, "cache": _cache,
             "agent_hop": _agent_hop, "agent_hop_own_core": _agent_hop_own_core,
             "lookup": _lookup, "latency": _latency, "latency_mmap": _latency_mmap, "load": _load,
             "recovery": _recovery, "hash": _hash, "allocation": _allocation, "iso": _iso,

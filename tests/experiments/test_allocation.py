@@ -3,8 +3,6 @@ rho falls, the summary's noise verdicts, and the command end to end on Ray (tiny
 
 import dataclasses
 import json
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,6 +12,8 @@ from engram_ray import config as C
 from engram_ray.cli.experiment import ablation, paper_scale, scale, summarise
 from engram_ray.experiments.allocation import allocation_arms
 from engram_ray.experiments.stats import t95
+
+from .tiny import run_tiny
 
 
 def _moe():
@@ -63,12 +63,7 @@ def test_the_summary_says_whether_a_difference_exceeds_its_noise():
 @pytest.mark.slow
 def test_the_command_trains_every_arm_on_ray_and_writes_json_and_a_plot(tmp_path):
     out = tmp_path / "alloc.json"
-    r = subprocess.run([sys.executable, "-m", "engram_ray.cli", "experiment", "allocation", "--model", "tiny",
-                        "--preset", "tiny", "--layers", "3", "--routed-experts", "4", "--experts", "3", "2",
-                        "--engram-layers", "1", "2", "--seeds", "0", "1", "--steps", "3", "--batch-size", "2",
-                        "--seq-len", "32", "--eval-batches", "2", "--out", str(out)],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_tiny("experiment allocation", "--experts", "3", "2", "--seeds", "0", "1", "--out", str(out))
     rep = json.loads(out.read_text())
     assert [a["name"] for a in rep["arms"]] == ["moe", "E3", "E2"] and len(rep["runs"]) == 6
     assert {(x["arm"], x["seed"]) for x in rep["runs"]} == {(a, s) for a in ("moe", "E3", "E2") for s in (0, 1)}
@@ -119,11 +114,7 @@ def test_the_ablation_reports_the_share_of_the_gain_that_remains():
 @pytest.mark.slow
 def test_the_iso_command_trains_the_pair_and_ablates_it(tmp_path):
     out = tmp_path / "iso.json"
-    r = subprocess.run([sys.executable, "-m", "engram_ray.cli", "experiment", "iso", "--model", "tiny", "--preset",
-                        "tiny", "--layers", "3", "--routed-experts", "4", "--experts", "2", "--engram-layers", "1",
-                        "2", "--seeds", "0", "--steps", "3", "--batch-size", "2", "--seq-len", "32",
-                        "--eval-batches", "2", "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_tiny("experiment iso", "--experts", "2", "--seeds", "0", "--out", str(out))
     rep = json.loads(out.read_text())
     assert rep["experiment"] == "iso" and [a["name"] for a in rep["arms"]] == ["moe", "E2"]
     (p,) = rep["ablation"]["per_seed"]

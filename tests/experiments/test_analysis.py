@@ -18,6 +18,8 @@ from engram_ray.experiments.similarity import cka_matrix, linear_cka, soft_align
 from engram_ray.experiments.stats import compare, interval_text, mean_se
 from engram_ray.model import EngramLM, LocalMemory
 
+from .tiny import run_tiny
+
 
 def _gram_cka(x, y):
     """The textbook form: HSIC of centred Gram matrices (N x N), normalised."""
@@ -184,12 +186,7 @@ def test_one_seed_gives_curves_but_no_verdict():
 @pytest.mark.slow
 def test_the_command_probes_both_models_on_ray_and_writes_json_and_two_plots(tmp_path):
     out = tmp_path / "an.json"
-    r = subprocess.run([sys.executable, "-m", "engram_ray.cli", "analyze", "--model", "tiny", "--preset", "tiny",
-                        "--layers", "3", "--routed-experts", "4", "--experts", "3", "--engram-layers", "1", "2",
-                        "--seeds", "0", "1", "--steps", "3", "--batch-size", "2", "--seq-len", "32",
-                        "--eval-batches", "2", "--cka-tokens", "64", "--out", str(out)],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_tiny("analyze", "--experts", "3", "--seeds", "0", "1", "--cka-tokens", "64", "--out", str(out))
     rep = json.loads(out.read_text())
     a = rep["analysis"]
     assert a["states"] == 4 and a["seeds"] == [0, 1] and len(rep["runs"]) == 4

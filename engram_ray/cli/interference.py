@@ -1,0 +1,56 @@
+"""``engram-ray bench interference``: what the memory side's kind of work on the memory cores
+costs the model's compute on the compute cores of this machine (see bench/interference.py)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from ..config import MODEL_PRESETS
+
+__all__ = ["add"]
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    from ..bench import interference
+    from ..bench.common import write_report
+    from ..bench.plot import plot_interference
+    from ..config import model_preset
+    from .bench import _plot_beside
+
+    cfg = dataclasses.replace(model_preset(args.model), n_layers=args.layers)
+    report = interference.run(cfg, rounds=args.rounds, batch=args.decode_batch, positions=args.positions,
+                              table_gib=args.table_gib, row_bytes=args.row_bytes, rows=args.rows,
+                              loads=tuple(args.loads), progress=True)
+    write_report(report, args.out)
+    iso = report["isolation"]
+    print(f"decode-shaped forward ({args.model}, {args.layers} layers, batch {args.decode_batch} x {args.positions} "
+          f"positions) on cores {iso['compute_cores']}; one load process per memory core {iso['memory_cores']}:")
+    for kind, r in report["results"].items():
+        print(f"  {kind:<7} {1e3 * r['median_s']:8.1f} ms  {100 * r['slowdown']:+6.1f} %")
+    _plot_beside(args.out, lambda png: plot_interference(report, png))
+    return 0
+
+
+def add(bsub: argparse._SubParsersAction) -> None:
+    b = bsub.add_parser("interference", help="how much work on the memory cores slows compute on the compute "
+                                             "cores of this machine (spin, row gathers, memory streaming)",
+                        description="Run bench offload's decode-shaped forward on the compute cores while one "
+                                    "process per memory core runs flat out at one kind of work: nothing, Python "
+                                    "arithmetic, random row gathers from a table (a shard's lookups without "
+                                    "gRPC), or memory streaming. The slowdowns say how much of bench offload's "
+                                    "remaining overhead is the machine's shared cache and memory, not waiting.")
+    b.add_argument("--model", default="demo", choices=sorted(MODEL_PRESETS), help="backbone preset (default: demo)")
+    b.add_argument("--layers", type=int, default=16, help="backbone layers (default: 16, as bench offload's)")
+    b.add_argument("--decode-batch", type=int, default=8, help="sequences per step (default: 8)")
+    b.add_argument("--positions", type=int, default=64, help="decode steps per timed run (default: 64)")
+    b.add_argument("--rounds", type=int, default=5, help="rounds over the loads (default: 5)")
+    b.add_argument("--table-gib", type=float, default=1.0, help="the gather load's table (default: 1 GiB, as "
+                                                                   "bench offload's resident rows)")
+    b.add_argument("--row-bytes", type=int, default=320,
+                   help="bytes per row (default: 320, the 100B table's fp32 rows)")
+    b.add_argument("--rows", type=int, default=256, help="rows per gathered lookup (default: 256)")
+    b.add_argument("--loads", nargs="+", default=["idle", "spin", "gather", "stream"],
+                   choices=["idle", "spin", "gather", "stream"], help="loads to run (default: all; idle is needed)")
+    b.add_argument("--out", metavar="FILE.json", help="write the report here, and FILE.png")
+    b.set_defaults(func=_cmd)
