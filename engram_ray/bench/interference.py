@@ -2,22 +2,26 @@
 compute on the compute cores of *this* machine, by kind of work.
 
 Why: ``bench offload`` runs the shards, the lookup agent and Ray on the memory cores of the
-same machine as the model. Pinned apart, they share no core, but they may still share the
-last-level cache, the memory bus and the chip's power budget, and a forward pass that streams
-its weights slows when a neighbour streams memory. On a cluster the shards live on memory
-nodes, so this part of the figure belongs to the benchmark's single box, not to the design.
-This benchmark measures the effect alone. It runs the bench's decode-shaped forward on the
-compute cores while one process on each memory core runs flat out at one kind of work:
+same machine as the model. Pinned apart they share no core, but they may still share the
+last-level cache, the memory bus and the chip's power budget. This benchmark measures that
+effect alone: the bench's decode-shaped forward (the backbone only) runs on the compute cores
+while one process per memory core runs flat out at one kind of work:
 
 * ``idle``: nothing (the baseline);
-* ``spin``: Python arithmetic, a working set of a few KiB: shares no cache or memory traffic;
-* ``gather``: random rows of a ``table_gib`` table read in lookups of ``rows`` ids, as a shard
-  answers a lookup (the rows' bytes only: no gRPC);
-* ``stream``: copying a 64 MiB buffer again and again: memory bandwidth.
+* ``spin``: Python arithmetic, a working set of a few KiB: no cache or memory traffic;
+* ``gather``: lookups of ``rows`` random rows of ``row_bytes`` from a ``table_gib`` table (per
+  memory core), as a shard reads a lookup's rows (no gRPC);
+* ``stream``: copying a 64 MiB buffer into another again and again (128 MiB touched: memory
+  bandwidth, and the last-level cache flushed).
 
-Loads alternate in rounds, so drift hits every load alike. The figure is each load's median
-forward time over the idle median, minus one. The memory side of ``bench offload`` is busy
-only part of the time, so it slows compute by a fraction of the ``gather`` figure.
+Each round runs every load once, in an order rotated round by round, and each load's figure is
+paired with its own round's idle run: ``time / idle time - 1``, median and quartiles over the
+rounds (a first, discarded round warms everything up). Each load counts its work, so its rate
+(lookups/s, GiB/s) says how hard it pushed: the loads run flat out, far harder than a memory
+side that answers one worker's lookups, so their figures bound what such work can cost.
+
+It starts processes with the ``spawn`` method: a script that calls :func:`run` needs the usual
+``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
@@ -30,40 +34,52 @@ from typing import Any
 
 import numpy as np
 
-from .isolation import Isolation, cpus_allowed
+from .isolation import Isolation, _tids, cpus_allowed, pin_process
 
 __all__ = ["LOADS", "run"]
 
 LOADS = ("idle", "spin", "gather", "stream")
+_STREAM_FLOATS = 16 << 20  # 64 MiB of float32
 
 
-def _load(kind: str, cores: list[int], table_gib: float, row_bytes: int, rows: int, ready: Any, stop: Any) -> None:
-    """One memory-side process: pinned to ``cores``, it runs ``kind`` until ``stop`` is set."""
-    os.sched_setaffinity(0, cores)
-    if kind == "spin":
-        ready.set()
-        x = 0
-        while not stop.is_set():
-            for i in range(20_000):
-                x += i * i
-    elif kind == "gather":
-        width = max(1, row_bytes // 4)
-        table = np.ones((max(1, int(table_gib * 2**30) // (4 * width)), width), dtype=np.float32)  # touched: resident
-        rng = np.random.default_rng(os.getpid())
-        ready.set()
-        while not stop.is_set():
-            table[rng.integers(0, table.shape[0], rows)].sum()
-    elif kind == "stream":
-        a = np.ones(16 << 20, dtype=np.float32)
-        b = np.empty_like(a)
-        ready.set()
-        while not stop.is_set():
-            np.copyto(b, a)
+def _load(kind: str, cores: list[int], table_gib: float, row_bytes: int, rows: int, ready: Any, stop: Any,
+          count: Any) -> None:
+    """One memory-side process: every thread pinned to ``cores``, it runs ``kind`` until ``stop``
+    is set or its parent dies (a killed benchmark leaves nothing running), counting its work."""
+    parent = os.getppid()
+    pin_process(os.getpid(), cores)  # every thread, numpy's included
+    n = 0
+    try:
+        if kind == "spin":
+            ready.set()
+            while not stop.is_set() and os.getppid() == parent:
+                x = 0
+                for i in range(20_000):
+                    x += i * i
+                n += 1
+                count.value = n
+        elif kind == "gather":
+            table = np.ones((int(table_gib * 2**30) // row_bytes, row_bytes // 4), dtype=np.float32)  # resident
+            rng = np.random.default_rng(os.getpid())
+            ready.set()
+            while not stop.is_set() and os.getppid() == parent:
+                table[rng.integers(0, table.shape[0], rows)].sum()
+                n += 1
+                count.value = n
+        elif kind == "stream":
+            a = np.ones(_STREAM_FLOATS, dtype=np.float32)
+            b = np.empty_like(a)
+            ready.set()
+            while not stop.is_set() and os.getppid() == parent:
+                np.copyto(b, a)
+                n += 1
+                count.value = n
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent reports it
+        return
 
 
 def _forward(model_cfg: Any, batch: int, positions: int) -> Any:
-    """A timed decode-shaped forward: ``positions`` steps of ``batch`` tokens with a KV cache
-    (the backbone only: the rows' part is what the loads stand in for)."""
+    """A timed decode-shaped forward: ``positions`` steps of ``batch`` tokens with a KV cache."""
     import torch
 
     from ..model import EngramLM
@@ -82,76 +98,130 @@ def _forward(model_cfg: Any, batch: int, positions: int) -> Any:
     return once
 
 
+def _check(model_cfg: Any, rounds: int, batch: int, positions: int, table_gib: float, row_bytes: int, rows: int,
+           loads: tuple[str, ...], memory_cores: int) -> None:
+    bad = [k for k in loads if k not in LOADS]
+    if bad or "idle" not in loads or len(set(loads)) != len(loads):
+        raise ValueError(f"loads {list(loads)}: expected distinct kinds of {list(LOADS)}, with 'idle' (the baseline)")
+    if rounds < 1 or batch < 1 or not 1 <= positions <= model_cfg.max_seq_len:
+        raise ValueError(f"rounds={rounds}, batch={batch}, positions={positions}: expected >= 1, and positions "
+                         f"<= the model's max_seq_len={model_cfg.max_seq_len}")
+    if row_bytes < 4 or row_bytes % 4 or rows < 1:
+        raise ValueError(f"row_bytes={row_bytes}, rows={rows}: expected rows of a positive multiple of 4 bytes "
+                         "(float32) and at least one row per lookup")
+    if "gather" in loads:
+        need = table_gib * 2**30 * memory_cores
+        free = _mem_available()
+        if not row_bytes <= table_gib * 2**30 or (free is not None and need > 0.8 * free):
+            raise ValueError(f"table_gib={table_gib}: each of the {memory_cores} memory cores holds its own table, "
+                             f"{need / 2**30:.2f} GiB in all; expected at least one row and at most 80 % of the "
+                             f"{(free or 0) / 2**30:.1f} GiB available")
+
+
+def _mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where there is none)."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def run(model_cfg: Any, *, rounds: int = 5, batch: int = 8, positions: int = 64, table_gib: float = 1.0,
         row_bytes: int = 320, rows: int = 256, loads: tuple[str, ...] = LOADS, progress: bool = False
         ) -> dict[str, Any]:
-    """Time the forward under each load, ``rounds`` times in turn (each time the best of 3, after
-    the load has started); the report with each load's median, quartiles and slowdown."""
-    bad = [k for k in loads if k not in LOADS]
-    if bad or "idle" not in loads:
-        raise ValueError(f"loads {list(loads)}: expected some of {list(LOADS)}, with 'idle' (the baseline)")
-    if rounds < 1 or batch < 1 or positions < 1 or positions > model_cfg.max_seq_len:
-        raise ValueError(f"rounds={rounds}, batch={batch}, positions={positions}: expected >= 1, and positions "
-                         f"<= the model's max_seq_len={model_cfg.max_seq_len}")
-    if not 0 < table_gib < 1024 or row_bytes < 4 or rows < 1:
-        raise ValueError(f"table_gib={table_gib}, row_bytes={row_bytes}, rows={rows}: expected a positive table "
-                         "(< 1 TiB), rows of at least 4 bytes and at least one row per lookup")
+    """Time the forward under each load for ``rounds`` rounds (plus a discarded warm-up round),
+    each time the best of 3 after the load is running; the report with, per load, its slowdown
+    against its round's idle run and the rate its processes worked at."""
     iso = Isolation.split()
     if not iso.enabled:
         raise ValueError(f"bench interference needs at least 2 cores to split; this process may use "
                          f"{sorted(os.sched_getaffinity(0))}")
+    _check(model_cfg, rounds, batch, positions, table_gib, row_bytes, rows, loads, len(iso.memory))
     times: dict[str, list[float]] = {k: [] for k in loads}
-    load_cpus: dict[str, list[int]] = {}
+    rates: dict[str, list[float]] = {k: [] for k in loads}
+    load_cpus: dict[str, set[int]] = {k: set() for k in loads}
+    seen: dict[str, Any] = {}
     ctx = mp.get_context("spawn")  # no torch state copied into the loads
 
+    def measure(kind: str, once: Any) -> tuple[float, float]:
+        """Best of 3 forwards with ``kind`` running; (seconds, the load's units per second)."""
+        procs, stop = [], ctx.Event()
+        try:
+            for core in iso.memory if kind != "idle" else []:
+                ready, count = ctx.Event(), ctx.Value("q", 0, lock=False)
+                p = ctx.Process(target=_load, args=(kind, [core], table_gib, row_bytes, rows, ready, stop, count),
+                                daemon=True)
+                p.start()
+                procs.append((p, ready, count))
+            deadline = time.monotonic() + 120
+            for p, ready, _ in procs:
+                while not ready.wait(0.2):
+                    if not p.is_alive():
+                        raise RuntimeError(f"the {kind!r} load on core(s) {iso.memory} exited with code "
+                                           f"{p.exitcode} before it started (table {table_gib:g} GiB per core)")
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"the {kind!r} load did not start within 120 s")
+            for p, _, _ in procs:
+                load_cpus[kind] |= {c for t in _tids(p.pid or 0) for c in cpus_allowed(p.pid or 0, t)}
+            time.sleep(0.3)  # at full speed before the clock starts
+            c0, t0 = sum(c.value for _, _, c in procs), time.perf_counter()
+            best = min(once() for _ in range(3))
+            rate = (sum(c.value for _, _, c in procs) - c0) / (time.perf_counter() - t0)
+            return best, rate
+        finally:
+            stop.set()
+            for p, _, _ in procs:
+                p.join(10)
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+
     def body() -> None:
+        seen["model_cpus"] = cpus_allowed(os.getpid(), iso.model_tid)  # the kernel's word
         once = _forward(model_cfg, batch, positions)
-        once()  # warm: allocations, kernels chosen
         bar = None
         if progress:
             from tqdm import tqdm
-            bar = tqdm(total=rounds * len(loads), desc="interference", unit="run")
-        for _ in range(rounds):
-            for kind in loads:
-                procs, stop = [], ctx.Event()
-                try:
-                    if kind != "idle":
-                        for core in iso.memory:
-                            ready = ctx.Event()
-                            p = ctx.Process(target=_load, args=(kind, [core], table_gib, row_bytes, rows, ready, stop),
-                                            daemon=True)
-                            p.start()
-                            procs.append((p, ready))
-                        for _, ready in procs:
-                            if not ready.wait(120):
-                                raise RuntimeError(f"the {kind!r} load did not start within 120 s")
-                        load_cpus[kind] = sorted({c for q, _ in procs if q.pid for c in cpus_allowed(q.pid)})
-                        time.sleep(0.3)  # at full speed before the clock starts
-                    times[kind].append(min(once() for _ in range(3)))
-                finally:
-                    stop.set()
-                    for p, _ in procs:
-                        p.join(10)
-                        if p.is_alive():
-                            p.kill()
+            bar = tqdm(total=(rounds + 1) * len(loads), desc="interference", unit="run")
+        for r in range(rounds + 1):  # round 0 warms up (allocations, caches, clocks) and is dropped
+            order = loads[r % len(loads):] + loads[:r % len(loads)]
+            for kind in order:
+                t, rate = measure(kind, once)
+                if r:
+                    times[kind].append(t)
+                    rates[kind].append(rate)
                 if bar is not None:
                     bar.update(1)
         if bar is not None:
             bar.close()
 
     iso.run_model(body)
-    base = float(np.median(times["idle"]))
+    idle = np.array(times["idle"])
     results = {}
     for kind, ts in times.items():
-        q1, med, q3 = (float(x) for x in np.percentile(ts, [25, 50, 75]))
-        results[kind] = {"median_s": med, "quartiles_s": [q1, q3], "runs_s": ts, "slowdown": med / base - 1.0,
-                         "cpus": load_cpus.get(kind, [])}
+        ratio = np.array(ts) / idle - 1.0                     # paired with the same round's idle run
+        q1, med, q3 = (float(x) for x in np.percentile(ratio, [25, 50, 75]))
+        results[kind] = {"median_s": float(np.median(ts)), "runs_s": ts, "slowdown": med,
+                         "slowdown_quartiles": [q1, q3],
+                         "slowdown_per_round": ratio.tolist(), "cpus": sorted(load_cpus[kind]),
+                         "rate_per_s": float(np.median(rates[kind])) if kind != "idle" else 0.0,
+                         "rate_unit": _UNITS[kind]}
+    for kind in ("gather", "stream"):
+        if kind in results:  # in bytes too: comparable with a memory side's row traffic
+            per = rows * row_bytes if kind == "gather" else 2 * 4 * _STREAM_FLOATS
+            results[kind]["gib_per_s"] = results[kind]["rate_per_s"] * per / 2**30
     return {"benchmark": "interference", "model": dataclasses.asdict(model_cfg), "rounds": rounds,
-            "workload": {"decode_batch": batch, "positions": positions, "best_of": 3},
-            "gather": {"table_gib": table_gib, "row_bytes": row_bytes, "rows_per_lookup": rows},
+            "workload": {"decode_batch": batch, "positions": positions, "best_of": 3, "warmup_rounds": 1},
+            "gather": {"table_gib_per_core": table_gib, "row_bytes": row_bytes, "rows_per_lookup": rows},
             "isolation": {"compute_cores": iso.compute, "memory_cores": iso.memory,
-                          "load_processes_per_kind": len(iso.memory), "model_thread_cpus": iso.compute},
+                          "load_processes_per_kind": len(iso.memory), "model_thread_cpus": seen.get("model_cpus")},
             "results": results,
-            "note": "slowdown: the median forward time with that load on the memory cores over the idle median, "
-                    "minus one; each load process runs flat out, so the memory side of bench offload, busy part "
-                    "of the time, costs a fraction of the gather figure"}
+            "note": "slowdown: each round's forward time with the load over that round's idle run, minus one; "
+                    "median and quartiles over rounds. The loads run flat out (rate_per_s), far harder than a "
+                    "memory side answering one worker's lookups: an upper bound on what such work can cost"}
+
+
+_UNITS = {"idle": "-", "spin": "20k-iteration loops", "gather": "lookups", "stream": "64 MiB copies"}

@@ -250,20 +250,19 @@ def plot_cka(report: dict[str, Any], path: str | Path) -> None:
 
 
 def plot_interference(report: dict[str, Any], path: str | Path) -> None:
-    """Slowdown of the compute cores' forward per load on the memory cores (bars: median;
-    dots: each round's time over the idle median)."""
+    """Slowdown of the compute cores' forward per load on the memory cores (bars: median over
+    rounds; dots: each round, against that round's idle run)."""
     plt = _pyplot()
 
     res = report["results"]
-    base = res["idle"]["median_s"]
-    kinds = list(res)
+    kinds = [k for k in res if k != "idle"]
     fig, ax = plt.subplots(figsize=(6, 3.8))
     ax.bar(kinds, [100 * res[k]["slowdown"] for k in kinds], color="#1f77b4", alpha=0.7)
     for i, k in enumerate(kinds):
-        ax.scatter([i] * len(res[k]["runs_s"]), [100 * (t / base - 1) for t in res[k]["runs_s"]], s=10,
-                   color="#333333", zorder=3)
+        pts = res[k]["slowdown_per_round"]
+        ax.scatter([i] * len(pts), [100 * x for x in pts], s=10, color="#333333", zorder=3)
     ax.axhline(0, color="#999999", linewidth=0.8)
-    ax.set_ylabel("forward slower than with idle neighbours (%)")
+    ax.set_ylabel("forward slower than its round's idle run (%)")
     iso = report["isolation"]
     ax.set_title(f"Compute on cores {iso['compute_cores']}, one load process per memory core "
                  f"{iso['memory_cores']}", fontsize=9)

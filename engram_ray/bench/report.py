@@ -318,20 +318,27 @@ def _iso(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
 
 def _interference(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
     """Section: what work on the memory cores costs compute on the compute cores."""
-    iso, w, g = r["isolation"], r["workload"], r["gather"]
-    m = r["model"]
-    rows = [[k, f"{1e3 * x['median_s']:.1f}", f"{1e3 * x['quartiles_s'][0]:.1f} - {1e3 * x['quartiles_s'][1]:.1f}",
-             f"{100 * x['slowdown']:+.1f} %"] for k, x in r["results"].items()]
+    iso, w, g, m = r["isolation"], r["workload"], r["gather"], r["model"]
+    rows = []
+    for k, x in r["results"].items():
+        q1, q3 = x["slowdown_quartiles"]
+        rate = "-" if k == "idle" else f"{x['rate_per_s']:,.0f} {x['rate_unit']}/s" + (
+            f" ({x['gib_per_s']:.2f} GiB/s)" if "gib_per_s" in x else "")
+        rows.append([k, f"{1e3 * x['median_s']:.1f}", f"{100 * x['slowdown']:+.1f} %",
+                     f"{100 * q1:+.1f} / {100 * q3:+.1f} %", rate])
     return _table("## Interference: the memory cores' work against the compute cores", r,
-                  f"The decode-shaped forward of bench offload ({m['n_layers']} layers of {m['dim']}, batch "
+                  f"The decode-shaped forward of bench offload's backbone ({m['n_layers']} layers of {m['dim']}, batch "
                   f"{w['decode_batch']} x {w['positions']} positions, best of {w['best_of']}) on cores "
                   f"{iso['compute_cores']}, while one process per memory core ({iso['memory_cores']}) runs flat out "
                   f"at: nothing; Python arithmetic (spin); random lookups of {g['rows_per_lookup']} rows of "
-                  f"{g['row_bytes']} B from a {g['table_gib']:g} GiB table (gather: a shard's reads without gRPC); "
-                  f"copying 64 MiB (stream). {r['rounds']} rounds, loads in turn; median and quartiles. "
-                  "What the pinned-apart memory side can still cost the model through the machine's shared cache "
-                  "and memory: on a cluster, the shards are on other machines.",
-                  ["load", "forward ms", "quartiles", "slowdown"], rows, _img(folder, out, "interference"))
+                  f"{g['row_bytes']} B from a {g['table_gib_per_core']:g} GiB table (gather: a shard's reads without "
+                  f"gRPC); copying 64 MiB (stream). {r['rounds']} rounds after a warm-up round, the order rotated; "
+                  "each load's slowdown is paired with its round's idle run (median, quartiles). The loads run flat "
+                  "out (their rates are in the last column), far harder than a memory side answering one worker: "
+                  "the figures bound what such work costs the model through the machine's shared cache, memory "
+                  "and power.",
+                  ["load", "forward ms", "slowdown", "quartiles", "load's rate"], rows,
+                  _img(folder, out, "interference"))
 
 
 def _analyze(r: dict[str, Any], folder: Path, out: Path) -> list[str]:

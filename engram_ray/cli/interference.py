@@ -27,7 +27,11 @@ def _cmd(args: argparse.Namespace) -> int:
     print(f"decode-shaped forward ({args.model}, {args.layers} layers, batch {args.decode_batch} x {args.positions} "
           f"positions) on cores {iso['compute_cores']}; one load process per memory core {iso['memory_cores']}:")
     for kind, r in report["results"].items():
-        print(f"  {kind:<7} {1e3 * r['median_s']:8.1f} ms  {100 * r['slowdown']:+6.1f} %")
+        q1, q3 = r["slowdown_quartiles"]
+        rate = "" if kind == "idle" else f"   load: {r['rate_per_s']:,.0f} {r['rate_unit']}/s" + (
+            f" ({r['gib_per_s']:.2f} GiB/s)" if "gib_per_s" in r else "")
+        print(f"  {kind:<7} {1e3 * r['median_s']:8.1f} ms  {100 * r['slowdown']:+6.1f} % "
+              f"[{100 * q1:+.1f}, {100 * q3:+.1f}]{rate}")
     _plot_beside(args.out, lambda png: plot_interference(report, png))
     return 0
 
@@ -45,11 +49,12 @@ def add(bsub: argparse._SubParsersAction) -> None:
     b.add_argument("--decode-batch", type=int, default=8, help="sequences per step (default: 8)")
     b.add_argument("--positions", type=int, default=64, help="decode steps per timed run (default: 64)")
     b.add_argument("--rounds", type=int, default=5, help="rounds over the loads (default: 5)")
-    b.add_argument("--table-gib", type=float, default=1.0, help="the gather load's table (default: 1 GiB, as "
-                                                                   "bench offload's resident rows)")
+    b.add_argument("--table-gib", type=float, default=1.0,
+                   help="the gather load's table, per memory core (default: 1 GiB, as bench offload's resident rows)")
     b.add_argument("--row-bytes", type=int, default=320,
                    help="bytes per row (default: 320, the 100B table's fp32 rows)")
-    b.add_argument("--rows", type=int, default=256, help="rows per gathered lookup (default: 256)")
+    b.add_argument("--rows", type=int, default=256,
+                   help="rows per gathered lookup (default: 256, a decode step's 2 layers x 8 tokens x 16 heads)")
     b.add_argument("--loads", nargs="+", default=["idle", "spin", "gather", "stream"],
                    choices=["idle", "spin", "gather", "stream"], help="loads to run (default: all; idle is needed)")
     b.add_argument("--out", metavar="FILE.json", help="write the report here, and FILE.png")

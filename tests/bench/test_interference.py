@@ -1,39 +1,92 @@
-"""bench interference: loads run pinned to the memory cores (read back from /proc), the forward
-on the compute cores, a report per load; bad settings are refused before anything starts."""
+"""bench interference: every thread of every load runs on the memory cores (read back from
+/proc) and does work, the forward runs on the compute cores, each load's slowdown is paired
+with its round's idle run; loads die with a killed benchmark; bad settings are refused."""
 
 import dataclasses
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from engram_ray import config as C
 from engram_ray.bench import interference
+from engram_ray.bench.isolation import descendants
 
 two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to split")
 
 
 @two_cores
-def test_every_load_runs_on_the_memory_cores_and_is_reported():
+def test_every_load_runs_on_the_memory_cores_does_work_and_is_reported():
     cfg = dataclasses.replace(C.model_tiny(), n_layers=1)
     rep = interference.run(cfg, rounds=2, positions=2, table_gib=0.005, rows=16)
     iso = rep["isolation"]
     assert iso["compute_cores"] and iso["memory_cores"] and not set(iso["compute_cores"]) & set(iso["memory_cores"])
-    assert list(rep["results"]) == list(interference.LOADS)
-    assert rep["results"]["idle"]["slowdown"] == 0.0 and rep["results"]["idle"]["cpus"] == []
+    assert iso["model_thread_cpus"] == iso["compute_cores"]        # read from /proc on the model thread
+    assert list(rep["results"]) == list(interference.LOADS) and rep["workload"]["warmup_rounds"] == 1
+    idle = rep["results"]["idle"]
+    assert idle["slowdown_per_round"] == [0.0, 0.0] and idle["cpus"] == []
     for kind in ("spin", "gather", "stream"):
         r = rep["results"][kind]
-        assert r["cpus"] == iso["memory_cores"]          # what the kernel enforced, from /proc
-        assert len(r["runs_s"]) == 2 and r["median_s"] > 0 and r["quartiles_s"][0] <= r["quartiles_s"][1]
-    assert not [p for p in __import__("multiprocessing").active_children() if p.is_alive()]  # loads stopped
+        assert r["cpus"] == iso["memory_cores"]                    # every thread of every load process
+        assert r["rate_per_s"] > 0                                 # it ran while the forward was timed
+        assert len(r["runs_s"]) == len(r["slowdown_per_round"]) == 2
+        assert r["slowdown_per_round"] == pytest.approx([t / i - 1 for t, i in zip(r["runs_s"], idle["runs_s"])])
+    assert rep["results"]["gather"]["gib_per_s"] == pytest.approx(
+        rep["results"]["gather"]["rate_per_s"] * 16 * 320 / 2**30)
+
+
+@two_cores
+def test_a_killed_benchmark_leaves_no_load_running():
+    code = ("import dataclasses\nfrom engram_ray import config as C\nfrom engram_ray.bench import interference\n"
+            "if __name__ == '__main__':\n"
+            "    interference.run(dataclasses.replace(C.model_tiny(), n_layers=1), rounds=1000, positions=2,\n"
+            "                     loads=('idle', 'spin'))\n")
+    p = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        kids: list[int] = []
+        deadline = time.monotonic() + 60
+        while not kids and time.monotonic() < deadline:
+            time.sleep(0.2)
+            kids = descendants(p.pid)
+        assert kids, "no load process started"
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(k) for k in kids):
+            time.sleep(0.2)
+        assert not [k for k in kids if _alive(k)], "a load outlived its benchmark"
+    finally:
+        p.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"     # a zombie has stopped
+    except OSError:
+        return False
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"loads": ("spin",)}, "with 'idle'"),
-    ({"loads": ("idle", "disk")}, "expected some of"),
+    ({"loads": ("idle", "disk")}, "expected distinct kinds"),
+    ({"loads": ("idle", "idle")}, "expected distinct kinds"),
     ({"positions": 10_000}, "max_seq_len"),
     ({"rounds": 0}, "rounds=0"),
-    ({"table_gib": 0.0}, "table_gib=0.0"),
+    ({"row_bytes": 322}, "row_bytes=322"),
+    ({"rows": 0}, "rows=0"),
+    ({"table_gib": 1e6}, "table_gib=1000000.0"),
 ])
+@two_cores
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         interference.run(C.model_tiny(), **kwargs)
+
+
+def test_one_core_is_refused(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    with pytest.raises(ValueError, match="needs at least 2 cores"):
+        interference.run(C.model_tiny())
