@@ -31,6 +31,10 @@ PHASES = ("prefill", "decode", "serving")
 #: The model thread's time besides its forward: indexing tokens, handing lookups over, blocked
 #: on rows, and the rest of taking rows (staging, the copy's event, the expand).
 PARTS = ("hash_s", "issue_s", "wait_s", "stage_s")
+#: Beside the parts, not one of them: the model thread's seconds off the CPU in a run (wall time
+#: minus its CPU time): asleep waiting for rows (inside wait_s) or, on CUDA, for the device.
+#: LocalMemory's wait_s is its gather, on the CPU; a remote mode's off-CPU time is true blocking.
+INFO = ("off_cpu_s",)
 
 
 def _sync(device: torch.device) -> None:
@@ -154,18 +158,23 @@ def run_phase(phase: str, model, memory, indexer, work: Workload, device: torch.
               acc: dict[str, float] | None = None) -> float:
     """Seconds of one run of ``phase``; ``acc`` gathers its hash / issue / wait seconds."""
     acc = acc if acc is not None else collections.defaultdict(float)
+    wall0, cpu0 = time.perf_counter(), time.thread_time()
     if phase.startswith("decode_mb"):
-        return _decode(model, memory, indexer, work, device, acc, microbatches=int(phase[len("decode_mb"):]))
-    return _RUN[phase](model, memory, indexer, work, device, acc)
+        s = _decode(model, memory, indexer, work, device, acc, microbatches=int(phase[len("decode_mb"):]))
+    else:
+        s = _RUN[phase](model, memory, indexer, work, device, acc)
+    acc["off_cpu_s"] += max(0.0, (time.perf_counter() - wall0) - (time.thread_time() - cpu0))
+    return s
 
 
 def interleave(setups: dict[str, tuple[Any, Any]], indexer, work: Workload, dev: torch.device,
                repeats: int, progress: bool, phases: tuple[str, ...] = PHASES):
     """Run every mode ``repeats + 1`` times, a b c d a b c d ... (each run: every phase);
     repetition 0 warms up and is not counted. Returns the counted seconds
-    ``{mode: {phase: [s, ...]}}`` and their parts ``{mode: {phase: {part: s}}}`` (:data:`PARTS`)."""
+    ``{mode: {phase: [s, ...]}}`` and their parts ``{mode: {phase: {part: s}}}`` (:data:`PARTS`,
+    and :data:`INFO`)."""
     times: dict[str, dict[str, list[float]]] = {m: {ph: [] for ph in phases} for m in MODES}
-    parts = {m: {ph: dict.fromkeys(PARTS, 0.0) for ph in phases} for m in MODES}
+    parts = {m: {ph: dict.fromkeys(PARTS + INFO, 0.0) for ph in phases} for m in MODES}
     bar = None
     if progress:
         from tqdm import tqdm
@@ -180,7 +189,7 @@ def interleave(setups: dict[str, tuple[Any, Any]], indexer, work: Workload, dev:
                 s = run_phase(ph, model, mem, indexer, work, dev, acc)
                 if rep:
                     times[mode][ph].append(s)
-                    for k in PARTS:
+                    for k in PARTS + INFO:
                         parts[mode][ph][k] += acc[k]
             if bar is not None:
                 bar.update(1)

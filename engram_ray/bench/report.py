@@ -130,17 +130,19 @@ def _offload_cores(r: dict[str, Any]) -> str:
 
 def _offload_breakdown(r: dict[str, Any]) -> list[str]:
     """Where an offload run's time goes, per phase and mode, and the client's cost per lookup."""
-    lines = ["", "Where a run's time goes (mean seconds per run; *wait* is time blocked for rows, "
-              "*stage* the rest of taking them (staging, the copy's event, the expand), "
-              "*issue* the caller's cost of starting a fetch, *compute* the rest):", "",
-              "| phase:mode | total s | spread (min-max) s | compute | hash | issue | wait | stage |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["", "Where a run's time goes (mean seconds per run; *wait* is time blocked for rows (for the "
+              "in-process table: its gather), *stage* the rest of taking them (staging, the copy's event, the "
+              "expand), *issue* the caller's cost of starting a fetch, *compute* the rest; *off-CPU* is the model "
+              "thread's time asleep, inside the others: blocking proper):", "",
+              "| phase:mode | total s | spread (min-max) s | compute | hash | issue | wait | stage | off-CPU |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, b in r["breakdown"].items():
         phase, mode = key.split(":")
         sp = r["results"][mode][f"{phase}_spread_s"]
         lines.append(f"| {key} | {b['total_s']:.3f} | {sp['min']:.3f}-{sp['max']:.3f} | {b['compute_s']:.3f} | "
                      f"{b['hash_s']:.3f} | {b['issue_s']:.3f} | {b['wait_s']:.3f} | "
-                     + (f"{b['stage_s']:.3f} |" if "stage_s" in b else "n/a |"))  # older reports: in compute
+                     + (f"{b['stage_s']:.3f} |" if "stage_s" in b else "n/a |")  # older reports: in compute
+                     + (f" {b['off_cpu_s']:.3f} |" if "off_cpu_s" in b else " n/a |"))
     pl = r["per_lookup"]
     fc = r.get("fetch_cost")
     if fc:

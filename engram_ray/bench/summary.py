@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .phases import MODES
+from .phases import MODES, PARTS
 
 __all__ = ["throughput", "paired_overhead", "per_lookup", "profile_top", "spread"]
 
@@ -38,7 +38,8 @@ def throughput(times: dict[str, dict[str, list[float]]], parts: dict[str, Any], 
         for ph in phases:
             total = float(np.mean(times[mode][ph]))
             b = {k: v / repeats for k, v in parts[mode][ph].items()}
-            b["compute_s"] = total - sum(b.values())  # the model's forward (and Python around it)
+            # the model's forward (and Python around it); off_cpu_s overlaps the parts: not taken
+            b["compute_s"] = total - sum(b.get(k, 0.0) for k in PARTS)
             breakdown[f"{ph}:{mode}"] = {"total_s": total, **b}
     overhead = {f"{ph}:{x}_vs_{ref}": 1 - res[x][f"{ph}_tokens_per_s"] / res[ref][f"{ph}_tokens_per_s"]
                 for ph in phases for x, ref in PAIRS}

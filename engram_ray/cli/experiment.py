@@ -167,7 +167,8 @@ def add_sweep_args(a: argparse.ArgumentParser, layers: int = 4, engram_layers: t
     a.add_argument("--lr", type=float, default=3e-3, help="backbone AdamW rate (rows: 5x, the recipe)")
     a.add_argument("--eval-batches", type=int, default=8, help="fixed validation batches (default: 8)")
     a.add_argument("--corpus", default="stdlib", help="training text (default: stdlib)")
-    a.add_argument("--gpus-per-run", type=float, default=0.0, help="GPUs per Ray task (default: 0)")
+    a.add_argument("--gpus-per-run", type=float, default=None,
+                   help="GPUs per Ray task (default: 1 where the cluster has GPUs, else 0)")
     a.add_argument("--address", default=None, help="Ray address (default: a local Ray in-process)")
     a.add_argument("--out", metavar="FILE.json", help="write the report here (allocation: and FILE.png)")
 

@@ -18,12 +18,16 @@ from ..experiments.run import train_arm
 __all__ = ["run_arms"]
 
 
-def run_arms(arms: list[Arm], seeds: list[int], *, train: TrainConfig, gpus_per_run: float = 0.0,
+def run_arms(arms: list[Arm], seeds: list[int], *, train: TrainConfig, gpus_per_run: float | None = None,
              progress: bool = False, fn: Callable[..., dict[str, Any]] = train_arm, **kwargs: Any
              ) -> list[dict[str, Any]]:
     """Run ``fn(arm, train=<train with the seed>, **kwargs)`` (default :func:`train_arm`) for
-    every arm and seed as one Ray task each (1 CPU, ``gpus_per_run`` GPUs); the results in
-    (arm, seed) order."""
+    every arm and seed as one Ray task each (1 CPU, ``gpus_per_run`` GPUs: None is one where
+    the cluster has GPUs, else none); the results in (arm, seed) order."""
+    if gpus_per_run is None:
+        gpus_per_run = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    if gpus_per_run < 0:
+        raise ValueError(f"gpus_per_run={gpus_per_run}: expected >= 0")
     task: Any = ray.remote(fn).options(num_cpus=1, num_gpus=gpus_per_run)
     refs = [task.remote(arm, train=dataclasses.replace(train, seed=s), **kwargs) for arm in arms for s in seeds]
     if not progress:

@@ -1,6 +1,7 @@
 """bench offload's phases: decode in alternating micro-batches computes what one batch does."""
 
 import collections
+import time
 
 import numpy as np
 import torch
@@ -38,3 +39,16 @@ def test_microbatched_decode_samples_what_one_batch_samples():
     acc = collections.defaultdict(float)
     assert phases.run_phase(phases.microbatch_phase(2), model, memory, indexer, work, torch.device("cpu"), acc) > 0
     assert acc["hash_s"] > 0
+
+
+def test_a_run_counts_the_model_threads_time_asleep(monkeypatch):
+    def sleepy(model, memory, indexer, work, device, acc):
+        time.sleep(0.05)                                  # blocked off the CPU, as for rows not arrived
+        t = time.perf_counter()
+        while time.perf_counter() - t < 0.02:             # on the CPU
+            pass
+        return 0.07
+    monkeypatch.setitem(phases._RUN, "decode", sleepy)
+    acc = collections.defaultdict(float)
+    phases.run_phase("decode", None, None, None, None, torch.device("cpu"), acc)
+    assert 0.045 <= acc["off_cpu_s"] <= 0.065
