@@ -26,15 +26,16 @@ def test_page_holds_every_report_and_the_gpu_check(tmp_path):
     assert f"Engram at layers {gpu['engram']['layer_ids']} of {gpu['model']['n_layers']}" in section
 
 
-def test_a_report_from_before_stage_s_says_so(tmp_path):
+def test_a_report_from_before_stage_s_and_off_cpu_s_says_so(tmp_path):
     folder = tmp_path / "results"
     folder.mkdir()
     r = json.loads((RESULTS / "offload.json").read_text())
     for b in r["breakdown"].values():
         b.pop("stage_s", None)
+        b.pop("off_cpu_s", None)
     (folder / "offload.json").write_text(json.dumps(r))
     shutil.copy(RESULTS / "offload.png", folder / "offload.png")
     page = write_results(folder, tmp_path / "RESULTS.md").read_text()
     rows = [ln for ln in page.splitlines() if ln.startswith("| prefill:remote |")]
-    assert rows and rows[0].endswith("| n/a |")
+    assert rows and rows[0].endswith("| n/a | n/a |")
     assert "## On a GPU" not in page  # no results/gpu here: no section
