@@ -103,12 +103,13 @@ def _check(model_cfg: Any, rounds: int, batch: int, positions: int, table_gib: f
     bad = [k for k in loads if k not in LOADS]
     if bad or "idle" not in loads or len(set(loads)) != len(loads):
         raise ValueError(f"loads {list(loads)}: expected distinct kinds of {list(LOADS)}, with 'idle' (the baseline)")
-    if rounds < 1 or batch < 1 or not 1 <= positions <= model_cfg.max_seq_len:
-        raise ValueError(f"rounds={rounds}, batch={batch}, positions={positions}: expected >= 1, and positions "
-                         f"<= the model's max_seq_len={model_cfg.max_seq_len}")
-    if row_bytes < 4 or row_bytes % 4 or rows < 1:
-        raise ValueError(f"row_bytes={row_bytes}, rows={rows}: expected rows of a positive multiple of 4 bytes "
-                         "(float32) and at least one row per lookup")
+    for name, v in (("rounds", rounds), ("batch", batch), ("rows", rows)):
+        if v < 1:
+            raise ValueError(f"{name}={v}: expected >= 1")
+    if not 1 <= positions <= model_cfg.max_seq_len:
+        raise ValueError(f"positions={positions}: expected 1..{model_cfg.max_seq_len} (the model's max_seq_len)")
+    if row_bytes < 4 or row_bytes % 4:
+        raise ValueError(f"row_bytes={row_bytes}: expected a positive multiple of 4 bytes (float32 rows)")
     if "gather" in loads:
         need = table_gib * 2**30 * memory_cores
         free = _mem_available()
@@ -225,3 +226,4 @@ def run(model_cfg: Any, *, rounds: int = 5, batch: int = 8, positions: int = 64,
 
 
 _UNITS = {"idle": "-", "spin": "20k-iteration loops", "gather": "lookups", "stream": "64 MiB copies"}
+#: gib_per_s counts bytes moved: a gather reads its rows; a copy reads 64 MiB and writes 64 MiB.

@@ -315,7 +315,14 @@ def _iso(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
                   "(the paper's section 6.3): the Engram model evaluated with its Engram layers skipped, and the share "
                   f"of its gain over the MoE that remains (below 0: worse than the MoE). Scale: {r['scale']['note']}.",
                   ["seed", "MoE", "Engram-MoE", "Engram off", "gain remaining"],
-                  [[str(c) for c in row] for row in rows])
+                  [[str(c) for c in row] for row in rows] + [_iso_mean(r)])
+
+
+def _iso_mean(r: dict[str, Any]) -> list[str]:
+    """The iso table's mean row (the share of the gain is a ratio of small gains: per seed only)."""
+    ps = r["ablation"]["per_seed"]
+    mean = [sum(p[k] for p in ps) / len(ps) for k in ("moe", "engram", "engram_off")]
+    return ["mean", *(f"{m:.4f}" for m in mean), "(per seed: a ratio of small gains)"]
 
 
 def _interference(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
@@ -325,7 +332,7 @@ def _interference(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
     for k, x in r["results"].items():
         q1, q3 = x["slowdown_quartiles"]
         rate = "-" if k == "idle" else f"{x['rate_per_s']:,.0f} {x['rate_unit']}/s" + (
-            f" ({x['gib_per_s']:.2f} GiB/s)" if "gib_per_s" in x else "")
+            f" ({x['gib_per_s']:.2f} GiB/s{' read+write' if k == 'stream' else ''})" if "gib_per_s" in x else "")
         rows.append([k, f"{1e3 * x['median_s']:.1f}", f"{100 * x['slowdown']:+.1f} %",
                      f"{100 * q1:+.1f} / {100 * q3:+.1f} %", rate])
     return _table("## Interference: the memory cores' work against the compute cores", r,

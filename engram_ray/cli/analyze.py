@@ -18,8 +18,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from ..experiments.analysis import summarise_analysis
     from ..experiments.lens import probe_arm
 
+    arms, train = setup_sweep(args, [args.experts])  # the shared flags first, by name
     _check(args)
-    arms, train = setup_sweep(args, [args.experts])
     report = run_sweep(args, "analyze", arms, train, fn=probe_arm, probe_batches=args.probe_batches,
                        cka_tokens=args.cka_tokens)
     moe, eng = arms[0].name, arms[1].name
@@ -84,13 +84,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train an iso pair as `engram-ray experiment iso` does (the pure MoE and the "
                                    "same budget with --experts routed experts and an Engram table; 8 layers by "
                                    "default, so that there are layers to compare) on Ray, then "
-                                   "probe both on held-out text: LogitLens (per layer, the KL divergence of the "
-                                   "layer's readout to the final output distribution) and linear CKA between "
-                                   "every layer of the Engram model and every layer of the MoE, with the paper's "
-                                   "soft alignment index read against a MoE-vs-MoE reference of another seed. "
-                                   "With --out FILE.json it also draws FILE_logit_lens.png and FILE_cka.png.")
+                                   "probe both on held-out text at every state (0: the embedding, i: the residual "
+                                   "stream after i blocks): LogitLens (the KL divergence of the state's readout to "
+                                   "the final output distribution) and linear CKA between every state of the "
+                                   "Engram model and every state of the MoE, with the paper's soft alignment index "
+                                   "read against a MoE-vs-MoE reference of another seed. With --out FILE.json it "
+                                   "also draws FILE_logit_lens.png and FILE_cka.png.")
     # deeper than the other experiments' default: layer-wise findings need layers to compare
-    add_sweep_args(p, layers=8, engram_layers=(1, 4))
+    add_sweep_args(p, layers=8, engram_layers=(1, 4),
+                   out="write the report here, and the two plots as FILE_logit_lens.png and FILE_cka.png")
     p.add_argument("--experts", type=int, default=6, help="routed experts of the Engram model (default: 6)")
     p.add_argument("--probe-batches", type=int, default=2,
                    help="validation batches the probes read (the first of the fixed ones; default: 2)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,7 @@ def setup_sweep(args: argparse.Namespace, experts: list[int]) -> tuple[list[Any]
     from ..data import load_tokenizer
     from ..experiments.allocation import allocation_arms
 
+    _check_sweep(args)
     vocab_size = load_tokenizer("gpt2").get_vocab_size(with_added_tokens=True)  # what the runs train on
     model = dataclasses.replace(model_preset(args.model), n_routed_experts=args.routed_experts, top_k=args.top_k,
                                 n_layers=args.layers, max_seq_len=max(args.seq_len, 16), vocab_size=vocab_size)
@@ -75,6 +77,25 @@ def scale(total: int, activated: int, tokens: int, flops: float) -> dict[str, An
                     "here is a finding, not a failure"}
 
 
+def _check_sweep(args: argparse.Namespace) -> None:
+    """The flags every sweep shares, checked before Ray starts, by the flag's name."""
+    from ..data import corpus_documents
+
+    for flag, v in (("--layers", args.layers), ("--steps", args.steps), ("--batch-size", args.batch_size),
+                    ("--seq-len", args.seq_len), ("--eval-batches", args.eval_batches)):
+        if v < 1:
+            raise ValueError(f"{flag} {v}: expected >= 1")
+    bad = [b for b in args.engram_layers if not 0 <= b < args.layers]
+    if bad:
+        raise ValueError(f"--engram-layers {' '.join(map(str, args.engram_layers))}: expected block indices "
+                         f"0..{args.layers - 1} (0-based, below --layers {args.layers})")
+    if args.gpus_per_run is not None and args.gpus_per_run < 0:
+        raise ValueError(f"--gpus-per-run {args.gpus_per_run}: expected >= 0")
+    if not args.seeds or len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds {' '.join(map(str, args.seeds))}: expected distinct seeds")
+    corpus_documents(args.corpus)  # a bad name or path is refused here, not inside a Ray task
+
+
 def run_sweep(args: argparse.Namespace, name: str, arms: list[Any], train: Any, fn: Any = None,
               **task_args: Any) -> dict[str, Any]:
     """Train every arm and seed on Ray (each task ``fn``, default train_arm, with ``task_args``);
@@ -91,12 +112,14 @@ def run_sweep(args: argparse.Namespace, name: str, arms: list[Any], train: Any, 
         p = a.params
         print(f"  {a.name:<5} {a.routed_experts} routed experts, table {p.table:>12,} params: total "
               f"{p.total:,}, activated {p.activated:,}, rho {p.rho:.3f}")
+    t0 = time.perf_counter()
     with ray_session(args.address):
         runs = run_arms(arms, args.seeds, train=train, gpus_per_run=args.gpus_per_run, progress=True, fn=fn,
                         corpus=args.corpus, eval_batches=args.eval_batches, **task_args)
     rows = summarise(arms, runs)
     report = {"experiment": name, "corpus": args.corpus, "seeds": args.seeds, "train": train.to_dict(),
-              "eval_batches": args.eval_batches, "arms": [a.to_dict() for a in arms], "runs": runs,
+              "eval_batches": args.eval_batches, "wall_s": time.perf_counter() - t0,
+              "arms": [a.to_dict() for a in arms], "runs": runs,
               "summary": rows,
               "scale": scale(arms[0].params.total, arms[0].params.activated, rows[0]["tokens"], rows[0]["flops"])}
     print(f"  scale: {report['scale']['note']}")
@@ -148,29 +171,33 @@ def _cmd_iso(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_sweep_args(a: argparse.ArgumentParser, layers: int = 4, engram_layers: tuple[int, ...] = (1, 3)) -> None:
+def add_sweep_args(a: argparse.ArgumentParser, layers: int = 4, engram_layers: tuple[int, ...] = (1, 3),
+                   out: str = "write the report here") -> None:
     """What every experiment's arms and runs are made of (defaults: ``layers`` blocks with
-    Engram layers at ``engram_layers``)."""
+    Engram layers at ``engram_layers``; ``out``: what --out writes)."""
     a.add_argument("--model", default="demo", choices=sorted(MODEL_PRESETS), help="backbone preset (default: demo)")
     a.add_argument("--layers", type=int, default=layers, help=f"backbone layers (default: {layers})")
     a.add_argument("--routed-experts", type=int, default=8, help="routed experts of the pure MoE (default: 8)")
     a.add_argument("--top-k", type=int, default=2, help="experts per token (default: 2)")
     a.add_argument("--preset", default="demo", choices=sorted(PRESETS),
-                   help="the table's shape: orders, heads, row width; its sizes are set by the sweep (default: demo)")
+                   help="the table's shape: orders, heads, row width; its row count is set so that the table "
+                        "takes the removed experts' parameters (default: demo)")
     a.add_argument("--engram-layers", type=int, nargs="+", default=list(engram_layers),
-                   help=f"Engram layers (default: {' '.join(map(str, engram_layers))})")
+                   help=f"blocks with an Engram layer, 0-based, below --layers (default: "
+                        f"{' '.join(map(str, engram_layers))})")
     a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="seeds (default: 0 1 2; two give 1 degree of freedom, t = 12.7)")
     a.add_argument("--steps", type=int, default=100, help="training steps per run (default: 100)")
-    a.add_argument("--batch-size", type=int, default=8)
-    a.add_argument("--seq-len", type=int, default=128)
-    a.add_argument("--lr", type=float, default=3e-3, help="backbone AdamW rate (rows: 5x, the recipe)")
+    a.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
+    a.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
+    a.add_argument("--lr", type=float, default=3e-3,
+                   help="backbone AdamW peak rate (rows: 5x, the recipe; default: 0.003)")
     a.add_argument("--eval-batches", type=int, default=8, help="fixed validation batches (default: 8)")
     a.add_argument("--corpus", default="stdlib", help="training text (default: stdlib)")
     a.add_argument("--gpus-per-run", type=float, default=None,
                    help="GPUs per Ray task (default: 1 where the cluster has GPUs, else 0)")
     a.add_argument("--address", default=None, help="Ray address (default: a local Ray in-process)")
-    a.add_argument("--out", metavar="FILE.json", help="write the report here (allocation: and FILE.png)")
+    a.add_argument("--out", metavar="FILE.json", help=out)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -182,7 +209,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="Build arms from a MoE backbone by removing routed experts (top-k held, so "
                                     "activated compute is fixed) and giving their parameters to an Engram table; "
                                     "train each on the same tokens and seeds; report val loss against rho.")
-    add_sweep_args(a)
+    add_sweep_args(a, out="write the report here, and the loss-against-rho plot as FILE.png")
     a.add_argument("--experts", type=int, nargs="+", default=[6, 4, 2],
                    help="routed experts of the Engram arms (default: 6 4 2)")
     a.set_defaults(func=_cmd_allocation)

@@ -29,7 +29,7 @@ def _cmd(args: argparse.Namespace) -> int:
     for kind, r in report["results"].items():
         q1, q3 = r["slowdown_quartiles"]
         rate = "" if kind == "idle" else f"   load: {r['rate_per_s']:,.0f} {r['rate_unit']}/s" + (
-            f" ({r['gib_per_s']:.2f} GiB/s)" if "gib_per_s" in r else "")
+            f" ({r['gib_per_s']:.2f} GiB/s{' read+write' if kind == 'stream' else ''})" if "gib_per_s" in r else "")
         print(f"  {kind:<7} {1e3 * r['median_s']:8.1f} ms  {100 * r['slowdown']:+6.1f} % "
               f"[{100 * q1:+.1f}, {100 * q3:+.1f}]{rate}")
     _plot_beside(args.out, lambda png: plot_interference(report, png))
@@ -42,8 +42,10 @@ def add(bsub: argparse._SubParsersAction) -> None:
                         description="Run bench offload's decode-shaped forward on the compute cores while one "
                                     "process per memory core runs flat out at one kind of work: nothing, Python "
                                     "arithmetic, random row gathers from a table (a shard's lookups without "
-                                    "gRPC), or memory streaming. The slowdowns say how much of bench offload's "
-                                    "remaining overhead is the machine's shared cache and memory, not waiting.")
+                                    "gRPC), or memory streaming, each round paired with its own idle run. The "
+                                    "loads run far above a memory side's real traffic: the slowdowns bound what "
+                                    "such work can cost the model through the machine's shared cache, memory and "
+                                    "power.")
     b.add_argument("--model", default="demo", choices=sorted(MODEL_PRESETS), help="backbone preset (default: demo)")
     b.add_argument("--layers", type=int, default=16, help="backbone layers (default: 16, as bench offload's)")
     b.add_argument("--decode-batch", type=int, default=8, help="sequences per step (default: 8)")

@@ -210,6 +210,11 @@ def test_the_command_probes_both_models_on_ray_and_writes_json_and_two_plots(tmp
      "--cka-tokens 65: expected 2..64"),
     (["--align-top-k", "0"], "--align-top-k 0: expected 1..9"),
     (["--seeds", "0", "0"], "--seeds 0 0"),
+    (["--batch-size", "0"], "--batch-size 0: expected >= 1"),
+    (["--steps", "0"], "--steps 0: expected >= 1"),
+    (["--engram-layers", "1", "9"], "--engram-layers 1 9: expected block indices 0..7"),
+    (["--gpus-per-run", "-1"], "--gpus-per-run -1.0: expected >= 0"),
+    (["--corpus", "/nonexistent/corpus"], "/nonexistent/corpus"),
 ])
 def test_bad_flags_are_refused_before_anything_trains(flags, message):
     r = subprocess.run([sys.executable, "-m", "engram_ray.cli", "analyze", *flags],
