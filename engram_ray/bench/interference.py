@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .isolation import Isolation, _tids, cpus_allowed, pin_process
+from .isolation import Isolation, cpus_allowed, pin_process, process_cpus
 
 __all__ = ["LOADS", "run"]
 
@@ -166,7 +166,7 @@ def run(model_cfg: Any, *, rounds: int = 5, batch: int = 8, positions: int = 64,
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"the {kind!r} load did not start within 120 s")
             for p, _, _ in procs:
-                load_cpus[kind] |= {c for t in _tids(p.pid or 0) for c in cpus_allowed(p.pid or 0, t)}
+                load_cpus[kind] |= set(process_cpus(p.pid or 0))
             time.sleep(0.3)  # at full speed before the clock starts
             c0, t0 = sum(c.value for _, _, c in procs), time.perf_counter()
             best = min(once() for _ in range(3))

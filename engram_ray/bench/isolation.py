@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["Isolation", "parse_cpulist", "cpus_allowed", "pin_process", "descendants"]
+__all__ = ["Isolation", "parse_cpulist", "cpus_allowed", "process_cpus", "pin_process", "descendants"]
 
 T = TypeVar("T")
 
@@ -192,7 +192,7 @@ class Isolation:
                             "cpus": cpus, "side": self._side(cpus)})
         procs = []
         for pid in descendants(me):
-            cpus = sorted({c for tid in _tids(pid) for c in _safe_cpus(pid, tid)})
+            cpus = process_cpus(pid)
             procs.append({"pid": pid, "name": _comm(pid), "threads": len(_tids(pid)), "cpus": cpus,
                           "side": self._side(cpus)})
         model = [t for t in threads if t["tid"] == self.model_tid]
@@ -203,6 +203,12 @@ class Isolation:
                 "ok": ok, "model_thread": model[0] if model else None,
                 "threads": threads, "processes": procs,
                 "sides": {s: sum(1 for t in threads if t["side"] == s) for s in ("compute", "memory", "both")}}
+
+
+def process_cpus(pid: int) -> list[int]:
+    """The union of the cores every thread of ``pid`` may run on, from /proc (threads that exit
+    meanwhile are skipped)."""
+    return sorted({c for tid in _tids(pid) for c in _safe_cpus(pid, tid)})
 
 
 def _safe_cpus(pid: int, tid: int) -> list[int]:

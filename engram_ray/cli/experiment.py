@@ -79,7 +79,7 @@ def scale(total: int, activated: int, tokens: int, flops: float) -> dict[str, An
 
 def _check_sweep(args: argparse.Namespace) -> None:
     """The flags every sweep shares, checked before Ray starts, by the flag's name."""
-    from ..data import corpus_documents
+    from ..data import check_corpus
 
     for flag, v in (("--layers", args.layers), ("--steps", args.steps), ("--batch-size", args.batch_size),
                     ("--seq-len", args.seq_len), ("--eval-batches", args.eval_batches)):
@@ -93,7 +93,7 @@ def _check_sweep(args: argparse.Namespace) -> None:
         raise ValueError(f"--gpus-per-run {args.gpus_per_run}: expected >= 0")
     if not args.seeds or len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seeds {' '.join(map(str, args.seeds))}: expected distinct seeds")
-    corpus_documents(args.corpus)  # a bad name or path is refused here, not inside a Ray task
+    check_corpus(args.corpus)  # a bad name or path is refused here, not inside a Ray task
 
 
 def run_sweep(args: argparse.Namespace, name: str, arms: list[Any], train: Any, fn: Any = None,
