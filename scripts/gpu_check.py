@@ -245,7 +245,7 @@ class Check:
                           "--model", self.size["bench_model"], "--dtype", self.size["bench_dtype"],
                           "--preset", self.size["bench_preset"],
                           *(["--max-resident-gib", str(resident)] if resident else []),
-                          *self.size["bench_args"], *self.args.bench_arg,
+                          *[a for a in self.size["bench_args"] if a not in self.args.bench_drop], *self.args.bench_arg,
                           "--out", str(report))
         self.run("bench", cmd, limit)
         data = json.loads(report.read_text())
@@ -321,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=int, default=480, help="seconds for the whole check (default: 480)")
     p.add_argument("--bench-model", help="backbone preset of the bench (default: dense_1b; dry run: tiny)")
     p.add_argument("--bench-arg", action="append", default=[], help="extra argument for bench offload")
+    p.add_argument("--bench-drop", action="append", default=[], help="drop this flag from the bench's default "
+                   "arguments (e.g. --trace)")
     p.add_argument("--step", choices=["env", "train"], help=argparse.SUPPRESS)
     args, rest = p.parse_known_args(argv)
     if args.step:

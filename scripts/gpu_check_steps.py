@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -27,6 +28,9 @@ def environment() -> dict:
                   "grpcio": grpc.__version__, "protobuf": google.protobuf.__version__,
                   "cuda_available": torch.cuda.is_available(), "torch_cuda": torch.version.cuda,
                   "ray_importable": importlib.util.find_spec("ray") is not None, "cpus": torch.get_num_threads()}
+    from engram_ray.bench.isolation import smt_siblings  # stdlib only
+    groups = {tuple(g) for g in smt_siblings(sorted(os.sched_getaffinity(0))).values()}
+    info["physical_cores"] = sorted(list(g) for g in groups)  # hardware threads per physical core
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(device=props.name, capability=list(torch.cuda.get_device_capability(0)),

@@ -116,11 +116,11 @@ def test_bench_offload_writes_json_and_a_plot(tmp_path):
     path = {f["function"].split(":")[0] for f in rep["profile_top"] if f.get("path")}
     assert "remote_memory.py" in path  # the memory path is listed beside the top functions
     assert "cProfile of one remote run" in r.stdout and "where a run's time goes" in r.stdout
-    tr = rep["trace"]  # --trace: one serving run per mode under torch.profiler
-    assert tr["phase"] == "serving" and set(tr["modes"]) == set(rep["results"])
+    tr = rep["trace"]  # --trace: one decode run (the default phase) per mode under torch.profiler
+    assert tr["phase"] == "decode" and set(tr["modes"]) == set(rep["results"])
     for t in tr["modes"].values():
         assert t["wall_ms"] > 0 and t["host_top"] and t["device_busy_ms"] is None  # CPU: no device side
-    assert "torch.profiler, one serving run per mode" in r.stdout
+    assert "torch.profiler, one decode run per mode" in r.stdout
     png = out.with_suffix(".png")
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = tmp_path / "RESULTS.md"
@@ -171,7 +171,7 @@ def test_bench_offload_against_running_shards_without_ray(tmp_path, gpt2_vocab):
         py_threads = {t["name"] for t in rep["isolation"]["threads"] if t["python"]}
         assert not any(n.startswith("engram-client") for n in py_threads), py_threads
         fc = rep["fetch_cost"]  # the model thread's cost per fetch, measured in the bench
-        assert fc["layers"] == 2 and 0 < fc["total_us"]["median"] < 20_000
+        assert fc["layers"] == 2 and 0 < fc["total_us"]["median"] < 20_000 and 0 <= fc["in_by_gap"] <= 1
         assert rep["table"]["shards"] == 2 and not rep["table"]["capped"]
         assert "serving:remote_vs_local" in rep["overhead"] and rep["model"]["n_layers"] >= 3
         assert rep["phases"][-1] == "decode_mb2" and "decode_mb2:remote_vs_local" in rep["overhead"]

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["Isolation", "parse_cpulist", "cpus_allowed", "process_cpus", "pin_process", "descendants"]
+__all__ = ["Isolation", "parse_cpulist", "cpus_allowed", "process_cpus", "pin_process", "descendants", "smt_siblings"]
 
 T = TypeVar("T")
 
@@ -100,6 +100,21 @@ def descendants(pid: int) -> list[int]:
     return sorted(out)
 
 
+def smt_siblings(cores: Iterable[int]) -> dict[int, list[int]]:
+    """Each core's hardware threads on the same physical core (itself included), from
+    /sys/devices/system/cpu/cpuN/topology/thread_siblings_list; a core whose topology cannot be
+    read is its own. Two sides on siblings share one core's pipelines and caches: the memory
+    side's work would then slow the model's (~20-30 % on SMT x86 cores)."""
+    out = {}
+    for c in cores:
+        try:
+            text = Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text()
+            out[c] = sorted(set(parse_cpulist(text)) | {c})
+        except (OSError, ValueError):
+            out[c] = [c]
+    return out
+
+
 class Isolation:
     """Compute cores for the model, memory cores for everything else; or, disabled, one shared
     set (today's behaviour: nothing pinned, the model runs on the calling thread)."""
@@ -112,15 +127,33 @@ class Isolation:
         self.model_tid: int | None = None
 
     @classmethod
-    def split(cls, enabled: bool = True, memory_cores: int | None = None) -> Isolation:
-        """Split the cores this process may use: the last ``memory_cores`` (default: a quarter,
-        at least one) for the memory side, the rest for compute. With fewer than two cores, or
-        ``enabled=False``, nothing is split."""
+    def split(cls, enabled: bool = True, memory_cores: int | None = None,
+              siblings: dict[int, list[int]] | None = None) -> Isolation:
+        """Split the cores this process may use: about ``memory_cores`` (default: a quarter, at
+        least one) for the memory side, the rest for compute. Whole physical cores go to one
+        side (``siblings``: read from sysfs by default), taken from the last, so the two sides
+        never share a core's hardware threads -- the memory side may get one core more than
+        asked to keep a pair together. Where every core this process may use is one physical
+        core, the split is by hardware thread. With fewer than two cores, or ``enabled=False``,
+        nothing is split."""
         avail = sorted(os.sched_getaffinity(0))
         if not enabled or len(avail) < 2:
             return cls(avail, avail, enabled=False)
         k = min(max(1, memory_cores or len(avail) // 4), len(avail) - 1)
-        return cls(avail[:-k], avail[-k:])
+        sib = siblings if siblings is not None else smt_siblings(avail)
+        groups: list[list[int]] = []  # physical cores, as the hardware threads this process may use
+        for c in avail:
+            g = sorted(set(sib.get(c, [c])) & set(avail)) or [c]
+            if g not in groups:
+                groups.append(g)
+        memory: list[int] = []
+        for g in sorted(groups, key=lambda g: -g[0]):
+            if len(memory) >= k or len(memory) + len(g) >= len(avail):
+                break
+            memory += g
+        if not memory:  # one physical core (or k reaches all): split its threads
+            return cls(avail[:-k], avail[-k:])
+        return cls(sorted(set(avail) - set(memory)), sorted(memory))
 
     def memory_side(self) -> None:
         """Pin this whole process to the memory cores: what it starts from now on inherits
@@ -199,8 +232,10 @@ class Isolation:
         others = [t for t in threads if t["python"] and t["tid"] != self.model_tid]
         ok = (not self.enabled) or (bool(model) and model[0]["side"] == "compute"
                                     and all(t["side"] == "memory" for t in others + procs))
+        sib = smt_siblings(self.compute)
+        shared = sorted([c, m] for c in self.compute for m in sib[c] if m != c and m in self.memory)
         return {"enabled": self.enabled, "compute_cores": self.compute, "memory_cores": self.memory,
-                "ok": ok, "model_thread": model[0] if model else None,
+                "smt_shared": shared if self.enabled else [], "ok": ok, "model_thread": model[0] if model else None,
                 "threads": threads, "processes": procs,
                 "sides": {s: sum(1 for t in threads if t["side"] == s) for s in ("compute", "memory", "both")}}
 

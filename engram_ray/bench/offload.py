@@ -82,8 +82,10 @@ class Options:
     isolate: bool = True
     memory_cores: int | None = None
     profile: bool = False
-    # one more serving run per mode under torch.profiler (device busy vs wall, runtime calls)
-    trace: bool = False
+    # one more run of this phase per mode under torch.profiler (device busy vs wall, runtime
+    # calls); "" off. Decode by default: a serving run of the GPU check's 1B backbone is ~10^6
+    # traced events, which ran the check past its budget on the H200 (2026-11-28); decode ~2x10^5.
+    trace: str = ""
     progress: bool = False
 
     def longest(self) -> int:
@@ -107,6 +109,8 @@ def _check(o: Options) -> None:
         raise ValueError(f"microbatches={o.microbatches}: between 1 and decode_batch={o.decode_batch}")
     if o.dtype not in DTYPES:
         raise ValueError(f"dtype {o.dtype!r}: choose one of {', '.join(DTYPES)}")
+    if o.trace and o.trace not in PHASES:
+        raise ValueError(f"trace={o.trace!r}: choose a phase to trace, one of {', '.join(PHASES)}")
 
 
 def _device(name: str) -> torch.device:
@@ -131,7 +135,7 @@ class _Measured:
     isolation: dict[str, Any]
     #: The model thread's cost per fetch through the agent (None via the client).
     fetch_cost: dict[str, Any] | None = None
-    #: --trace: the serving phase of each mode under torch.profiler.
+    #: --trace: one phase of each mode under torch.profiler.
     trace: dict[str, Any] | None = None
 
 
@@ -161,11 +165,10 @@ def _measure(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, token
             top = profile_top(lambda: [run_phase(ph, *setups["remote"], indexer, work, dev) for ph in phases])
         trace = None
         if o.trace:  # after the timed runs: the profiler's overhead touches none of them
-            def serving(mode: str) -> float:
-                return run_phase("serving", *setups[mode], indexer, work, dev)
+            def one(mode: str) -> float:
+                return run_phase(o.trace, *setups[mode], indexer, work, dev)
 
-            trace = {"phase": "serving",
-                     "modes": {mode: trace_run(functools.partial(serving, mode), dev) for mode in MODES}}
+            trace = {"phase": o.trace, "modes": {mode: trace_run(functools.partial(one, mode), dev) for mode in MODES}}
         cost = _fetch_cost(client, indexer, work, o) if o.via == "agent" else None
         record = iso.record()  # while the model thread, its pool and the shards are alive
     return _Measured(times, parts, {ph: work.tokens(ph) for ph in phases}, top, record, cost, trace)

@@ -81,7 +81,36 @@ def _offload(r: dict[str, Any], folder: Path, out: Path,
                   "the warm-up: this hit rate is an upper bound; `bench cache` below measures it on fresh text."]
     if "breakdown" in r:
         lines += _offload_breakdown(r)
+    if r.get("trace"):
+        lines += _offload_trace(r["trace"])
     lines.append(_img(folder, out, name))
+    return lines
+
+
+def _offload_trace(tr: dict[str, Any]) -> list[str]:
+    """The ``--trace`` run per mode: the device's busy time against the wall time, and the host's
+    cost of the same operators (launch-bound: the host's speed is the throughput)."""
+    def per_call(t: dict[str, Any], call: str) -> str:
+        c = next((x for x in t["runtime_calls"] if x["call"] == call), None)
+        return f"{1e3 * c['host_ms'] / c['calls']:.1f}" if c and c["calls"] else "n/a"
+
+    def host(t: dict[str, Any], op: str) -> str:
+        h = next((x for x in t["host_top"] if x["op"] == op), None)
+        return f"{h['self_ms']:.0f}" if h else "n/a"
+
+    lines = ["", f"One {tr['phase']} run per mode under torch.profiler, after the timed runs (the profiler slows "
+             "the host: compare the modes with each other, not with the table above). *busy*: the union of the "
+             "device's kernels and copies; the host's own time in two of its operators, and what a kernel launch "
+             "cost it:", "",
+             "| mode | wall ms | device busy ms | device idle | aten::mm host ms | aten::mul host ms | "
+             "cudaLaunchKernel us/call | blocking calls |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for mode, t in tr["modes"].items():
+        busy = "n/a" if t["device_busy_ms"] is None else f"{t['device_busy_ms']:.1f}"
+        idle = "n/a" if t["device_idle_share"] is None else f"{100 * t['device_idle_share']:.0f} %"
+        blocking = ", ".join(f"{c['call']} x{c['calls']} ({c['host_ms']:.1f} ms)"
+                             for c in t["runtime_calls"] if c["blocking"]) or "none"
+        lines.append(f"| {mode} | {t['wall_ms']:.1f} | {busy} | {idle} | {host(t, 'aten::mm')} | "
+                     f"{host(t, 'aten::mul')} | {per_call(t, 'cudaLaunchKernel')} | {blocking} |")
     return lines
 
 
@@ -149,7 +178,11 @@ def _offload_breakdown(r: dict[str, Any]) -> list[str]:
         lines += ["", f"The model thread's cost per fetch through the agent ({fc['layers']} layers x "
                   f"{fc['ids_per_layer']} ids, decode-shaped): issue {fc['issue_us']['median']:.0f} µs + read "
                   f"the replies {fc['ready_us']['median']:.0f} µs = {fc['total_us']['median']:.0f} µs median "
-                  f"({fc['total_us']['p90']:.0f} µs p90)."]
+                  f"({fc['total_us']['p90']:.0f} µs p90)"
+                  + (f"; the rows were in {1e3 * fc['gap_s']:.0f} ms after the issue for "
+                     f"{100 * fc['in_by_gap']:.0f} % of fetches (reading waits for the rest untimed)."
+                     if "in_by_gap" in fc else " (measured before `in_by_gap`: reading may include rows "
+                     "still travelling after the 2 ms gap).")]
     if not pl:
         return lines
     where = "the agent's" if r.get("memory", {}).get("via") == "agent" else "the client's"
@@ -277,6 +310,9 @@ def _gpu(summary: dict[str, Any], folder: Path, out: Path) -> list[str]:
     r = _read(folder, "offload")
     if r:
         lines += _offload(r, folder, out, title="### Offload on the GPU")
+    r = _read(folder / "trace", "offload")
+    if r:  # a second, smaller run of the check with --trace (results/gpu/trace)
+        lines += _offload(r, folder / "trace", out, title="### A smaller run of the same check, traced")
     return lines
 
 

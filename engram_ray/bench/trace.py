@@ -7,17 +7,27 @@ name a CUDA runtime call that blocks the host (a synchronisation, an allocation)
 can: per mode, the device's busy time against the run's wall time, the kernels and copies that
 took it, and the CUDA runtime calls by host time. On a CPU-only machine it reports the host
 side alone (the operators), which is what the dry run checks.
+
+The events are summed from the profiler's own Chrome-trace export, not from
+``prof.key_averages()``: building torch's Python event tree costs ~30 us an event (a 1B
+backbone's serving run is ~10^6 events: minutes a mode on the H200 on 2026-11-28, which ran the
+GPU check past its budget); the export is written by the profiler's C++ side and read back
+here in ~4 us an event (measured on this repo's 2-core box, 280k events: 10.3 s against 1.2 s).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-__all__ = ["trace_run"]
+__all__ = ["trace_run", "summarise_trace"]
 
 #: Runtime calls that stop the host until the device catches up, or allocate (a slow driver
 #: call): flagged in the summary. cudaMemcpyAsync is not among them (it blocks only from
@@ -25,25 +35,80 @@ __all__ = ["trace_run"]
 BLOCKING = frozenset({"cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaMalloc",
                       "cudaMallocAsync", "cudaFree", "cudaHostAlloc", "cudaMallocHost", "cudaFreeHost",
                       "cudaHostRegister", "cudaHostUnregister", "cudaMemcpy"})
+#: Trace categories of work the device did (kernels, copies, memsets).
+DEVICE_CATS = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
+#: Trace categories of the host's calls into the CUDA runtime and driver.
+RUNTIME_CATS = frozenset({"cuda_runtime", "cuda_driver"})
 
 
-def _device_us(e: Any) -> float:
-    """An event's own device time (µs); torch renamed it from ``self_cuda_time_total``."""
-    return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) or 0.0)
+def _union_ms(intervals: Iterable[tuple[float, float]]) -> float:
+    """Length (ms) of the union of ``(start_us, end_us)`` intervals: kernels on two streams at
+    once count once."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total / 1e3
 
 
-def _on_device(e: Any) -> bool:
-    """A kernel or a copy as the device ran it. The CPU operator that launched it carries the
-    same time again (Kineto attributes it to both): counting those would double the busy time."""
-    from torch.autograd import DeviceType
+def _self_times(ops: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per operator name, ``[calls, self_us]``: an op's duration less its children's, the
+    nesting read from each thread's intervals (a child starts and ends inside its parent)."""
+    out: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    by_tid: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for e in ops:
+        by_tid[e.get("tid")].append(e)
+    for evs in by_tid.values():
+        evs.sort(key=lambda e: (e["ts"], -e["dur"]))
+        stack: list[list[Any]] = []  # [end_us, name, own_us]
+        for e in evs + [{"ts": float("inf"), "dur": 0.0, "name": None}]:
+            while stack and stack[-1][0] <= e["ts"]:
+                end, name, own = stack.pop()
+                out[name][0] += 1
+                out[name][1] += own
+            if e["name"] is None:
+                break
+            if stack:
+                stack[-1][2] -= e["dur"]
+            stack.append([e["ts"] + e["dur"], e["name"], e["dur"]])
+    return out
 
-    return getattr(e, "device_type", DeviceType.CPU) != DeviceType.CPU and not getattr(e, "is_user_annotation", False)
+
+def summarise_trace(events: list[dict[str, Any]], wall_ms: float, cuda: bool, top: int = 12) -> dict[str, Any]:
+    """The summary of one traced run from its Chrome-trace events (``traceEvents``): the device's
+    busy time (the union of its kernels and copies) against ``wall_ms``, the ``top`` device
+    operators and host operators by own time, and every CUDA runtime call by host time."""
+    spans = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    device = [e for e in spans if e.get("cat") in DEVICE_CATS]
+    dev_by: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for e in device:
+        dev_by[e["name"]][0] += 1
+        dev_by[e["name"]][1] += e["dur"]
+    rt_by: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for e in spans:
+        if e.get("cat") in RUNTIME_CATS:
+            rt_by[e["name"]][0] += 1
+            rt_by[e["name"]][1] += e["dur"]
+    host_by = _self_times([e for e in spans if e.get("cat") in ("cpu_op", "user_annotation")])
+    busy_ms = _union_ms((e["ts"], e["ts"] + e["dur"]) for e in device)
+    ranked = sorted(dev_by.items(), key=lambda kv: -kv[1][1])
+    return {
+        "wall_ms": wall_ms,
+        "device_busy_ms": busy_ms if cuda else None,
+        "device_idle_share": max(0.0, 1 - busy_ms / wall_ms) if cuda and wall_ms > 0 else None,
+        "device_top": [{"op": k, "calls": int(c), "ms": us / 1e3} for k, (c, us) in ranked[:top]],
+        "host_top": [{"op": k, "calls": int(c), "self_ms": us / 1e3}
+                     for k, (c, us) in sorted(host_by.items(), key=lambda kv: -kv[1][1])[:top]],
+        "runtime_calls": sorted(({"call": k, "calls": int(c), "host_ms": us / 1e3, "blocking": k in BLOCKING}
+                                 for k, (c, us) in rt_by.items()), key=lambda r: -r["host_ms"]),
+    }
 
 
 def trace_run(run: Callable[[], Any], device: torch.device, top: int = 12) -> dict[str, Any]:
-    """Run ``run()`` once under the profiler; the device's busy time (kernels and copies,
-    summed: overlapping streams may count twice) against the wall time, the ``top`` device
-    operators and host operators by own time, and every CUDA runtime call by host time."""
+    """Run ``run()`` once under the profiler and summarise it (:func:`summarise_trace`); the
+    run's own wall time excludes the profiler's start and its post-processing."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -56,21 +121,12 @@ def trace_run(run: Callable[[], Any], device: torch.device, top: int = 12) -> di
         if cuda:
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - t0
-    events = list(prof.key_averages())
-    device_ops = sorted((e for e in events if _on_device(e) and _device_us(e) > 0), key=_device_us, reverse=True)
-    host = [e for e in events if not _on_device(e)]
-    runtime = [e for e in host if e.key.startswith("cuda")]  # cudaLaunchKernel, cudaMemcpyAsync, ...
-    host_ops = sorted((e for e in host if not e.key.startswith("cuda")), key=lambda e: e.self_cpu_time_total,
-                      reverse=True)
-    busy_ms = sum(_device_us(e) for e in device_ops) / 1e3
-    return {
-        "wall_ms": wall * 1e3,
-        "device_busy_ms": busy_ms if cuda else None,
-        "device_idle_share": max(0.0, 1 - busy_ms / (wall * 1e3)) if cuda and wall > 0 else None,
-        "device_top": [{"op": e.key, "calls": e.count, "ms": _device_us(e) / 1e3} for e in device_ops[:top]],
-        "host_top": [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3}
-                     for e in host_ops[:top]],
-        "runtime_calls": sorted(({"call": e.key, "calls": e.count, "host_ms": e.self_cpu_time_total / 1e3,
-                                  "blocking": e.key in BLOCKING} for e in runtime),
-                                key=lambda r: -r["host_ms"]),
-    }
+    fd, path = tempfile.mkstemp(suffix=".json", prefix="engram-trace-")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f).get("traceEvents", [])
+    finally:
+        os.unlink(path)
+    return summarise_trace(events, wall * 1e3, cuda, top)

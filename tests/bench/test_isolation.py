@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from engram_ray.bench.isolation import Isolation, cpus_allowed, descendants, parse_cpulist
+from engram_ray.bench import isolation
+from engram_ray.bench.isolation import Isolation, cpus_allowed, descendants, parse_cpulist, smt_siblings
 
 SCRIPT = r"""
 import json, subprocess, sys, threading, time
@@ -40,6 +41,35 @@ def test_cpulist_parsing():
 def test_this_process_reads_back_its_own_cores():
     assert cpus_allowed(os.getpid()) == sorted(os.sched_getaffinity(0))
     assert descendants(os.getpid()) == [] or all(p > 0 for p in descendants(os.getpid()))
+
+
+@pytest.mark.parametrize("siblings, memory", [
+    # 16 threads on 8 cores, pairs (i, i + 8): the memory side takes whole pairs, never half of one
+    ({c: sorted({c % 8, c % 8 + 8}) for c in range(16)}, [6, 7, 14, 15]),
+    # adjacent pairs (0, 1), (2, 3), ...
+    ({c: [c - c % 2, c - c % 2 + 1] for c in range(16)}, [12, 13, 14, 15]),
+    # no SMT: the last quarter
+    ({c: [c] for c in range(16)}, [12, 13, 14, 15]),
+])
+def test_split_keeps_hardware_threads_of_a_core_on_one_side(monkeypatch, siblings, memory):
+    monkeypatch.setattr(isolation.os, "sched_getaffinity", lambda pid: set(range(16)))
+    iso = Isolation.split(siblings=siblings)
+    assert iso.memory == memory and iso.compute == sorted(set(range(16)) - set(memory))
+    assert not any(m in siblings[c] for c in iso.compute for m in iso.memory)
+
+
+def test_split_by_thread_when_every_core_is_one_physical_core(monkeypatch):
+    monkeypatch.setattr(isolation.os, "sched_getaffinity", lambda pid: {0, 1})
+    iso = Isolation.split(siblings={0: [0, 1], 1: [0, 1]})
+    assert iso.compute == [0] and iso.memory == [1]
+    # a pair larger than a quarter asked: the memory side rounds up to the pair, compute keeps the rest
+    monkeypatch.setattr(isolation.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert Isolation.split(siblings={0: [0, 1], 1: [0, 1], 2: [2, 3], 3: [2, 3]}).memory == [2, 3]
+
+
+def test_smt_siblings_of_this_machine_include_each_core():
+    sib = smt_siblings(sorted(os.sched_getaffinity(0)))
+    assert all(c in s for c, s in sib.items())
 
 
 def test_disabled_or_single_core_pins_nothing():
