@@ -228,7 +228,7 @@ def _report(engram_cfg: EngramConfig, model_cfg: ModelConfig, layout: TableLayou
                   "shards": len(server)},
         "memory": memory,
         "workload": {"prefill_sequences": o.sequences, "length_uniform": [o.min_len, o.max_len],
-                     "prefill_tokens": m.tokens["prefill"], "decode_batch": o.decode_batch,
+                     "prefill_tokens": m.tokens["prefill"], "prefill_lookahead": 1, "decode_batch": o.decode_batch,
                      "decode_prompt": o.decode_prompt, "decode_tokens": o.decode_tokens,
                      "decode_microbatches": o.microbatches,
                      "serving_requests": o.requests, "serving_prompt_uniform": list(o.prompt_len),

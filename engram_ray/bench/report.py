@@ -50,7 +50,8 @@ def _offload(r: dict[str, Any], folder: Path, out: Path,
              + (" (rows map into the resident store: every lookup still reads a random row of a large "
                 "array in RAM)" if t["capped"] else "") + f", {t['shards']} shards{_via(r)}. Workload: "
              f"prefill {w['prefill_sequences']} sequences of Uniform{tuple(w['length_uniform'])} tokens, "
-             f"one at a time; decode batch {w['decode_batch']} x {w['decode_tokens']} tokens"
+             "one at a time" + (", each one's rows asked for a forward ahead" if w.get("prefill_lookahead") else "")
+             + f"; decode batch {w['decode_batch']} x {w['decode_tokens']} tokens"
              + (f"; serving {w['serving_requests']} requests, prompts Uniform{tuple(w['serving_prompt_uniform'])}, "
                 f"outputs Uniform{tuple(w['serving_output_uniform'])}, continuous batching (at most "
                 f"{w['serving_max_batch']} live, {w['serving_token_budget']} prefill tokens per step)"

@@ -52,3 +52,35 @@ def test_a_run_counts_the_model_threads_time_asleep(monkeypatch):
     acc = collections.defaultdict(float)
     phases.run_phase("decode", None, None, None, None, torch.device("cpu"), acc)
     assert 0.045 <= acc["off_cpu_s"] <= 0.065
+
+
+@torch.no_grad()
+def test_prefill_asks_for_the_next_sequences_rows_before_this_ones_forward():
+    mc, ec = C.model_tiny(), C.tiny()
+    indexer = RowIndexer.build(ec, CompressedVocab(np.arange(mc.vocab_size) // 2))
+    torch.manual_seed(0)
+    model = EngramLM(mc, ec).eval()
+    local = LocalMemory(indexer.layout, init_std=0.5)
+    seqs = [torch.randint(0, mc.vocab_size, (1, n)) for n in (5, 7, 4)]
+    work = phases.Workload([(t, t.numpy()) for t in seqs], seqs[0], 1, [], 2, 8)
+    events = []
+
+    class Memory:  # LocalMemory, with the order of fetches recorded
+        def fetch(self, rows, requires_grad=True):
+            f = local.fetch(rows, requires_grad)
+            events.append(("fetch", rows))
+            return f
+
+    def recorded(ids, fetch):
+        events.append(("forward", fetch.row_ids if hasattr(fetch, "row_ids") else None))
+        return model(ids, fetch)
+
+    expect = [model(t, local.fetch(indexer.rows(t.numpy()), False)) for t in seqs]
+    outs = []
+    phases._prefill(lambda ids, f: outs.append(recorded(ids, f)), Memory(), indexer, work, torch.device("cpu"),
+                    collections.defaultdict(float))
+    assert [e[0] for e in events] == ["fetch", "fetch", "forward", "fetch", "forward", "forward"]
+    fetched = [e[1] for e in events if e[0] == "fetch"]
+    for t, rows in zip(seqs, fetched):  # each sequence's own rows, in order
+        assert np.array_equal(rows, indexer.rows(t.numpy()))
+    assert all(torch.equal(a, b) for a, b in zip(outs, expect))  # the same logits as fetching at once
