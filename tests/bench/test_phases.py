@@ -13,13 +13,17 @@ from engram_ray.core.tokens import CompressedVocab
 from engram_ray.model import EngramLM, LocalMemory
 
 
-@torch.no_grad()
-def test_microbatched_decode_samples_what_one_batch_samples():
+def _tiny():
+    """The tiny backbone with Engram, its indexer and an in-process table."""
     mc, ec = C.model_tiny(), C.tiny()
     indexer = RowIndexer.build(ec, CompressedVocab(np.arange(mc.vocab_size) // 2))
     torch.manual_seed(0)
-    model = EngramLM(mc, ec).eval()
-    memory = LocalMemory(indexer.layout, init_std=0.5)
+    return mc, indexer, EngramLM(mc, ec).eval(), LocalMemory(indexer.layout, init_std=0.5)
+
+
+@torch.no_grad()
+def test_microbatched_decode_samples_what_one_batch_samples():
+    mc, indexer, model, memory = _tiny()
     prompt = torch.randint(0, mc.vocab_size, (4, 6))
 
     def run(m):
@@ -56,11 +60,7 @@ def test_a_run_counts_the_model_threads_time_asleep(monkeypatch):
 
 @torch.no_grad()
 def test_prefill_asks_for_the_next_sequences_rows_before_this_ones_forward():
-    mc, ec = C.model_tiny(), C.tiny()
-    indexer = RowIndexer.build(ec, CompressedVocab(np.arange(mc.vocab_size) // 2))
-    torch.manual_seed(0)
-    model = EngramLM(mc, ec).eval()
-    local = LocalMemory(indexer.layout, init_std=0.5)
+    mc, indexer, model, local = _tiny()
     seqs = [torch.randint(0, mc.vocab_size, (1, n)) for n in (5, 7, 4)]
     work = phases.Workload([(t, t.numpy()) for t in seqs], seqs[0], 1, [], 2, 8)
     events = []
