@@ -321,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=int, default=480, help="seconds for the whole check (default: 480)")
     p.add_argument("--bench-model", help="backbone preset of the bench (default: dense_1b; dry run: tiny)")
     p.add_argument("--bench-arg", action="append", default=[], help="extra argument for bench offload")
-    p.add_argument("--bench-drop", action="append", default=[], help="drop this flag from the bench's default "
-                   "arguments (e.g. --trace)")
+    p.add_argument("--bench-drop", action="append", default=[], help="drop this flag (one without a value) from "
+                   "the bench's default arguments; write it with '=': --bench-drop=--trace")
     p.add_argument("--step", choices=["env", "train"], help=argparse.SUPPRESS)
     args, rest = p.parse_known_args(argv)
     if args.step:

@@ -27,19 +27,22 @@ def worker_cost(agent: AgentClient, layers: list[np.ndarray], iters: int = 500, 
     the replies), ``total_us`` (both), as medians and p90 over ``iters`` fetches; ``gap_s`` of
     sleep between issue and wait stands for the compute the fetch hides behind, and
     ``in_by_gap`` is the share of fetches whose rows were all in by then. Rows still travelling
-    after the gap are waited for untimed (polling ``done()``), so ``ready_us`` never counts the
-    wire: on the H200's VM a 2 x 512-id lookup took ~2 ms and was counted as "reading"."""
+    after the gap are waited for by polling ``done()`` (which reads a reply that is in: that
+    read stays in ``ready_us``, as do the polls of a late fetch) with short sleeps that are not
+    counted, so ``ready_us`` is the model thread's work and never the wire's time."""
     issue, ready, in_time = [], [], []
     for i in range(iters + 20):
         t0 = time.perf_counter()
         fs = agent.prefetch_unique_many(layers)
         t1 = time.perf_counter()
         time.sleep(gap_s)
-        landed = all(f.done() for f in fs)
+        t2 = time.perf_counter()
+        landed, slept = all(f.done() for f in fs), 0.0
         deadline = time.monotonic() + agent.timeout
         while not all(f.done() for f in fs) and time.monotonic() < deadline:
+            s0 = time.perf_counter()
             time.sleep(0.0001)
-        t2 = time.perf_counter()
+            slept += time.perf_counter() - s0
         for f in fs:
             f.result()
         t3 = time.perf_counter()
@@ -47,7 +50,7 @@ def worker_cost(agent: AgentClient, layers: list[np.ndarray], iters: int = 500, 
             f.release()
         if i >= 20:  # warm-up: slots created, caches filled
             issue.append(t1 - t0)
-            ready.append(t3 - t2)
+            ready.append(t3 - t2 - slept)
             in_time.append(landed)
     iss, rdy = np.array(issue) * 1e6, np.array(ready) * 1e6
     tot = iss + rdy

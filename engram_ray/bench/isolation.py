@@ -104,7 +104,7 @@ def smt_siblings(cores: Iterable[int]) -> dict[int, list[int]]:
     """Each core's hardware threads on the same physical core (itself included), from
     /sys/devices/system/cpu/cpuN/topology/thread_siblings_list; a core whose topology cannot be
     read is its own. Two sides on siblings share one core's pipelines and caches: the memory
-    side's work would then slow the model's (~20-30 % on SMT x86 cores)."""
+    side's work would then slow the model's."""
     out = {}
     for c in cores:
         try:
@@ -113,6 +113,27 @@ def smt_siblings(cores: Iterable[int]) -> dict[int, list[int]]:
         except (OSError, ValueError):
             out[c] = [c]
     return out
+
+
+def _physical_cores(avail: list[int], siblings: dict[int, list[int]]) -> list[list[int]]:
+    """``avail`` grouped into physical cores: cores linked by ``siblings`` (either way, or
+    through another) are one group; siblings outside ``avail`` are ignored."""
+    parent = {c: c for c in avail}
+
+    def root(c: int) -> int:
+        while parent[c] != c:
+            parent[c] = parent[parent[c]]
+            c = parent[c]
+        return c
+
+    for c in avail:
+        for s in siblings.get(c, [c]):
+            if s in parent:
+                parent[root(s)] = root(c)
+    groups: dict[int, list[int]] = {}
+    for c in avail:
+        groups.setdefault(root(c), []).append(c)
+    return list(groups.values())
 
 
 class Isolation:
@@ -131,27 +152,24 @@ class Isolation:
               siblings: dict[int, list[int]] | None = None) -> Isolation:
         """Split the cores this process may use: about ``memory_cores`` (default: a quarter, at
         least one) for the memory side, the rest for compute. Whole physical cores go to one
-        side (``siblings``: read from sysfs by default), taken from the last, so the two sides
-        never share a core's hardware threads -- the memory side may get one core more than
-        asked to keep a pair together. Where every core this process may use is one physical
-        core, the split is by hardware thread. With fewer than two cores, or ``enabled=False``,
-        nothing is split."""
+        side (``siblings``: read from sysfs by default; cores that name each other, directly or
+        not, are one core), taken from the highest-numbered, so the two sides never share a
+        core's hardware threads. The memory side may get up to a core's threads minus one more
+        than asked, but never more than compute. Where that leaves it nothing (one physical
+        core), the split is by hardware thread. With fewer than two cores, or
+        ``enabled=False``, nothing is split."""
         avail = sorted(os.sched_getaffinity(0))
         if not enabled or len(avail) < 2:
             return cls(avail, avail, enabled=False)
         k = min(max(1, memory_cores or len(avail) // 4), len(avail) - 1)
-        sib = siblings if siblings is not None else smt_siblings(avail)
-        groups: list[list[int]] = []  # physical cores, as the hardware threads this process may use
-        for c in avail:
-            g = sorted(set(sib.get(c, [c])) & set(avail)) or [c]
-            if g not in groups:
-                groups.append(g)
+        groups = _physical_cores(avail, siblings if siblings is not None else smt_siblings(avail))
         memory: list[int] = []
-        for g in sorted(groups, key=lambda g: -g[0]):
-            if len(memory) >= k or len(memory) + len(g) >= len(avail):
+        for g in sorted(groups, key=max, reverse=True):
+            if len(memory) >= k:
                 break
-            memory += g
-        if not memory:  # one physical core (or k reaches all): split its threads
+            if 2 * (len(memory) + len(g)) <= len(avail):  # memory never outgrows compute
+                memory += g
+        if not memory:  # one physical core, or only cores wider than half: split the threads
             return cls(avail[:-k], avail[-k:])
         return cls(sorted(set(avail) - set(memory)), sorted(memory))
 

@@ -95,12 +95,18 @@ def _prefill(model, memory, indexer, work: Workload, device, acc) -> float:
     _sync(device)
     t0 = time.perf_counter()
     ahead = issue(work.seqs[0][1]) if memory is not None and work.seqs else None
-    for i, (ids, _) in enumerate(work.seqs):  # the same tokens on the device and on the host
-        fetch = ahead
-        if memory is not None and i + 1 < len(work.seqs):
-            ahead = issue(work.seqs[i + 1][1])
-        model(ids, fetch)
-        account(acc, fetch)
+    fetch = None
+    try:
+        for i, (ids, _) in enumerate(work.seqs):  # the same tokens on the device and on the host
+            fetch = ahead
+            if memory is not None and i + 1 < len(work.seqs):
+                ahead = issue(work.seqs[i + 1][1])
+            model(ids, fetch)
+            account(acc, fetch)
+    finally:  # a forward that raised leaves the lookahead unused: give its buffers back now
+        release = getattr(ahead, "release", None)
+        if release is not None and ahead is not fetch:
+            release()
     _sync(device)
     return time.perf_counter() - t0
 

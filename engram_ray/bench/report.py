@@ -99,9 +99,12 @@ def _offload_trace(tr: dict[str, Any]) -> list[str]:
         h = next((x for x in t["host_top"] if x["op"] == op), None)
         return f"{h['self_ms']:.0f}" if h else "n/a"
 
+    modes = list(tr["modes"].values())
+    own = ("own time (less the CUDA calls inside them)" if modes and modes[0].get("host_self_excludes_runtime")
+           else "time (this run's summary counted the CUDA calls made inside them too)")
     lines = ["", f"One {tr['phase']} run per mode under torch.profiler, after the timed runs (the profiler slows "
              "the host: compare the modes with each other, not with the table above). *busy*: the union of the "
-             "device's kernels and copies; the host's own time in two of its operators, and what a kernel launch "
+             f"device's kernels and copies; the host's {own} in two of its operators, and what a kernel launch "
              "cost it:", "",
              "| mode | wall ms | device busy ms | device idle | aten::mm host ms | aten::mul host ms | "
              "cudaLaunchKernel us/call | blocking calls |", "|---|---:|---:|---:|---:|---:|---:|---|"]

@@ -12,7 +12,8 @@ The events are summed from the profiler's own Chrome-trace export, not from
 ``prof.key_averages()``: building torch's Python event tree costs ~30 us an event (a 1B
 backbone's serving run is ~10^6 events: minutes a mode on the H200 on 2026-11-28, which ran the
 GPU check past its budget); the export is written by the profiler's C++ side and read back
-here in ~4 us an event (measured on this repo's 2-core box, 280k events: 10.3 s against 1.2 s).
+here in ~4 us an event (measured on this repo's 2-core box, 280k events: 10.3 s against 1.2 s,
+with this module's own sums ~2 s more).
 """
 
 from __future__ import annotations
@@ -53,26 +54,37 @@ def _union_ms(intervals: Iterable[tuple[float, float]]) -> float:
     return total / 1e3
 
 
-def _self_times(ops: list[dict[str, Any]]) -> dict[str, list[float]]:
-    """Per operator name, ``[calls, self_us]``: an op's duration less its children's, the
-    nesting read from each thread's intervals (a child starts and ends inside its parent)."""
+#: Host-side categories whose own time is reported per operator name.
+OP_CATS = frozenset({"cpu_op", "user_annotation"})
+
+
+def _self_times(spans: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per operator name (categories :data:`OP_CATS`), ``[calls, self_us]``: an op's duration
+    less its children's, the nesting read from each thread's intervals. Runtime calls made
+    inside an op are among its children (so a launch is not counted in the op's own time as
+    well as under its own name); a child that crosses its parent's end (timestamps rounded
+    to the float's precision) is clamped to it."""
     out: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-    by_tid: dict[Any, list[dict[str, Any]]] = defaultdict(list)
-    for e in ops:
-        by_tid[e.get("tid")].append(e)
-    for evs in by_tid.values():
+    by_thread: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for e in spans:
+        if isinstance(e.get("ts"), (int, float)) and isinstance(e.get("dur"), (int, float)) and "name" in e:
+            by_thread[(e.get("pid"), e.get("tid"))].append(e)
+    for evs in by_thread.values():
         evs.sort(key=lambda e: (e["ts"], -e["dur"]))
-        stack: list[list[Any]] = []  # [end_us, name, own_us]
+        stack: list[list[Any]] = []  # [end_us, name, own_us, reported]
         for e in evs + [{"ts": float("inf"), "dur": 0.0, "name": None}]:
             while stack and stack[-1][0] <= e["ts"]:
-                end, name, own = stack.pop()
-                out[name][0] += 1
-                out[name][1] += own
+                _, name, own, reported = stack.pop()
+                if reported:
+                    out[name][0] += 1
+                    out[name][1] += max(0.0, own)
             if e["name"] is None:
                 break
+            end = e["ts"] + e["dur"]
             if stack:
-                stack[-1][2] -= e["dur"]
-            stack.append([e["ts"] + e["dur"], e["name"], e["dur"]])
+                end = min(end, stack[-1][0])
+                stack[-1][2] -= end - e["ts"]
+            stack.append([end, e["name"], end - e["ts"], e.get("cat") in OP_CATS])
     return out
 
 
@@ -80,7 +92,8 @@ def summarise_trace(events: list[dict[str, Any]], wall_ms: float, cuda: bool, to
     """The summary of one traced run from its Chrome-trace events (``traceEvents``): the device's
     busy time (the union of its kernels and copies) against ``wall_ms``, the ``top`` device
     operators and host operators by own time, and every CUDA runtime call by host time."""
-    spans = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    spans = [e for e in events if e.get("ph") == "X" and isinstance(e.get("dur"), (int, float))
+             and isinstance(e.get("ts"), (int, float)) and "name" in e]
     device = [e for e in spans if e.get("cat") in DEVICE_CATS]
     dev_by: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     for e in device:
@@ -91,7 +104,7 @@ def summarise_trace(events: list[dict[str, Any]], wall_ms: float, cuda: bool, to
         if e.get("cat") in RUNTIME_CATS:
             rt_by[e["name"]][0] += 1
             rt_by[e["name"]][1] += e["dur"]
-    host_by = _self_times([e for e in spans if e.get("cat") in ("cpu_op", "user_annotation")])
+    host_by = _self_times([e for e in spans if e.get("cat") in OP_CATS | RUNTIME_CATS])
     busy_ms = _union_ms((e["ts"], e["ts"] + e["dur"]) for e in device)
     ranked = sorted(dev_by.items(), key=lambda kv: -kv[1][1])
     return {
@@ -99,6 +112,7 @@ def summarise_trace(events: list[dict[str, Any]], wall_ms: float, cuda: bool, to
         "device_busy_ms": busy_ms if cuda else None,
         "device_idle_share": max(0.0, 1 - busy_ms / wall_ms) if cuda and wall_ms > 0 else None,
         "device_top": [{"op": k, "calls": int(c), "ms": us / 1e3} for k, (c, us) in ranked[:top]],
+        "host_self_excludes_runtime": True,  # runtime calls inside an op are not its own time
         "host_top": [{"op": k, "calls": int(c), "self_ms": us / 1e3}
                      for k, (c, us) in sorted(host_by.items(), key=lambda kv: -kv[1][1])[:top]],
         "runtime_calls": sorted(({"call": k, "calls": int(c), "host_ms": us / 1e3, "blocking": k in BLOCKING}

@@ -67,6 +67,22 @@ def test_split_by_thread_when_every_core_is_one_physical_core(monkeypatch):
     assert Isolation.split(siblings={0: [0, 1], 1: [0, 1], 2: [2, 3], 3: [2, 3]}).memory == [2, 3]
 
 
+@pytest.mark.parametrize("avail, siblings, k, memory", [
+    # asymmetric lists (core 0 names 1, 1 names only itself): one core all the same, no duplicates
+    ({0, 1, 2, 3}, {0: [0, 1], 1: [1], 2: [2, 3], 3: [3]}, 2, [2, 3]),
+    # SMT4, 2 cores: half the machine at most, never more than compute
+    (set(range(8)), {c: list(range(c - c % 4, c - c % 4 + 4)) for c in range(8)}, None, [4, 5, 6, 7]),
+    # a wide core that would outgrow compute is skipped for narrower ones
+    (set(range(6)), {0: [0], 1: [1], 2: [2, 3, 4, 5], 3: [2, 3, 4, 5], 4: [2, 3, 4, 5], 5: [2, 3, 4, 5]}, 1, [1]),
+    # siblings outside the affinity mask are ignored
+    ({0, 1, 2, 3}, {0: [0, 8], 1: [1, 9], 2: [2, 10], 3: [3, 11]}, 1, [3]),
+])
+def test_split_edge_cases(monkeypatch, avail, siblings, k, memory):
+    monkeypatch.setattr(isolation.os, "sched_getaffinity", lambda pid: avail)
+    iso = Isolation.split(memory_cores=k, siblings=siblings)
+    assert iso.memory == memory and sorted(iso.compute + iso.memory) == sorted(avail)
+
+
 def test_smt_siblings_of_this_machine_include_each_core():
     sib = smt_siblings(sorted(os.sched_getaffinity(0)))
     assert all(c in s for c, s in sib.items())

@@ -4,6 +4,7 @@ import collections
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from engram_ray import config as C
@@ -84,3 +85,34 @@ def test_prefill_asks_for_the_next_sequences_rows_before_this_ones_forward():
     for t, rows in zip(seqs, fetched):  # each sequence's own rows, in order
         assert np.array_equal(rows, indexer.rows(t.numpy()))
     assert all(torch.equal(a, b) for a, b in zip(outs, expect))  # the same logits as fetching at once
+
+
+def test_prefill_gives_back_an_unused_lookahead_when_a_forward_raises():
+    _, indexer, _, _ = _tiny()
+    seqs = [torch.randint(0, 50, (1, 4)) for _ in range(3)]
+    work = phases.Workload([(t, t.numpy()) for t in seqs], seqs[0], 1, [], 2, 8)
+    released = []
+
+    class Fetch:
+        wait_seconds = 0.0
+
+        def __init__(self, i):
+            self.i = i
+
+        def release(self):
+            released.append(self.i)
+
+    class Memory:
+        n = 0
+
+        def fetch(self, rows, requires_grad=True):
+            self.n += 1
+            return Fetch(self.n)
+
+    def model(ids, fetch):
+        if fetch.i == 2:
+            raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        phases._prefill(model, Memory(), indexer, work, torch.device("cpu"), collections.defaultdict(float))
+    assert released == [3]  # the third sequence's rows, asked for before the second's forward failed

@@ -26,11 +26,22 @@ def test_summary_counts_overlapping_kernels_once_and_self_times():
     assert s["device_top"][0] == {"op": "gemm", "calls": 2, "ms": pytest.approx(0.6)}
     host = {h["op"]: h for h in s["host_top"]}
     assert host["aten::linear"]["calls"] == 2 and host["aten::linear"]["self_ms"] == pytest.approx(0.09)
-    assert host["aten::mm"]["self_ms"] == pytest.approx(0.055)
+    assert host["aten::mm"]["self_ms"] == pytest.approx(0.047)  # less empty's 5 us and the 8 us launch
     assert host["aten::empty"]["self_ms"] == pytest.approx(0.005)
     rt = s["runtime_calls"]
     assert rt[0] == {"call": "cudaStreamSynchronize", "calls": 1, "host_ms": pytest.approx(0.4), "blocking": True}
     assert rt[1]["call"] == "cudaLaunchKernel" and not rt[1]["blocking"]
+
+
+def test_self_times_survive_odd_spans():
+    events = [
+        _x("cpu_op", "parent", 0, 100), _x("cpu_op", "child", 90, 20),   # crosses its parent's end: clamped
+        _x("cpu_op", "zero", 50, 0), {"ph": "X", "cat": "cpu_op", "ts": 5},  # no name or duration: skipped
+        dict(_x("cpu_op", "other", 0, 30), pid=2),                           # another process, same tid
+    ]
+    host = {h["op"]: h["self_ms"] for h in summarise_trace(events, wall_ms=1.0, cuda=False)["host_top"]}
+    assert host["parent"] == pytest.approx(0.09) and host["child"] == pytest.approx(0.01)
+    assert host["zero"] == 0 and host["other"] == pytest.approx(0.03)
 
 
 def test_summary_without_a_device():
