@@ -20,7 +20,8 @@ class _Fetch:
         return self.read
 
     def result(self):
-        assert self.done()
+        while not self.done():  # blocking: asleep until the reply is in (as a recv is)
+            time.sleep(0.0005)
 
     def release(self) -> None:
         pass
@@ -46,4 +47,4 @@ def test_reading_is_timed_even_when_done_reads_the_reply():
 def test_rows_still_travelling_after_the_gap_are_not_counted():
     out = worker_cost(_Agent(travel_s=0.01, read_s=0.0), [np.arange(4)], iters=10, gap_s=0.001)
     assert out["in_by_gap"] == 0.0
-    assert out["ready_us"]["median"] < 5_000  # the 9 ms still on the wire are not the thread's
+    assert out["ready_us"]["median"] < 3_000  # the 9 ms still on the wire are not the thread's
