@@ -55,3 +55,43 @@ def test_bad_output_buffers_are_refused_before_sending(served):
         served.lookup_into(np.arange(4), np.empty((d, 8), served.dtype).T[:4])
     with pytest.raises(InvalidRequest, match="rows for 4 ids"):
         served.lookup_into(np.arange(4), np.empty((5, d), served.dtype))
+
+
+def test_lookup_now_is_prefetch_uniques_answer_on_the_callers_thread(served):
+    b = int(served._transfers.bounds[1])  # shard 0 owns [0, b)
+    ids = np.array([[5, 9, 5], [1, b - 1, 9]])
+    want = served.prefetch_unique(ids).result(10)
+    before = served.stats()
+    got = served.lookup_unique_now(ids)
+    after = served.stats()
+    assert got is not None and got.shape == ids.shape and after["lookups"] == before["lookups"] + 1
+    assert after["lookups_direct"] == before["lookups_direct"] + 1
+    assert np.array_equal(got.ids, want.ids) and np.array_equal(got.inverse, want.inverse)
+    assert np.array_equal(got.rows.view(np.uint8), want.rows.view(np.uint8))  # bit-identical
+    buf = np.zeros((8, served.width), dtype=served.dtype)
+    assert np.shares_memory(served.lookup_unique_now(ids, rows_out=buf).rows, buf)
+    # what it does not do, it declines (None: the caller asks prefetch_unique) ...
+    assert served.lookup_unique_now(np.array([1, b])) is None            # two shards
+    # ... and what is wrong it refuses, as prefetch_unique does
+    with pytest.raises(InvalidRequest):
+        served.lookup_unique_now(np.array([-1]))
+
+
+def test_lookup_now_declines_with_a_cache_or_a_shard_down(tiny_layout):
+    shards = [TableShard.create(tiny_layout, 2, i, StoreConfig()) for i in range(2)]
+    servers = [create_server(s, "127.0.0.1", 0) for s in shards]
+    addresses = [f"127.0.0.1:{p}" for _, p in servers]
+    try:
+        with EngramClient(addresses, tiny_layout, cache_bytes=1 << 20) as cached:
+            assert cached.lookup_unique_now(np.array([3])) is None  # the cache is the I/O thread's
+        with EngramClient(addresses, tiny_layout, chunk_bytes=1024) as small:
+            n = small.max_rows_per_message
+            assert small.lookup_unique_now(np.arange(n)) is not None
+            assert small.lookup_unique_now(np.arange(n + 1)) is None  # two messages
+        with EngramClient(addresses, tiny_layout, retries=0, timeout=2) as client:
+            assert client.lookup_unique_now(np.array([3])) is not None
+            servers[0][0].stop(0).wait()
+            assert client.lookup_unique_now(np.array([3])) is None  # one try failed: the full path says why
+    finally:
+        for srv, _ in servers:
+            srv.stop(0)

@@ -280,7 +280,27 @@ class LookupAgent:
         p.add_done_callback(lambda q: self._looked_up(conn, s, job.op, job.req_id, job.slot, q))
 
     def _start_ordered(self, conn: _Conn, jobs: list[_Job]) -> None:
-        """A packet's ORDERED lookups, handed to the client together, run one after the other."""
+        """A packet's ORDERED lookups, one after the other, each answered as its rows land.
+        Each is first tried here, on the connection's thread, with one blocking call
+        (``EngramClient.lookup_unique_now``: a timeline of every hop on a shared memory core put
+        the I/O thread's hand-off and ``grpc.aio`` at 0.2-0.5 ms of a ~1.3 ms lookup, on the
+        first Engram layer's critical path); the rest, from the first that cannot be or whose
+        try failed, go to the client's I/O thread together, which retries and fails over."""
+        for i, j in enumerate(jobs):
+            try:
+                r = self.client.lookup_unique_now(j.ids, j.s.rows)
+            except Exception as e:  # noqa: BLE001 - the client refused these ids: this job fails
+                j.s.busy = False
+                self.refused += 1
+                conn.send(error_reply(j.op, j.req_id, j.slot, f"{type(e).__name__}: {e}"))
+                continue
+            if r is None:
+                return self._hand_over_ordered(conn, jobs[i:])
+            self._answer(conn, j.s, j.op, j.req_id, j.slot, r)
+        return None
+
+    def _hand_over_ordered(self, conn: _Conn, jobs: list[_Job]) -> None:
+        """ORDERED lookups handed to the client's I/O thread together, run one after the other."""
         try:
             ps = self.client.prefetch_unique_many([j.ids for j in jobs], [j.s.rows for j in jobs], ordered=True)
         except Exception as e:  # noqa: BLE001 - the client refused the ids: every job fails alike
@@ -358,12 +378,15 @@ class LookupAgent:
             s.busy = False
             self.refused += 1
             return conn.send(error_reply(op, req_id, slot, f"{type(e).__name__}: {e}"))
+        return self._answer(conn, s, op, req_id, slot, r)
+
+    def _answer(self, conn: _Conn, s: Slot, op: int, req_id: int, slot: int, r: Any) -> None:
+        """A lookup's rows are in the slot: write its inverse and unique ids there, reply."""
         # the worker reads the rows' ids (for its pushes) where its ids were
         s.inverse[:r.inverse.size] = r.inverse
         s.ids[:r.ids.size] = r.ids
         s.busy = False
         conn.send(REPLY.pack(MAGIC, op, OK, req_id, slot, r.rows.shape[0], 0))
-        return None
 
     def _pushed(self, conn: _Conn, s: Slot, req_id: int, slot: int, fut: Any) -> None:
         s.busy = False

@@ -189,8 +189,9 @@ def _offload_breakdown(r: dict[str, Any]) -> list[str]:
                      "still travelling after the 2 ms gap).")]
     if not pl:
         return lines
-    where = "the agent's" if r.get("memory", {}).get("via") == "agent" else "the client's"
-    lines += ["", f"Per lookup, on {where} I/O thread (ms): "
+    where = ("the agent's client (its I/O thread, or a connection's thread for direct lookups)"
+             if r.get("memory", {}).get("via") == "agent" else "the client's I/O thread")
+    lines += ["", f"Per lookup, in {where} (ms): "
               + ", ".join(f"{k} {v:.2f}" for k, v in pl["client_io_ms"].items())
               + f"; {pl['rpcs_per_lookup']:.1f} RPCs per lookup, shard handler "
               f"{pl['server_handler_ms_per_rpc']:.2f} ms per RPC."]

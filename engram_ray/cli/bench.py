@@ -165,7 +165,8 @@ def _print_offload(report: dict[str, Any]) -> None:
     pl = report["per_lookup"]
     if pl:
         io = ", ".join(f"{k} {v:.2f}" for k, v in pl["client_io_ms"].items())
-        where = "the agent's client I/O thread" if report["memory"]["via"] == "agent" else "the client's I/O thread"
+        where = ("the agent's client (its I/O thread, or a connection's thread for direct lookups)"
+                 if report["memory"]["via"] == "agent" else "the client's I/O thread")
         print(f"  per lookup, on {where} (ms): {io}; {pl['rpcs_per_lookup']:.1f} RPCs, "
               f"shard handler {pl['server_handler_ms_per_rpc']:.2f} ms each")
     fc = report.get("fetch_cost")

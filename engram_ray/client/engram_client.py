@@ -25,7 +25,7 @@ from . import plan, shards
 from .cache import DEFAULT_POLICY, RowCache, check_cache_bytes
 from .calls import ShardCalls
 from .iothread import IoThread, shutdown
-from .replicas import ReplicaSet, Resolver, channel_options
+from .replicas import ReplicaSet, Resolver, SyncStubs, channel_options
 from .stats import ClientStats
 from .transfers import Prefetch, Transfers, UniqueRows
 
@@ -71,6 +71,7 @@ class EngramClient:
             check_cache_bytes(cache_bytes)  # before any connection: a bad size fails at once
         creds = grpc.ssl_channel_credentials(root_certificates=tls_ca) if tls_ca else None
         self._replicas = ReplicaSet(addresses, channel_options(max_message_bytes, tls_server_name), creds)
+        self._sync = SyncStubs(channel_options(max_message_bytes, tls_server_name), creds)
         self.layout = layout
         self.plan = ShardPlan(layout.total_rows, self._replicas.num_shards)
         self._stats = ClientStats()
@@ -121,6 +122,7 @@ class EngramClient:
 
     def close(self) -> None:
         """Close the channels and stop the I/O thread (idempotent)."""
+        self._sync.close()
         self._finalizer()
 
     def __enter__(self) -> EngramClient:
@@ -149,6 +151,21 @@ class EngramClient:
         """:meth:`prefetch_unique` for several arrays, with one hand-over to the I/O thread;
         ``ordered``: each lookup goes out once the one before it has its rows."""
         return self._start(row_ids, "unique", rows_outs, unique=True, ordered=ordered)
+
+    def lookup_unique_now(self, row_ids: Any, rows_out: np.ndarray | None = None) -> UniqueRows | None:
+        """:meth:`prefetch_unique`'s rows, looked up on the calling thread with one blocking call,
+        where that is one message to one shard and the client keeps no cache; None where it is
+        not, or where that one try failed (then ask :meth:`prefetch_unique`: it retries, fails
+        over and raises what went wrong). For a lookup agent's ordered lookups: no hand-over
+        to the I/O thread nor asyncio (0.2-0.5 ms of a ~1.3 ms lookup on a shared core)."""
+        [(flat, shape)], [buf] = plan.lookups([row_ids], None if rows_out is None else [rows_out], self.layout,
+                                              self.dtype, True, self.width)
+        r = self._transfers.unique_now(flat, shape, buf, self._sync)
+        if r is not None:
+            self._stats.count("lookups", 1)
+            self._stats.count("lookups_direct", 1)
+            self._stats.count("ids", int(flat.size))
+        return r
 
     def prefetch_into(self, row_ids: Any, out: np.ndarray) -> Prefetch[np.ndarray]:
         """Start fetching ``row_ids`` into the caller's ``out`` (``[*ids.shape, dim]`` or ``[N, dim]``,

@@ -7,13 +7,15 @@ that fails moves to the next copy at once; a copy whose address changed (a resta
 serve elsewhere) is found through the resolver and gets a fresh channel.
 
 All of it runs on the client's I/O thread: the ``async`` methods open ``grpc.aio`` channels,
-which belong to the event loop they were opened on.
+which belong to the event loop they were opened on. ``SyncStubs`` are the exception: blocking
+stubs for a caller's own thread (a lookup agent's answer to a first Engram layer).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,7 +23,7 @@ import grpc
 
 from ..rpc.generated import engram_pb2_grpc as pb_grpc
 
-__all__ = ["ReplicaSet", "Resolver", "channel_options"]
+__all__ = ["ReplicaSet", "Resolver", "SyncStubs", "channel_options"]
 
 log = logging.getLogger(__name__)
 
@@ -128,3 +130,36 @@ class ReplicaSet:
                 moved += 1
         self.addresses[shard] = self.replicas[shard][self.read[shard]]
         return moved
+
+
+class SyncStubs:
+    """Blocking stubs by address, over synchronous gRPC channels (safe from any thread),
+    opened when an address is first asked for; a copy that moved gets its own when asked."""
+
+    def __init__(self, options: list[tuple[str, Any]], credentials: grpc.ChannelCredentials | None = None):
+        self._options, self._credentials = options, credentials
+        self._lock = threading.Lock()
+        self._stubs: dict[str, pb_grpc.EngramMemoryStub] = {}
+        self._channels: list[grpc.Channel] = []
+        self._closed = False
+
+    def __call__(self, address: str) -> pb_grpc.EngramMemoryStub:
+        stub = self._stubs.get(address)
+        if stub is not None:
+            return stub
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this client is closed")
+            if address not in self._stubs:
+                ch = (grpc.secure_channel(address, self._credentials, options=self._options)
+                      if self._credentials is not None else grpc.insecure_channel(address, options=self._options))
+                self._channels.append(ch)
+                self._stubs[address] = pb_grpc.EngramMemoryStub(ch)
+            return self._stubs[address]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for ch in self._channels:
+                ch.close()
+            self._channels, self._stubs = [], {}

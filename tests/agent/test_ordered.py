@@ -115,3 +115,24 @@ def test_remote_memory_fetch_many_orders_every_layer_of_every_forward(served: Se
 def torch_equal(x, y) -> bool:
     import torch
     return bool(torch.equal(x, y))
+
+
+def test_agent_answers_ordered_lookups_on_its_thread_or_hands_them_over(served: Served):
+    """Ordered lookups to one shard are answered on the agent's connection thread (one blocking
+    call); one spanning both shards, and every one after it, goes to the client's I/O thread.
+    Either way the rows are the direct client's, in order, and nothing is refused."""
+    with EngramClient(served.addresses, served.layout) as direct:
+        b = int(direct._transfers.bounds[1])
+        layers = [np.array([3, 7, 3]), np.array([1, b + 2, 5]), np.array([b + 1, b + 4]), np.array([2, 4])]
+        want = [direct.lookup(ids) for ids in layers]
+    with AgentClient(served.socket, served.layout) as worker:
+        for _ in range(3):  # slots reused: every round the same answers
+            fetches = worker.prefetch_unique_many(layers, ordered=True)
+            got = [f.result(10) for f in fetches]
+            for u, w in zip(got, want):
+                assert np.array_equal(u.rows[u.inverse].view(np.uint8), w.view(np.uint8))
+            for f in fetches:
+                f.release()
+        st = worker.stats()
+        assert st["agent_refused"] == 0 and st["lookups"] == 12
+        assert st["lookups_direct"] == 3  # the first layer's, each round; the rest were handed over
