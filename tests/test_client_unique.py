@@ -95,3 +95,34 @@ def test_lookup_now_declines_with_a_cache_or_a_shard_down(tiny_layout):
     finally:
         for srv, _ in servers:
             srv.stop(0)
+
+
+def test_a_hung_shard_costs_one_short_direct_try_then_none_for_a_while(tiny_layout):
+    import time
+
+    from engram_ray.client import transfers
+    from engram_ray.rpc.servicer import ShardServicer
+
+    shard = TableShard.create(tiny_layout, 1, 0, StoreConfig())
+    servicer = ShardServicer(shard, 64 << 20)
+    real, hang = servicer.Lookup, [False]
+
+    def lookup(request, context):
+        if hang[0]:
+            time.sleep(transfers.DIRECT_TIMEOUT_S + 1.0)
+        return real(request, context)
+    servicer.Lookup = lookup
+    server, port = create_server(shard, "127.0.0.1", 0, servicer=servicer)
+    try:
+        with EngramClient([f"127.0.0.1:{port}"], tiny_layout, timeout=30) as client:
+            assert client.lookup_unique_now(np.array([3])) is not None
+            hang[0] = True
+            t = time.monotonic()
+            assert client.lookup_unique_now(np.array([4])) is None  # not the client's 30 s
+            assert time.monotonic() - t < transfers.DIRECT_TIMEOUT_S + 0.5
+            t = time.monotonic()
+            assert client.lookup_unique_now(np.array([4])) is None  # cooling down: not even tried
+            assert time.monotonic() - t < 0.1
+            assert client.stats()["lookups_direct_failed"] == 1
+    finally:
+        server.stop(0)

@@ -4,9 +4,11 @@ and serves its workers' lookups and pushes through shared memory.
 Routing, dedup, retries, failover, re-resolve and auth all stay in the ``EngramClient``; the
 agent only turns packets into client calls whose rows land in the worker's slot
 (``prefetch_unique(ids, rows_out=slot.rows)``: no copy after the wire's) and answers when they
-are there. One thread per worker connection reads its packets; replies are sent from the
-client's I/O thread as lookups end, without blocking (a worker that stops reading is
-dropped, not waited for). Every byte from a worker is checked: packet sizes, ops, slots,
+are there. One thread per worker connection reads its packets. A packet's ordered lookups to
+one shard are answered on that thread with one blocking call each (up to 0.5 s; the
+worker's next packets wait meanwhile); the rest are handed to the client's I/O thread, which
+replies as they end. Replies never block (a worker that stops reading is dropped, not waited
+for). Every byte from a worker is checked: packet sizes, ops, slots,
 counts against the slot's capacity, and the ids by the client itself.
 """
 
@@ -261,9 +263,14 @@ class LookupAgent:
             lr = float(s.push_lr[0])
             if lr and lr_error(lr):  # 0: the shards' own rate
                 raise _Refused(op, req_id, slot, f"push with {lr_error(lr)}, or 0 for the shards' own")
+        # the worker may write its slot any time: read the ids (and a push's rate) once, now;
+        # ids that are not rows refuse this request alone, whichever way it would have gone
+        ids = s.ids[:n].copy()
+        if n and (int(ids.min()) < 0 or int(ids.max()) >= self.layout.total_rows):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise _Refused(op, req_id, slot, f"row id {bad} is outside the table's {self.layout.total_rows} rows")
         s.busy = True
-        # the worker may write its slot any time: read the ids (and a push's rate) once, now
-        return _Job(s, op, req_id, slot, s.ids[:n].copy(), op == Op.UNIQUE and bool(flags & ORDERED), lr)
+        return _Job(s, op, req_id, slot, ids, op == Op.UNIQUE and bool(flags & ORDERED), lr)
 
     def _start(self, conn: _Conn, job: _Job) -> None:
         """Hand a lookup or push to the client; the reply goes when it ends."""

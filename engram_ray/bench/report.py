@@ -184,17 +184,22 @@ def _offload_breakdown(r: dict[str, Any]) -> list[str]:
                   f"the replies {fc['ready_us']['median']:.0f} µs = {fc['total_us']['median']:.0f} µs median "
                   f"({fc['total_us']['p90']:.0f} µs p90)"
                   + (f"; the rows were in {1e3 * fc['gap_s']:.0f} ms after the issue for "
-                     f"{100 * fc['in_by_gap']:.0f} % of fetches (reading waits for the rest untimed)."
+                     f"{100 * fc['in_by_gap']:.0f} % of fetches (reading is the thread's CPU time)."
                      if "in_by_gap" in fc else " (measured before `in_by_gap`: reading may include rows "
                      "still travelling after the 2 ms gap).")]
     if not pl:
         return lines
+    via_agent = r.get("memory", {}).get("via") == "agent"
     where = ("the agent's client (its I/O thread, or a connection's thread for direct lookups)"
-             if r.get("memory", {}).get("via") == "agent" else "the client's I/O thread")
+             if pl.get("lookups_direct") else
+             "the agent's client I/O thread" if via_agent else "the client's I/O thread")
     lines += ["", f"Per lookup, in {where} (ms): "
               + ", ".join(f"{k} {v:.2f}" for k, v in pl["client_io_ms"].items())
               + f"; {pl['rpcs_per_lookup']:.1f} RPCs per lookup, shard handler "
-              f"{pl['server_handler_ms_per_rpc']:.2f} ms per RPC."]
+              f"{pl['server_handler_ms_per_rpc']:.2f} ms per RPC."
+              + (f" {pl['lookups_direct']:,} of {pl['lookups']:,} lookups were answered directly on the agent's "
+                 f"connection thread ({pl['lookups_direct_failed']:,} tries fell back)."
+                 if pl.get("lookups_direct") else "")]
     return lines
 
 

@@ -67,6 +67,9 @@ def per_lookup(cstats: dict[str, Any] | None, server: list[dict[str, Any]]) -> d
     server_rpcs = sum(d["counters"]["lookups"] for d in server)
     return {"client_io_ms": {k: 1e3 * v / n_lookups for k, v in cstats["io_seconds"].items()},
             "rpcs_per_lookup": server_rpcs / n_lookups,
+            # answered on an agent connection's thread (and tries of that which fell back)
+            "lookups": cstats["lookups"], "lookups_direct": cstats.get("lookups_direct", 0),
+            "lookups_direct_failed": cstats.get("lookups_direct_failed", 0),
             "server_handler_ms_per_rpc": 1e3 * sum(d["counters"]["lookup_seconds"] for d in server)
             / max(1, server_rpcs)}
 

@@ -166,9 +166,12 @@ def _print_offload(report: dict[str, Any]) -> None:
     if pl:
         io = ", ".join(f"{k} {v:.2f}" for k, v in pl["client_io_ms"].items())
         where = ("the agent's client (its I/O thread, or a connection's thread for direct lookups)"
-                 if report["memory"]["via"] == "agent" else "the client's I/O thread")
+                 if pl.get("lookups_direct") else
+                 "the agent's client I/O thread" if report["memory"]["via"] == "agent" else "the client's I/O thread")
         print(f"  per lookup, on {where} (ms): {io}; {pl['rpcs_per_lookup']:.1f} RPCs, "
-              f"shard handler {pl['server_handler_ms_per_rpc']:.2f} ms each")
+              f"shard handler {pl['server_handler_ms_per_rpc']:.2f} ms each"
+              + (f"; {pl['lookups_direct']:,} of {pl['lookups']:,} answered directly "
+                 f"({pl['lookups_direct_failed']:,} fell back)" if pl.get("lookups_direct") else ""))
     fc = report.get("fetch_cost")
     if fc:
         print(f"  model thread per fetch through the agent ({fc['layers']} layers x {fc['ids_per_layer']} ids): "

@@ -81,6 +81,7 @@ class EngramClient:
         self._io = IoThread(name=f"engram-client-{id(self):x}")
         # A client dropped without close() still stops its thread when collected.
         self._finalizer = weakref.finalize(self, shutdown, self._io, self._replicas.channels)
+        self._sync_finalizer = weakref.finalize(self, self._sync.close)
         try:
             self._io.run(self._replicas.open())
             # Describe every copy; per shard, reads go to the first that answers (see .shards).
@@ -122,7 +123,7 @@ class EngramClient:
 
     def close(self) -> None:
         """Close the channels and stop the I/O thread (idempotent)."""
-        self._sync.close()
+        self._sync_finalizer()
         self._finalizer()
 
     def __enter__(self) -> EngramClient:
@@ -153,11 +154,13 @@ class EngramClient:
         return self._start(row_ids, "unique", rows_outs, unique=True, ordered=ordered)
 
     def lookup_unique_now(self, row_ids: Any, rows_out: np.ndarray | None = None) -> UniqueRows | None:
-        """:meth:`prefetch_unique`'s rows, looked up on the calling thread with one blocking call,
-        where that is one message to one shard and the client keeps no cache; None where it is
-        not, or where that one try failed (then ask :meth:`prefetch_unique`: it retries, fails
-        over and raises what went wrong). For a lookup agent's ordered lookups: no hand-over
-        to the I/O thread nor asyncio (0.2-0.5 ms of a ~1.3 ms lookup on a shared core)."""
+        """:meth:`prefetch_unique`'s rows, looked up on the calling thread with one blocking call
+        of at most 0.5 s, where that is one message to one shard and the client keeps no cache;
+        None where it is not, or where that one try failed in any way (then ask
+        :meth:`prefetch_unique`: it retries, fails over and raises what went wrong). Ids that
+        are not rows of the table raise :class:`InvalidRequest`. For a lookup agent's ordered
+        lookups: no hand-over to the I/O thread nor asyncio (0.2-0.5 ms of a ~1.3 ms lookup on
+        a shared core). The caller's thread blocks meanwhile."""
         [(flat, shape)], [buf] = plan.lookups([row_ids], None if rows_out is None else [rows_out], self.layout,
                                               self.dtype, True, self.width)
         r = self._transfers.unique_now(flat, shape, buf, self._sync)
@@ -210,7 +213,7 @@ class EngramClient:
 
     def submit_push(self, row_ids: Any, grads: Any, *, lr: float | None = None) -> concurrent.futures.Future[int]:
         """:meth:`push_gradients` without waiting: a future of the number of rows updated (for
-        a caller, like the lookup agent, that must not block its thread on the push)."""
+        a caller, like the lookup agent, that must not block its thread on a push)."""
         ids, flat = plan.flat_ids(row_ids, self.layout.total_rows)
         g = plan.check_grads(ids.shape, grads, self.layout.row_dim)
         plan.check_lr(lr)

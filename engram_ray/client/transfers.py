@@ -1,6 +1,7 @@
 """Lookups and pushes on the client's I/O thread: plan (:mod:`.plan`), call every message at
 once (:mod:`.calls`), check and place each answer as it lands; and ``Prefetch``, the caller's
-handle on rows on their way."""
+handle on rows on their way. A lookup agent's one-message lookups may instead run on its own
+thread with one blocking call (:meth:`Transfers.unique_now`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-import grpc
 import numpy as np
 
 from ..core.dtypes import row_width
@@ -28,6 +28,12 @@ from .calls import ShardCalls
 from .stats import ClientStats
 
 __all__ = ["Prefetch", "Transfers", "UniqueRows"]
+
+#: The longest a direct lookup (:meth:`Transfers.unique_now`) waits for its shard before the
+#: full path takes over: ~100x a healthy lookup here, far below the client's timeout.
+DIRECT_TIMEOUT_S = 0.5
+#: After a direct try of a shard failed, its lookups go the full path for this long.
+DIRECT_COOL_DOWN_S = 5.0
 
 T = TypeVar("T")
 
@@ -134,6 +140,8 @@ class Transfers:
         self._client_id = uuid.uuid4().hex[:12]
         self._seq = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()  # lookups in flight (touched on the I/O thread only)
+        #: Per shard, until when (time.monotonic()) lookups of it are not tried directly.
+        self._direct_off = [0.0] * (len(self.bounds) - 1)
 
     # Lookups -------------------------------------------------------------------------------
     async def start(self, items: list[tuple[np.ndarray, tuple[int, ...], Prefetch]], kind: str = "rows",
@@ -208,24 +216,31 @@ class Transfers:
                    stub_of: Any) -> UniqueRows | None:
         """:meth:`unique` on the calling thread with one blocking call (``stub_of(address)``: a
         synchronous stub), where the lookup is one message to one shard and there is no cache
-        (the cache is the I/O thread's alone); None where it is not, or where the call failed:
-        the caller then asks :meth:`unique`, which retries and fails over. Why: a node's lookup
-        agent answering the first Engram layer, where an asyncio hand-off and ``grpc.aio`` cost
-        0.2-0.5 ms of a ~1.3 ms lookup on a shared core (measured with a timeline of each hop)."""
+        (the cache is the I/O thread's alone); None where it is not, or where the try failed
+        in any way (the caller then asks :meth:`unique`, which retries, fails over and raises
+        what went wrong, with its statistics). Why: a node's lookup agent answering the first
+        Engram layer, where an asyncio hand-off and ``grpc.aio`` cost 0.2-0.5 ms of a ~1.3 ms
+        lookup on a shared core (measured with a timeline of each hop).
+
+        A try waits at most :data:`DIRECT_TIMEOUT_S` (not the client's timeout), and a shard
+        whose try failed is not tried directly for :data:`DIRECT_COOL_DOWN_S`: a hung or lost
+        shard costs the caller one short wait, not a full timeout before every fallback."""
         if self.cache is not None or flat.size == 0:
             return None
         lo, hi = np.searchsorted(self.bounds, [flat.min(), flat.max()], side="right") - 1
-        if lo != hi or flat.size > self.sizes.lookup_rows:
+        if lo != hi or flat.size > self.sizes.lookup_rows or time.monotonic() < self._direct_off[lo]:
             return None
         f = self._plan(flat, rows_out)
         [(sh, a, b, req)] = f.requests
-        stub = stub_of(self.calls.replicas.addresses[sh])
         t2 = time.perf_counter()
         try:
-            resp = stub.Lookup(req, timeout=self.calls.timeout, metadata=self.calls.metadata)
-        except grpc.RpcError:
-            return None  # the full path retries, fails over or says what went wrong
-        self._land(sh, a, b, resp, f)
+            stub = stub_of(self.calls.replicas.addresses[sh])
+            resp = stub.Lookup(req, timeout=min(self.calls.timeout, DIRECT_TIMEOUT_S), metadata=self.calls.metadata)
+            self._land(sh, a, b, resp, f)
+        except Exception:  # noqa: BLE001 - an RpcError, a bad answer, a closed client: the full path says
+            self._direct_off[sh] = time.monotonic() + DIRECT_COOL_DOWN_S
+            self.stats.count("lookups_direct_failed", 1)
+            return None
         uniq, inverse, uniq_rows, stages, t3, fetched = self._landed(f, t2, None)
         inv = np.arange(uniq.size, dtype=np.int64) if inverse is None else inverse.astype(np.int64, copy=False)
         stages["decode"] += time.perf_counter() - t3

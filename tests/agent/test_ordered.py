@@ -136,3 +136,23 @@ def test_agent_answers_ordered_lookups_on_its_thread_or_hands_them_over(served: 
         st = worker.stats()
         assert st["agent_refused"] == 0 and st["lookups"] == 12
         assert st["lookups_direct"] == 3  # the first layer's, each round; the rest were handed over
+
+
+def test_ids_outside_the_table_refuse_their_own_request_alone(served: Served):
+    """Whichever way a packet's other lookups go (direct, or handed over together), a lookup
+    of ids that are not rows is refused by itself."""
+    from engram_ray.agent.protocol import AgentRefused
+
+    with EngramClient(served.addresses, served.layout) as direct:
+        b = int(direct._transfers.bounds[1])
+    both_shards, bad = np.array([1, b + 2]), np.array([served.layout.total_rows + 5])
+    with AgentClient(served.socket, served.layout) as worker:
+        for layers in ([both_shards, bad], [bad, both_shards], [np.array([3]), bad, both_shards]):
+            fetches = worker.prefetch_unique_many(layers, ordered=True)
+            for ids, f in zip(layers, fetches):
+                if ids is bad:
+                    with pytest.raises(AgentRefused, match="outside the table"):
+                        f.result(10)
+                else:
+                    assert f.result(10).rows.shape[0] == ids.size
+                f.release()
