@@ -12,7 +12,10 @@ while one process per memory core runs flat out at one kind of work:
 * ``gather``: lookups of ``rows`` random rows of ``row_bytes`` from a ``table_gib`` table (per
   memory core), as a shard reads a lookup's rows (no gRPC);
 * ``stream``: copying a 64 MiB buffer into another again and again (128 MiB touched: memory
-  bandwidth, and the last-level cache flushed).
+  bandwidth, and the last-level cache flushed);
+* ``lookup``: a memory side's whole work per lookup in one process -- a shard of the 100B
+  layout (``table_gib`` resident) served over gRPC on loopback, and a client there asking it
+  for ``rows`` random rows per call (protobuf, gRPC at both ends, Python, the gather).
 
 Each round runs every load once, in an order rotated round by round, and each load's figure is
 paired with its own round's idle run: ``time / idle time - 1``, median and quartiles over the
@@ -38,7 +41,7 @@ from .isolation import Isolation, cpus_allowed, pin_process, process_cpus
 
 __all__ = ["LOADS", "run"]
 
-LOADS = ("idle", "spin", "gather", "stream")
+LOADS = ("idle", "spin", "gather", "stream", "lookup")
 _STREAM_FLOATS = 16 << 20  # 64 MiB of float32
 
 
@@ -74,8 +77,43 @@ def _load(kind: str, cores: list[int], table_gib: float, row_bytes: int, rows: i
                 np.copyto(b, a)
                 n += 1
                 count.value = n
+        elif kind == "lookup":
+            _lookups(table_gib, rows, ready, stop, parent, count)
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent reports it
         return
+
+
+def _lookups(table_gib: float, rows: int, ready: Any, stop: Any, parent: int, count: Any) -> None:
+    """The ``lookup`` load: one shard of the 100B layout with ``table_gib`` of rows resident,
+    served over gRPC on 127.0.0.1, and a client in this process asking it for ``rows`` random
+    distinct rows per call, one call after another."""
+    import grpc
+
+    from ..config import OptimizerConfig, StoreConfig, table_100b
+    from ..core.layout import TableLayout
+    from ..core.plan import resident_rows_per_shard
+    from ..data import default_vocab
+    from ..rpc import codec, create_server
+    from ..rpc.generated import engram_pb2 as pb
+    from ..rpc.generated import engram_pb2_grpc as pb_grpc
+    from ..store import TableShard
+
+    layout = TableLayout.build(table_100b(), default_vocab())
+    store = StoreConfig(optimizer=OptimizerConfig(kind="none"),
+                        resident_rows_per_shard=resident_rows_per_shard(layout, "float32", 1, table_gib))
+    server, port = create_server(TableShard.create(layout, 1, 0, store), "127.0.0.1", 0)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        stub, rng, n = pb_grpc.EngramMemoryStub(channel), np.random.default_rng(os.getpid()), 0
+        ready.set()
+        while not stop.is_set() and os.getppid() == parent:
+            ids = np.unique(rng.integers(0, layout.total_rows, rows))
+            stub.Lookup(pb.LookupRequest(fingerprint=layout.fingerprint, row_ids=codec.encode(ids)), timeout=10)
+            n += 1
+            count.value = n
+    finally:
+        channel.close()
+        server.stop(0)
 
 
 def _forward(model_cfg: Any, batch: int, positions: int) -> Any:
@@ -110,7 +148,7 @@ def _check(model_cfg: Any, rounds: int, batch: int, positions: int, table_gib: f
         raise ValueError(f"positions={positions}: expected 1..{model_cfg.max_seq_len} (the model's max_seq_len)")
     if row_bytes < 4 or row_bytes % 4:
         raise ValueError(f"row_bytes={row_bytes}: expected a positive multiple of 4 bytes (float32 rows)")
-    if "gather" in loads:
+    if "gather" in loads or "lookup" in loads:
         need = table_gib * 2**30 * memory_cores
         free = _mem_available()
         if not row_bytes <= table_gib * 2**30 or (free is not None and need > 0.8 * free):
@@ -210,9 +248,9 @@ def run(model_cfg: Any, *, rounds: int = 5, batch: int = 8, positions: int = 64,
                          "slowdown_per_round": ratio.tolist(), "cpus": sorted(load_cpus[kind]),
                          "rate_per_s": float(np.median(rates[kind])) if kind != "idle" else 0.0,
                          "rate_unit": _UNITS[kind]}
-    for kind in ("gather", "stream"):
+    for kind in ("gather", "stream", "lookup"):
         if kind in results:  # in bytes too: comparable with a memory side's row traffic
-            per = rows * row_bytes if kind == "gather" else 2 * 4 * _STREAM_FLOATS
+            per = 2 * 4 * _STREAM_FLOATS if kind == "stream" else rows * row_bytes
             results[kind]["gib_per_s"] = results[kind]["rate_per_s"] * per / 2**30
     return {"benchmark": "interference", "model": dataclasses.asdict(model_cfg), "rounds": rounds,
             "workload": {"decode_batch": batch, "positions": positions, "best_of": 3, "warmup_rounds": 1},
@@ -225,5 +263,6 @@ def run(model_cfg: Any, *, rounds: int = 5, batch: int = 8, positions: int = 64,
                     "memory side answering one worker's lookups: an upper bound on what such work can cost"}
 
 
-_UNITS = {"idle": "-", "spin": "20k-iteration loops", "gather": "lookups", "stream": "64 MiB copies"}
+_UNITS = {"idle": "-", "spin": "20k-iteration loops", "gather": "lookups", "stream": "64 MiB copies",
+          "lookup": "gRPC lookups"}
 #: gib_per_s counts bytes moved: a gather reads its rows; a copy reads 64 MiB and writes 64 MiB.

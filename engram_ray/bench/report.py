@@ -387,7 +387,11 @@ def _interference(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
                   f"{iso['compute_cores']}, while one process per memory core ({iso['memory_cores']}) runs flat out "
                   f"at: nothing; Python arithmetic (spin); random lookups of {g['rows_per_lookup']} rows of "
                   f"{g['row_bytes']} B from a {g['table_gib_per_core']:g} GiB table (gather: a shard's reads without "
-                  f"gRPC); copying 64 MiB (stream). {r['rounds']} rounds after a warm-up round, the order rotated; "
+                  f"gRPC); copying 64 MiB (stream)"
+                  + ("; a shard of the 100B layout with that many GiB resident, served over gRPC on loopback, "
+                     "and a client in the same process asking it for as many random rows per call (lookup)"
+                     if "lookup" in r["results"] else "")
+                  + f". {r['rounds']} rounds after a warm-up round, the order rotated; "
                   "each load's slowdown is paired with its round's idle run (median, quartiles). The loads run flat "
                   "out (their rates are in the last column), far harder than a memory side answering one worker: "
                   "the figures bound what such work costs the model through the machine's shared cache, memory "

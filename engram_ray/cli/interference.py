@@ -38,11 +38,13 @@ def _cmd(args: argparse.Namespace) -> int:
 
 def add(bsub: argparse._SubParsersAction) -> None:
     b = bsub.add_parser("interference", help="how much work on the memory cores slows compute on the compute "
-                                             "cores of this machine (spin, row gathers, memory streaming)",
+                                             "cores of this machine (spin, row gathers, memory streaming, "
+                                             "gRPC lookups)",
                         description="Run bench offload's decode-shaped forward on the compute cores while one "
                                     "process per memory core runs flat out at one kind of work: nothing, Python "
                                     "arithmetic, random row gathers from a table (a shard's lookups without "
-                                    "gRPC), or memory streaming, each round paired with its own idle run. The "
+                                    "gRPC), memory streaming, or gRPC lookups of a real shard (server and client "
+                                    "in one process), each round paired with its own idle run. The "
                                     "loads run far above a memory side's real traffic: the slowdowns bound what "
                                     "such work can cost the model through the machine's shared cache, memory and "
                                     "power.")
@@ -52,12 +54,15 @@ def add(bsub: argparse._SubParsersAction) -> None:
     b.add_argument("--positions", type=int, default=64, help="decode steps per timed run (default: 64)")
     b.add_argument("--rounds", type=int, default=5, help="rounds over the loads (default: 5)")
     b.add_argument("--table-gib", type=float, default=1.0,
-                   help="the gather load's table, per memory core (default: 1 GiB, as bench offload's resident rows)")
+                   help="the gather and lookup loads' table, per memory core (default: 1 GiB, as bench offload's "
+                        "resident rows)")
     b.add_argument("--row-bytes", type=int, default=320,
-                   help="bytes per row (default: 320, the 100B table's fp32 rows)")
+                   help="bytes per row of the gather load (default: 320, the 100B table's fp32 rows, which "
+                        "the lookup load serves)")
     b.add_argument("--rows", type=int, default=256,
-                   help="rows per gathered lookup (default: 256, a decode step's 2 layers x 8 tokens x 16 heads)")
-    b.add_argument("--loads", nargs="+", default=["idle", "spin", "gather", "stream"],
-                   choices=["idle", "spin", "gather", "stream"], help="loads to run (default: all; idle is needed)")
+                   help="rows per lookup (default: 256, a decode step's 2 layers x 8 tokens x 16 heads)")
+    b.add_argument("--loads", nargs="+", default=["idle", "spin", "gather", "stream", "lookup"],
+                   choices=["idle", "spin", "gather", "stream", "lookup"],
+                   help="loads to run (default: all; idle is needed)")
     b.add_argument("--out", metavar="FILE.json", help="write the report here, and FILE.png")
     b.set_defaults(func=_cmd)

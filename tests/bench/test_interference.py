@@ -28,7 +28,7 @@ def test_every_load_runs_on_the_memory_cores_does_work_and_is_reported():
     assert list(rep["results"]) == list(interference.LOADS) and rep["workload"]["warmup_rounds"] == 1
     idle = rep["results"]["idle"]
     assert idle["slowdown_per_round"] == [0.0, 0.0] and idle["cpus"] == []
-    for kind in ("spin", "gather", "stream"):
+    for kind in ("spin", "gather", "stream", "lookup"):  # lookup: a real shard and client over gRPC
         r = rep["results"][kind]
         assert r["cpus"] == iso["memory_cores"]                    # every thread of every load process
         assert r["rate_per_s"] > 0                                 # it ran while the forward was timed
