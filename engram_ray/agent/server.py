@@ -27,8 +27,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..client import EngramClient
+from ..client.plan import flat_ids
 from ..core.dtypes import row_width
 from ..core.optim import lr_error
+from ..errors import InvalidRequest
 from .protocol import (
     HELLO,
     HELLO_INFO,
@@ -265,10 +267,10 @@ class LookupAgent:
                 raise _Refused(op, req_id, slot, f"push with {lr_error(lr)}, or 0 for the shards' own")
         # the worker may write its slot any time: read the ids (and a push's rate) once, now;
         # ids that are not rows refuse this request alone, whichever way it would have gone
-        ids = s.ids[:n].copy()
-        if n and (int(ids.min()) < 0 or int(ids.max()) >= self.layout.total_rows):
-            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-            raise _Refused(op, req_id, slot, f"row id {bad} is outside the table's {self.layout.total_rows} rows")
+        try:
+            _, ids = flat_ids(s.ids[:n], self.layout.total_rows, copy=True)
+        except InvalidRequest as e:
+            raise _Refused(op, req_id, slot, str(e)) from None
         s.busy = True
         return _Job(s, op, req_id, slot, ids, op == Op.UNIQUE and bool(flags & ORDERED), lr)
 

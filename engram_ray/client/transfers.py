@@ -184,22 +184,27 @@ class Transfers:
             rows = out
             np.take(uniq_rows, np.arange(uniq.size) if inverse is None else inverse, axis=0, out=out)
         stages["decode"] += time.perf_counter() - t3
-        self._done(uniq, fetched, stages, p)
+        self._done(uniq, fetched, stages, p._seconds or 0.0)
         return rows
 
     async def unique(self, flat: np.ndarray, shape: tuple[int, ...], p: Prefetch,
                      rows_out: np.ndarray | None = None) -> UniqueRows:
         """:class:`UniqueRows` of ``flat``; rows written into ``rows_out[:U]`` when given
         (caller-owned, ``[>= N, dim]`` in the storage dtype: no copy after the wire's)."""
-        uniq, inverse, uniq_rows, stages, t3, fetched = await self._fetch(flat, p, rows_out)
+        return self._unique_rows(await self._fetch(flat, p, rows_out), shape, p._seconds or 0.0)
+
+    def _unique_rows(self, landed: tuple[np.ndarray, np.ndarray | None, np.ndarray, dict[str, float], float, int],
+                     shape: tuple[int, ...], latency: float) -> UniqueRows:
+        """A landed lookup (:meth:`_landed`) as :class:`UniqueRows`, counted in the stats."""
+        uniq, inverse, uniq_rows, stages, t3, fetched = landed
         inv = np.arange(uniq.size, dtype=np.int64) if inverse is None else inverse.astype(np.int64, copy=False)
         stages["decode"] += time.perf_counter() - t3
-        self._done(uniq, fetched, stages, p)
+        self._done(uniq, fetched, stages, latency)
         return UniqueRows(uniq, uniq_rows, inv, shape)
 
-    def _done(self, uniq: np.ndarray, fetched: int, stages: dict[str, float], p: Prefetch) -> None:
+    def _done(self, uniq: np.ndarray, fetched: int, stages: dict[str, float], latency: float) -> None:
         self.stats.lookup_done(unique_ids=int(uniq.size), nbytes=fetched * self._row_nbytes,
-                               stages=stages, latency=p._seconds or 0.0)
+                               stages=stages, latency=latency)
 
     async def _fetch(self, flat: np.ndarray, p: Prefetch, rows_out: np.ndarray | None
                      ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, dict[str, float], float, int]:
@@ -210,7 +215,9 @@ class Transfers:
         calls = [self._chunk(sh, a, b, req, f) for sh, a, b, req in f.requests]
         t2 = time.perf_counter()
         await _gather(calls)
-        return self._landed(f, t2, p)
+        landed = self._landed(f, t2)
+        p._seconds = landed[4] - f.t0
+        return landed
 
     def unique_now(self, flat: np.ndarray, shape: tuple[int, ...], rows_out: np.ndarray | None,
                    stub_of: Any) -> UniqueRows | None:
@@ -241,12 +248,8 @@ class Transfers:
             self._direct_off[sh] = time.monotonic() + DIRECT_COOL_DOWN_S
             self.stats.count("lookups_direct_failed", 1)
             return None
-        uniq, inverse, uniq_rows, stages, t3, fetched = self._landed(f, t2, None)
-        inv = np.arange(uniq.size, dtype=np.int64) if inverse is None else inverse.astype(np.int64, copy=False)
-        stages["decode"] += time.perf_counter() - t3
-        self.stats.lookup_done(unique_ids=int(uniq.size), nbytes=fetched * self._row_nbytes, stages=stages,
-                               latency=time.perf_counter() - f.t0)
-        return UniqueRows(uniq, uniq_rows, inv, shape)
+        landed = self._landed(f, t2)
+        return self._unique_rows(landed, shape, landed[4] - f.t0)
 
     def _plan(self, flat: np.ndarray, rows_out: np.ndarray | None) -> _Lookup:
         """Dedup, take the cached rows, and the messages for the rest."""
@@ -269,9 +272,10 @@ class Transfers:
                     for sh, a, b in plan.split(want, self.bounds, self.sizes.lookup_rows)]
         return _Lookup(uniq, inverse, uniq_rows, want, miss, tags, epoch, requests, t0, t1)
 
-    def _landed(self, f: _Lookup, t2: float, p: Prefetch | None
+    def _landed(self, f: _Lookup, t2: float
                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, dict[str, float], float, int]:
-        """Every answer is in: cache what may be cached; the stages' seconds."""
+        """Every answer is in: cache what may be cached; ``(uniq, inverse, uniq_rows, stages'
+        seconds, t (now), rows fetched from the shards)``."""
         t3 = time.perf_counter()
         cache, miss, tags, want, uniq = self.cache, f.miss, f.tags, f.want, f.uniq
         if cache is not None and miss is not None and tags is not None:
@@ -281,8 +285,6 @@ class Transfers:
                 keep = np.isin(self._shard_of(want), fresh)
                 cache.put(want[keep], f.uniq_rows[miss[keep]])
             self.stats.count("bytes_saved", (uniq.size - want.size) * self._row_nbytes)
-        if p is not None:
-            p._seconds = t3 - f.t0
         decode = f.decode_s[0]
         stages = {"dedup": f.t1 - f.t0, "encode": t2 - f.t1, "in_flight": t3 - t2 - decode, "decode": decode}
         return uniq, f.inverse, f.uniq_rows, stages, t3, int(want.size)
