@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ..config import DTYPE_ALIASES, MODEL_PRESETS, PRESETS, STORE_DTYPES, store_dtype
-from . import interference
+from . import interference, overlap
 from .common import add_cache_args, add_table_args, add_tokenizer_arg, cache_bytes, engram_config, table_layout
 
 
@@ -546,7 +546,7 @@ def _add_report(bsub) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks, JSON (+ PNG) out: hash, lookup, offload, load, "
-                                     "recovery, latency-vs-size, cache, agent-hop, interference, report",
+                                     "recovery, latency-vs-size, cache, agent-hop, interference, overlap, report",
                        description="Benchmarks. Each writes JSON with --out.")
     bsub = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     _add_hash(bsub)
@@ -558,4 +558,5 @@ def register(sub) -> None:
     _add_latency_vs_size(bsub)
     _add_agent_hop(bsub)
     interference.add(bsub)
+    overlap.add(bsub)
     _add_report(bsub)

@@ -17,6 +17,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ..agent import AgentClient, LookupAgent
 from ..agent.process import default_socket_path
 from ..client.cache import DEFAULT_POLICY
+from .priority import serve_at_normal_priority
 from .spec import NAMESPACE
 
 __all__ = ["NodeAgent", "agent_name", "start_agent", "agent_client"]
@@ -36,6 +37,8 @@ class NodeAgent:
     def __init__(self, service_name: str, cache_bytes: int = 0, cache_policy: str = DEFAULT_POLICY):
         from .service import attach
 
+        #: This process's niceness: Ray's workers start at 15, the agent serves at 0 where allowed.
+        self.nice = serve_at_normal_priority()
         svc = attach(service_name, address=None)
         node = ray.get_runtime_context().get_node_id()
         self.path = default_socket_path(f"{service_name}-{node[:16]}")
@@ -73,7 +76,7 @@ class NodeAgent:
         return self.path
 
     def info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "socket": self.path, "connections": self.agent.connections,
+        return {"pid": os.getpid(), "nice": self.nice, "socket": self.path, "connections": self.agent.connections,
                 "refused": self.agent.refused, "client": self.client.stats()}
 
 

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from ..rpc.host import ShardHost
+from .priority import serve_at_normal_priority
 from .spec import NAMESPACE, ServiceSpec
 
 __all__ = ["NAMESPACE", "ShardServer"]
@@ -36,6 +37,8 @@ class ShardServer:
         given to shard actors only, never kept in the spec."""
         import ray
 
+        #: This process's niceness: Ray's workers start at 15, a shard serves at 0 where allowed.
+        self.nice = serve_at_normal_priority()
         self.name, self.index, self.replica = spec.name, shard_index, replica
         #: True when Ray restarted this actor after it died.
         self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
@@ -77,7 +80,7 @@ class ShardServer:
     def info(self) -> dict[str, Any]:
         """Where the shard runs and what it holds (small metadata only), with its Ray node."""
         import ray
-        return dict(self.host.info(), node_id=ray.get_runtime_context().get_node_id())
+        return dict(self.host.info(), node_id=ray.get_runtime_context().get_node_id(), nice=self.nice)
 
     def stop(self, grace: float = 1.0) -> None:
         self.host.stop(grace)

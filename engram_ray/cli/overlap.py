@@ -1,0 +1,71 @@
+"""``engram-ray bench overlap``: what a decode step's lookups cost the compute around them on
+this machine, with the shards beside the model and with the agent alone (see bench/overlap.py)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from ..config import MODEL_PRESETS
+from .common import add_table_args, engram_config
+
+__all__ = ["add"]
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    from ..bench import overlap
+    from ..bench.common import write_report
+    from ..config import model_preset
+    from ..data import default_vocab, load_tokenizer
+
+    cfg, source = engram_config(args)
+    vocab = default_vocab(load_tokenizer(args.tokenizer))
+    model = dataclasses.replace(model_preset(args.model), vocab_size=max(model_preset(args.model).vocab_size,
+                                                                         vocab.num_tokens))
+    report = overlap.run(cfg, model, vocab, iterations=args.iterations, batch=args.decode_batch, layers=args.layers,
+                         shards=args.shards, max_resident_gib=args.max_resident_gib,
+                         settings=tuple(args.settings), progress=True)
+    report["source"] = source
+    write_report(report, args.out)
+    c = report["chunk"]
+    print(f"one decode step of a {c['layers']}-block backbone ({args.model}, batch {c['decode_batch']}) on cores "
+          f"{report['isolation'].get('compute_cores')}; memory side on {report['isolation'].get('memory_cores')}. "
+          "Extra microseconds of that compute, paired with the iteration's 'none' run, median [quartiles]:")
+    for setting, r in report["results"].items():
+        print(f"  {setting} (a lookup round trip: {r['round_trip_us']:,.0f} us)")
+        for cond, x in r["conditions"].items():
+            q1, q3 = x["extra_us_quartiles"]
+            print(f"    {cond:<9} {x['median_us']:8,.0f} us   {x['extra_us']:+7.0f} us [{q1:+.0f}, {q3:+.0f}]  "
+                  f"({100 * x['slowdown']:+.1f} %)")
+        m = r["memory_work_us"]
+        print(f"    the memory side's work (after - idle): {m['median']:+.0f} us [{m['quartiles'][0]:+.0f}, "
+              f"{m['quartiles'][1]:+.0f}]")
+        if r["timed_cache_misses"] is not None:
+            print(f"    timed lookups that reached a shard despite the cache: {r['timed_cache_misses']} rows")
+    return 0
+
+
+def add(bsub: argparse._SubParsersAction) -> None:
+    b = bsub.add_parser("overlap", help="what a decode step's lookups cost the compute around them, with the "
+                                        "shards on this machine and with the agent alone",
+                        description="Time one decode step of a backbone of the blocks before the first Engram "
+                                    "layer (the compute a step's first lookup overlaps) on the compute cores: "
+                                    "alone, after a sleep as long as a lookup, with the step's lookups in "
+                                    "flight, and right after they came in -- with every lookup answered by a "
+                                    "shard on this machine's memory cores (as bench offload runs), and with "
+                                    "the agent's row cache answering all of them (the shards idle: what a "
+                                    "compute node keeps when the shards live on memory nodes). Each condition "
+                                    "is paired with its iteration's baseline run.")
+    add_table_args(b, "table_100b")
+    b.add_argument("--model", default="demo", choices=sorted(MODEL_PRESETS), help="backbone preset (default: demo)")
+    b.add_argument("--layers", type=int, default=None,
+                   help="blocks in the timed step (default: those before the table's first Engram layer)")
+    b.add_argument("--decode-batch", type=int, default=8, help="sequences per step (default: 8, as bench offload's)")
+    b.add_argument("--iterations", type=int, default=200, help="timed iterations per setting (default: 200)")
+    b.add_argument("--shards", type=int, default=2, help="shards of the table (default: 2)")
+    b.add_argument("--max-resident-gib", type=float, default=1.0,
+                   help="RAM for the table's rows in all (default: 1.0, as bench offload's)")
+    b.add_argument("--settings", nargs="+", default=["shards", "agent_only"], choices=["shards", "agent_only"],
+                   help="memory settings to run (default: both)")
+    b.add_argument("--out", metavar="FILE.json", help="write the report here")
+    b.set_defaults(func=_cmd)
