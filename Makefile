@@ -38,6 +38,7 @@ bench: setup
 	$(BIN)/engram-ray bench offload --profile --repeats 11 --out results/offload.json
 	$(BIN)/engram-ray bench offload --cache-gib 0.25 --out results/offload_cache.json
 	$(BIN)/engram-ray bench interference --out results/interference.json
+	$(BIN)/engram-ray bench overlap --iterations 400 --out results/overlap.json
 	$(BIN)/engram-ray bench cache --out results/cache.json
 	$(BIN)/engram-ray experiment allocation --out results/allocation.json
 	$(BIN)/engram-ray experiment iso --out results/iso.json

@@ -162,8 +162,10 @@ def run(engram_cfg: EngramConfig, model_cfg: Any, vocab: Any, *, iterations: int
                 tokens = rng.integers(0, vocab.num_tokens, size=(POOL, batch, 1))
                 steps = [list(indexer.rows(t)) for t in tokens]                  # POOL x L x [B, 1, H]
                 ids = sum(int(np.unique(np.concatenate([r.ravel() for r in s])).size) for s in steps)
-                cache = 4 * ids * src.layout.row_bytes("float32") if setting == "agent_only" else 0
-                agent = src.agent_client(cache_bytes=max(cache, 1 << 20) if cache else 0)
+                # room to spare: the cache is set-associative, and a row evicted by a conflict goes to a shard
+                cache = 16 * ids * src.layout.row_bytes("float32") if setting == "agent_only" else 0
+                # LRU admits every row it sees (TinyLFU may refuse a row until it has been asked often)
+                agent = src.agent_client(cache_bytes=max(cache, 4 << 20) if cache else 0, cache_policy="lru")
                 try:
                     def body(agent: Any = agent, steps: list[list[np.ndarray]] = steps
                              ) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -453,8 +453,32 @@ def _resolution_text(a: dict[str, Any]) -> str:
             "gap, the less the alignment index can say.")
 
 
+def _overlap(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
+    """Section: what a burst of lookups costs the compute that follows or overlaps it."""
+    c, iso = r["chunk"], r["isolation"]
+    rows = []
+    for setting, x in r["results"].items():
+        for cond, y in x["conditions"].items():
+            q1, q3 = y["extra_us_quartiles"]
+            rows.append([setting, cond, f"{y['median_us']:,.0f}", f"{y['extra_us']:+.0f}", f"{q1:+.0f} / {q3:+.0f}"])
+        m = x["memory_work_us"]
+        rows.append([setting, "after - idle", "", f"{m['median']:+.0f}", f"{m['quartiles'][0]:+.0f} / "
+                     f"{m['quartiles'][1]:+.0f}"])
+    trips = ", ".join(f"{k} {x['round_trip_us']:,.0f} µs" for k, x in r["results"].items())
+    return _table("## Overlap: a step's lookups against the compute around them", r,
+                  f"One decode step of a {c['layers']}-block backbone (batch {c['decode_batch']}, the blocks before "
+                  f"the first Engram layer) on cores {iso.get('compute_cores')}, the memory side on "
+                  f"{iso.get('memory_cores')}: right after the previous step (none), after sleeping a lookup's round "
+                  f"trip (idle), with a decode step's lookups in flight (inflight) and right after they came in "
+                  f"(after). shards: every lookup answered by a shard on this machine; agent_only: by the agent's "
+                  f"row cache, the shards idle. Round trips: {trips}. {r['iterations']} iterations, conditions "
+                  "rotated; extra µs paired with the iteration's none run (median, quartiles).",
+                  ["memory side", "condition", "step µs", "extra µs", "quartiles"], rows)
+
+
 #: Sections in page order, each rendered from ``<folder>/<name>.json`` when it exists.
-SECTIONS = {"offload": _offload, "offload_cache": _offload_cache, "interference": _interference, "cache": _cache,
+SECTIONS = {"offload": _offload, "offload_cache": _offload_cache, "interference": _interference,
+            "overlap": _overlap, "cache": _cache,
             "agent_hop": _agent_hop, "agent_hop_own_core": _agent_hop_own_core,
             "lookup": _lookup, "latency": _latency, "latency_mmap": _latency_mmap, "load": _load,
             "recovery": _recovery, "hash": _hash, "allocation": _allocation, "iso": _iso,

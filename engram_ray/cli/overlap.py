@@ -41,7 +41,8 @@ def _cmd(args: argparse.Namespace) -> int:
         print(f"    the memory side's work (after - idle): {m['median']:+.0f} us [{m['quartiles'][0]:+.0f}, "
               f"{m['quartiles'][1]:+.0f}]")
         if r["timed_cache_misses"] is not None:
-            print(f"    timed lookups that reached a shard despite the cache: {r['timed_cache_misses']} rows")
+            print(f"    rows the timed lookups fetched from a shard despite the cache: {r['timed_cache_misses']} (the "
+                  "cache re-asks a shard that has been silent for a second, to see pushes by other writers)")
     return 0
 
 

@@ -14,7 +14,7 @@ def test_page_holds_every_report_and_the_gpu_check(tmp_path):
     page = write_results(RESULTS, tmp_path / "RESULTS.md").read_text()
     for title in ("## Offload", "## Lookup data plane", "## Lookup latency vs table size", "## Load",
                   "## Recovery", "## Hashing throughput", "## Experiment: sparsity allocation",
-                  "## Experiment: iso-parameter", "## Analysis: LogitLens and CKA"):
+                  "## Experiment: iso-parameter", "## Analysis: LogitLens and CKA", "## Overlap"):
         assert title in page
     cpu = json.loads((RESULTS / "offload.json").read_text())
     o = cpu["overhead"]["decode:remote_vs_local"]
