@@ -237,6 +237,8 @@ def _report(engram_cfg: EngramConfig, model_cfg: ModelConfig, layout: TableLayou
         "phases": list(m.tokens), "microbatches": o.microbatches,
         "repeats": o.repeats, "statistic": "median", "order": "interleaved a b c d per repetition, one warm-up",
         "results": res, "overhead": overhead, "overhead_paired": paired_overhead(m.times, list(m.tokens)),
+        # every timed run's seconds, repetition by repetition (runs_s[mode][phase][i]): the pairs
+        "runs_s": m.times,
         "cache": stats.get("cache") if stats else None,
         "wire": {k: stats.get(k) for k in ("bytes_received", "bytes_saved")} if stats else None,
         "lookup_p50_ms": stats["latency_p50_ms"] if stats else None,

@@ -343,3 +343,27 @@ def test_a_push_through_the_agent_carries_its_rate_and_a_hostile_rate_is_refused
         stop(proc)
         for srv in servers:
             srv.stop(0)
+
+
+def test_a_reader_polls_for_its_rows_before_it_sleeps_and_spin_0_never_polls(served, monkeypatch):
+    ids = np.arange(256).reshape(2, 128) * 13 % served.layout.total_rows
+    for spin, polls_expected in ((0.5, True), (0.0, False)):
+        with AgentClient(served.socket, served.layout, spin_s=spin) as agent:
+            want = agent.lookup(ids)                       # slots mapped (that reply carries fds: never polled)
+            calls: list[int] = []
+
+            def counted(calls: list[int] = calls, real=agent._poll) -> None:
+                calls.append(1)
+                real()
+            monkeypatch.setattr(agent, "_poll", counted)
+            fetch = agent.prefetch_unique(ids)             # read at once: the agent cannot have answered yet
+            u = fetch.result()
+            np.testing.assert_array_equal(u.expand(), want)
+            fetch.release()
+            assert bool(calls) == polls_expected
+
+
+@pytest.mark.parametrize("spin", [-0.001, 1.5])
+def test_spin_outside_0_to_1_s_is_refused(served, spin):
+    with pytest.raises(ValueError, match="spin_s"):
+        AgentClient(served.socket, served.layout, spin_s=spin)
