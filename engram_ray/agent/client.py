@@ -127,12 +127,12 @@ class AgentClient:
     up to ``connect_timeout`` seconds. ``timeout``: seconds to wait for a reply.
 
     ``spin_s``: a reader whose reply is not in polls the socket for up to this long before it
-    sleeps in ``recv`` (0: sleep at once). Rows are usually late by well under a millisecond,
-    and a core that sleeps that long comes back slower: measured with ``engram-ray bench
-    overlap``'s chunk on this project's 2-core box, a step of compute after a 1.6 ms sleep ran
-    ~100 µs slower than after the same time spent polling. The poll holds the GIL between
-    non-blocking ``recv`` calls: a worker that runs other Python threads while it waits for
-    rows may want 0."""
+    sleeps in ``recv`` (0: sleep at once); ``timeout`` bounds the poll and the sleep together.
+    Rows are usually late by well under a millisecond, and a core that sleeps that long comes
+    back slower: ``engram-ray bench overlap`` on this project's 2-core box timed the two blocks
+    before the first Engram layer (1.0 ms) 52-61 µs slower (median) after sleeping for a
+    lookup's round trip than after polling for it. The poll holds the GIL between non-blocking
+    ``recv`` calls: a worker that runs other Python threads while it waits for rows may want 0."""
 
     def __init__(self, socket_path: str, layout: TableLayout, *, start: Callable[[], Any] | None = None,
                  timeout: float = 60.0, connect_timeout: float = 30.0, spin_s: float = SPIN_S):
@@ -270,8 +270,10 @@ class AgentClient:
             self._drop()
             raise AgentUnavailable(f"lookup agent at {self.path}: {e}") from None
 
-    def _poll(self) -> None:
-        """Read every reply already waiting, without blocking."""
+    def _poll(self, req_id: int | None = None, until: float = 0.0) -> None:
+        """Read every reply already waiting, without blocking. With ``req_id``: go on reading
+        until its reply is in or ``time.perf_counter()`` passes ``until`` (a waiter's poll,
+        the socket made non-blocking once for all of it)."""
         sock = self._sock
         if sock is None:
             return
@@ -284,11 +286,15 @@ class AgentClient:
                 try:
                     data = sock.recv(MAX_PACKET)
                 except (BlockingIOError, InterruptedError):
-                    return
+                    if req_id is None or time.perf_counter() >= until:
+                        return
+                    continue
                 except OSError as e:
                     self._drop()
                     raise AgentUnavailable(f"lookup agent at {self.path}: {e}") from None
                 self._keep(self._check(data))
+                if req_id is not None and req_id in self._replies:
+                    return
         finally:
             if self._sock is sock:
                 sock.settimeout(self.timeout)
@@ -315,21 +321,31 @@ class AgentClient:
 
     def _wait_id(self, req_id: int, timeout: float | None, fds: list[int] | None = None) -> tuple[int, int, bytes]:
         """Read replies until ``req_id``'s; others are kept for their own waiters. A reply that
-        is not in yet is polled for ``spin_s`` (never longer than ``timeout``) before sleeping."""
+        is not in yet is polled for up to ``spin_s``, then waited for asleep; ``timeout``
+        (None: the client's) bounds the whole wait, the poll included."""
+        start = time.perf_counter()
+        limit = self.timeout if timeout is None else timeout  # None: no limit
+        spun = False
         if fds is None and req_id not in self._replies and self.spin_s:
-            deadline = time.perf_counter() + min(self.spin_s, self.timeout if timeout is None else timeout)
-            while req_id not in self._replies and self._sock is not None and time.perf_counter() < deadline:
-                self._poll()
-        if timeout is not None and self._sock is not None:
-            self._sock.settimeout(timeout)
-        try:
-            while req_id not in self._replies:
-                self._keep(self._recv_packet(fds))
-        except TimeoutError:
-            raise TimeoutError(f"lookup agent at {self.path}: no reply after {timeout or self.timeout} s") from None
-        finally:
-            if timeout is not None and self._sock is not None:
-                self._sock.settimeout(self.timeout)
+            spun = True  # never a reply that carries descriptors: a plain recv would drop them
+            self._poll(req_id, start + (self.spin_s if limit is None else min(self.spin_s, limit)))
+        if req_id not in self._replies:
+            if limit is not None and limit - (time.perf_counter() - start) <= 0:
+                self._poll()  # a zero timeout: what is already there, never a blocking recv
+                if req_id not in self._replies:
+                    raise TimeoutError(f"lookup agent at {self.path}: no reply after {limit} s")
+            retimed = (timeout is not None or spun) and limit is not None and self._sock is not None
+            if retimed:
+                assert self._sock is not None and limit is not None
+                self._sock.settimeout(max(1e-6, limit - (time.perf_counter() - start)))
+            try:
+                while req_id not in self._replies:
+                    self._keep(self._recv_packet(fds))
+            except TimeoutError:
+                raise TimeoutError(f"lookup agent at {self.path}: no reply after {limit} s") from None
+            finally:
+                if retimed and self._sock is not None:
+                    self._sock.settimeout(self.timeout)
         status, value, text, self._reply_slot = self._replies.pop(req_id)
         self._owner.pop(req_id, None)
         if status == ERROR:

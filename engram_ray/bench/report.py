@@ -454,25 +454,30 @@ def _resolution_text(a: dict[str, Any]) -> str:
 
 
 def _overlap(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
-    """Section: what a burst of lookups costs the compute that follows or overlaps it."""
+    """Section: what a burst of lookups, and a sleep, cost the compute that follows."""
     c, iso = r["chunk"], r["isolation"]
     rows = []
     for setting, x in r["results"].items():
         for cond, y in x["conditions"].items():
             q1, q3 = y["extra_us_quartiles"]
             rows.append([setting, cond, f"{y['median_us']:,.0f}", f"{y['extra_us']:+.0f}", f"{q1:+.0f} / {q3:+.0f}"])
-        m = x["memory_work_us"]
-        rows.append([setting, "after - idle", "", f"{m['median']:+.0f}", f"{m['quartiles'][0]:+.0f} / "
-                     f"{m['quartiles'][1]:+.0f}"])
+        for key, label in (("sleep_us", "idle - idle_poll"), ("memory_work_us", "after - idle_poll")):
+            if key in x:
+                m = x[key]
+                rows.append([setting, label, "", f"{m['median']:+.0f}",
+                             f"{m['quartiles'][0]:+.0f} / {m['quartiles'][1]:+.0f}"])
     trips = ", ".join(f"{k} {x['round_trip_us']:,.0f} µs" for k, x in r["results"].items())
+    which = (" (the blocks before the first Engram layer)"
+             if c["layers"] == c.get("first_engram_layer", c["layers"]) else "")
     return _table("## Overlap: a step's lookups against the compute around them", r,
-                  f"One decode step of a {c['layers']}-block backbone (batch {c['decode_batch']}, the blocks before "
-                  f"the first Engram layer) on cores {iso.get('compute_cores')}, the memory side on "
-                  f"{iso.get('memory_cores')}: right after the previous step (none), after sleeping a lookup's round "
-                  f"trip (idle), with a decode step's lookups in flight (inflight) and right after they came in "
-                  f"(after). shards: every lookup answered by a shard on this machine; agent_only: by the agent's "
-                  f"row cache, the shards idle. Round trips: {trips}. {r['iterations']} iterations, conditions "
-                  "rotated; extra µs paired with the iteration's none run (median, quartiles).",
+                  f"One decode step of {c['layers']} blocks{which}, batch {c['decode_batch']} ({c['what']}) on "
+                  f"cores {iso.get('compute_cores')}, the memory side on {iso.get('memory_cores')}: right after "
+                  "the previous step (none), after sleeping (idle) or polling (idle_poll) for a lookup's round "
+                  "trip, with a decode step's lookups in flight (inflight) and right after they came in "
+                  "(after). shards: every lookup answered by a shard on this machine; agent_only: by the "
+                  f"agent's row cache, the shards idle. Round trips: {trips}. {r['iterations']} iterations "
+                  f"({r['order']}); extra µs paired with the setting's none run of the same iteration "
+                  "(median, quartiles).",
                   ["memory side", "condition", "step µs", "extra µs", "quartiles"], rows)
 
 

@@ -3,10 +3,12 @@
 Ray starts every worker process at nice 15 (``RAY_worker_niceness``), so that busy tasks never
 starve its own daemons. A shard or a lookup agent is the opposite case: it sleeps until a
 lookup arrives and then sits on a model's critical path, while raylet, the GCS, the dashboard
-and the log monitor run at nice 0 on the same cores. At nice 15 against 0 the kernel gives it
-~3 % of a core whenever a daemon wants the core, so a lookup that lands while one does its
-periodic work waits for it. Measured on this project's 2-core CI box (``engram-ray bench
-offload``, the memory side sharing one core with Ray), see the README's performance section.
+and the log monitor run at nice 0 on the same cores. By the scheduler's weights (36 at nice 15
+against 1024 at 0) it then gets ~3 % of a core whenever a daemon wants that core, so a lookup
+that lands while one does its periodic work waits for it. (On this project's idle 2-core CI
+box the change moved no lookup latency measurably; it is for nodes whose daemons are busy.)
+The trade-off Ray's default guards against: a shard serving flat out at nice 0 competes with
+raylet and the GCS as an equal, where at 15 it would yield to them.
 
 Raising priority back to 0 needs CAP_SYS_NICE or an RLIMIT_NICE of 20; where neither is
 granted the actor keeps Ray's niceness and says so in its log (start Ray with
@@ -45,17 +47,24 @@ def serve_at_normal_priority(nice: int = NORMAL_NICE) -> int:
     before = niceness()
     if before <= nice:
         return before
+    done: set[int] = set()
     denied = 0
-    for tid in _threads():
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, nice)
-        except ProcessLookupError:  # a thread that ended meanwhile
-            continue
-        except PermissionError:
-            denied += 1
+    while True:  # again until no new thread shows up: one born meanwhile inherits its creator's
+        todo = [t for t in _threads() if t not in done]
+        if not todo:
+            break
+        for tid in todo:
+            done.add(tid)
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+            except ProcessLookupError:  # a thread that ended meanwhile
+                continue
+            except PermissionError:
+                denied += 1
     after = niceness()
     if denied:
-        log.warning("this serving process stays at nice %d (Ray's worker niceness): lowering it to %d "
-                    "needs CAP_SYS_NICE or RLIMIT_NICE >= %d; lookups may wait behind Ray's daemons. "
-                    "Start Ray with RAY_worker_niceness=%d to avoid it", after, nice, 20 - nice, nice)
+        log.warning("%d of this serving process's threads stay at Ray's worker niceness (this one: %d): "
+                    "lowering it to %d needs CAP_SYS_NICE or RLIMIT_NICE >= %d; lookups may wait behind "
+                    "Ray's daemons. Start Ray with RAY_worker_niceness=%d to avoid it",
+                    denied, after, nice, 20 - nice, nice)
     return after

@@ -352,9 +352,9 @@ def test_a_reader_polls_for_its_rows_before_it_sleeps_and_spin_0_never_polls(ser
             want = agent.lookup(ids)                       # slots mapped (that reply carries fds: never polled)
             calls: list[int] = []
 
-            def counted(calls: list[int] = calls, real=agent._poll) -> None:
+            def counted(*args, calls: list[int] = calls, real=agent._poll) -> None:
                 calls.append(1)
-                real()
+                real(*args)
             monkeypatch.setattr(agent, "_poll", counted)
             fetch = agent.prefetch_unique(ids)             # read at once: the agent cannot have answered yet
             u = fetch.result()
@@ -367,3 +367,51 @@ def test_a_reader_polls_for_its_rows_before_it_sleeps_and_spin_0_never_polls(ser
 def test_spin_outside_0_to_1_s_is_refused(served, spin):
     with pytest.raises(ValueError, match="spin_s"):
         AgentClient(served.socket, served.layout, spin_s=spin)
+
+
+@contextlib.contextmanager
+def _frozen(proc: subprocess.Popen):
+    """The agent stopped (SIGSTOP): packets queue on its socket, nothing is answered."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("timeout", [0.0, 0.05])
+def test_a_timeout_bounds_the_poll_too_and_keeps_the_connection(served, timeout):
+    import time
+    ids = np.arange(128) * 7 % served.layout.total_rows
+    with AgentClient(served.socket, served.layout, spin_s=0.5) as agent:
+        want = agent.lookup(ids)                       # slots mapped before the agent freezes
+        with _frozen(served.agent):
+            fetch = agent.prefetch_unique(ids)
+            t0 = time.perf_counter()
+            with pytest.raises(TimeoutError, match=f"no reply after {timeout}"):
+                fetch.result(timeout=timeout)
+            assert time.perf_counter() - t0 < 0.4        # not the 0.5 s poll, then the timeout again
+        np.testing.assert_array_equal(fetch.result(timeout=10).expand(), want)   # the same connection
+        fetch.release()
+        assert agent.reconnects == 0
+
+
+def test_no_client_timeout_waits_without_a_limit(served):
+    ids = np.arange(64) * 5 % served.layout.total_rows
+    with AgentClient(served.socket, served.layout, timeout=None) as agent:
+        assert agent.lookup(ids).shape == (64, served.layout.row_dim)
+
+
+def test_an_agent_that_dies_while_a_reader_polls_fails_the_read_at_once(served):
+    import threading
+    import time
+    ids = np.arange(128) * 3 % served.layout.total_rows
+    with AgentClient(served.socket, served.layout, spin_s=1.0) as agent:
+        agent.lookup(ids)
+        os.kill(served.agent.pid, signal.SIGSTOP)
+        fetch = agent.prefetch_unique(ids)
+        threading.Timer(0.1, lambda: os.kill(served.agent.pid, signal.SIGKILL)).start()
+        t0 = time.perf_counter()
+        with pytest.raises(AgentUnavailable):
+            fetch.result()
+        assert time.perf_counter() - t0 < 0.9            # inside the poll, not after it

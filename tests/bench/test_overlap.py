@@ -18,6 +18,7 @@ two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2
 @pytest.mark.parametrize("kwargs, message", [
     ({"iterations": 0}, "iterations=0"),
     ({"layers": 0}, "layers=0"),
+    ({"batch": 0}, "batch=0"),
     ({"settings": ("shards", "remote")}, "settings"),
     ({"settings": ()}, "settings"),
 ])
@@ -36,6 +37,7 @@ def test_both_settings_time_every_condition_and_the_cache_answers_agent_only():
     for setting in overlap.SETTINGS:
         res = r["results"][setting]
         assert set(res["conditions"]) == set(overlap.CONDITIONS) and res["round_trip_us"] > 0
+        assert res["spin_s"] > 0 and {"median", "quartiles"} <= set(res["sleep_us"]) <= set(res["memory_work_us"])
         assert res["conditions"]["none"]["extra_us"] == 0.0       # the baseline, paired with itself
         assert all(c["median_us"] > 0 for c in res["conditions"].values())
         assert res["lookups"] > 0
@@ -43,3 +45,8 @@ def test_both_settings_time_every_condition_and_the_cache_answers_agent_only():
     only = r["results"]["agent_only"]
     # warmed: the timed lookups hit (a shard silent for cache_max_age_s is asked again: a few rows)
     assert only["cache"]["hits"] > 0 and 0 <= only["timed_cache_misses"] <= 0.1 * only["cache"]["hits"]
+
+
+def test_the_cli_offers_the_benchmarks_settings():
+    from engram_ray.cli import overlap as cli_overlap
+    assert cli_overlap.SETTINGS == overlap.SETTINGS
