@@ -35,7 +35,7 @@ bench: setup
 	$(BIN)/engram-ray bench lookup --out results/lookup.json
 	$(BIN)/engram-ray bench latency-vs-size --out results/latency.json
 	$(BIN)/engram-ray bench latency-vs-size --storage mmap --sizes 0.25 0.5 1 2 --calls 30 --out results/latency_mmap.json
-	$(BIN)/engram-ray bench offload --profile --repeats 11 --out results/offload.json
+	$(BIN)/engram-ray bench offload --repeats 100 --out results/offload.json
 	$(BIN)/engram-ray bench offload --cache-gib 0.25 --out results/offload_cache.json
 	$(BIN)/engram-ray bench interference --out results/interference.json
 	$(BIN)/engram-ray bench overlap --iterations 400 --out results/overlap.json

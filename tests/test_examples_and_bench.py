@@ -160,13 +160,15 @@ def test_bench_offload_against_running_shards_without_ray(tmp_path, gpt2_vocab):
                             "--token-file", str(token), "--sequences", "2", "--min-len", "8", "--max-len", "12",
                             "--decode-batch", "2", "--decode-tokens", "2", "--requests", "3", "--prompt-len", "6",
                             "10", "--output-len", "2", "3", "--max-batch", "2", "--repeats", "1", "--microbatches", "2",
-                            "--cache-gib", "0.01", "--out", str(out)], capture_output=True, text=True, timeout=300)
+                            "--cache-gib", "0.01", "--agent-spin-ms", "0.5", "--out", str(out)],
+                           capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         last = json.loads(r.stdout.strip().splitlines()[-1])
         assert last == {"code": 0, "ray_loaded": False}
         rep = json.loads(out.read_text())
         # the default way in is the node-local lookup agent (a plain process here, no Ray)
         assert rep["memory"]["source"] == "running" and rep["memory"]["via"] == "agent"
+        assert rep["memory"]["agent_spin_s"] == 0.0005  # --agent-spin-ms reaches the worker's client
         # through the agent no gRPC client lives in the model's process: no I/O thread of one
         py_threads = {t["name"] for t in rep["isolation"]["threads"] if t["python"]}
         assert not any(n.startswith("engram-client") for n in py_threads), py_threads
@@ -199,7 +201,9 @@ def test_bench_offload_flags_are_checked():
     from engram_ray.bench import offload
     for bad, match in ((dict(token_budget=0), "token_budget=0"), (dict(max_batch=0), "max_batch=0"),
                        (dict(prompt_len=(0, 4)), r"prompt_len=\(0, 4\)"), (dict(output_len=(5, 2)), "output_len"),
-                       (dict(microbatches=99), "microbatches=99"), (dict(dtype="int8"), "'int8'")):
+                       (dict(microbatches=99), "microbatches=99"), (dict(dtype="int8"), "'int8'"),
+                       (dict(agent_spin_s=-1.0), "agent_spin_s=-1.0"),
+                       (dict(agent_spin_s=0.001, via="client"), "via='agent'")):
         with pytest.raises(ValueError, match=match):
             offload.run(C.tiny(), C.model_tiny(), None, None, **bad)
 

@@ -3,10 +3,10 @@
 socket and shared-memory slots.
 
 Per fetch the caller's thread copies its ids into a free slot and sends one 24-byte packet;
-waiting polls the socket for up to ``spin_s`` (2 ms), then is a blocking ``recv`` (the GIL is
-released). No gRPC, no asyncio and no thread of its own run in the worker's process. Rows stay
-in the slot until the fetch is released, so a consumer copies them once, to where they are
-used (a tensor, the device).
+waiting is a blocking ``recv`` (the GIL is released; ``spin_s`` polls first, off by default).
+No gRPC, no asyncio and no thread of its own run in the worker's process. Rows stay in the
+slot until the fetch is released, so a consumer copies them once, to where they are used (a
+tensor, the device).
 
 If the agent dies, calls in flight raise :class:`AgentUnavailable`; the next call reconnects
 (calling ``start()`` first when no agent answers, so a worker can start one) with fresh slots.
@@ -127,12 +127,14 @@ class AgentClient:
     up to ``connect_timeout`` seconds. ``timeout``: seconds to wait for a reply.
 
     ``spin_s``: a reader whose reply is not in polls the socket for up to this long before it
-    sleeps in ``recv`` (0: sleep at once); ``timeout`` bounds the poll and the sleep together.
-    Rows are usually late by well under a millisecond, and a core that sleeps that long comes
-    back slower: ``engram-ray bench overlap`` on this project's 2-core box timed the two blocks
-    before the first Engram layer (1.0 ms) 52-61 µs slower (median) after sleeping for a
-    lookup's round trip than after polling for it. The poll holds the GIL between non-blocking
-    ``recv`` calls: a worker that runs other Python threads while it waits for rows may want 0."""
+    sleeps in ``recv`` (default 0: sleep at once); ``timeout`` bounds the poll and the sleep
+    together. Measured on this project's 2-core box, polling helps the step right after the
+    wait (``engram-ray bench overlap``: two blocks of 1.0 ms ran 52-61 µs faster after polling
+    than after sleeping for a lookup's round trip) but not a whole run: ``bench offload
+    --repeats 100`` gave decode +3.3 % paired with a 2 ms poll and +3.3 % without, and the
+    means +4.5 % against +2.9 % (compute +12.7 ms against +6.0 ms a run, sleep 0.3 against
+    4.0 ms). So it is off by default. The poll also holds the GIL between non-blocking
+    ``recv`` calls."""
 
     def __init__(self, socket_path: str, layout: TableLayout, *, start: Callable[[], Any] | None = None,
                  timeout: float = 60.0, connect_timeout: float = 30.0, spin_s: float = SPIN_S):

@@ -78,8 +78,9 @@ class DeployedShards:
     def client(self) -> Any:
         return self.svc.client()
 
-    def agent_client(self, cache_bytes: int = 0, cache_policy: str = DEFAULT_POLICY) -> Any:
-        return self.svc.agent_client(cache_bytes=cache_bytes, cache_policy=cache_policy)
+    def agent_client(self, cache_bytes: int = 0, cache_policy: str = DEFAULT_POLICY, **kwargs: Any) -> Any:
+        """``kwargs``: the worker's AgentClient's (e.g. ``spin_s``)."""
+        return self.svc.agent_client(cache_bytes=cache_bytes, cache_policy=cache_policy, **kwargs)
 
     def describe(self) -> list[dict[str, Any]]:
         return self.svc.describe()
@@ -118,10 +119,10 @@ class RunningShards:
         from ..client import EngramClient
         return EngramClient(self.addresses, self._layout, token=self.token)
 
-    def agent_client(self, cache_bytes: int = 0, cache_policy: str = DEFAULT_POLICY) -> Any:
+    def agent_client(self, cache_bytes: int = 0, cache_policy: str = DEFAULT_POLICY, **kwargs: Any) -> Any:
         """A worker's client of a lookup agent for these shards (with a hot-row cache of
         ``cache_bytes``): a plain process started now (it inherits this process's cores: the
-        memory side's, when isolated)."""
+        memory side's, when isolated). ``kwargs``: the AgentClient's (e.g. ``spin_s``)."""
         import os
 
         from ..agent import AgentClient
@@ -133,21 +134,25 @@ class RunningShards:
                 return  # still coming up
             self._agent = spawn(path, self.addresses, self._layout, token_file=self.token_file,
                                 cache_gib=cache_bytes / 2**30, cache_policy=cache_policy)
-        return AgentClient(path, self._layout, start=start)
+        return AgentClient(path, self._layout, start=start, **kwargs)
 
     def describe(self) -> list[dict[str, Any]]:
         with self.client() as c:
             return c.describe()
 
 
-def memory_client(source: Any, via: str, cache_bytes: int = 0, cache_policy: str = DEFAULT_POLICY) -> Any:
+def memory_client(source: Any, via: str, cache_bytes: int = 0, cache_policy: str = DEFAULT_POLICY,
+                  spin_s: float | None = None) -> Any:
     """The seam: what the remote modes read rows through (``via``: client or agent), with a
-    hot-row cache of ``cache_bytes`` in the agent (0: none; the agent's only)."""
+    hot-row cache of ``cache_bytes`` in the agent (0: none; the agent's only); ``spin_s``: how
+    long the worker polls for rows before it sleeps (the agent's client; None: its default)."""
     if via not in VIAS:
         raise ValueError(f"--via {via!r}: choose one of {', '.join(VIAS)}")
     if cache_bytes and via != "agent":
         raise ValueError("--cache-gib: the hot-row cache lives in the lookup agent; use --via agent")
-    return source.client() if via == "client" else source.agent_client(cache_bytes, cache_policy)
+    if via == "client":
+        return source.client()
+    return source.agent_client(cache_bytes, cache_policy, **({} if spin_s is None else {"spin_s": spin_s}))
 
 
 def remote_memory(client: Any, *, device: torch.device, dtype: torch.dtype, prefetch: bool) -> Any:

@@ -78,6 +78,8 @@ class Options:
     # the agent's hot-row cache (bytes; 0: none) and its policy
     cache_bytes: int = 0
     cache_policy: str = DEFAULT_POLICY
+    # how long a worker polls the agent's socket for rows before it sleeps (None: AgentClient's default)
+    agent_spin_s: float | None = None
     # cores: model apart from the memory side (memory_cores: how many for it; None: a quarter)
     isolate: bool = True
     memory_cores: int | None = None
@@ -107,6 +109,8 @@ def _check(o: Options) -> None:
             raise ValueError(f"{name}=({lo}, {hi}): expected 1 <= MIN <= MAX")
     if not 1 <= o.microbatches <= o.decode_batch:
         raise ValueError(f"microbatches={o.microbatches}: between 1 and decode_batch={o.decode_batch}")
+    if o.agent_spin_s is not None and (o.via != "agent" or not 0 <= o.agent_spin_s <= 1):
+        raise ValueError(f"agent_spin_s={o.agent_spin_s}: seconds between 0 and 1, with via='agent'")
     if o.dtype not in DTYPES:
         raise ValueError(f"dtype {o.dtype!r}: choose one of {', '.join(DTYPES)}")
     if o.trace and o.trace not in PHASES:
@@ -199,7 +203,7 @@ def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np
             iso.pin_children()
             server = src.describe()
             resident = sum(d["resident_rows"] for d in server)
-            client = memory_client(src, o.via, o.cache_bytes, o.cache_policy)
+            client = memory_client(src, o.via, o.cache_bytes, o.cache_policy, o.agent_spin_s)
             try:
                 m = iso.run_model(lambda: _measure(engram_cfg, model_cfg, vocab, tokens, src, client,
                                                    resident, o, iso))
@@ -208,7 +212,8 @@ def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np
             finally:
                 client.close()
             layout = src.layout
-            memory = {"source": src.kind, "via": o.via, "addresses": [d["address"] for d in server]}
+            memory = {"source": src.kind, "via": o.via, "addresses": [d["address"] for d in server],
+                      "agent_spin_s": getattr(client, "spin_s", None)}
     finally:
         iso.restore()
     return _report(engram_cfg, model_cfg, layout, resident, o, m, stats, server, memory)

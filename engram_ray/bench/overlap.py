@@ -15,13 +15,13 @@ demo backbone) would dominate the step and the cache. It runs under five conditi
 
 * ``none``:      right after the previous timed step (the baseline);
 * ``idle``:      the model thread first sleeps for the setting's lookup round trip;
-* ``idle_poll``: it first polls a socket for that long (as a reader of the agent does, see
+* ``idle_poll``: it first polls a socket for that long (as a reader of the agent can, see
                  ``AgentClient.spin_s``) -- ``idle - idle_poll`` is what sleeping itself costs;
 * ``inflight``:  a decode step's lookups (every Engram layer in one packet, ordered, through the
                  agent) go out just before the step and are read after it (what prefetching does);
-* ``after``:     the lookups go out and are read (polled for, as the agent client does), then the
-                 step -- ``after - idle_poll`` is what the memory side's work costs the compute
-                 that follows it, beyond the wait.
+* ``after``:     the lookups go out and are read (polled for: ``spin_s`` above the round trip),
+                 then the step -- ``after - idle_poll`` is what the memory side's work costs the
+                 compute that follows it, beyond the wait.
 
 Two memory settings, both deployed at once (two services on Ray, an agent each) and
 interleaved, so a slow minute of the machine touches both:
@@ -218,7 +218,8 @@ def run(engram_cfg: EngramConfig, model_cfg: Any, vocab: Any, *, iterations: int
                     # room to spare: the cache is set-associative, and a row evicted by a conflict
                     # goes to a shard; LRU admits every row (TinyLFU may refuse one asked twice)
                     cache = max(16 * ids * src.layout.row_bytes("float32"), 4 << 20)
-                agents[setting] = src.agent_client(cache_bytes=cache, cache_policy="lru")
+                # the reader polls (as idle_poll does), so after - idle_poll holds the wait alike
+                agents[setting] = src.agent_client(cache_bytes=cache, cache_policy="lru", spin_s=0.01)
                 stack.callback(agents[setting].close)
             iso.pin_children()
 
