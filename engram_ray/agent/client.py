@@ -117,8 +117,8 @@ class AgentFetch:
             pass
 
 
-#: Default seconds a reader polls for its reply before it sleeps in ``recv`` (see AgentClient).
-SPIN_S = 0.002
+#: Default seconds a reader polls for its reply before it sleeps in ``recv``: none (see AgentClient).
+SPIN_S = 0.0
 
 
 class AgentClient:
@@ -332,14 +332,15 @@ class AgentClient:
             spun = True  # never a reply that carries descriptors: a plain recv would drop them
             self._poll(req_id, start + (self.spin_s if limit is None else min(self.spin_s, limit)))
         if req_id not in self._replies:
-            if limit is not None and limit - (time.perf_counter() - start) <= 0:
+            remaining = None if limit is None else limit - (time.perf_counter() - start)
+            if remaining is not None and remaining <= 0:
                 self._poll()  # a zero timeout: what is already there, never a blocking recv
                 if req_id not in self._replies:
                     raise TimeoutError(f"lookup agent at {self.path}: no reply after {limit} s")
-            retimed = (timeout is not None or spun) and limit is not None and self._sock is not None
-            if retimed:
-                assert self._sock is not None and limit is not None
-                self._sock.settimeout(max(1e-6, limit - (time.perf_counter() - start)))
+            sock, retimed = self._sock, False
+            if (timeout is not None or spun) and remaining is not None and sock is not None:
+                sock.settimeout(max(1e-6, remaining))  # what is left of the wait, not all of it again
+                retimed = True
             try:
                 while req_id not in self._replies:
                     self._keep(self._recv_packet(fds))

@@ -51,6 +51,7 @@ import numpy as np
 from ..config import EngramConfig, OptimizerConfig, StoreConfig
 from .isolation import Isolation
 from .memory_source import DeployedShards
+from .summary import spread
 
 __all__ = ["CONDITIONS", "SETTINGS", "run"]
 
@@ -103,9 +104,10 @@ def _poll_for(seconds: float, sock: Any) -> None:
 
 
 def _paired(times: dict[str, list[float]], a: str, b: str) -> dict[str, Any]:
+    """Microseconds condition ``a`` took over ``b`` in the same iteration: median, quartiles."""
     d = 1e6 * (np.array(times[a]) - np.array(times[b]))
-    q1, med, q3 = (float(x) for x in np.percentile(d, [25, 50, 75]))
-    return {"median": med, "quartiles": [q1, q3]}
+    s = spread(d.tolist())
+    return {"median": float(np.median(d)), "quartiles": [s["q1"], s["q3"]]}
 
 
 def _measure(agents: dict[str, Any], steps: list[list[np.ndarray]], once: Any, iterations: int,
@@ -162,7 +164,7 @@ def _measure(agents: dict[str, Any], steps: list[list[np.ndarray]], once: Any, i
     out: dict[str, Any] = {}
     for setting, agent in agents.items():
         ts = times[setting]
-        res: dict[str, Any] = {"round_trip_us": 1e6 * gaps[setting], "spin_s": getattr(agent, "spin_s", None),
+        res: dict[str, Any] = {"round_trip_us": 1e6 * gaps[setting], "spin_s": agent.spin_s,
                                "conditions": {}}
         base = np.array(ts["none"])
         for cond, xs in ts.items():

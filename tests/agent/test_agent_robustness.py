@@ -347,8 +347,9 @@ def test_a_push_through_the_agent_carries_its_rate_and_a_hostile_rate_is_refused
 
 def test_a_reader_polls_for_its_rows_before_it_sleeps_and_spin_0_never_polls(served, monkeypatch):
     ids = np.arange(256).reshape(2, 128) * 13 % served.layout.total_rows
-    for spin, polls_expected in ((0.5, True), (0.0, False)):
-        with AgentClient(served.socket, served.layout, spin_s=spin) as agent:
+    for spin, polls_expected in ((0.5, True), (None, False)):  # None: the default, which sleeps at once
+        kwargs = {} if spin is None else {"spin_s": spin}
+        with AgentClient(served.socket, served.layout, **kwargs) as agent:
             want = agent.lookup(ids)                       # slots mapped (that reply carries fds: never polled)
             calls: list[int] = []
 
