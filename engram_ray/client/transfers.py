@@ -234,7 +234,7 @@ class Transfers:
         shard costs the caller one short wait, not a full timeout before every fallback."""
         if self.cache is not None or flat.size == 0:
             return None
-        lo, hi = np.searchsorted(self.bounds, [flat.min(), flat.max()], side="right") - 1
+        lo, hi = self._shard_of(np.array([flat.min(), flat.max()]))
         if lo != hi or flat.size > self.sizes.lookup_rows or time.monotonic() < self._direct_off[lo]:
             return None
         f = self._plan(flat, rows_out)
