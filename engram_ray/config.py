@@ -339,6 +339,10 @@ class ServiceConfig(_JsonFields):
     max_concurrent_rpcs: int = 64
     #: gRPC handler threads per shard.
     max_workers: int = 8
+    #: LookupStreams one shard serves at once, each on a thread of its own for its life (at
+    #: most 600 s): a node's lookup agent keeps one per shard it reads; past the limit clients
+    #: use Lookup. 0: no streams.
+    max_lookup_streams: int = 16
     #: Copies of each shard, on different nodes where the cluster has them.
     replicas: int = 1
     #: Directory for recovery checkpoints ("" = none): each shard writes its own there and
@@ -366,6 +370,7 @@ class ServiceConfig(_JsonFields):
         _check_int(name, "max_message_bytes", self.max_message_bytes, 1 << 16, 2**31 - 1)
         _check_int(name, "max_concurrent_rpcs", self.max_concurrent_rpcs, 1)
         _check_int(name, "max_workers", self.max_workers, 1, 1024)
+        _check_int(name, "max_lookup_streams", self.max_lookup_streams, 0, 1024)
         _check_int(name, "replicas", self.replicas, 1, 16)
         _check_int(name, "max_restarts", self.max_restarts, -1)
         _check_float(name, "checkpoint_every_s", self.checkpoint_every_s, 0.0, 1e9)

@@ -105,13 +105,13 @@ def test_a_hung_shard_costs_one_short_direct_try_then_none_for_a_while(tiny_layo
 
     shard = TableShard.create(tiny_layout, 1, 0, StoreConfig())
     servicer = ShardServicer(shard, 64 << 20)
-    real, hang = servicer.Lookup, [False]
+    real, hang = servicer._lookup, [False]
 
-    def lookup(request, context):
+    def lookup(request, context, t0):
         if hang[0]:
             time.sleep(transfers.DIRECT_TIMEOUT_S + 1.0)
-        return real(request, context)
-    servicer.Lookup = lookup
+        return real(request, context, t0)
+    servicer._lookup = lookup  # a call and a stream alike
     server, port = create_server(shard, "127.0.0.1", 0, servicer=servicer)
     try:
         with EngramClient([f"127.0.0.1:{port}"], tiny_layout, timeout=30) as client:

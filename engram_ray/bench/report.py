@@ -198,7 +198,8 @@ def _offload_breakdown(r: dict[str, Any]) -> list[str]:
               + f"; {pl['rpcs_per_lookup']:.1f} RPCs per lookup, shard handler "
               f"{pl['server_handler_ms_per_rpc']:.2f} ms per RPC."
               + (f" {pl['lookups_direct']:,} of {pl['lookups']:,} lookups were answered directly on the agent's "
-                 f"connection thread ({pl['lookups_direct_failed']:,} tries fell back)."
+                 f"connection thread, {pl.get('lookups_streamed', 0):,} of them as messages on the shard's "
+                 f"LookupStream ({pl['lookups_direct_failed']:,} tries fell back)."
                  if pl.get("lookups_direct") else "")]
     return lines
 

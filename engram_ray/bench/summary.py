@@ -70,6 +70,7 @@ def per_lookup(cstats: dict[str, Any] | None, server: list[dict[str, Any]]) -> d
             # answered on an agent connection's thread (and tries of that which fell back)
             "lookups": cstats["lookups"], "lookups_direct": cstats.get("lookups_direct", 0),
             "lookups_direct_failed": cstats.get("lookups_direct_failed", 0),
+            "lookups_streamed": cstats.get("lookups_streamed", 0),
             "server_handler_ms_per_rpc": 1e3 * sum(d["counters"]["lookup_seconds"] for d in server)
             / max(1, server_rpcs)}
 

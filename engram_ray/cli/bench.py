@@ -172,7 +172,8 @@ def _print_offload(report: dict[str, Any]) -> None:
         print(f"  per lookup, on {where} (ms): {io}; {pl['rpcs_per_lookup']:.1f} RPCs, "
               f"shard handler {pl['server_handler_ms_per_rpc']:.2f} ms each"
               + (f"; {pl['lookups_direct']:,} of {pl['lookups']:,} answered directly "
-                 f"({pl['lookups_direct_failed']:,} fell back)" if pl.get("lookups_direct") else ""))
+                 f"({pl.get('lookups_streamed', 0):,} on a LookupStream, {pl['lookups_direct_failed']:,} fell back)"
+                 if pl.get("lookups_direct") else ""))
     fc = report.get("fetch_cost")
     if fc:
         print(f"  model thread per fetch through the agent ({fc['layers']} layers x {fc['ids_per_layer']} ids): "

@@ -27,6 +27,7 @@ from .calls import ShardCalls
 from .iothread import IoThread, shutdown
 from .replicas import ReplicaSet, Resolver, SyncStubs, channel_options
 from .stats import ClientStats
+from .streams import LookupStreams
 from .transfers import Prefetch, Transfers, UniqueRows
 
 __all__ = ["EngramClient"]
@@ -34,6 +35,12 @@ __all__ = ["EngramClient"]
 def _policy(name: str, doc: str) -> property:
     """An attribute of the client that its calls read (``timeout``, ``retries``, ...)."""
     return property(lambda self: getattr(self._calls, name), lambda self, v: setattr(self._calls, name, v), doc=doc)
+
+
+def _close_direct(streams: LookupStreams, stubs: SyncStubs) -> None:
+    """The direct path's streams, then the channels they run on."""
+    streams.close()
+    stubs.close()
 
 
 class EngramClient:
@@ -81,7 +88,9 @@ class EngramClient:
         self._io = IoThread(name=f"engram-client-{id(self):x}")
         # A client dropped without close() still stops its thread when collected.
         self._finalizer = weakref.finalize(self, shutdown, self._io, self._replicas.channels)
-        self._sync_finalizer = weakref.finalize(self, self._sync.close)
+        # a lookup agent's direct lookups: a stream per shard kept open, over the sync channels
+        self._streams = LookupStreams(self._sync, wire.auth_metadata(token))
+        self._sync_finalizer = weakref.finalize(self, _close_direct, self._streams, self._sync)
         try:
             self._io.run(self._replicas.open())
             # Describe every copy; per shard, reads go to the first that answers (see .shards).
@@ -163,7 +172,7 @@ class EngramClient:
         a shared core). The caller's thread blocks meanwhile."""
         [(flat, shape)], [buf] = plan.lookups([row_ids], None if rows_out is None else [rows_out], self.layout,
                                               self.dtype, True, self.width)
-        r = self._transfers.unique_now(flat, shape, buf, self._sync)
+        r = self._transfers.unique_now(flat, shape, buf, self._sync, self._streams)
         if r is not None:
             self._stats.count("lookups", 1)
             self._stats.count("lookups_direct", 1)

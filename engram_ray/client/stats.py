@@ -12,10 +12,12 @@ import numpy as np
 __all__ = ["ClientStats", "COUNTERS", "IO_STAGES"]
 
 #: The counters :meth:`ClientStats.report` always shows (0 until counted).
-COUNTERS = ("lookups", "lookups_direct", "lookups_direct_failed", "ids", "unique_ids", "bytes_received",
-            "bytes_saved", "pushes", "rows_pushed", "retries", "failovers", "redirects", "re_resolved", "errors")
+COUNTERS = ("lookups", "lookups_direct", "lookups_direct_failed", "lookups_streamed", "ids", "unique_ids",
+            "bytes_received", "bytes_saved", "pushes", "rows_pushed", "retries", "failovers", "redirects",
+            "re_resolved", "errors")
 #: lookups_direct: lookups answered on the caller's thread (EngramClient.lookup_unique_now);
 #: lookups_direct_failed: tries of it that failed and went the full path.
+#: lookups_streamed: direct lookups whose request went on the shard's LookupStream (the rest: a call).
 #: Where a lookup's time goes (on the I/O thread, or the caller's for a direct one): dedup
 #: (np.unique), encode (build requests), in_flight (calls issued to last answer: transport +
 #: shard), decode (bytes -> rows, scatter to the caller's order). On the I/O thread none of

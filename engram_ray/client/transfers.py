@@ -220,9 +220,11 @@ class Transfers:
         return landed
 
     def unique_now(self, flat: np.ndarray, shape: tuple[int, ...], rows_out: np.ndarray | None,
-                   stub_of: Any) -> UniqueRows | None:
+                   stub_of: Any, streams: Any = None) -> UniqueRows | None:
         """:meth:`unique` on the calling thread with one blocking call (``stub_of(address)``: a
-        synchronous stub), where the lookup is one message to one shard and there is no cache
+        synchronous stub; ``streams``: a :class:`~.streams.LookupStreams` whose stream to the
+        shard carries the request where one serves it, a message instead of a call's set-up),
+        where the lookup is one message to one shard and there is no cache
         (the cache is the I/O thread's alone); None where it is not, or where the try failed
         in any way (the caller then asks :meth:`unique`, which retries, fails over and raises
         what went wrong, with its statistics). Why: a node's lookup agent answering the first
@@ -241,8 +243,12 @@ class Transfers:
         [(sh, a, b, req)] = f.requests
         t2 = time.perf_counter()
         try:
-            stub = stub_of(self.calls.replicas.addresses[sh])
-            resp = stub.Lookup(req, timeout=min(self.calls.timeout, DIRECT_TIMEOUT_S), metadata=self.calls.metadata)
+            address, timeout = self.calls.replicas.addresses[sh], min(self.calls.timeout, DIRECT_TIMEOUT_S)
+            resp = streams.ask(address, req, timeout) if streams is not None else None
+            if resp is None:  # no stream serves it now: a call
+                resp = stub_of(address).Lookup(req, timeout=timeout, metadata=self.calls.metadata)
+            else:
+                self.stats.count("lookups_streamed", 1)
             self._land(sh, a, b, resp, f)
         except Exception:  # noqa: BLE001 - an RpcError, a bad answer, a closed client: the full path says
             self._direct_off[sh] = time.monotonic() + DIRECT_COOL_DOWN_S

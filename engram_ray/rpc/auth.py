@@ -9,6 +9,10 @@ Three kinds of call reach a shard, each with its own authority and its own threa
   retry any call, pushes too). They run on the server's handler pool. The same calls from a peer (a
   copy asking whether this one lives, or calling a joiner back) are not counted and run on
   the peers' pool: clients that fill every slot or thread cannot make a copy look dead.
+- ``engram.v1.EngramMemory/LookupStream`` (clients, with the same token): a stream holds a
+  thread for its life, so streams run on a pool of their own, at most ``max_streams`` at once
+  (one more is refused with RESOURCE_EXHAUSTED and ``busy``: the client uses Lookup), and never
+  count against ``max_concurrent_rpcs`` nor take the calls' threads.
 - ``engram.v1.EngramPeer`` (the other copies of the shard): needs the peer token, always; a
   client token is refused, so no client can act as a replica. A pool of its own, so a
   snapshot stream or a forwarded push never waits behind client lookups or takes their thread.
@@ -45,6 +49,7 @@ __all__ = ["CallGate", "auth_metadata", "health_handler", "METADATA_KEY"]
 _MEMORY = "/engram.v1.EngramMemory/"
 _PEER = "/engram.v1.EngramPeer/"
 _HEALTH = "/grpc.health.v1.Health/"
+_STREAM = _MEMORY + "LookupStream"
 
 
 def _on(pool: futures.ThreadPoolExecutor, fn: Callable) -> Callable:
@@ -70,18 +75,23 @@ def health_handler(serving: Callable[[], bool], pool: futures.ThreadPoolExecutor
 class CallGate(grpc.ServerInterceptor):
     """Admits EngramMemory calls with ``token`` (any call when None), EngramPeer calls with
     ``peer_token`` (none when None), at most ``max_concurrent`` EngramMemory calls at once
-    (no limit when None); answers health checks; refuses the rest on ``open_pool`` without
-    reading them. ``on_reject`` counts refusals."""
+    (no limit when None) and ``max_streams`` lookup streams on ``stream_pool`` (none without
+    one); answers health checks; refuses the rest on ``open_pool`` without reading them.
+    ``on_reject`` counts refusals."""
 
     def __init__(self, *, token: str | None, peer_token: str | None, max_concurrent: int | None,
                  open_pool: futures.ThreadPoolExecutor, peer_pool: futures.ThreadPoolExecutor,
-                 serving: Callable[[], bool], on_reject: Callable[[], None] = lambda: None):
+                 serving: Callable[[], bool], on_reject: Callable[[], None] = lambda: None,
+                 stream_pool: futures.ThreadPoolExecutor | None = None, max_streams: int = 0):
         if token == "" or peer_token == "":
             raise ValueError("CallGate: an empty token; pass None for no token")
         self._client = f"Bearer {token}".encode() if token else None
         self._peer = f"Bearer {peer_token}".encode() if peer_token else None
         self._slots = threading.BoundedSemaphore(max_concurrent) if max_concurrent else None
         self._open, self._peer_pool, self._on_reject = open_pool, peer_pool, on_reject
+        self._stream_pool = stream_pool
+        # as many streams as the pool has threads: an admitted stream never waits for one
+        self._streams = threading.BoundedSemaphore(max_streams) if stream_pool is not None and max_streams else None
         self._health = health_handler(serving, open_pool)
 
     @staticmethod
@@ -113,6 +123,8 @@ class CallGate(grpc.ServerInterceptor):
                                 f"{method} with {reason}: this memory service needs its token "
                                 "(attach(name).client() passes it)")
         handler = continuation(handler_call_details)
+        if method == _STREAM and handler is not None:
+            return self._streamed(handler)
         if peer:  # a copy of this shard (e.g. asking whether this one lives): never behind clients
             return self._on_peer_pool(handler)
         if handler is None or self._slots is None:
@@ -151,6 +163,31 @@ class CallGate(grpc.ServerInterceptor):
                 release()
         return grpc.stream_unary_rpc_method_handler(counted, request_deserializer=handler.request_deserializer,
                                                     response_serializer=handler.response_serializer)
+
+    def _streamed(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """A lookup stream on the streams' pool, holding one of ``max_streams`` slots until the
+        call ends however it ends (gRPC runs the call's callbacks then); refused when none is free."""
+        streams, pool = self._streams, self._stream_pool
+        if streams is None or pool is None or not streams.acquire(blocking=False):
+            return self._refuse(grpc.StatusCode.RESOURCE_EXHAUSTED, "LookupStream refused: the shard serves its "
+                                "limit of lookup streams at once (max_lookup_streams); use Lookup",
+                                signal_metadata(BUSY))
+        assert handler.stream_stream is not None, "LookupStream is a bidirectional stream"
+        inner, lock, held = handler.stream_stream, threading.Lock(), [True]
+
+        def release() -> None:
+            with lock:  # once: the callback and the fallback below may both run
+                if held[0]:
+                    held[0] = False
+                    streams.release()
+
+        def streamed(requests, context):
+            if not context.add_callback(release):  # the call has ended already
+                release()
+            return inner(requests, context)
+        return grpc.stream_stream_rpc_method_handler(_on(pool, streamed),
+                                                     request_deserializer=handler.request_deserializer,
+                                                     response_serializer=handler.response_serializer)
 
     def _on_peer_pool(self, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
         if handler is None:

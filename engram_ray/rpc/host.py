@@ -94,7 +94,8 @@ class ShardHost:
         if svc.tls_cert:  # read here: the paths are on this node
             tls = (Path(svc.tls_cert).read_bytes(), Path(svc.tls_key).read_bytes())
         kw: dict[str, Any] = dict(max_workers=svc.max_workers, max_message_bytes=svc.max_message_bytes,
-                                  max_concurrent_rpcs=svc.max_concurrent_rpcs, token=self.token,
+                                  max_concurrent_rpcs=svc.max_concurrent_rpcs,
+                                  max_lookup_streams=svc.max_lookup_streams, token=self.token,
                                   peer_token=self.peer_token, tls=tls, servicer=self.servicer)
         self._server = None
         old_host, _, old_port = (previous or "").rpartition(":")

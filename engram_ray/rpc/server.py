@@ -11,7 +11,7 @@ from .auth import CallGate
 from .generated import engram_pb2_grpc as pb_grpc
 from .peer import PeerServicer
 from .servicer import ShardServicer
-from .wire import DEFAULT_MAX_IDS_PER_REQUEST, DEFAULT_MAX_MESSAGE_BYTES
+from .wire import DEFAULT_MAX_IDS_PER_REQUEST, DEFAULT_MAX_LOOKUP_STREAMS, DEFAULT_MAX_MESSAGE_BYTES
 
 __all__ = ["create_server", "SERVICE_NAME", "DEFAULT_MAX_MESSAGE_BYTES"]
 
@@ -25,6 +25,7 @@ PEER_THREADS = 4
 def create_server(shard: TableShard, host: str = "127.0.0.1", port: int = 0, *,
                   max_workers: int = 8, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                   max_ids_per_request: int = DEFAULT_MAX_IDS_PER_REQUEST, max_concurrent_rpcs: int | None = None,
+                  max_lookup_streams: int = DEFAULT_MAX_LOOKUP_STREAMS,
                   token: str | None = None, peer_token: str | None = None,
                   tls: tuple[bytes, bytes] | None = None, save_root: str = "",
                   servicer: ShardServicer | None = None) -> tuple[grpc.Server, int]:
@@ -34,7 +35,8 @@ def create_server(shard: TableShard, host: str = "127.0.0.1", port: int = 0, *,
     messages above ``max_message_bytes`` are refused with RESOURCE_EXHAUSTED by gRPC itself
     (requests) or by the servicer (responses, with a message that says how to split), as are
     requests of more than ``max_ids_per_request`` ids and authenticated calls beyond
-    ``max_concurrent_rpcs`` at once. ``token``: every EngramMemory call must carry it
+    ``max_concurrent_rpcs`` at once, and lookup streams beyond ``max_lookup_streams`` (each on
+    a thread of its own; 0: none). ``token``: every EngramMemory call must carry it
     (UNAUTHENTICATED otherwise); ``peer_token``: the credential of the shard's other copies,
     the only one EngramPeer accepts (None: EngramPeer refuses every call). Both are checked
     before a request's body is read (:class:`~.auth.CallGate`). ``tls``: ``(certificate chain
@@ -56,9 +58,11 @@ def create_server(shard: TableShard, host: str = "127.0.0.1", port: int = 0, *,
     tag = f"shard{shard.shard_index}"
     open_pool = futures.ThreadPoolExecutor(OPEN_THREADS, thread_name_prefix=f"{tag}-open")
     peer_pool = futures.ThreadPoolExecutor(PEER_THREADS, thread_name_prefix=f"{tag}-peer")
+    stream_pool = (futures.ThreadPoolExecutor(max_lookup_streams, thread_name_prefix=f"{tag}-stream")
+                   if max_lookup_streams > 0 else None)
     gate = CallGate(token=token, peer_token=peer_token, max_concurrent=max_concurrent_rpcs,
                     open_pool=open_pool, peer_pool=peer_pool, serving=lambda: servicer.serving,
-                    on_reject=servicer.count_rejected)
+                    on_reject=servicer.count_rejected, stream_pool=stream_pool, max_streams=max_lookup_streams)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=tag),
                          options=opts, interceptors=[gate])
     pb_grpc.add_EngramMemoryServicer_to_server(servicer, server)

@@ -13,10 +13,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 import grpc
+import numpy as np
 
 from ..config import FLOAT_DTYPES
 from ..core.optim import lr_error
@@ -149,10 +150,10 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
         grads = codec.decode(request.grads, what="grads", ndim=2, dtypes=FLOAT_DTYPES)
         return ids, grads
 
-    def _observe(self, method: str, t0: float, rows: int, ok: bool) -> None:
+    def _observe(self, method: str, t0: float, rows: int, ok: bool, took: float | None = None) -> None:
         if self.observer is not None:
             try:
-                self.observer(method, time.perf_counter() - t0, rows, ok)
+                self.observer(method, time.perf_counter() - t0 if took is None else took, rows, ok)
             except Exception:  # noqa: BLE001 - metrics must never fail a request
                 log.debug("observer failed", exc_info=True)
 
@@ -173,6 +174,35 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
     # RPCs ---------------------------------------------------------------------------------
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
         t0 = time.perf_counter()
+        resp, ids, nbytes = self._lookup(request, context, t0)
+        self._served(ids, nbytes, t0)
+        return resp
+
+    def LookupStream(self, request_iterator: Iterator[pb.LookupRequest],
+                     context: grpc.ServicerContext) -> Iterator[pb.LookupResponse]:
+        """Each request answered as :meth:`Lookup` answers it, in order; the first error ends
+        the stream with Lookup's status. Runs on the gate's stream threads (:mod:`.auth`).
+        A request's bookkeeping (counters, read usage, metrics) runs once its answer has left:
+        gRPC asks for the next answer only after sending this one. Exporting a request to
+        Ray's metrics alone took 37 us (median; p90 79 us) on the memory core between decode
+        steps, on the first Engram layer's critical path."""
+        left = context.time_remaining()
+        if left is None or left > wire.MAX_STREAM_S + 1.0:  # (1 s: the deadline's travel)
+            self.abort(context, InvalidRequest(
+                f"LookupStream with {'no deadline' if left is None else f'a deadline {left:.0f} s away'}: a "
+                f"stream holds a thread of the shard, so it must end within {wire.MAX_STREAM_S:.0f} s; "
+                "set a deadline and open a new stream after it"))
+        for request in request_iterator:
+            t0 = time.perf_counter()
+            resp, ids, nbytes = self._lookup(request, context, t0)
+            took = time.perf_counter() - t0
+            yield resp
+            self._served(ids, nbytes, t0, took)
+
+    def _lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext,
+                t0: float) -> tuple[pb.LookupResponse, np.ndarray, int]:
+        """One lookup's answer, its ids and its rows' bytes, after every check; an error
+        aborts the call (counted)."""
         try:
             self._check_fingerprint(request.fingerprint)
             ids = codec.decode(request.row_ids, what="row_ids", dtypes=("int64",), ndim=1)
@@ -190,19 +220,22 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
         except Exception as e:  # noqa: BLE001 - every error becomes a status code
             self._observe("Lookup", t0, 0, False)
             self.abort(context, e)
+        resp = pb.LookupResponse(rows=codec.encode(rows, self.shard.store.dtype), update_count=version)
+        return resp, ids, rows.nbytes
+
+    def _served(self, ids: np.ndarray, nbytes: int, t0: float, took: float | None = None) -> None:
+        """A served lookup's bookkeeping: read usage, bytes, seconds, latency, the observer."""
+        took = time.perf_counter() - t0 if took is None else took
         if self.usage is not None:
             try:
                 self.usage.add(ids)
             except Exception:  # noqa: BLE001 - statistics never fail a lookup that succeeded
                 log.warning("recording the lookup's rows for table use failed", exc_info=True)
-        resp = pb.LookupResponse(rows=codec.encode(rows, self.shard.store.dtype), update_count=version)
-        took = time.perf_counter() - t0
         with self._lock:  # handlers run on a thread pool
-            self.bytes_served += rows.nbytes
+            self.bytes_served += nbytes
             self.lookup_seconds += took
         self.latency.record(took)
-        self._observe("Lookup", t0, ids.size, True)
-        return resp
+        self._observe("Lookup", t0, ids.size, True, took)
 
     def ApplyGradients(self, request: pb.ApplyGradientsRequest,
                        context: grpc.ServicerContext) -> pb.ApplyGradientsResponse:

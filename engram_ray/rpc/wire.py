@@ -39,8 +39,8 @@ import grpc
 from ..config import ServiceConfig
 from ..errors import NotPrimary, NotServing, Unreplicated
 
-__all__ = ["METADATA_KEY", "auth_metadata", "read_token_file", "DEFAULT_MAX_MESSAGE_BYTES",
-           "DEFAULT_MAX_IDS_PER_REQUEST",
+__all__ = ["METADATA_KEY", "MAX_STREAM_S", "auth_metadata", "read_token_file", "DEFAULT_MAX_MESSAGE_BYTES",
+           "DEFAULT_MAX_IDS_PER_REQUEST", "DEFAULT_MAX_LOOKUP_STREAMS",
            "SIGNAL_KEY", "PRIMARY_KEY", "NOT_PRIMARY", "UNREPLICATED", "SYNCING", "NOT_SERVING", "GAVE_UP",
            "BUSY", "SIGNAL_STATUS", "Signal", "signal_metadata", "metadata_for", "read_signal", "signal_of",
            "primary_index"]
@@ -48,9 +48,14 @@ __all__ = ["METADATA_KEY", "auth_metadata", "read_token_file", "DEFAULT_MAX_MESS
 #: The metadata key of the token: ``authorization: Bearer <token>``.
 METADATA_KEY = "authorization"
 
+#: The longest deadline a LookupStream may carry (seconds): a stream holds a shard's thread
+#: for its life, so every stream ends by then; a client opens a new one.
+MAX_STREAM_S = 600.0
+
 #: The service's defaults (set once, in :class:`~engram_ray.config.ServiceConfig`).
 DEFAULT_MAX_MESSAGE_BYTES: int = ServiceConfig.max_message_bytes
 DEFAULT_MAX_IDS_PER_REQUEST: int = ServiceConfig.max_ids_per_request
+DEFAULT_MAX_LOOKUP_STREAMS: int = ServiceConfig.max_lookup_streams
 
 SIGNAL_KEY = "engram-signal"
 PRIMARY_KEY = "engram-primary"

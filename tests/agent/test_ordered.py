@@ -24,16 +24,16 @@ def _slow_shard(layout, log: list):
     """One shard that takes DELAY_S per lookup and logs (first id, arrived, answered)."""
     shard = TableShard.create(layout, 1, 0, STORE)
     servicer = ShardServicer(shard, 64 << 20)
-    real, lock = servicer.Lookup, threading.Lock()
+    real, lock = servicer._lookup, threading.Lock()
 
-    def lookup(request, context):
+    def lookup(request, context, t0):
         t0 = time.monotonic()
         time.sleep(DELAY_S)
-        answer = real(request, context)
+        answer = real(request, context, t0)
         with lock:
             log.append((int(np.frombuffer(request.row_ids.data, np.int64)[0]), t0, time.monotonic()))
         return answer
-    servicer.Lookup = lookup
+    servicer._lookup = lookup  # a call and a stream alike
     server, port = create_server(shard, "127.0.0.1", 0, servicer=servicer)
     return server, f"127.0.0.1:{port}"
 

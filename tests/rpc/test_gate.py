@@ -78,8 +78,9 @@ def test_calls_whose_body_never_arrives_starve_nothing(shard_process):
         for i in range(60):  # 15 times the shard's handler threads
             call = attacker.stream_unary(methods[i % len(methods)])
             held.append(call.future(stalled(), timeout=60))
-        for _ in range(10):  # health watchers and snapshot streams that never send their request
-            for m in ("/grpc.health.v1.Health/Watch", "/engram.v1.EngramPeer/Snapshot"):
+        for _ in range(10):  # health watchers, snapshot and lookup streams that never send a request
+            for m in ("/grpc.health.v1.Health/Watch", "/engram.v1.EngramPeer/Snapshot",
+                      "/engram.v1.EngramMemory/LookupStream"):
                 held.append(attacker.stream_stream(m)(stalled(), timeout=60))
         time.sleep(0.5)
         for _ in range(5):
@@ -94,7 +95,8 @@ def test_calls_whose_body_never_arrives_starve_nothing(shard_process):
             else:
                 assert f.exception().code() == grpc.StatusCode.UNAUTHENTICATED
         codes = [s.code() for s in held[60:]]
-        assert codes == [grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED] * 10
+        assert codes == [grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED,
+                         grpc.StatusCode.UNAUTHENTICATED] * 10
     finally:
         never.set()
         attacker.close()

@@ -41,6 +41,11 @@ class EngramMemoryStub:
                 request_serializer=engram_dot_v1_dot_engram__pb2.LookupRequest.SerializeToString,
                 response_deserializer=engram_dot_v1_dot_engram__pb2.LookupResponse.FromString,
                 _registered_method=True)
+        self.LookupStream = channel.stream_stream(
+                '/engram.v1.EngramMemory/LookupStream',
+                request_serializer=engram_dot_v1_dot_engram__pb2.LookupRequest.SerializeToString,
+                response_deserializer=engram_dot_v1_dot_engram__pb2.LookupResponse.FromString,
+                _registered_method=True)
         self.ApplyGradients = channel.unary_unary(
                 '/engram.v1.EngramMemory/ApplyGradients',
                 request_serializer=engram_dot_v1_dot_engram__pb2.ApplyGradientsRequest.SerializeToString,
@@ -64,6 +69,23 @@ class EngramMemoryServicer:
 
     def Lookup(self, request, context):
         """Rows for global row ids.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LookupStream(self, request_iterator, context):
+        """Lookup as a stream, for a caller that looks rows up on one shard one request after
+        another (a node's lookup agent, on the first Engram layer's critical path): one
+        LookupResponse per LookupRequest, in order, each checked and answered exactly as Lookup
+        answers it. A stream saves gRPC's per-call set-up on every request (measured on loopback
+        with an idle core between requests: 0.45 ms a call against 0.28 ms a message).
+        Any error ends the stream with the status (and signal) Lookup would have returned; the
+        requests sent after the failed one are not answered. A stream holds a thread of the
+        shard for its life, so a shard serves few at once (ServiceConfig.max_lookup_streams, on
+        threads of their own, never the calls' threads); one more is refused with
+        RESOURCE_EXHAUSTED and the busy signal, and a stream must carry a deadline of at most
+        600 s (INVALID_ARGUMENT otherwise). Callers use Lookup where a stream is refused.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,6 +117,11 @@ def add_EngramMemoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Lookup': grpc.unary_unary_rpc_method_handler(
                     servicer.Lookup,
+                    request_deserializer=engram_dot_v1_dot_engram__pb2.LookupRequest.FromString,
+                    response_serializer=engram_dot_v1_dot_engram__pb2.LookupResponse.SerializeToString,
+            ),
+            'LookupStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.LookupStream,
                     request_deserializer=engram_dot_v1_dot_engram__pb2.LookupRequest.FromString,
                     response_serializer=engram_dot_v1_dot_engram__pb2.LookupResponse.SerializeToString,
             ),
@@ -140,6 +167,33 @@ class EngramMemory:
             request,
             target,
             '/engram.v1.EngramMemory/Lookup',
+            engram_dot_v1_dot_engram__pb2.LookupRequest.SerializeToString,
+            engram_dot_v1_dot_engram__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/engram.v1.EngramMemory/LookupStream',
             engram_dot_v1_dot_engram__pb2.LookupRequest.SerializeToString,
             engram_dot_v1_dot_engram__pb2.LookupResponse.FromString,
             options,
