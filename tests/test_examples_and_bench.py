@@ -107,6 +107,8 @@ def test_bench_offload_writes_json_and_a_plot(tmp_path):
         assert (b["hash_s"] > 0) == (not key.endswith("no_engram"))
         assert (b["stage_s"] > 0) == (":remote" in key)  # staging and the expand: remote rows only
         assert 0 <= b["off_cpu_s"] <= b["total_s"]     # asleep: a part of the run, beside the others
+        if iso["enabled"]:  # the memory cores' busy seconds in the run, whoever spent them
+            assert b["memory_busy_s"] >= 0
     lazy = rep["breakdown"]["prefill:remote_lazy"]
     assert lazy["issue_s"] < lazy["wait_s"]  # on demand: the fetch is issued and waited for inside rows()
     pl = rep["per_lookup"]

@@ -28,7 +28,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["Isolation", "parse_cpulist", "cpus_allowed", "process_cpus", "pin_process", "descendants", "smt_siblings"]
+__all__ = ["Isolation", "parse_cpulist", "cpus_allowed", "process_cpus", "pin_process", "descendants", "smt_siblings",
+           "cores_busy_s"]
 
 T = TypeVar("T")
 
@@ -41,6 +42,25 @@ def parse_cpulist(text: str) -> list[int]:
             a, _, b = part.partition("-")
             out.extend(range(int(a), int(b or a) + 1))
     return out
+
+
+def cores_busy_s(cores: Iterable[int], stat: str = "/proc/stat") -> float:
+    """Seconds ``cores`` have spent busy since boot (user, nice, system, irq and softirq time
+    in /proc/stat, every process together; not idle, iowait nor steal), at the kernel's tick
+    (10 ms). 0.0 where /proc/stat cannot be read. Read before and after a run, it is what the
+    run cost those cores, whoever spent it."""
+    want = {f"cpu{c}" for c in cores}
+    busy = 0
+    try:
+        with open(stat) as f:
+            for line in f:
+                name, _, rest = line.partition(" ")
+                if name in want:
+                    v = [int(x) for x in rest.split()]
+                    busy += v[0] + v[1] + v[2] + v[5] + v[6]
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def cpus_allowed(pid: int, tid: int | None = None) -> list[int]:

@@ -163,7 +163,8 @@ def _measure(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, token
                   "remote": (with_engram, remote_memory(client, device=dev, dtype=dtype, prefetch=True)),
                   "remote_lazy": (with_engram, remote_memory(client, device=dev, dtype=dtype, prefetch=False))}
         phases = PHASES + ((microbatch_phase(o.microbatches),) if o.microbatches > 1 else ())
-        times, parts = interleave(setups, indexer, work, dev, o.repeats, o.progress, phases)
+        times, parts = interleave(setups, indexer, work, dev, o.repeats, o.progress, phases,
+                                  tuple(iso.memory) if iso.enabled else ())
         top = None
         if o.profile:  # one more remote run of every phase under cProfile, after the timed ones
             top = profile_top(lambda: [run_phase(ph, *setups["remote"], indexer, work, dev) for ph in phases])

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .isolation import cores_busy_s
 from .serving import Request, account, draw_requests, serve
 
 __all__ = ["MODES", "PHASES", "Workload", "interleave", "microbatch_phase", "run_phase"]
@@ -34,7 +35,10 @@ PARTS = ("hash_s", "issue_s", "wait_s", "stage_s")
 #: Beside the parts, not one of them: the model thread's seconds off the CPU in a run (wall time
 #: minus its CPU time): asleep waiting for rows (inside wait_s) or, on CUDA, for the device.
 #: LocalMemory's wait_s is its gather, on the CPU; a remote mode's off-CPU time is true blocking.
-INFO = ("off_cpu_s",)
+#: And the memory cores' busy seconds in the run (every process on them: the shards, the agent,
+#: Ray's daemons), at the kernel's 10 ms tick: what a mode's lookups cost the memory side, and
+#: what runs beside the model (on a shared socket it slows the model's compute too).
+INFO = ("off_cpu_s", "memory_busy_s")
 
 
 def _sync(device: torch.device) -> None:
@@ -171,20 +175,25 @@ def microbatch_phase(m: int) -> str:
 
 
 def run_phase(phase: str, model, memory, indexer, work: Workload, device: torch.device,
-              acc: dict[str, float] | None = None) -> float:
-    """Seconds of one run of ``phase``; ``acc`` gathers its hash / issue / wait seconds."""
+              acc: dict[str, float] | None = None, memory_cores: tuple[int, ...] = ()) -> float:
+    """Seconds of one run of ``phase``; ``acc`` gathers its hash / issue / wait seconds (and
+    the busy seconds of ``memory_cores``)."""
     acc = acc if acc is not None else collections.defaultdict(float)
+    busy0 = cores_busy_s(memory_cores) if memory_cores else 0.0
     wall0, cpu0 = time.perf_counter(), time.thread_time()
     if phase.startswith("decode_mb"):
         s = _decode(model, memory, indexer, work, device, acc, microbatches=int(phase[len("decode_mb"):]))
     else:
         s = _RUN[phase](model, memory, indexer, work, device, acc)
     acc["off_cpu_s"] += max(0.0, (time.perf_counter() - wall0) - (time.thread_time() - cpu0))
+    if memory_cores:
+        acc["memory_busy_s"] += cores_busy_s(memory_cores) - busy0
     return s
 
 
 def interleave(setups: dict[str, tuple[Any, Any]], indexer, work: Workload, dev: torch.device,
-               repeats: int, progress: bool, phases: tuple[str, ...] = PHASES):
+               repeats: int, progress: bool, phases: tuple[str, ...] = PHASES,
+               memory_cores: tuple[int, ...] = ()):
     """Run every mode ``repeats + 1`` times, a b c d a b c d ... (each run: every phase);
     repetition 0 warms up and is not counted. Returns the counted seconds
     ``{mode: {phase: [s, ...]}}`` and their parts ``{mode: {phase: {part: s}}}`` (:data:`PARTS`,
@@ -202,7 +211,7 @@ def interleave(setups: dict[str, tuple[Any, Any]], indexer, work: Workload, dev:
             model, mem = setups[mode]
             for ph in phases:
                 acc: dict[str, float] = collections.defaultdict(float)
-                s = run_phase(ph, model, mem, indexer, work, dev, acc)
+                s = run_phase(ph, model, mem, indexer, work, dev, acc, memory_cores)
                 if rep:
                     times[mode][ph].append(s)
                     for k in PARTS + INFO:

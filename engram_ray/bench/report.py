@@ -166,16 +166,19 @@ def _offload_breakdown(r: dict[str, Any]) -> list[str]:
     lines = ["", "Where a run's time goes (mean seconds per run; *wait* is time blocked for rows (for the "
               "in-process table: its gather), *stage* the rest of taking them (staging, the copy's event, the "
               "expand), *issue* the caller's cost of starting a fetch, *compute* the rest; *off-CPU* is the model "
-              "thread's time asleep, inside the others: blocking proper):", "",
-              "| phase:mode | total s | spread (min-max) s | compute | hash | issue | wait | stage | off-CPU |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "thread's time asleep, inside the others: blocking proper; *memory busy* the memory cores' busy seconds, "
+              "every process on them, at the kernel's 10 ms tick):", "",
+              "| phase:mode | total s | spread (min-max) s | compute | hash | issue | wait | stage | off-CPU | "
+              "memory busy |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, b in r["breakdown"].items():
         phase, mode = key.split(":")
         sp = r["results"][mode][f"{phase}_spread_s"]
         lines.append(f"| {key} | {b['total_s']:.3f} | {sp['min']:.3f}-{sp['max']:.3f} | {b['compute_s']:.3f} | "
                      f"{b['hash_s']:.3f} | {b['issue_s']:.3f} | {b['wait_s']:.3f} | "
                      + (f"{b['stage_s']:.3f} |" if "stage_s" in b else "n/a |")  # older reports: in compute
-                     + (f" {b['off_cpu_s']:.3f} |" if "off_cpu_s" in b else " n/a |"))
+                     + (f" {b['off_cpu_s']:.3f} |" if "off_cpu_s" in b else " n/a |")
+                     + (f" {b['memory_busy_s']:.3f} |" if "memory_busy_s" in b else " n/a |"))
     pl = r["per_lookup"]
     fc = r.get("fetch_cost")
     if fc:

@@ -157,12 +157,14 @@ def _print_offload(report: dict[str, Any]) -> None:
               f"{c['evictions']:,} evictions; {report['wire']['bytes_received'] / 2**20:.1f} MiB over gRPC, "
               f"{report['wire']['bytes_saved'] / 2**20:.1f} MiB served from the cache")
     print("  where a run's time goes (mean seconds per run; wait = blocked for rows (in-process: the gather), "
-          "stage = the rest of taking them; off-cpu = asleep, inside the others):")
+          "stage = the rest of taking them; off-cpu = asleep, inside the others; mem-busy = the memory cores' "
+          "busy seconds, every process on them):")
     print(f"    {'phase:mode':<20} {'total':>7} {'compute':>8} {'hash':>7} {'issue':>7} {'wait':>7} {'stage':>7} "
-          f"{'off-cpu':>7}")
+          f"{'off-cpu':>7} {'mem-busy':>8}")
     for key, b in report["breakdown"].items():
         print(f"    {key:<20} {b['total_s']:>7.3f} {b['compute_s']:>8.3f} {b['hash_s']:>7.3f} "
-              f"{b['issue_s']:>7.3f} {b['wait_s']:>7.3f} {b['stage_s']:>7.3f} {b['off_cpu_s']:>7.3f}")
+              f"{b['issue_s']:>7.3f} {b['wait_s']:>7.3f} {b['stage_s']:>7.3f} {b['off_cpu_s']:>7.3f} "
+              f"{b.get('memory_busy_s', 0.0):>8.3f}")
     pl = report["per_lookup"]
     if pl:
         io = ", ".join(f"{k} {v:.2f}" for k, v in pl["client_io_ms"].items())

@@ -11,7 +11,14 @@ import sys
 import pytest
 
 from engram_ray.bench import isolation
-from engram_ray.bench.isolation import Isolation, cpus_allowed, descendants, parse_cpulist, smt_siblings
+from engram_ray.bench.isolation import (
+    Isolation,
+    cores_busy_s,
+    cpus_allowed,
+    descendants,
+    parse_cpulist,
+    smt_siblings,
+)
 
 SCRIPT = r"""
 import json, subprocess, sys, threading, time
@@ -129,3 +136,26 @@ def test_restore_gives_every_thread_its_cores_back():
             "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_cores_busy_seconds_sum_the_busy_fields_of_the_cores_asked(tmp_path):
+    stat = tmp_path / "stat"
+    #            user nice system idle iowait irq softirq steal
+    stat.write_text("cpu  900 0 900 9000 0 0 0 0 0 0\n"
+                    "cpu0 100 10 200 5000 70 3 4 500 0 0\n"
+                    "cpu1 7 0 1 4000 0 0 0 0 0 0\n"
+                    "intr 1 2 3\n")
+    tick = os.sysconf("SC_CLK_TCK")
+    assert cores_busy_s([0], str(stat)) == pytest.approx((100 + 10 + 200 + 3 + 4) / tick)  # not idle, iowait, steal
+    assert cores_busy_s([0, 1], str(stat)) == pytest.approx((317 + 8) / tick)
+    assert cores_busy_s([5], str(stat)) == 0.0
+    assert cores_busy_s([0], str(tmp_path / "missing")) == 0.0
+
+
+def test_cores_busy_seconds_grow_with_work_on_those_cores():
+    import time
+    cores = sorted(os.sched_getaffinity(0))
+    before, t = cores_busy_s(cores), time.perf_counter()
+    while time.perf_counter() - t < 0.3:
+        pass
+    assert cores_busy_s(cores) - before >= 0.2

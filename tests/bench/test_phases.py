@@ -1,6 +1,7 @@
 """bench offload's phases: decode in alternating micro-batches computes what one batch does."""
 
 import collections
+import os
 import time
 
 import numpy as np
@@ -57,6 +58,20 @@ def test_a_run_counts_the_model_threads_time_asleep(monkeypatch):
     acc = collections.defaultdict(float)
     phases.run_phase("decode", None, None, None, None, torch.device("cpu"), acc)
     assert 0.045 <= acc["off_cpu_s"] <= 0.065
+    assert "memory_busy_s" not in acc  # no memory cores named: not read
+
+
+def test_a_run_counts_the_memory_cores_busy_seconds(monkeypatch):
+    def spin(model, memory, indexer, work, device, acc):
+        t = time.perf_counter()
+        while time.perf_counter() - t < 0.3:
+            pass
+        return 0.3
+    monkeypatch.setitem(phases._RUN, "decode", spin)
+    acc = collections.defaultdict(float)
+    cores = tuple(sorted(os.sched_getaffinity(0)))  # wherever this thread runs
+    phases.run_phase("decode", None, None, None, None, torch.device("cpu"), acc, cores)
+    assert 0.2 <= acc["memory_busy_s"] <= 0.3 * len(cores) + 0.1
 
 
 @torch.no_grad()
