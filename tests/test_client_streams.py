@@ -112,3 +112,39 @@ def test_threads_share_a_clients_streams_safely(tiny_layout):
             assert st["lookups_direct"] == 160 and 0 < st["lookups_streamed"] <= 160
     finally:
         server.stop(0)
+
+
+def test_a_stream_in_use_is_never_closed_under_its_lookup(tiny_layout):
+    server, address = _served(tiny_layout)
+    try:
+        with EngramClient([address], tiny_layout) as client:
+            assert client.lookup_unique_now(np.array([1])) is not None
+            stream = client._streams._streams[address]
+            with stream.lock:  # another thread's lookup, on a stream now due for replacing
+                stream.ends_at = time.monotonic()
+                assert client.lookup_unique_now(np.array([2])) is not None  # a call
+                assert stream.alive and client._streams._streams[address] is stream
+            assert client.lookup_unique_now(np.array([3])) is not None  # now it is replaced
+            assert client._streams._streams[address] is not stream and not stream.alive
+    finally:
+        server.stop(0)
+
+
+def test_ended_streams_leave_no_thread_behind(tiny_layout):
+    server, address = _served(tiny_layout)
+    try:
+        with EngramClient([address], tiny_layout) as client:
+            assert client.lookup_unique_now(np.array([1])) is not None
+            time.sleep(0.2)
+            before = threading.active_count()
+            for i in range(10):  # each ended by the shard's side (a cancel), then replaced
+                client._streams._streams[address]._call.cancel()
+                time.sleep(0.05)
+                assert client.lookup_unique_now(np.array([i])) is not None
+            deadline = time.monotonic() + 5
+            while threading.active_count() > before and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert threading.active_count() <= before
+            assert client.stats()["lookups_direct_failed"] == 0
+    finally:
+        server.stop(0)

@@ -113,6 +113,8 @@ def test_bench_offload_writes_json_and_a_plot(tmp_path):
     assert lazy["issue_s"] < lazy["wait_s"]  # on demand: the fetch is issued and waited for inside rows()
     pl = rep["per_lookup"]
     assert pl["rpcs_per_lookup"] >= 1 and pl["server_handler_ms_per_rpc"] > 0
+    # the agent's direct lookups ride the shards' LookupStreams (the service's default)
+    assert rep["memory"]["max_lookup_streams"] == 16 and 0 < pl["lookups_streamed"] <= pl["lookups_direct"]
     assert pl["client_io_ms"]["in_flight"] > 0
     assert rep["profile_top"] and all(f["own_s"] >= 0 for f in rep["profile_top"])
     path = {f["function"].split(":")[0] for f in rep["profile_top"] if f.get("path")}
@@ -205,9 +207,15 @@ def test_bench_offload_flags_are_checked():
                        (dict(prompt_len=(0, 4)), r"prompt_len=\(0, 4\)"), (dict(output_len=(5, 2)), "output_len"),
                        (dict(microbatches=99), "microbatches=99"), (dict(dtype="int8"), "'int8'"),
                        (dict(agent_spin_s=-1.0), "agent_spin_s=-1.0"),
-                       (dict(agent_spin_s=0.001, via="client"), "via='agent'")):
+                       (dict(agent_spin_s=0.001, via="client"), "via='agent'"),
+                       (dict(lookup_streams=-1), "lookup_streams=-1"),
+                       (dict(lookup_streams=0, memory_at=("a:1",)), "--memory-at")):
         with pytest.raises(ValueError, match=match):
             offload.run(C.tiny(), C.model_tiny(), None, None, **bad)
+    # --lookup-streams reaches the shards the bench deploys (0: they refuse streams, for an A/B)
+    src = offload._source(C.tiny(), None, offload.Options(lookup_streams=0))
+    assert src.service.max_lookup_streams == 0
+    assert offload._source(C.tiny(), None, offload.Options()).service == C.ServiceConfig()
 
 
 def test_dense_1b_preset_is_about_a_billion_parameters():

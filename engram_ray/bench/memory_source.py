@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..client.cache import DEFAULT_POLICY
-from ..config import EngramConfig, StoreConfig
+from ..config import EngramConfig, ServiceConfig, StoreConfig
 from ..rpc.wire import read_token_file
 
 __all__ = ["DeployedShards", "RunningShards", "memory_client", "remote_memory", "parse_addresses"]
@@ -47,8 +47,10 @@ class DeployedShards:
     kind = "ray"
 
     def __init__(self, config: EngramConfig, vocab: Any, *, shards: int, store: StoreConfig,
-                 max_resident_gib: float | None, name: str = "bench-offload"):
+                 max_resident_gib: float | None, name: str = "bench-offload",
+                 service: ServiceConfig = ServiceConfig()):
         self.config, self.vocab, self.shards, self.store = config, vocab, shards, store
+        self.service = service
         self.max_resident_gib, self.name = max_resident_gib, name
         self._stack = contextlib.ExitStack()
         self.svc: Any = None
@@ -58,7 +60,7 @@ class DeployedShards:
         self._stack.enter_context(ray_session())
         try:
             self.svc = deploy(self.config, vocab=self.vocab, num_shards=self.shards, store=self.store,
-                              name=self.name, max_resident_gib=self.max_resident_gib)
+                              name=self.name, max_resident_gib=self.max_resident_gib, service=self.service)
         except BaseException:
             self._stack.close()
             raise

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..client.cache import DEFAULT_POLICY
-from ..config import EngramConfig, ModelConfig, OptimizerConfig, StoreConfig
+from ..config import EngramConfig, ModelConfig, OptimizerConfig, ServiceConfig, StoreConfig
 from ..core.indexer import RowIndexer
 from ..core.layout import TableLayout
 from ..model import EngramLM, LocalMemory
@@ -80,6 +80,8 @@ class Options:
     cache_policy: str = DEFAULT_POLICY
     # how long a worker polls the agent's socket for rows before it sleeps (None: AgentClient's default)
     agent_spin_s: float | None = None
+    # the deployed shards' max_lookup_streams (None: the service's default; 0: calls only)
+    lookup_streams: int | None = None
     # cores: model apart from the memory side (memory_cores: how many for it; None: a quarter)
     isolate: bool = True
     memory_cores: int | None = None
@@ -111,10 +113,18 @@ def _check(o: Options) -> None:
         raise ValueError(f"microbatches={o.microbatches}: between 1 and decode_batch={o.decode_batch}")
     if o.agent_spin_s is not None and (o.via != "agent" or not 0 <= o.agent_spin_s <= 1):
         raise ValueError(f"agent_spin_s={o.agent_spin_s}: seconds between 0 and 1, with via='agent'")
+    if o.lookup_streams is not None and (o.memory_at or not 0 <= o.lookup_streams <= 1024):
+        raise ValueError(f"lookup_streams={o.lookup_streams}: 0..1024, for shards this bench deploys (not "
+                         "--memory-at: set it where those shards start)")
     if o.dtype not in DTYPES:
         raise ValueError(f"dtype {o.dtype!r}: choose one of {', '.join(DTYPES)}")
     if o.trace and o.trace not in PHASES:
         raise ValueError(f"trace={o.trace!r}: choose a phase to trace, one of {', '.join(PHASES)}")
+
+
+def _source_streams(o: Options) -> int:
+    """The deployed shards' max_lookup_streams."""
+    return ServiceConfig().max_lookup_streams if o.lookup_streams is None else o.lookup_streams
 
 
 def _device(name: str) -> torch.device:
@@ -127,7 +137,9 @@ def _source(cfg: EngramConfig, vocab: Any, o: Options) -> Any:
     if o.memory_at:
         return RunningShards(list(o.memory_at), TableLayout.build(cfg, vocab), token_file=o.token_file)
     store = StoreConfig(init_std=0.02, optimizer=OptimizerConfig(kind="none"))
-    return DeployedShards(cfg, vocab, shards=o.shards, store=store, max_resident_gib=o.max_resident_gib)
+    service = ServiceConfig() if o.lookup_streams is None else ServiceConfig(max_lookup_streams=o.lookup_streams)
+    return DeployedShards(cfg, vocab, shards=o.shards, store=store, max_resident_gib=o.max_resident_gib,
+                          service=service)
 
 
 @dataclass
@@ -214,7 +226,8 @@ def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np
                 client.close()
             layout = src.layout
             memory = {"source": src.kind, "via": o.via, "addresses": [d["address"] for d in server],
-                      "agent_spin_s": getattr(client, "spin_s", None)}
+                      "agent_spin_s": getattr(client, "spin_s", None),
+                      "max_lookup_streams": None if o.memory_at else _source_streams(o)}
     finally:
         iso.restore()
     return _report(engram_cfg, model_cfg, layout, resident, o, m, stats, server, memory)

@@ -88,7 +88,7 @@ def _offload_options(args: argparse.Namespace) -> Any:
         memory_at=tuple(parse_addresses(args.memory_at)) if args.memory_at else (),
         token_file=args.token_file, via=args.via, cache_bytes=cache_bytes(args.cache_gib),
         cache_policy=args.cache_policy, agent_spin_s=None if args.agent_spin_ms is None else args.agent_spin_ms / 1e3,
-        isolate=not args.no_isolate, memory_cores=args.memory_cores,
+        isolate=not args.no_isolate, memory_cores=args.memory_cores, lookup_streams=args.lookup_streams,
         profile=args.profile, trace=args.trace, progress=True)
 
 
@@ -384,6 +384,9 @@ def _add_offload(bsub) -> None:
     b.add_argument("--agent-spin-ms", type=float, default=None, metavar="MS",
                    help="--via agent: how long the model thread polls the agent's socket for its rows before "
                         "it sleeps (default: the client's, 0: sleep at once)")
+    b.add_argument("--lookup-streams", type=int, default=None, metavar="N",
+                   help="the deployed shards' max_lookup_streams (default: the service's, 16); 0: they refuse "
+                        "LookupStream, so the agent's direct lookups are one call each (for an A/B)")
     add_cache_args(b.add_argument_group("the lookup agent's hot-row cache (remote modes, --via agent)"))
     g = b.add_argument_group("prefill and decode phases")
     g.add_argument("--sequences", type=int, default=16, help="prefill sequences (paper: 512)")

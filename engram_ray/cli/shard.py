@@ -42,7 +42,8 @@ def _service(args: argparse.Namespace):
     from ..config import ServiceConfig
 
     return ServiceConfig(auth=not args.no_auth, checkpoint_dir=args.checkpoint_dir or "",
-                         checkpoint_every_s=args.checkpoint_every or 0.0, save_root=args.save_root or "")
+                         checkpoint_every_s=args.checkpoint_every or 0.0, save_root=args.save_root or "",
+                         **({} if args.max_lookup_streams is None else {"max_lookup_streams": args.max_lookup_streams}))
 
 
 def _cmd_shard(args: argparse.Namespace) -> int:
@@ -110,6 +111,9 @@ def register(sub) -> None:
                    help="recovery checkpoints: reload the newest at start, write one on request")
     p.add_argument("--checkpoint-every", type=float, metavar="SECONDS",
                    help="seconds between automatic recovery checkpoints (default: on request only)")
+    p.add_argument("--max-lookup-streams", type=int, metavar="N",
+                   help="LookupStreams served at once, each on a thread of its own (default: 16; 0: none, "
+                        "clients use Lookup)")
     p.add_argument("--save-root", metavar="DIR", help="directory under which Save may write checkpoints")
     p.add_argument("--name", default="engram", help="service name, shown in messages (default: engram)")
     p.add_argument("--ready-file", metavar="PATH", help="write the bound HOST:PORT here once serving "

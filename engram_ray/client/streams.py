@@ -41,8 +41,8 @@ RENEW_BEFORE_S = 30.0
 STREAM_RETRY_S = 30.0
 #: A stream not used for this long is closed (its shard thread given back) at the next open.
 IDLE_S = 60.0
-#: Status codes with which a shard refuses the stream itself, not the lookup in it.
-_REFUSED = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+#: A stream that ended so took no lookup's answer with it: the lookup is asked by a call.
+_ENDED = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 _END = object()  # ends a stream's request iterator
 
@@ -78,6 +78,7 @@ class _Stream:
         finally:
             self.alive = False
             self._answers.put(_Ended(err))
+            self._requests.put(_END)  # gRPC's sender thread blocks on the queue: let it end too
 
     def ask(self, request: pb.LookupRequest, timeout: float) -> pb.LookupResponse:
         """The answer to ``request`` (the lock held); raises :class:`_Ended` or TimeoutError."""
@@ -114,49 +115,58 @@ class LookupStreams:
     def ask(self, address: str, request: pb.LookupRequest, timeout: float) -> pb.LookupResponse | None:
         """The shard's answer to ``request`` over its stream; None where no stream serves it
         now (use Lookup). Raises the lookup's ``grpc.RpcError`` or TimeoutError."""
-        s = self._stream(address)
-        if s is None or not s.lock.acquire(blocking=False):
+        s = self._take(address)
+        if s is None:
             return None
         try:
             return s.ask(request, timeout)
         except _Ended as e:
+            s.close()
             code = e.error.code() if e.error is not None else None
-            refused = code in _REFUSED or (code == grpc.StatusCode.RESOURCE_EXHAUSTED
-                                           and wire.signal_of(e.error).name == wire.BUSY)
-            if e.error is None or refused:
-                if code is not None and code != grpc.StatusCode.DEADLINE_EXCEEDED:
-                    with self._lock:
-                        self._refused[address] = time.monotonic() + STREAM_RETRY_S
-                    log.info("shard %s refused a lookup stream (%s): using Lookup for %.0f s", address,
-                             code.name, STREAM_RETRY_S)
+            if e.error is None or code in _ENDED:
+                return None
+            if code == grpc.StatusCode.UNIMPLEMENTED or (code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                                                         and wire.signal_of(e.error).name == wire.BUSY):
+                with self._lock:  # the shard refuses streams: calls, and no stream for a while
+                    self._refused[address] = time.monotonic() + STREAM_RETRY_S
+                log.info("shard %s refused a lookup stream (%s): using Lookup for %.0f s", address,
+                         code.name, STREAM_RETRY_S)
                 return None
             raise e.error from None
         finally:
             s.lock.release()
 
-    def _stream(self, address: str) -> _Stream | None:
+    def _take(self, address: str) -> _Stream | None:
+        """The address's open stream with its lock taken (a new one if it has none, or one
+        near its deadline or ended); None: no stream now (busy with another thread's lookup,
+        refused lately, or this client closed)."""
         s = self._streams.get(address)
         now = time.monotonic()
         if s is not None and s.alive and s.ends_at - now > RENEW_BEFORE_S:
-            return s
+            return s if s.lock.acquire(blocking=False) else None
         with self._lock:
             if self._closed or now < self._refused.get(address, 0.0):
                 return None
             s = self._streams.get(address)
-            if s is not None and s.alive and s.ends_at - now > RENEW_BEFORE_S:
-                return s
             if s is not None:
+                if not s.lock.acquire(blocking=False):
+                    return None  # another thread's lookup is on it: never closed under it
+                if s.alive and s.ends_at - now > RENEW_BEFORE_S:
+                    return s
                 s.close()
+                s.lock.release()
+                del self._streams[address]
             for other, t in list(self._streams.items()):  # e.g. a copy failed over from
-                if other != address and now - t.used > IDLE_S:
+                if now - t.used > IDLE_S and t.lock.acquire(blocking=False):
                     t.close()
+                    t.lock.release()
                     del self._streams[other]
             try:
                 s = _Stream(self._stubs(address), self._metadata, self._lifetime)
             except Exception:  # noqa: BLE001 - e.g. the client is closing: use Lookup
                 log.debug("opening a lookup stream to %s failed", address, exc_info=True)
-                self._streams.pop(address, None)
                 return None
+            s.lock.acquire()
             self._streams[address] = s
             return s
 
