@@ -114,17 +114,165 @@ def test_a_stream_in_use_is_never_closed_under_its_lookup(tiny_layout):
         assert client._streams._streams[address] is not stream and not stream.alive
 
 
+def _client_threads() -> int:
+    """Threads of this process but the shard's own (its pools' threads are named after it)."""
+    return sum(not t.name.startswith("shard") for t in threading.enumerate())
+
+
 def test_ended_streams_leave_no_thread_behind(tiny_layout):
     with _client(tiny_layout) as (client, address):
         assert client.lookup_unique_now(np.array([1])) is not None
         time.sleep(0.2)
-        before = threading.active_count()
-        for i in range(10):  # each ended by the shard's side (a cancel), then replaced
+        with_one_stream = _client_threads()  # its reader, gRPC's sender and the channel's poller
+        for i in range(10):  # each ended by a cancel, then replaced
             client._streams._streams[address]._call.cancel()
             time.sleep(0.05)
             assert client.lookup_unique_now(np.array([i])) is not None
         deadline = time.monotonic() + 5
-        while threading.active_count() > before and time.monotonic() < deadline:
+        while _client_threads() > with_one_stream and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert threading.active_count() <= before
+        assert _client_threads() == with_one_stream
         assert client.stats()["lookups_direct_failed"] == 0
+
+
+def _first_lookups_hang(layout, seconds: float, times: int = 1):
+    """A shard whose next ``times`` lookups (once armed) take ``seconds``; (server, address, arm)."""
+    from engram_ray.rpc.servicer import ShardServicer
+    shard = TableShard.create(layout, 1, 0, StoreConfig())
+    servicer = ShardServicer(shard, 64 << 20)
+    real, left = servicer._lookup, [0]
+
+    def lookup(request, context, t0, *limit):
+        if left[0] > 0:
+            left[0] -= 1
+            time.sleep(seconds)
+        return real(request, context, t0, *limit)
+    servicer._lookup = lookup
+    server, port = create_server(shard, "127.0.0.1", 0, servicer=servicer)
+
+    def arm() -> None:
+        left[0] = times
+    return server, f"127.0.0.1:{port}", arm
+
+
+def test_a_late_answer_is_never_taken_for_the_next_lookup(tiny_layout, monkeypatch):
+    from engram_ray.client import transfers
+    monkeypatch.setattr(transfers, "DIRECT_COOL_DOWN_S", 0.0)
+    server, address, arm = _first_lookups_hang(tiny_layout, transfers.DIRECT_TIMEOUT_S + 0.3)
+    try:
+        with EngramClient([address], tiny_layout, timeout=30) as client:
+            want = client.lookup(np.array([7]))
+            assert client.lookup_unique_now(np.array([3])) is not None
+            arm()
+            assert client.lookup_unique_now(np.array([4])) is None  # timed out: the full path's
+            time.sleep(0.5)  # row 4's answer arrives late, on the stream that timed out
+            got = client.lookup_unique_now(np.array([7]))
+            assert got is not None and np.array_equal(got.expand(), want)  # its own row, not 4's
+    finally:
+        server.stop(0)
+
+
+def test_a_stream_cancelled_during_a_lookup_falls_back_to_a_call_without_barring_streams(tiny_layout):
+    server, address, arm = _first_lookups_hang(tiny_layout, 0.3)
+    try:
+        with EngramClient([address], tiny_layout, timeout=30) as client:
+            want = client.lookup(np.array([5]))
+            assert client.lookup_unique_now(np.array([1])) is not None
+            stream = client._streams._streams[address]
+            arm()
+            threading.Timer(0.1, stream._call.cancel).start()  # mid-lookup, as a shard's stop does
+            got = client.lookup_unique_now(np.array([5]))
+            assert got is not None and np.array_equal(got.expand(), want)  # by a call, in time
+            st = client.stats()
+            assert st["lookups_streamed"] == 1 and st["lookups_direct_failed"] == 0
+            assert address not in client._streams._refused  # no 30 s without streams
+            assert client.lookup_unique_now(np.array([6])) is not None
+            assert client.stats()["lookups_streamed"] == 2  # a new stream at once
+    finally:
+        server.stop(0)
+
+
+def test_a_stream_closed_between_the_look_and_the_lock_is_not_used(tiny_layout):
+    """Another thread's lookup times out and closes the stream (its late answer left in the
+    queue) just after this lookup saw the stream open and just before it takes the lock."""
+    from engram_ray.rpc.generated import engram_pb2 as pb
+    with _client(tiny_layout) as (client, address):
+        want = client.lookup(np.array([7]))
+        assert client.lookup_unique_now(np.array([3])) is not None
+        s = client._streams._streams[address]
+        real_lock = s.lock
+
+        class ClosingLock:  # the other thread's timeout lands inside this thread's acquire
+            def acquire(self, blocking=True):
+                if s.alive:
+                    s.close()
+                    s._answers.put(pb.LookupResponse())  # a late answer nobody asked for here
+                return real_lock.acquire(blocking)
+
+            def release(self):
+                real_lock.release()
+        s.lock = ClosingLock()
+        got = client.lookup_unique_now(np.array([7]))
+        assert got is not None and np.array_equal(got.expand(), want)
+        assert client._streams._streams[address] is not s and client.stats()["lookups_direct_failed"] == 0
+
+
+def _lying_stream_shard(layout, answers):
+    """A shard whose LookupStream answers as ``answers(servicer, requests, context)`` says (its
+    Lookup is honest); (server, address)."""
+    from engram_ray.rpc.servicer import ShardServicer
+    shard = TableShard.create(layout, 1, 0, StoreConfig())
+    servicer = ShardServicer(shard, 64 << 20)
+    servicer.LookupStream = lambda requests, context: answers(servicer, requests, context)
+    server, port = create_server(shard, "127.0.0.1", 0, servicer=servicer)
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("lie", ["twice", "unasked"])
+def test_a_shard_out_of_step_on_its_stream_never_gives_wrong_rows(tiny_layout, lie, monkeypatch):
+    from engram_ray.client import transfers
+
+    def twice(servicer, requests, context):  # every answer sent two times
+        for r in requests:
+            a = servicer._lookup(r, context, 0.0)[0]
+            yield a
+            yield a
+
+    def unasked(servicer, requests, context):  # an answer before any request
+        yield servicer._lookup(_request_for(servicer, [9]), context, 0.0)[0]
+        for r in requests:
+            yield servicer._lookup(r, context, 0.0)[0]
+    monkeypatch.setattr(transfers, "DIRECT_COOL_DOWN_S", 0.0)
+    server, address = _lying_stream_shard(tiny_layout, twice if lie == "twice" else unasked)
+    try:
+        with EngramClient([address], tiny_layout) as client:
+            for i in range(10):
+                ids = np.array([2 * i + 1, 2 * i + 2])
+                got = client.lookup_unique_now(ids)
+                assert got is None or np.array_equal(got.expand(), client.lookup(ids))  # never another's
+            assert client.stats()["lookups_direct_failed"] >= 1  # the stream was caught out of step
+    finally:
+        server.stop(0)
+
+
+def _request_for(servicer, ids):
+    from engram_ray.rpc import codec
+    from engram_ray.rpc.generated import engram_pb2 as pb
+    return pb.LookupRequest(fingerprint=servicer.shard.fingerprint, row_ids=codec.encode(np.asarray(ids, np.int64)))
+
+
+def test_a_shard_flooding_its_stream_cannot_grow_the_clients_memory(tiny_layout):
+    def flood(servicer, requests, context):  # answers as fast as it can, none asked
+        a = servicer._lookup(_request_for(servicer, np.arange(4000)), context, 0.0)[0]  # 256 KB each
+        while context.is_active():
+            yield a
+    server, address = _lying_stream_shard(tiny_layout, flood)
+    try:
+        with EngramClient([address], tiny_layout) as client:
+            assert client.lookup_unique_now(np.array([1])) is None  # out of step: the full path's
+            stream = client._streams._streams.get(address)  # closed, and its reader took one answer
+            time.sleep(0.5)  # while the shard goes on sending
+            assert stream is None or (not stream.alive and stream._answers.qsize() <= 2)
+            assert client.lookup(np.array([1])).shape == (1, 16)
+    finally:
+        server.stop(0)

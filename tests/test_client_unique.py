@@ -107,10 +107,10 @@ def test_a_hung_shard_costs_one_short_direct_try_then_none_for_a_while(tiny_layo
     servicer = ShardServicer(shard, 64 << 20)
     real, hang = servicer._lookup, [False]
 
-    def lookup(request, context, t0):
+    def lookup(request, context, t0, *limit):
         if hang[0]:
             time.sleep(transfers.DIRECT_TIMEOUT_S + 1.0)
-        return real(request, context, t0)
+        return real(request, context, t0, *limit)
     servicer._lookup = lookup  # a call and a stream alike
     server, port = create_server(shard, "127.0.0.1", 0, servicer=servicer)
     try:

@@ -44,13 +44,13 @@ def parse_cpulist(text: str) -> list[int]:
     return out
 
 
-def cores_busy_s(cores: Iterable[int], stat: str = "/proc/stat") -> float:
+def cores_busy_s(cores: Iterable[int], stat: str = "/proc/stat") -> float | None:
     """Seconds ``cores`` have spent busy since boot (user, nice, system, irq and softirq time
     in /proc/stat, every process together; not idle, iowait nor steal), at the kernel's tick
-    (10 ms). 0.0 where /proc/stat cannot be read. Read before and after a run, it is what the
-    run cost those cores, whoever spent it."""
+    (10 ms). None where /proc/stat cannot be read or lacks one of the cores. Read before and
+    after a run, it is what the run cost those cores, whoever spent it."""
     want = {f"cpu{c}" for c in cores}
-    busy = 0
+    busy, seen = 0, 0
     try:
         with open(stat) as f:
             for line in f:
@@ -58,9 +58,10 @@ def cores_busy_s(cores: Iterable[int], stat: str = "/proc/stat") -> float:
                 if name in want:
                     v = [int(x) for x in rest.split()]
                     busy += v[0] + v[1] + v[2] + v[5] + v[6]
+                    seen += 1
     except (OSError, ValueError, IndexError):
-        return 0.0
-    return busy / os.sysconf("SC_CLK_TCK")
+        return None
+    return busy / os.sysconf("SC_CLK_TCK") if seen == len(want) else None
 
 
 def cpus_allowed(pid: int, tid: int | None = None) -> list[int]:

@@ -179,15 +179,16 @@ def run_phase(phase: str, model, memory, indexer, work: Workload, device: torch.
     """Seconds of one run of ``phase``; ``acc`` gathers its hash / issue / wait seconds (and
     the busy seconds of ``memory_cores``)."""
     acc = acc if acc is not None else collections.defaultdict(float)
-    busy0 = cores_busy_s(memory_cores) if memory_cores else 0.0
+    busy0 = cores_busy_s(memory_cores) if memory_cores else None
     wall0, cpu0 = time.perf_counter(), time.thread_time()
     if phase.startswith("decode_mb"):
         s = _decode(model, memory, indexer, work, device, acc, microbatches=int(phase[len("decode_mb"):]))
     else:
         s = _RUN[phase](model, memory, indexer, work, device, acc)
     acc["off_cpu_s"] += max(0.0, (time.perf_counter() - wall0) - (time.thread_time() - cpu0))
-    if memory_cores:
-        acc["memory_busy_s"] += cores_busy_s(memory_cores) - busy0
+    busy1 = cores_busy_s(memory_cores) if busy0 is not None else None
+    if busy0 is not None and busy1 is not None:  # both read: else the run has no figure
+        acc["memory_busy_s"] += busy1 - busy0
     return s
 
 
@@ -199,7 +200,9 @@ def interleave(setups: dict[str, tuple[Any, Any]], indexer, work: Workload, dev:
     ``{mode: {phase: [s, ...]}}`` and their parts ``{mode: {phase: {part: s}}}`` (:data:`PARTS`,
     and :data:`INFO`)."""
     times: dict[str, dict[str, list[float]]] = {m: {ph: [] for ph in phases} for m in MODES}
-    parts = {m: {ph: dict.fromkeys(PARTS + INFO, 0.0) for ph in phases} for m in MODES}
+    # memory_busy_s only where it is measured (memory cores named): a 0 would read as "idle"
+    info = INFO if memory_cores else tuple(k for k in INFO if k != "memory_busy_s")
+    parts = {m: {ph: dict.fromkeys(PARTS + info, 0.0) for ph in phases} for m in MODES}
     bar = None
     if progress:
         from tqdm import tqdm
@@ -214,7 +217,7 @@ def interleave(setups: dict[str, tuple[Any, Any]], indexer, work: Workload, dev:
                 s = run_phase(ph, model, mem, indexer, work, dev, acc, memory_cores)
                 if rep:
                     times[mode][ph].append(s)
-                    for k in PARTS + INFO:
+                    for k in PARTS + info:
                         parts[mode][ph][k] += acc[k]
             if bar is not None:
                 bar.update(1)

@@ -164,7 +164,7 @@ def _print_offload(report: dict[str, Any]) -> None:
     for key, b in report["breakdown"].items():
         print(f"    {key:<20} {b['total_s']:>7.3f} {b['compute_s']:>8.3f} {b['hash_s']:>7.3f} "
               f"{b['issue_s']:>7.3f} {b['wait_s']:>7.3f} {b['stage_s']:>7.3f} {b['off_cpu_s']:>7.3f} "
-              f"{b.get('memory_busy_s', 0.0):>8.3f}")
+              + (f"{b['memory_busy_s']:>8.3f}" if "memory_busy_s" in b else f"{'n/a':>8}"))
     pl = report["per_lookup"]
     if pl:
         io = ", ".join(f"{k} {v:.2f}" for k, v in pl["client_io_ms"].items())

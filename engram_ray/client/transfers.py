@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
@@ -20,12 +20,15 @@ from ..core.dtypes import row_width
 from ..core.layout import ShardPlan, TableLayout
 from ..core.optim import sum_duplicates
 from ..errors import EngramError
-from ..rpc import codec
+from ..rpc import codec, wire
 from ..rpc.generated import engram_pb2 as pb
 from . import plan
 from .cache import RowCache
 from .calls import ShardCalls
 from .stats import ClientStats
+
+if TYPE_CHECKING:
+    from .streams import LookupStreams
 
 __all__ = ["Prefetch", "Transfers", "UniqueRows"]
 
@@ -220,7 +223,7 @@ class Transfers:
         return landed
 
     def unique_now(self, flat: np.ndarray, shape: tuple[int, ...], rows_out: np.ndarray | None,
-                   stub_of: Any, streams: Any = None) -> UniqueRows | None:
+                   stub_of: Any, streams: LookupStreams | None = None) -> UniqueRows | None:
         """:meth:`unique` on the calling thread with one blocking call (``stub_of(address)``: a
         synchronous stub; ``streams``: a :class:`~.streams.LookupStreams` whose stream to the
         shard carries the request where one serves it, a message instead of a call's set-up),
@@ -242,15 +245,25 @@ class Transfers:
         f = self._plan(flat, rows_out)
         [(sh, a, b, req)] = f.requests
         t2 = time.perf_counter()
+        address, streamed = self.calls.replicas.addresses[sh], False
         try:
-            address, timeout = self.calls.replicas.addresses[sh], min(self.calls.timeout, DIRECT_TIMEOUT_S)
-            resp = streams.ask(address, req, timeout) if streams is not None else None
-            if resp is None:  # no stream serves it now: a call
-                resp = stub_of(address).Lookup(req, timeout=timeout, metadata=self.calls.metadata)
-            else:
-                self.stats.count("lookups_streamed", 1)
+            timeout = min(self.calls.timeout, DIRECT_TIMEOUT_S)
+            until = time.monotonic() + timeout  # the stream's try and a call's together
+            # a stream's answers are small (wire.MAX_STREAM_ANSWER_BYTES): larger ones by a call
+            fits = (b - a) * self._row_nbytes <= wire.MAX_STREAM_ANSWER_BYTES
+            resp = streams.ask(address, req, timeout) if streams is not None and fits else None
+            streamed = resp is not None
+            if resp is None:  # no stream serves it now: a call, in what is left of the time
+                left = until - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"direct lookup: no answer within {timeout} s")
+                resp = stub_of(address).Lookup(req, timeout=left, metadata=self.calls.metadata)
             self._land(sh, a, b, resp, f)
+            if streamed:
+                self.stats.count("lookups_streamed", 1)
         except Exception:  # noqa: BLE001 - an RpcError, a bad answer, a closed client: the full path says
+            if streamed and streams is not None:  # an answer refused: that stream is not trusted again
+                streams.drop(address)
             self._direct_off[sh] = time.monotonic() + DIRECT_COOL_DOWN_S
             self.stats.count("lookups_direct_failed", 1)
             return None

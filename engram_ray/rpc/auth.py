@@ -92,6 +92,8 @@ class CallGate(grpc.ServerInterceptor):
         self._stream_pool = stream_pool
         # as many streams as the pool has threads: an admitted stream never waits for one
         self._streams = threading.BoundedSemaphore(max_streams) if stream_pool is not None and max_streams else None
+        #: The contexts of the open lookup streams (:meth:`end_streams` cancels them).
+        self._live: set = set()
         self._health = health_handler(serving, open_pool)
 
     @staticmethod
@@ -165,29 +167,62 @@ class CallGate(grpc.ServerInterceptor):
                                                     response_serializer=handler.response_serializer)
 
     def _streamed(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        """A lookup stream on the streams' pool, holding one of ``max_streams`` slots until the
-        call ends however it ends (gRPC runs the call's callbacks then); refused when none is free."""
+        """A lookup stream on the streams' pool, holding one of ``max_streams`` slots until its
+        thread is done with it (not merely until the call ended: a thread still inside a
+        lookup would make the next stream wait for it); refused when no slot is free."""
         streams, pool = self._streams, self._stream_pool
-        if streams is None or pool is None or not streams.acquire(blocking=False):
+        if streams is None or pool is None:
+            return self._refuse(grpc.StatusCode.RESOURCE_EXHAUSTED, "LookupStream refused: this shard serves no "
+                                "lookup streams (max_lookup_streams=0); use Lookup", signal_metadata(BUSY))
+        if not streams.acquire(blocking=False):
             return self._refuse(grpc.StatusCode.RESOURCE_EXHAUSTED, "LookupStream refused: the shard serves its "
                                 "limit of lookup streams at once (max_lookup_streams); use Lookup",
                                 signal_metadata(BUSY))
         assert handler.stream_stream is not None, "LookupStream is a bidirectional stream"
-        inner, lock, held = handler.stream_stream, threading.Lock(), [True]
+        inner, lock, live = handler.stream_stream, threading.Lock(), self._live
+        state = {"held": True, "started": False, "context": None}
 
-        def release() -> None:
-            with lock:  # once: the callback and the fallback below may both run
-                if held[0]:
-                    held[0] = False
-                    streams.release()
+        def release() -> None:  # once, whoever gets here first
+            with lock:
+                held, state["held"] = state["held"], False
+                if state["context"] is not None:
+                    live.discard(state["context"])
+            if held:
+                streams.release()
+
+        def body(requests, context):
+            with lock:
+                state["started"] = True
+            try:
+                yield from inner(requests, context)
+            finally:
+                release()
+
+        def ended() -> None:  # the call ended: a generator that never started frees the slot now
+            with lock:
+                started = state["started"]
+            if not started:
+                release()
 
         def streamed(requests, context):
-            if not context.add_callback(release):  # the call has ended already
-                release()
-            return inner(requests, context)
+            with lock:
+                state["context"] = context
+                live.add(context)
+            if not context.add_callback(ended):  # the call has ended already
+                ended()
+            return body(requests, context)
         return grpc.stream_stream_rpc_method_handler(_on(pool, streamed),
                                                      request_deserializer=handler.request_deserializer,
                                                      response_serializer=handler.response_serializer)
+
+    def end_streams(self) -> int:
+        """Cancel every open lookup stream (before the server stops: a stream a client keeps
+        open would otherwise hold the stop for its whole grace); returns how many. Clients see
+        CANCELLED and ask by Lookup."""
+        open_now = list(self._live)
+        for context in open_now:
+            context.cancel()
+        return len(open_now)
 
     def _on_peer_pool(self, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
         if handler is None:

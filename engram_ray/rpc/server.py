@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from concurrent import futures
 
 import grpc
@@ -74,5 +75,14 @@ def create_server(shard: TableShard, host: str = "127.0.0.1", port: int = 0, *,
         bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind a gRPC server on {host}:{port}")
+    # stop() counts an open stream as a call in flight: a lookup agent keeps one open, so every
+    # stop would last its whole grace. Open streams are cancelled first (their clients fall back
+    # to Lookup), then the server stops as before.
+    grpc_stop = server.stop
+
+    def stop(grace: float | None) -> threading.Event:
+        gate.end_streams()
+        return grpc_stop(grace)
+    setattr(server, "stop", stop)  # noqa: B010 - this one server's stop, not grpc's class
     server.start()
     return server, bound

@@ -186,23 +186,28 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
         gRPC asks for the next answer only after sending this one. Exporting a request to
         Ray's metrics alone took 37 us (median; p90 79 us) on the memory core between decode
         steps, on the first Engram layer's critical path."""
-        left = context.time_remaining()
+        left = context.time_remaining()  # without a deadline: None, or (grpc 1.85) ~2**63 s
         if left is None or left > wire.MAX_STREAM_S + 1.0:  # (1 s: the deadline's travel)
+            what = "no deadline" if left is None or left > 1e9 else f"a deadline {left:.0f} s away"
             self.abort(context, InvalidRequest(
-                f"LookupStream with {'no deadline' if left is None else f'a deadline {left:.0f} s away'}: a "
+                f"LookupStream with {what}: a "
                 f"stream holds a thread of the shard, so it must end within {wire.MAX_STREAM_S:.0f} s; "
                 "set a deadline and open a new stream after it"))
+        limit = min(self.max_message_bytes, wire.MAX_STREAM_ANSWER_BYTES)
         for request in request_iterator:
             t0 = time.perf_counter()
-            resp, ids, nbytes = self._lookup(request, context, t0)
+            resp, ids, nbytes = self._lookup(request, context, t0, limit)
             took = time.perf_counter() - t0
-            yield resp
-            self._served(ids, nbytes, t0, took)
+            try:
+                yield resp
+            finally:  # once, however the stream goes on: also when it is cancelled right after
+                self._served(ids, nbytes, t0, took)
 
-    def _lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext,
-                t0: float) -> tuple[pb.LookupResponse, np.ndarray, int]:
-        """One lookup's answer, its ids and its rows' bytes, after every check; an error
-        aborts the call (counted)."""
+    def _lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext, t0: float,
+                max_bytes: int | None = None) -> tuple[pb.LookupResponse, np.ndarray, int]:
+        """One lookup's answer (``seq`` echoed), its ids and its rows' bytes, after every
+        check; an error aborts the call (counted). ``max_bytes``: the answer's limit (None:
+        the message limit; a LookupStream's is smaller)."""
         try:
             self._check_fingerprint(request.fingerprint)
             ids = codec.decode(request.row_ids, what="row_ids", dtypes=("int64",), ndim=1)
@@ -213,6 +218,9 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
                 raise RequestTooLarge(
                     f"lookup of {ids.size} rows x {self.shard.row_bytes} B = {size} B exceeds the "
                     f"shard's {self.max_message_bytes} B message limit; split the request")
+            if max_bytes is not None and size > max_bytes:
+                raise RequestTooLarge(f"lookup of {size} B of rows on a LookupStream, whose answers are at most "
+                                      f"{max_bytes} B; send it by Lookup")
             # read before the gather: rows at least as new as the version they are labelled with
             # (a push landing meanwhile shows in the next answer's version: a cache drops them)
             version = self.shard.rows_version
@@ -220,7 +228,8 @@ class ShardServicer(pb_grpc.EngramMemoryServicer):
         except Exception as e:  # noqa: BLE001 - every error becomes a status code
             self._observe("Lookup", t0, 0, False)
             self.abort(context, e)
-        resp = pb.LookupResponse(rows=codec.encode(rows, self.shard.store.dtype), update_count=version)
+        resp = pb.LookupResponse(rows=codec.encode(rows, self.shard.store.dtype), update_count=version,
+                                 seq=request.seq)
         return resp, ids, rows.nbytes
 
     def _served(self, ids: np.ndarray, nbytes: int, t0: float, took: float | None = None) -> None:

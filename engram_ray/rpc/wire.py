@@ -39,7 +39,8 @@ import grpc
 from ..config import ServiceConfig
 from ..errors import NotPrimary, NotServing, Unreplicated
 
-__all__ = ["METADATA_KEY", "MAX_STREAM_S", "auth_metadata", "read_token_file", "DEFAULT_MAX_MESSAGE_BYTES",
+__all__ = ["METADATA_KEY", "MAX_STREAM_S", "MAX_STREAM_ANSWER_BYTES", "auth_metadata", "read_token_file",
+           "DEFAULT_MAX_MESSAGE_BYTES",
            "DEFAULT_MAX_IDS_PER_REQUEST", "DEFAULT_MAX_LOOKUP_STREAMS",
            "SIGNAL_KEY", "PRIMARY_KEY", "NOT_PRIMARY", "UNREPLICATED", "SYNCING", "NOT_SERVING", "GAVE_UP",
            "BUSY", "SIGNAL_STATUS", "Signal", "signal_metadata", "metadata_for", "read_signal", "signal_of",
@@ -51,6 +52,10 @@ METADATA_KEY = "authorization"
 #: The longest deadline a LookupStream may carry (seconds): a stream holds a shard's thread
 #: for its life, so every stream ends by then; a client opens a new one.
 MAX_STREAM_S = 600.0
+#: The largest answer on a LookupStream (bytes of rows): what a stream whose client stops
+#: reading can hold in the shard stays small (a lookup agent's are tens of KB); larger
+#: lookups go by Lookup.
+MAX_STREAM_ANSWER_BYTES = 4 << 20
 
 #: The service's defaults (set once, in :class:`~engram_ray.config.ServiceConfig`).
 DEFAULT_MAX_MESSAGE_BYTES: int = ServiceConfig.max_message_bytes

@@ -26,10 +26,10 @@ def _slow_shard(layout, log: list):
     servicer = ShardServicer(shard, 64 << 20)
     real, lock = servicer._lookup, threading.Lock()
 
-    def lookup(request, context, t0):
+    def lookup(request, context, t0, *limit):
         t0 = time.monotonic()
         time.sleep(DELAY_S)
-        answer = real(request, context, t0)
+        answer = real(request, context, t0, *limit)
         with lock:
             log.append((int(np.frombuffer(request.row_ids.data, np.int64)[0]), t0, time.monotonic()))
         return answer

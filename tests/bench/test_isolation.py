@@ -148,8 +148,9 @@ def test_cores_busy_seconds_sum_the_busy_fields_of_the_cores_asked(tmp_path):
     tick = os.sysconf("SC_CLK_TCK")
     assert cores_busy_s([0], str(stat)) == pytest.approx((100 + 10 + 200 + 3 + 4) / tick)  # not idle, iowait, steal
     assert cores_busy_s([0, 1], str(stat)) == pytest.approx((317 + 8) / tick)
-    assert cores_busy_s([5], str(stat)) == 0.0
-    assert cores_busy_s([0], str(tmp_path / "missing")) == 0.0
+    assert cores_busy_s([5], str(stat)) is None  # no such core: no figure, not 0
+    assert cores_busy_s([0, 5], str(stat)) is None
+    assert cores_busy_s([0], str(tmp_path / "missing")) is None
 
 
 def test_cores_busy_seconds_grow_with_work_on_those_cores():

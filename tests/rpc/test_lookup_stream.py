@@ -55,11 +55,12 @@ def test_a_stream_answers_each_request_as_lookup_does(served):
 
 def test_a_stream_needs_a_deadline_within_the_limit(served):
     stub, fp = served
-    for timeout in (None, wire.MAX_STREAM_S * 6):
+    # (3600 s, give or take gRPC's rounding)
+    for timeout, said in ((None, "no deadline"), (wire.MAX_STREAM_S * 6, "a deadline 36")):
         with pytest.raises(grpc.RpcError) as e:
             list(stub.LookupStream(iter([_request(fp, [1])]), timeout=timeout, metadata=GOOD))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert f"within {wire.MAX_STREAM_S:.0f} s" in e.value.details()
+        assert f"within {wire.MAX_STREAM_S:.0f} s" in e.value.details() and said in e.value.details()
 
 
 def test_the_first_bad_request_ends_the_stream_with_lookups_status(served):
@@ -163,3 +164,95 @@ def test_requests_on_one_stream_are_answered_in_order_as_they_come(served):
         assert list(next(answers).rows.shape) == [len(ids), 16]
     q.put(None)
     assert list(answers) == []
+
+
+def _slow_first_lookup(layout, seconds: float, **server_kw):
+    """A shard (in this process) whose first lookup takes ``seconds``; (server, stub, fingerprint)."""
+    from engram_ray.rpc.servicer import ShardServicer
+    shard = TableShard.create(layout, 1, 0)
+    servicer = ShardServicer(shard, 64 << 20)
+    real, slow = servicer._lookup, [True]
+
+    def lookup(request, context, t0, *limit):
+        if slow[0]:
+            slow[0] = False
+            time.sleep(seconds)
+        return real(request, context, t0, *limit)
+    servicer._lookup = lookup
+    server, port = create_server(shard, "127.0.0.1", 0, servicer=servicer, **server_kw)
+    return server, pb_grpc.EngramMemoryStub(grpc.insecure_channel(f"127.0.0.1:{port}")), shard.fingerprint
+
+
+def test_a_streams_slot_is_held_until_its_thread_is_done(tiny_layout):
+    server, stub, fp = _slow_first_lookup(tiny_layout, 1.0, max_lookup_streams=1)
+    try:
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        first = stub.LookupStream(iter(q.get, None), timeout=30)
+        q.put(_request(fp, [1]))
+        time.sleep(0.3)
+        first.cancel()  # the call ends while its thread is still inside the slow lookup
+        q.put(None)
+        time.sleep(0.1)
+        with pytest.raises(grpc.RpcError) as e:  # refused at once, not queued behind that thread
+            list(stub.LookupStream(iter([_request(fp, [2])]), timeout=30))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        deadline = time.monotonic() + 5
+        while True:  # once the thread is done, the slot is free again
+            try:
+                assert len(list(stub.LookupStream(iter([_request(fp, [2])]), timeout=30))) == 1
+                break
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        server.stop(0)
+
+
+def test_an_open_stream_does_not_hold_the_servers_stop(tiny_layout):
+    shard = TableShard.create(tiny_layout, 1, 0)
+    server, port = create_server(shard, "127.0.0.1", 0)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        answers = pb_grpc.EngramMemoryStub(ch).LookupStream(iter(q.get, None), timeout=60)
+        q.put(_request(shard.fingerprint, [1]))
+        next(answers)  # open, answered, and kept open (as a lookup agent keeps it)
+        t = time.monotonic()
+        server.stop(5).wait()
+        assert time.monotonic() - t < 2.0  # not the 5 s grace: the stream was cancelled first
+        with pytest.raises(grpc.RpcError) as e:
+            next(answers)
+        assert e.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+        q.put(None)
+
+
+def test_every_streamed_lookup_is_counted_even_when_cancelled_right_after(served):
+    stub, fp = served
+    before = stub.Describe(pb.DescribeRequest(), timeout=5, metadata=GOOD).counters
+    for i in range(40):  # each stream cancelled as soon as its answer is in
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        answers = stub.LookupStream(iter(q.get, None), timeout=30, metadata=GOOD)
+        q.put(_request(fp, [i % 8]))
+        next(answers)
+        answers.cancel()
+        q.put(None)
+    deadline = time.monotonic() + 5
+    while True:
+        c = stub.Describe(pb.DescribeRequest(), timeout=5, metadata=GOOD).counters
+        if c.bytes_served - before.bytes_served == 40 * 16 * 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert c.lookups - before.lookups == 40 and c.bytes_served - before.bytes_served == 40 * 16 * 4
+
+
+def test_answers_echo_their_requests_seq_and_stay_small_on_a_stream(served):
+    stub, fp = served
+    asks = [_request(fp, [1]), _request(fp, [2, 3]), _request(fp, [4])]
+    for i, r in enumerate(asks):
+        r.seq = 10 + i
+    got = list(stub.LookupStream(iter(asks), timeout=30, metadata=GOOD))
+    assert [a.seq for a in got] == [10, 11, 12]
+    assert stub.Lookup(asks[1], timeout=5, metadata=GOOD).seq == 11
+    big = _request(fp, np.ones(wire.MAX_STREAM_ANSWER_BYTES // 64 + 1, np.int64))  # rows of 16 float32
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.LookupStream(iter([big]), timeout=30, metadata=GOOD))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "send it by Lookup" in e.value.details()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65ngram/v1/engram.proto\x12\tengram.v1\"3\n\x05\x41rray\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"G\n\rLookupRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12!\n\x07row_ids\x18\x02 \x01(\x0b\x32\x10.engram.v1.Array\"F\n\x0eLookupResponse\x12\x1e\n\x04rows\x18\x01 \x01(\x0b\x32\x10.engram.v1.Array\x12\x14\n\x0cupdate_count\x18\x02 \x01(\x04\"\x9c\x01\n\x15\x41pplyGradientsRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12!\n\x07row_ids\x18\x02 \x01(\x0b\x32\x10.engram.v1.Array\x12\x1f\n\x05grads\x18\x03 \x01(\x0b\x32\x10.engram.v1.Array\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\n\n\x02lr\x18\x07 \x01(\x01J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07\"D\n\x16\x41pplyGradientsResponse\x12\x14\n\x0crows_updated\x18\x01 \x01(\x03\x12\x14\n\x0cupdate_count\x18\x02 \x01(\x03\"\x11\n\x0f\x44\x65scribeRequest\"\xdc\x01\n\rShardCounters\x12\x0f\n\x07lookups\x18\x01 \x01(\x03\x12\x13\n\x0brows_served\x18\x02 \x01(\x03\x12\x14\n\x0c\x62ytes_served\x18\x03 \x01(\x03\x12\x0f\n\x07updates\x18\x04 \x01(\x03\x12\x14\n\x0crows_updated\x18\x05 \x01(\x03\x12\x10\n\x08rejected\x18\x06 \x01(\x03\x12\x16\n\x0elookup_seconds\x18\x07 \x01(\x01\x12\x15\n\rlookup_p50_ms\x18\x08 \x01(\x01\x12\x15\n\rlookup_p99_ms\x18\t \x01(\x01\x12\x10\n\x08uptime_s\x18\n \x01(\x01\"\xf4\x04\n\x10\x44\x65scribeResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\x05\x12\x12\n\nnum_shards\x18\x03 \x01(\x05\x12\x11\n\trow_start\x18\x04 \x01(\x03\x12\x10\n\x08row_stop\x18\x05 \x01(\x03\x12\x0b\n\x03\x64im\x18\x06 \x01(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x11\n\toptimizer\x18\x08 \x01(\t\x12\x16\n\x0eresident_bytes\x18\t \x01(\x03\x12\x19\n\x11max_message_bytes\x18\n \x01(\x03\x12*\n\x08\x63ounters\x18\x0b \x01(\x0b\x32\x18.engram.v1.ShardCounters\x12\x15\n\rresident_rows\x18\x0c \x01(\x03\x12\x1b\n\x13max_ids_per_request\x18\r \x01(\x03\x12\x11\n\trss_bytes\x18\x0e \x01(\x03\x12\x0c\n\x04role\x18\x0f \x01(\t\x12\x0f\n\x07replica\x18\x10 \x01(\x05\x12\x0f\n\x07primary\x18\x11 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kups\x18\x12 \x03(\t\x12\r\n\x05state\x18\x13 \x01(\t\x12\x11\n\trows_from\x18\x14 \x01(\t\x12\r\n\x05notes\x18\x15 \x03(\t\x12\x0f\n\x07storage\x18\x16 \x01(\t\x12\x14\n\x0cmapped_bytes\x18\x17 \x01(\x03\x12\x1d\n\x15mapped_resident_bytes\x18\x18 \x01(\x03\x12&\n\ttable_use\x18\x19 \x03(\x0b\x32\x13.engram.v1.TableUse\x12\x1b\n\x13reads_top1pct_share\x18\x1a \x01(\x01\x12\x1c\n\x14reads_top10pct_share\x18\x1b \x01(\x01\x12\r\n\x05reads\x18\x1c \x01(\x03\"G\n\x08TableUse\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05order\x18\x02 \x01(\x05\x12\x0c\n\x04rows\x18\x03 \x01(\x03\x12\x0f\n\x07touched\x18\x04 \x01(\x01\" \n\x0bSaveRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\"3\n\x0cSaveResponse\x12\x13\n\x0bheader_path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"^\n\x0e\x46orwardRequest\x12.\n\x04push\x18\x01 \x01(\x0b\x32 .engram.v1.ApplyGradientsRequest\x12\x0f\n\x07primary\x18\x02 \x01(\x05\x12\x0b\n\x03seq\x18\x03 \x01(\x03\"P\n\x0fSnapshotRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x14\n\x0cjoin_address\x18\x02 \x01(\t\x12\x12\n\njoin_index\x18\x03 \x01(\x05\"\x9a\x01\n\rSnapshotChunk\x12\x0c\n\x04part\x18\x01 \x01(\t\x12\x12\n\nrow_offset\x18\x02 \x01(\x03\x12\x1e\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x10.engram.v1.Array\x12\x0f\n\x07primary\x18\x04 \x01(\x05\x12\x13\n\x0b\x61pplied_ids\x18\x05 \x03(\t\x12\x14\n\x0c\x61pplied_rows\x18\x06 \x03(\x03\x12\x0b\n\x03seq\x18\x07 \x01(\x03\x32\xeb\x02\n\x0c\x45ngramMemory\x12=\n\x06Lookup\x12\x18.engram.v1.LookupRequest\x1a\x19.engram.v1.LookupResponse\x12G\n\x0cLookupStream\x12\x18.engram.v1.LookupRequest\x1a\x19.engram.v1.LookupResponse(\x01\x30\x01\x12U\n\x0e\x41pplyGradients\x12 .engram.v1.ApplyGradientsRequest\x1a!.engram.v1.ApplyGradientsResponse\x12\x43\n\x08\x44\x65scribe\x12\x1a.engram.v1.DescribeRequest\x1a\x1b.engram.v1.DescribeResponse\x12\x37\n\x04Save\x12\x16.engram.v1.SaveRequest\x1a\x17.engram.v1.SaveResponse2\x99\x01\n\nEngramPeer\x12G\n\x07\x46orward\x12\x19.engram.v1.ForwardRequest\x1a!.engram.v1.ApplyGradientsResponse\x12\x42\n\x08Snapshot\x12\x1a.engram.v1.SnapshotRequest\x1a\x18.engram.v1.SnapshotChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65ngram/v1/engram.proto\x12\tengram.v1\"3\n\x05\x41rray\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"T\n\rLookupRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12!\n\x07row_ids\x18\x02 \x01(\x0b\x32\x10.engram.v1.Array\x12\x0b\n\x03seq\x18\x03 \x01(\x04\"S\n\x0eLookupResponse\x12\x1e\n\x04rows\x18\x01 \x01(\x0b\x32\x10.engram.v1.Array\x12\x14\n\x0cupdate_count\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\"\x9c\x01\n\x15\x41pplyGradientsRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12!\n\x07row_ids\x18\x02 \x01(\x0b\x32\x10.engram.v1.Array\x12\x1f\n\x05grads\x18\x03 \x01(\x0b\x32\x10.engram.v1.Array\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\n\n\x02lr\x18\x07 \x01(\x01J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07\"D\n\x16\x41pplyGradientsResponse\x12\x14\n\x0crows_updated\x18\x01 \x01(\x03\x12\x14\n\x0cupdate_count\x18\x02 \x01(\x03\"\x11\n\x0f\x44\x65scribeRequest\"\xdc\x01\n\rShardCounters\x12\x0f\n\x07lookups\x18\x01 \x01(\x03\x12\x13\n\x0brows_served\x18\x02 \x01(\x03\x12\x14\n\x0c\x62ytes_served\x18\x03 \x01(\x03\x12\x0f\n\x07updates\x18\x04 \x01(\x03\x12\x14\n\x0crows_updated\x18\x05 \x01(\x03\x12\x10\n\x08rejected\x18\x06 \x01(\x03\x12\x16\n\x0elookup_seconds\x18\x07 \x01(\x01\x12\x15\n\rlookup_p50_ms\x18\x08 \x01(\x01\x12\x15\n\rlookup_p99_ms\x18\t \x01(\x01\x12\x10\n\x08uptime_s\x18\n \x01(\x01\"\xf4\x04\n\x10\x44\x65scribeResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\x05\x12\x12\n\nnum_shards\x18\x03 \x01(\x05\x12\x11\n\trow_start\x18\x04 \x01(\x03\x12\x10\n\x08row_stop\x18\x05 \x01(\x03\x12\x0b\n\x03\x64im\x18\x06 \x01(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x11\n\toptimizer\x18\x08 \x01(\t\x12\x16\n\x0eresident_bytes\x18\t \x01(\x03\x12\x19\n\x11max_message_bytes\x18\n \x01(\x03\x12*\n\x08\x63ounters\x18\x0b \x01(\x0b\x32\x18.engram.v1.ShardCounters\x12\x15\n\rresident_rows\x18\x0c \x01(\x03\x12\x1b\n\x13max_ids_per_request\x18\r \x01(\x03\x12\x11\n\trss_bytes\x18\x0e \x01(\x03\x12\x0c\n\x04role\x18\x0f \x01(\t\x12\x0f\n\x07replica\x18\x10 \x01(\x05\x12\x0f\n\x07primary\x18\x11 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kups\x18\x12 \x03(\t\x12\r\n\x05state\x18\x13 \x01(\t\x12\x11\n\trows_from\x18\x14 \x01(\t\x12\r\n\x05notes\x18\x15 \x03(\t\x12\x0f\n\x07storage\x18\x16 \x01(\t\x12\x14\n\x0cmapped_bytes\x18\x17 \x01(\x03\x12\x1d\n\x15mapped_resident_bytes\x18\x18 \x01(\x03\x12&\n\ttable_use\x18\x19 \x03(\x0b\x32\x13.engram.v1.TableUse\x12\x1b\n\x13reads_top1pct_share\x18\x1a \x01(\x01\x12\x1c\n\x14reads_top10pct_share\x18\x1b \x01(\x01\x12\r\n\x05reads\x18\x1c \x01(\x03\"G\n\x08TableUse\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05order\x18\x02 \x01(\x05\x12\x0c\n\x04rows\x18\x03 \x01(\x03\x12\x0f\n\x07touched\x18\x04 \x01(\x01\" \n\x0bSaveRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\"3\n\x0cSaveResponse\x12\x13\n\x0bheader_path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"^\n\x0e\x46orwardRequest\x12.\n\x04push\x18\x01 \x01(\x0b\x32 .engram.v1.ApplyGradientsRequest\x12\x0f\n\x07primary\x18\x02 \x01(\x05\x12\x0b\n\x03seq\x18\x03 \x01(\x03\"P\n\x0fSnapshotRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x14\n\x0cjoin_address\x18\x02 \x01(\t\x12\x12\n\njoin_index\x18\x03 \x01(\x05\"\x9a\x01\n\rSnapshotChunk\x12\x0c\n\x04part\x18\x01 \x01(\t\x12\x12\n\nrow_offset\x18\x02 \x01(\x03\x12\x1e\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x10.engram.v1.Array\x12\x0f\n\x07primary\x18\x04 \x01(\x05\x12\x13\n\x0b\x61pplied_ids\x18\x05 \x03(\t\x12\x14\n\x0c\x61pplied_rows\x18\x06 \x03(\x03\x12\x0b\n\x03seq\x18\x07 \x01(\x03\x32\xeb\x02\n\x0c\x45ngramMemory\x12=\n\x06Lookup\x12\x18.engram.v1.LookupRequest\x1a\x19.engram.v1.LookupResponse\x12G\n\x0cLookupStream\x12\x18.engram.v1.LookupRequest\x1a\x19.engram.v1.LookupResponse(\x01\x30\x01\x12U\n\x0e\x41pplyGradients\x12 .engram.v1.ApplyGradientsRequest\x1a!.engram.v1.ApplyGradientsResponse\x12\x43\n\x08\x44\x65scribe\x12\x1a.engram.v1.DescribeRequest\x1a\x1b.engram.v1.DescribeResponse\x12\x37\n\x04Save\x12\x16.engram.v1.SaveRequest\x1a\x17.engram.v1.SaveResponse2\x99\x01\n\nEngramPeer\x12G\n\x07\x46orward\x12\x19.engram.v1.ForwardRequest\x1a!.engram.v1.ApplyGradientsResponse\x12\x42\n\x08Snapshot\x12\x1a.engram.v1.SnapshotRequest\x1a\x18.engram.v1.SnapshotChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,33 +35,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ARRAY']._serialized_start=37
   _globals['_ARRAY']._serialized_end=88
   _globals['_LOOKUPREQUEST']._serialized_start=90
-  _globals['_LOOKUPREQUEST']._serialized_end=161
-  _globals['_LOOKUPRESPONSE']._serialized_start=163
-  _globals['_LOOKUPRESPONSE']._serialized_end=233
-  _globals['_APPLYGRADIENTSREQUEST']._serialized_start=236
-  _globals['_APPLYGRADIENTSREQUEST']._serialized_end=392
-  _globals['_APPLYGRADIENTSRESPONSE']._serialized_start=394
-  _globals['_APPLYGRADIENTSRESPONSE']._serialized_end=462
-  _globals['_DESCRIBEREQUEST']._serialized_start=464
-  _globals['_DESCRIBEREQUEST']._serialized_end=481
-  _globals['_SHARDCOUNTERS']._serialized_start=484
-  _globals['_SHARDCOUNTERS']._serialized_end=704
-  _globals['_DESCRIBERESPONSE']._serialized_start=707
-  _globals['_DESCRIBERESPONSE']._serialized_end=1335
-  _globals['_TABLEUSE']._serialized_start=1337
-  _globals['_TABLEUSE']._serialized_end=1408
-  _globals['_SAVEREQUEST']._serialized_start=1410
-  _globals['_SAVEREQUEST']._serialized_end=1442
-  _globals['_SAVERESPONSE']._serialized_start=1444
-  _globals['_SAVERESPONSE']._serialized_end=1495
-  _globals['_FORWARDREQUEST']._serialized_start=1497
-  _globals['_FORWARDREQUEST']._serialized_end=1591
-  _globals['_SNAPSHOTREQUEST']._serialized_start=1593
-  _globals['_SNAPSHOTREQUEST']._serialized_end=1673
-  _globals['_SNAPSHOTCHUNK']._serialized_start=1676
-  _globals['_SNAPSHOTCHUNK']._serialized_end=1830
-  _globals['_ENGRAMMEMORY']._serialized_start=1833
-  _globals['_ENGRAMMEMORY']._serialized_end=2196
-  _globals['_ENGRAMPEER']._serialized_start=2199
-  _globals['_ENGRAMPEER']._serialized_end=2352
+  _globals['_LOOKUPREQUEST']._serialized_end=174
+  _globals['_LOOKUPRESPONSE']._serialized_start=176
+  _globals['_LOOKUPRESPONSE']._serialized_end=259
+  _globals['_APPLYGRADIENTSREQUEST']._serialized_start=262
+  _globals['_APPLYGRADIENTSREQUEST']._serialized_end=418
+  _globals['_APPLYGRADIENTSRESPONSE']._serialized_start=420
+  _globals['_APPLYGRADIENTSRESPONSE']._serialized_end=488
+  _globals['_DESCRIBEREQUEST']._serialized_start=490
+  _globals['_DESCRIBEREQUEST']._serialized_end=507
+  _globals['_SHARDCOUNTERS']._serialized_start=510
+  _globals['_SHARDCOUNTERS']._serialized_end=730
+  _globals['_DESCRIBERESPONSE']._serialized_start=733
+  _globals['_DESCRIBERESPONSE']._serialized_end=1361
+  _globals['_TABLEUSE']._serialized_start=1363
+  _globals['_TABLEUSE']._serialized_end=1434
+  _globals['_SAVEREQUEST']._serialized_start=1436
+  _globals['_SAVEREQUEST']._serialized_end=1468
+  _globals['_SAVERESPONSE']._serialized_start=1470
+  _globals['_SAVERESPONSE']._serialized_end=1521
+  _globals['_FORWARDREQUEST']._serialized_start=1523
+  _globals['_FORWARDREQUEST']._serialized_end=1617
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1619
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1699
+  _globals['_SNAPSHOTCHUNK']._serialized_start=1702
+  _globals['_SNAPSHOTCHUNK']._serialized_end=1856
+  _globals['_ENGRAMMEMORY']._serialized_start=1859
+  _globals['_ENGRAMMEMORY']._serialized_end=2222
+  _globals['_ENGRAMPEER']._serialized_start=2225
+  _globals['_ENGRAMPEER']._serialized_end=2378
 # @@protoc_insertion_point(module_scope)

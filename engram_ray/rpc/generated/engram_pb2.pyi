@@ -17,20 +17,24 @@ class Array(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("fingerprint", "row_ids")
+    __slots__ = ("fingerprint", "row_ids", "seq")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     ROW_IDS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     row_ids: Array
-    def __init__(self, fingerprint: _Optional[str] = ..., row_ids: _Optional[_Union[Array, _Mapping]] = ...) -> None: ...
+    seq: int
+    def __init__(self, fingerprint: _Optional[str] = ..., row_ids: _Optional[_Union[Array, _Mapping]] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("rows", "update_count")
+    __slots__ = ("rows", "update_count", "seq")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     UPDATE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     rows: Array
     update_count: int
-    def __init__(self, rows: _Optional[_Union[Array, _Mapping]] = ..., update_count: _Optional[int] = ...) -> None: ...
+    seq: int
+    def __init__(self, rows: _Optional[_Union[Array, _Mapping]] = ..., update_count: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class ApplyGradientsRequest(_message.Message):
     __slots__ = ("fingerprint", "row_ids", "grads", "request_id", "lr")
