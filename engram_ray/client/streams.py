@@ -10,8 +10,8 @@ stream read by a thread, median; p90 0.77 against 0.49 ms.
 Never another lookup's answer: a stream is used by one lookup at a time (its lock); each
 request carries a number the shard echoes (``seq``), and an answer with another number
 closes the stream; a lookup that timed out closes its stream before it lets the lock go. The
-reader takes one answer per request asked: what a shard sends unasked stays in gRPC's
-flow-control window, never in this process's memory.
+reader hands over one answer per request asked and reads at most one ahead: what a shard
+sends unasked stays in gRPC's flow-control window, not in this process's memory.
 
 A stream answers one lookup at a time. ``ask`` returns None -- use Lookup -- where a stream
 cannot serve this one: another thread's lookup holds it, the shard refuses streams (an older
@@ -77,7 +77,7 @@ class _Stream:
         #: How the stream ended (None: open, or ended without an error).
         self.error: grpc.RpcError | None = None
         self._seq = 0
-        self._permits = threading.Semaphore(0)  # answers the reader may take: one per request
+        self._permits = threading.Semaphore(0)  # answers the reader may hand over: one per request
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._call = stub.LookupStream(iter(self._requests.get, _END), timeout=lifetime, metadata=metadata)
@@ -87,10 +87,14 @@ class _Stream:
         err: grpc.RpcError | None = None
         try:
             while True:
+                # waits in gRPC for the next answer (as a plain reader would: no extra wake-up per
+                # lookup), then keeps it until a request is out for it: a shard sending unasked
+                # gets one message read, the rest stays in gRPC's flow-control window
+                answer = next(self._call)
                 self._permits.acquire()
                 if not self.alive:  # closed
                     break
-                self._answers.put(next(self._call))
+                self._answers.put(answer)
         except StopIteration:  # the shard ended the stream
             pass
         except grpc.RpcError as e:
