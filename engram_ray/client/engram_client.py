@@ -163,8 +163,9 @@ class EngramClient:
         return self._start(row_ids, "unique", rows_outs, unique=True, ordered=ordered)
 
     def lookup_unique_now(self, row_ids: Any, rows_out: np.ndarray | None = None) -> UniqueRows | None:
-        """:meth:`prefetch_unique`'s rows, looked up on the calling thread with one blocking call
-        of at most 0.5 s, where that is one message to one shard and the client keeps no cache;
+        """:meth:`prefetch_unique`'s rows, looked up on the calling thread in at most 0.5 s -- a
+        message on the shard's LookupStream (:mod:`.streams`), or one blocking call where no
+        stream serves -- where that is one message to one shard and the client keeps no cache;
         None where it is not, or where that one try failed in any way (then ask
         :meth:`prefetch_unique`: it retries, fails over and raises what went wrong). Ids that
         are not rows of the table raise :class:`InvalidRequest`. For a lookup agent's ordered

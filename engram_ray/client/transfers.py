@@ -1,7 +1,8 @@
 """Lookups and pushes on the client's I/O thread: plan (:mod:`.plan`), call every message at
 once (:mod:`.calls`), check and place each answer as it lands; and ``Prefetch``, the caller's
 handle on rows on their way. A lookup agent's one-message lookups may instead run on its own
-thread with one blocking call (:meth:`Transfers.unique_now`)."""
+thread, as a message on the shard's LookupStream or one blocking call
+(:meth:`Transfers.unique_now`)."""
 
 from __future__ import annotations
 
