@@ -6,10 +6,10 @@ agent only turns packets into client calls whose rows land in the worker's slot
 (``prefetch_unique(ids, rows_out=slot.rows)``: no copy after the wire's) and answers when they
 are there. One thread per worker connection reads its packets. A packet's ordered lookups to
 one shard are answered on that thread, each a message on the shard's LookupStream or one
-blocking call (up to 0.5 s; the worker's next packets wait meanwhile); the rest are handed to the client's I/O thread, which
-replies as they end. Replies never block (a worker that stops reading is dropped, not waited
-for). Every byte from a worker is checked: packet sizes, ops, slots,
-counts against the slot's capacity, and the ids by the client itself.
+blocking call (up to 0.5 s; the worker's next packets wait meanwhile); the rest are handed
+to the client's I/O thread, which replies as they end. Replies never block (a worker that
+stops reading is dropped, not waited for). Every byte from a worker is checked: packet
+sizes, ops, slots, counts against the slot's capacity, and the ids by the client itself.
 """
 
 from __future__ import annotations
