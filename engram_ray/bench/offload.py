@@ -122,11 +122,6 @@ def _check(o: Options) -> None:
         raise ValueError(f"trace={o.trace!r}: choose a phase to trace, one of {', '.join(PHASES)}")
 
 
-def _source_streams(o: Options) -> int:
-    """The deployed shards' max_lookup_streams."""
-    return ServiceConfig().max_lookup_streams if o.lookup_streams is None else o.lookup_streams
-
-
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -227,7 +222,7 @@ def run(engram_cfg: EngramConfig, model_cfg: ModelConfig, vocab: Any, tokens: np
             layout = src.layout
             memory = {"source": src.kind, "via": o.via, "addresses": [d["address"] for d in server],
                       "agent_spin_s": getattr(client, "spin_s", None),
-                      "max_lookup_streams": None if o.memory_at else _source_streams(o)}
+                      "max_lookup_streams": None if o.memory_at else src.service.max_lookup_streams}
     finally:
         iso.restore()
     return _report(engram_cfg, model_cfg, layout, resident, o, m, stats, server, memory)

@@ -149,7 +149,8 @@ class LookupStreams:
 
     def ask(self, address: str, request: pb.LookupRequest, timeout: float) -> pb.LookupResponse | None:
         """The shard's answer to ``request`` over its stream; None where no stream serves it
-        now (use Lookup). Raises the lookup's ``grpc.RpcError`` or TimeoutError."""
+        now (use Lookup). Raises the lookup's ``grpc.RpcError``, TimeoutError, or an error for
+        an answer out of step (the stream is then closed)."""
         s = self._take(address)
         if s is None:
             return None
