@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -80,8 +81,18 @@ def expand_rows(rows_ud: torch.Tensor, inverse_n: torch.Tensor) -> torch.Tensor:
     return _Expand.apply(rows_ud, inverse_n)
 
 
+#: Storage dtypes whose rows a layer can read as they are, by the torch dtype they are.
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _is_bf16(arr: np.ndarray) -> bool:
+    """Whether ``arr`` holds ml_dtypes' bfloat16 -- the only storage dtype numpy calls kind 'V'.
+    (Not ``dtype.name``: a Python property, 10 us on the model's thread with caches cold.)"""
+    return arr.dtype.kind == "V"
+
+
 def _host_tensor(arr: np.ndarray) -> torch.Tensor:
-    if arr.dtype.name == "bfloat16":  # ml_dtypes: reinterpret the bits
+    if _is_bf16(arr):  # ml_dtypes: reinterpret the bits
         return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(arr)
 
@@ -97,7 +108,7 @@ class RemoteFetch:
         # the next once it has its rows, when ordered) unless ``pending`` holds them already
         # (RemoteMemory.fetch_many); on demand: each when its layer asks.
         if pending is None:
-            pending = (list(memory.source.prefetch_unique_many(list(row_ids_lbth), ordered=memory.ordered))
+            pending = (memory._prefetch(list(row_ids_lbth), requires_grad)
                        if memory.prefetch else [None] * len(row_ids_lbth))
         self.pending: list[Any] = pending
         #: Per layer asked: the unique rows ``[U, D]`` on the device (the autograd leaves) ...
@@ -195,8 +206,24 @@ class RemoteFetch:
         of their ids (nothing is pushed), no autograd node. Every op here runs on the model's
         thread between its layers, with caches cold from its compute: measured on this 2-core
         box (decode-shaped, 2 layers x 128 ids) the staged path cost the thread ~120 us a step
-        more than LocalMemory's gather."""
+        more than LocalMemory's gather. Where the agent expanded the rows (``expand``), not
+        even that gather: the layer reads them in the slot (:meth:`RemoteMemory.lend_host`)."""
         t0 = time.perf_counter()
+        p = self.pending[li]
+        if getattr(p, "expanded", False):
+            try:
+                lent = p.lend(timeout=self.memory.source.timeout * 4)
+            except AgentUnavailable:  # re-attached: asked again below, as unique rows
+                self.pending[li] = self.memory.source.prefetch_unique(self.row_ids[li])
+            else:
+                t1 = time.perf_counter()
+                self.wait_seconds += t1 - t0
+                self._seconds[li] = p.fetch_seconds
+                out = self.memory.lend_host(lent, p.give_back)
+                *bt, h = self.row_ids[li].shape
+                out = out.view(*bt, h * out.shape[-1])                             # [B, T, H * D]
+                self.stage_seconds += time.perf_counter() - t1
+                return out
         u = self._take(li)
         t1 = time.perf_counter()
         self.wait_seconds += t1 - t0
@@ -206,7 +233,8 @@ class RemoteFetch:
             release = getattr(self.pending[li], "release", None)
             if release is not None:
                 release()
-        out = out.view(*self.row_ids[li].shape, out.shape[-1]).flatten(-2)   # [B, T, H * D]
+        *bt, h = self.row_ids[li].shape
+        out = out.view(*bt, h * out.shape[-1])                                     # [B, T, H * D]
         self.stage_seconds += time.perf_counter() - t1
         return out
 
@@ -287,6 +315,10 @@ class RemoteMemory:
         self._events: dict[int, Any] = {}
         #: (copy's event, release) of lent source buffers that copies read in place.
         self._lent: list[tuple[Any, Callable[[], None]]] = []
+        #: Inference on the host from a source that expands rows (a lookup agent) stored in the
+        #: model's dtype: the layers read the rows in the agent's slots (see lend_host).
+        self.lends = (self.copy_stream is None and bool(getattr(source, "expands", False))
+                      and _TORCH_DTYPES.get(getattr(source, "dtype_name", "")) == dtype)
         pin_slots = getattr(source, "pin_slots", None)
         if self.copy_stream is not None and pin and pin_slots is not None:
             # a lookup agent's slots become pinned memory: rows go to the device from where the
@@ -297,6 +329,33 @@ class RemoteMemory:
     @property
     def layout(self) -> TableLayout:
         return self._layout
+
+    def _prefetch(self, row_ids: list[np.ndarray], requires_grad: bool) -> list[Any]:
+        """Every layer's lookup asked now, in one hand-over (expanded by the source where the
+        rows will be lent, see :attr:`lends`)."""
+        if self.lends and not requires_grad:
+            expanding: Any = self.source  # a source with ``expands`` takes expand=
+            return list(expanding.prefetch_unique_many(row_ids, ordered=self.ordered, expand=True))
+        return list(self.source.prefetch_unique_many(row_ids, ordered=self.ordered))
+
+    @staticmethod
+    def lend_host(rows_nd: np.ndarray, give_back: Callable[[], None]) -> torch.Tensor:
+        """A tensor over rows ``[N, D]`` in the model's dtype that live in a source's buffer
+        (an agent slot; no copy), and ``give_back()`` once nothing can read them: torch holds
+        the array it was made from until the last tensor over that memory is gone, so a
+        finaliser on that array runs then -- after the Engram layer that read them, never
+        during it. Why: the gather on the model's thread cost ~60 us a layer in decode and
+        ~90 us in serving's prefill chunks on this 2-core box, caches cold from the model's
+        compute; the agent's expand runs on the memory side."""
+        bf16 = _is_bf16(rows_nd)
+        src = rows_nd.view(np.int16) if bf16 else rows_nd
+        try:
+            t = torch.from_numpy(src)
+            weakref.finalize(src, give_back)
+        except BaseException:
+            give_back()
+            raise
+        return t.view(torch.bfloat16) if bf16 else t
 
     def expand_host(self, rows_ud: np.ndarray, inverse_n: np.ndarray) -> torch.Tensor:
         """Rows ``[N, D]`` in the model's dtype gathered on the host from unique rows ``[U, D]``
@@ -420,7 +479,7 @@ class RemoteMemory:
         self._reap()
         if not self.prefetch or not arrays:
             return [self.fetch(a, requires_grad) for a in arrays]
-        flat = self.source.prefetch_unique_many([layer for a in arrays for layer in a], ordered=self.ordered)
+        flat = self._prefetch([layer for a in arrays for layer in a], requires_grad)
         out, k = [], 0
         for a in arrays:
             out.append(RemoteFetch(self, a, requires_grad, pending=list(flat[k:k + len(a)])))

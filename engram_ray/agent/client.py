@@ -6,7 +6,9 @@ Per fetch the caller's thread copies its ids into a free slot and sends one 24-b
 waiting is a blocking ``recv`` (the GIL is released; ``spin_s`` polls first, off by default).
 No gRPC, no asyncio and no thread of its own run in the worker's process. Rows stay in the
 slot until the fetch is released, so a consumer copies them once, to where they are used (a
-tensor, the device).
+tensor, the device) -- or not at all: a fetch asked with ``expand=True`` holds its rows in the
+ids' order, and :meth:`AgentFetch.lend` gives them as a view of the slot, which stays lent until
+:meth:`AgentFetch.give_back` (RemoteMemory calls it when the tensor over the view is gone).
 
 If the agent dies, calls in flight raise :class:`AgentUnavailable`; the next call reconnects
 (calling ``start()`` first when no agent answers, so a worker can start one) with fresh slots.
@@ -22,6 +24,7 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +37,7 @@ from ..core.layout import TableLayout
 from ..rpc.codec import wire_dtype
 from .protocol import (
     ERROR,
+    EXPAND,
     HELLO,
     HELLO_INFO,
     MAGIC,
@@ -62,12 +66,15 @@ class AgentFetch:
     ``inverse`` are views of the slot: valid until :meth:`release` (copy what you keep)."""
 
     def __init__(self, agent: AgentClient, gen: int, req_id: int, slot: int, flat_size: int,
-                 shape: tuple[int, ...], ids: np.ndarray):
+                 shape: tuple[int, ...], ids: np.ndarray, expanded: bool = False):
         self.agent, self.gen, self.req_id, self.slot = agent, gen, req_id, slot
         self.n, self.shape, self.ids = flat_size, shape, ids
+        #: Asked with EXPAND: the slot holds the rows in the ids' order (read them with lend()).
+        self.expanded = expanded
         self._t0 = time.perf_counter()
         self._value: int | None = None
         self._released = False
+        self._lent = False  # lend() gave a view of the slot: give_back() releases it
         #: Issue-to-arrival seconds, as seen when the reply was read (None before).
         self.fetch_seconds: float | None = None
 
@@ -94,19 +101,44 @@ class AgentFetch:
         return self._value is not None
 
     def result(self, timeout: float | None = None) -> UniqueRows:
+        if self.expanded:
+            raise ValueError("this fetch was asked with expand=True: its slot holds the rows in the ids' order; "
+                             "read them with lend()")
+        s = self._arrived(timeout)
+        u = self._value
+        # the agent wrote the sorted unique ids over the slot's ids: the ids of rows[:u]
+        return UniqueRows(s.ids[:u], s.rows[:u], s.inverse[:self.n], self.shape)
+
+    def lend(self, timeout: float | None = None) -> np.ndarray:
+        """The rows in the ids' order, ``[n, width]`` (a fetch asked with ``expand=True``): a
+        view of the slot, no copy. The slot stays lent -- :meth:`release` does nothing, the
+        agent writes nothing there -- until :meth:`give_back`."""
+        if not self.expanded:
+            raise ValueError("lend(): this fetch holds unique rows; ask with expand=True for rows in the ids' order")
+        if self._lent:
+            raise RuntimeError("lend(): this fetch's rows are lent already")
+        s = self._arrived(timeout)
+        self._lent = True
+        return s.rows[:self.n]
+
+    def give_back(self) -> None:
+        """The lent rows will not be read again: the slot is freed at the next fetch. Safe from
+        any thread and inside any code (it takes no lock), e.g. from a finaliser."""
+        self.agent._given_back.append(self)  # deque.append: atomic
+
+    def _arrived(self, timeout: float | None) -> Slot:
+        """The slot, once the reply is in."""
         if self._released:
             raise RuntimeError("this fetch was released: its slot holds other rows now")
         if self._value is None:
             self._value = self.agent._wait(self, timeout)
             self.fetch_seconds = time.perf_counter() - self._t0
-        s = self.agent._slot_of(self)
-        u = self._value
-        # the agent wrote the sorted unique ids over the slot's ids: the ids of rows[:u]
-        return UniqueRows(s.ids[:u], s.rows[:u], s.inverse[:self.n], self.shape)
+        return self.agent._slot_of(self)
 
     def release(self) -> None:
-        """Give the slot back (idempotent); a fetch whose reply is not in yet frees it on arrival."""
-        if not self._released:
+        """Give the slot back (idempotent); a fetch whose reply is not in yet frees it on arrival.
+        A lent fetch's slot comes back when its view is gone, not here."""
+        if not self._released and not self._lent:
             self._released = True
             self.agent._release(self)
 
@@ -136,6 +168,9 @@ class AgentClient:
     4.0 ms). So it is off by default. The poll also holds the GIL between non-blocking
     ``recv`` calls."""
 
+    #: ``prefetch_unique_many(..., expand=True)`` is served: rows in the ids' order, lent (RemoteMemory).
+    expands = True
+
     def __init__(self, socket_path: str, layout: TableLayout, *, start: Callable[[], Any] | None = None,
                  timeout: float = 60.0, connect_timeout: float = 30.0, spin_s: float = SPIN_S):
         if not 0 <= spin_s <= 1:
@@ -156,6 +191,9 @@ class AgentClient:
         self._asked: set[int] = set()  # request ids sent and not answered yet
         self._next_id = 1
         self._lock = threading.RLock()
+        #: Lent fetches given back: their slots are freed at the next staging, under the lock
+        #: (give_back may run anywhere, e.g. as a finaliser inside this client's own code).
+        self._given_back: deque[AgentFetch] = deque()
         self._req = bytearray(REQUEST.size)
         self.reconnects = 0
         #: (register(address, nbytes) -> bool, unregister(address)) from pin_slots, or None.
@@ -424,9 +462,12 @@ class AgentClient:
             if f.gen != self._gen:
                 return
             if f._value is None and f.req_id in self._owner:
-                self._orphans.add(f.req_id)  # the agent still writes this slot
-            else:
-                self._free.append(f.slot)
+                if self._replies.pop(f.req_id, None) is None:
+                    self._orphans.add(f.req_id)  # the agent still writes this slot
+                    return
+                # its reply was read already, for another fetch's waiter: the slot is done
+                self._owner.pop(f.req_id)
+            self._free.append(f.slot)
 
     def _wait(self, f: AgentFetch, timeout: float | None) -> int:
         with self._lock:
@@ -441,6 +482,10 @@ class AgentClient:
     # Lookups and pushes ---------------------------------------------------------------------
     def _stage(self, row_ids: Sequence[Any], packet: bytearray, flags: int = 0) -> list[AgentFetch]:
         """Copy each id array into a free slot and pack its request into ``packet``."""
+        while self._given_back:
+            f = self._given_back.popleft()
+            f._lent = False
+            f.release()
         fetches = []
         for k, r in enumerate(row_ids):
             ids = np.asarray(r)
@@ -453,20 +498,22 @@ class AgentClient:
             rid = self._new_id()
             self._owner[rid] = slot
             REQUEST.pack_into(packet, k * REQUEST.size, MAGIC, Op.UNIQUE, flags, rid, slot, n)
-            fetches.append(AgentFetch(self, self._gen, rid, slot, n, ids.shape, flat))
+            fetches.append(AgentFetch(self, self._gen, rid, slot, n, ids.shape, flat, bool(flags & EXPAND)))
         return fetches
 
-    def prefetch_unique_many(self, row_ids: Sequence[Any], *, ordered: bool = False) -> list[AgentFetch]:
+    def prefetch_unique_many(self, row_ids: Sequence[Any], *, ordered: bool = False,
+                             expand: bool = False) -> list[AgentFetch]:
         """:meth:`prefetch_unique` for several arrays (e.g. one per Engram layer) in one packet:
         one wake-up of the agent per fetch, however many layers. ``ordered``: the agent sends
-        each lookup once the one before it has its rows."""
+        each lookup once the one before it has its rows. ``expand``: the agent writes the rows
+        in the ids' order (read with :meth:`AgentFetch.lend`, not ``result``)."""
         if not row_ids:
             return []
         if len(row_ids) > MAX_BATCH:
             return [f for i in range(0, len(row_ids), MAX_BATCH)
-                    for f in self.prefetch_unique_many(row_ids[i:i + MAX_BATCH], ordered=ordered)]
+                    for f in self.prefetch_unique_many(row_ids[i:i + MAX_BATCH], ordered=ordered, expand=expand)]
         packet = bytearray(REQUEST.size * len(row_ids))
-        flags = ORDERED if ordered else 0
+        flags = (ORDERED if ordered else 0) | (EXPAND if expand else 0)
         with self._lock:
             fetches = self._stage(row_ids, packet, flags)
             try:

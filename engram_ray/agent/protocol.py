@@ -11,7 +11,8 @@ Packets (little-endian)::
 
     request  REQUEST  magic 'ERA1', op u16, flags u16, req_id u32, slot u32, n u64      (24 B)
                       (a packet holds 1..MAX_BATCH requests: one wake-up per fetch; flags:
-                      ORDERED, the packet's UNIQUE lookups go out one after the other)
+                      ORDERED, the packet's UNIQUE lookups go out one after the other;
+                      EXPAND, a UNIQUE lookup's rows come in the ids' order, n of them)
     hello    HELLO    REQUEST + fingerprint 32s                                          (56 B)
     reply    REPLY    magic, op u16, status u16, req_id u32, slot u32, value u64, aux u64 (32 B)
                       + on error, ``aux`` bytes of UTF-8 text; + for HELLO, HELLO_INFO
@@ -30,12 +31,13 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["MAGIC", "Op", "REQUEST", "HELLO", "REPLY", "HELLO_INFO", "OK", "ERROR", "MAX_PACKET", "MAX_BATCH",
-           "ORDERED", "SlotLayout", "Slot", "create_memfd", "AgentUnavailable", "AgentRefused"]
+           "ORDERED", "EXPAND", "SlotLayout", "Slot", "create_memfd", "AgentUnavailable", "AgentRefused"]
 
 MAGIC = b"ERA1"
 #: 2: a PUSH carries its learning rate in the slot (Slot.push_lr); HELLO refuses other versions,
-#: so an old worker never has its stale slot bytes read as a rate.
-VERSION = 2
+#: so an old worker never has its stale slot bytes read as a rate. 3: the EXPAND flag (an older
+#: agent would refuse each such lookup; a version mismatch says so once, at HELLO).
+VERSION = 3
 REQUEST = struct.Struct("<4sHHIIQ")
 HELLO = struct.Struct("<4sHHIIQ32s")
 REPLY = struct.Struct("<4sHHIIQQ")
@@ -52,6 +54,11 @@ ALIGN = 64
 #: Request flag: the packet's UNIQUE lookups run one after the other, each once the one before
 #: has its rows (a fetch's Engram layers, earliest first).
 ORDERED = 1
+#: Request flag (UNIQUE only): the agent writes the rows in the ids' order -- ``rows[:n]``, the
+#: unique rows expanded by the inverse, on the memory side -- so a worker computing on the host
+#: reads them in place (RemoteMemory lends the slot to the layer) instead of gathering them on
+#: the model's thread. ids[:U] and inverse[:n] are written as for any UNIQUE; value = U.
+EXPAND = 2
 
 
 class Op:

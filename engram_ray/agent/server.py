@@ -32,6 +32,7 @@ from ..core.dtypes import row_width
 from ..core.optim import lr_error
 from ..errors import InvalidRequest
 from .protocol import (
+    EXPAND,
     HELLO,
     HELLO_INFO,
     MAGIC,
@@ -247,8 +248,8 @@ class LookupAgent:
         magic, op, flags, req_id, slot, n = fields
         if magic != MAGIC or op not in Op.ALL:
             raise _Refused(0, req_id, slot, f"not a request (magic {magic!r}, op {op})")
-        if flags & ~ORDERED or (flags & ORDERED and op != Op.UNIQUE):
-            raise _Refused(op, req_id, slot, f"flags {flags:#x}: only ORDERED, on UNIQUE requests")
+        if flags & ~(ORDERED | EXPAND) or (flags and op != Op.UNIQUE):
+            raise _Refused(op, req_id, slot, f"flags {flags:#x}: only ORDERED and EXPAND, on UNIQUE requests")
         if not conn.hello:
             raise _Refused(op, req_id, slot, "say HELLO first")
         if op == Op.SLOT:
@@ -272,7 +273,7 @@ class LookupAgent:
         except InvalidRequest as e:
             raise _Refused(op, req_id, slot, str(e)) from None
         s.busy = True
-        return _Job(s, op, req_id, slot, ids, op == Op.UNIQUE and bool(flags & ORDERED), lr)
+        return _Job(s, op, req_id, slot, ids, bool(flags & ORDERED), lr, bool(flags & EXPAND))
 
     def _start(self, conn: _Conn, job: _Job) -> None:
         """Hand a lookup or push to the client; the reply goes when it ends."""
@@ -286,7 +287,7 @@ class LookupAgent:
         except Exception as e:  # noqa: BLE001 - e.g. ids outside the table: the client refused them
             s.busy = False
             raise _Refused(job.op, job.req_id, job.slot, f"{type(e).__name__}: {e}") from None
-        p.add_done_callback(lambda q: self._looked_up(conn, s, job.op, job.req_id, job.slot, q))
+        p.add_done_callback(lambda q: self._looked_up(conn, job, q))
 
     def _start_ordered(self, conn: _Conn, jobs: list[_Job]) -> None:
         """A packet's ORDERED lookups, one after the other, each answered as its rows land.
@@ -307,7 +308,7 @@ class LookupAgent:
                 continue
             if r is None:
                 return self._hand_over_ordered(conn, jobs[i:])
-            self._answer(conn, j.s, j.op, j.req_id, j.slot, r)
+            self._answer(conn, j, r)
         return None
 
     def _hand_over_ordered(self, conn: _Conn, jobs: list[_Job]) -> None:
@@ -321,7 +322,7 @@ class LookupAgent:
                 conn.send(error_reply(j.op, j.req_id, j.slot, f"{type(e).__name__}: {e}"))
             return
         for j, p in zip(jobs, ps):
-            p.add_done_callback(lambda q, j=j: self._looked_up(conn, j.s, j.op, j.req_id, j.slot, q))
+            p.add_done_callback(lambda q, j=j: self._looked_up(conn, j, q))
 
     def _slot(self, conn: _Conn, op: int, req_id: int, slot: int, n: int) -> Slot:
         if slot >= len(conn.slots):
@@ -381,23 +382,27 @@ class LookupAgent:
         finally:
             os.close(fd)  # the mapping (and the worker's copy of the fd) keep the memory
 
-    def _looked_up(self, conn: _Conn, s: Slot, op: int, req_id: int, slot: int, p: Any) -> None:
+    def _looked_up(self, conn: _Conn, job: _Job, p: Any) -> None:
         """On the client's I/O thread: the rows are in the slot; write the inverse, reply."""
         try:
             r = p.result(0)
         except Exception as e:  # noqa: BLE001 - the worker gets the client's error text
-            s.busy = False
+            job.s.busy = False
             self.refused += 1
-            return conn.send(error_reply(op, req_id, slot, f"{type(e).__name__}: {e}"))
-        return self._answer(conn, s, op, req_id, slot, r)
+            return conn.send(error_reply(job.op, job.req_id, job.slot, f"{type(e).__name__}: {e}"))
+        return self._answer(conn, job, r)
 
-    def _answer(self, conn: _Conn, s: Slot, op: int, req_id: int, slot: int, r: Any) -> None:
-        """A lookup's rows are in the slot: write its inverse and unique ids there, reply."""
+    def _answer(self, conn: _Conn, job: _Job, r: Any) -> None:
+        """A lookup's unique rows are in the slot: write its inverse and unique ids there (and,
+        for EXPAND, the rows in the ids' order over the unique ones), reply."""
+        s, n = job.s, r.inverse.size
+        if job.expand:  # rows [U, W] -> [n, W] in place: take() buffers its output (mode 'raise')
+            np.take(r.rows, r.inverse, axis=0, out=s.rows[:n])
         # the worker reads the rows' ids (for its pushes) where its ids were
-        s.inverse[:r.inverse.size] = r.inverse
+        s.inverse[:n] = r.inverse
         s.ids[:r.ids.size] = r.ids
         s.busy = False
-        conn.send(REPLY.pack(MAGIC, op, OK, req_id, slot, r.rows.shape[0], 0))
+        conn.send(REPLY.pack(MAGIC, job.op, OK, job.req_id, job.slot, r.rows.shape[0], 0))
 
     def _pushed(self, conn: _Conn, s: Slot, req_id: int, slot: int, fut: Any) -> None:
         s.busy = False
@@ -420,6 +425,7 @@ class _Job(NamedTuple):
     ids: np.ndarray      #: [n] int64, copied out of the slot
     ordered: bool
     lr: float = 0.0      #: a push's learning rate (0: the shards' own)
+    expand: bool = False  #: EXPAND: the rows go back in the ids' order
 
 
 class _Refused(Exception):

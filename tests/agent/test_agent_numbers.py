@@ -149,33 +149,129 @@ def test_rows_reach_the_gpu_from_the_registered_slot(served, agent):
     assert not gpu._lent and len(agent._free) == len(agent._slots)
 
 
-def test_rows_without_gradients_are_gathered_from_the_slot(served, agent):
-    """Inference rows (no gradient, on the host) come out of the agent's slot in one gather:
-    bit-identical to LocalMemory's, in the model's dtype, and every slot is given back."""
+def _slot_of(agent, t: torch.Tensor) -> int | None:
+    """The agent slot whose rows ``t`` lies in (None: memory of its own)."""
+    for i, s in enumerate(agent._slots):
+        lo = s.rows.ctypes.data
+        if lo <= t.data_ptr() < lo + s.rows.nbytes:
+            return i
+    return None
+
+
+def _stage_nothing(agent) -> None:
+    with agent._lock:
+        assert agent._stage([], bytearray()) == []
+
+
+def test_inference_rows_are_lent_from_the_slot_until_their_tensor_is_gone(served, agent):
+    """Inference rows on the host in the storage's dtype come expanded by the agent and are
+    read where it wrote them: bit-identical to LocalMemory's, no copy, and the slot is lent --
+    later fetches never write it -- until the tensor (and every view of it) is gone."""
     layout = served.layout
     local = LocalMemory(layout, init_std=STORE.init_std, optimizer=STORE.optimizer)
     rng = np.random.default_rng(4)
+    memory = RemoteMemory(agent)
+    assert memory.lends
     ids = served.indexer.rows(rng.integers(0, 90, size=(3, 7)))          # [L, B, T, H]
-    for dtype in (torch.float32, torch.bfloat16):
-        memory = RemoteMemory(agent, dtype=dtype)
-        f, want = memory.fetch(ids, requires_grad=False), local.fetch(ids, requires_grad=False)
+    f, want = memory.fetch(ids, requires_grad=False), local.fetch(ids, requires_grad=False)
+    held = [f.rows(li) for li in range(ids.shape[0])]
+    for li, got in enumerate(held):
+        assert got.dtype == torch.float32 and not got.requires_grad
+        assert torch.equal(got, want.rows(li))
+    assert f.unique_ids == {} and f.tensors == {}  # nothing kept for a push
+    lent = {_slot_of(agent, t) for t in held}
+    assert None not in lent and len(lent) == len(held)  # each layer read in its own slot
+    kept = [t.clone() for t in held]
+    view = held[0][1:]  # a view keeps the slot lent too
+    for _ in range(5):  # other rows through other slots: the lent ones are never written
+        other = served.indexer.rows(rng.integers(0, 90, size=(3, 7)))
+        g = memory.fetch(other, requires_grad=False)
+        assert torch.equal(g.rows(1), local.fetch(other, requires_grad=False).rows(1))
+        assert not lent & set(agent._free)
+    assert all(torch.equal(t, k) for t, k in zip(held, kept))
+    first = _slot_of(agent, held[0])
+    del held, got, g
+    _stage_nothing(agent)  # what the next fetch's staging does first: free the slots given back
+    assert lent - {first} <= set(agent._free) and first not in agent._free  # `view` still reads it
+    del view
+    _stage_nothing(agent)
+    deadline = time.monotonic() + 10
+    while sorted(agent._free) != list(range(len(agent._slots))) and time.monotonic() < deadline:
+        time.sleep(0.01)
+        with agent._lock:
+            agent._poll()  # the unread layers of the fetches above: freed as their replies come
+    assert sorted(agent._free) == list(range(len(agent._slots)))  # every slot back
+    slots = len(agent._slots)
+    for _ in range(30):  # a decode loop: slots are reused, not piled up
+        f = memory.fetch(served.indexer.rows(rng.integers(0, 90, size=(3, 1))), requires_grad=False)
         for li in range(ids.shape[0]):
-            got = f.rows(li)
-            assert got.dtype == dtype and not got.requires_grad
-            assert torch.equal(got, want.rows(li).to(dtype))
-        assert f.unique_ids == {} and f.tensors == {}  # nothing kept for a push
-        assert sorted(agent._free) == list(range(len(agent._slots)))  # every slot back
+            f.rows(li)
+    assert len(agent._slots) <= slots + 2 * ids.shape[0]
+
+
+def test_rows_in_another_dtype_are_gathered_from_the_slot(served, agent):
+    """Inference rows in a dtype other than the storage's are gathered (and converted) out of
+    the slot in one op on the host, which is given back at once."""
+    layout = served.layout
+    local = LocalMemory(layout, init_std=STORE.init_std, optimizer=STORE.optimizer)
+    ids = served.indexer.rows(np.random.default_rng(4).integers(0, 90, size=(3, 7)))
+    memory = RemoteMemory(agent, dtype=torch.bfloat16)
+    assert not memory.lends
+    f, want = memory.fetch(ids, requires_grad=False), local.fetch(ids, requires_grad=False)
+    for li in range(ids.shape[0]):
+        got = f.rows(li)
+        assert got.dtype == torch.bfloat16 and _slot_of(agent, got) is None
+        assert torch.equal(got, want.rows(li).to(torch.bfloat16))
+    assert sorted(agent._free) == list(range(len(agent._slots)))  # every slot back
+
+
+def test_an_expanded_fetch_is_read_by_lend_only(served, agent):
+    """``expand=True``: the slot holds the rows in the ids' order, read by lend() (result()
+    would misread them as unique rows, so it refuses); give_back frees the slot at the next
+    fetch, twice is harmless, and a fetch of unique rows cannot be lent."""
+    ids = np.random.default_rng(6).integers(0, 300, size=(4, 9))
+    want = agent.lookup(ids)
+    [f] = agent.prefetch_unique_many([ids], expand=True)
+    with pytest.raises(ValueError, match="lend"):
+        f.result()
+    rows = f.lend()
+    assert rows.shape == (ids.size, want.shape[-1]) and np.array_equal(rows.reshape(want.shape), want)
+    with pytest.raises(RuntimeError, match="lent already"):
+        f.lend()
+    f.release()  # lent: nothing happens
+    assert f.slot not in agent._free
+    f.give_back()
+    f.give_back()
+    _stage_nothing(agent)  # what the next fetch does first
+    assert agent._free.count(f.slot) == 1
+    [u] = agent.prefetch_unique_many([ids])
+    with pytest.raises(ValueError, match="expand=True"):
+        u.lend()
+    u.release()
+
+
+def test_a_fetch_released_after_its_reply_was_read_for_another_gives_its_slot_back(served, agent):
+    """Layers read out of order: reading layer 1's reply reads layer 0's first (kept for its
+    waiter); releasing layer 0 unread then frees its slot at once -- it used to wait for a
+    reply that had come already, and the slot was lost to the worker."""
+    ids = np.random.default_rng(7).integers(0, 300, size=(2, 3, 8))
+    first, second = agent.prefetch_unique_many(list(ids), ordered=True)
+    second.result()
+    first.release()
+    second.release()
+    assert sorted(agent._free) == list(range(len(agent._slots))) and not agent._replies
 
 
 def test_a_fetch_not_used_gives_its_slots_back(served, agent):
-    """RemoteFetch.release (a serving engine's dropped lookahead): every slot goes back, the
-    layer taken before stays as it was, and the next fetch reads the same rows."""
+    """RemoteFetch.release (a serving engine's dropped lookahead): every slot goes back (the
+    layer taken before, once its rows are gone), and the next fetch reads the same rows."""
     memory = RemoteMemory(agent)
     ids = served.indexer.rows(np.random.default_rng(5).integers(0, 90, size=(2, 6)))
     f = memory.fetch(ids, requires_grad=False)
-    first = f.rows(0)
+    first = f.rows(0).clone()  # (the tensor itself keeps its slot lent until it is gone)
     f.release()
     f.release()  # idempotent
+    _stage_nothing(agent)  # the lent layer's slot, given back: freed by the next fetch
     deadline = time.monotonic() + 10
     while sorted(agent._free) != list(range(len(agent._slots))) and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from engram_ray.agent import AgentClient, AgentRefused
-from engram_ray.agent.protocol import HELLO, MAGIC, ORDERED, REPLY, REQUEST, VERSION, AgentUnavailable, Op
+from engram_ray.agent.protocol import EXPAND, HELLO, MAGIC, ORDERED, REPLY, REQUEST, VERSION, AgentUnavailable, Op
 from engram_ray.client import EngramClient
 from engram_ray.remote_memory import RemoteMemory
 
@@ -141,7 +141,8 @@ def test_hostile_requests_are_refused_and_the_agent_serves_on(served):
                  (REQUEST.pack(MAGIC, Op.HELLO, 0, 5, 0, 0), "wrong size"),
                  (REQUEST.pack(MAGIC, Op.UNIQUE, 0, 6, 2**32 - 1, 2**64 - 1), "does not exist"),
                  (REQUEST.pack(MAGIC, Op.UNIQUE, 0x80, 11, 0, 1), "only ORDERED"),      # unknown flag bits
-                 (REQUEST.pack(MAGIC, Op.PUSH, ORDERED, 12, 0, 1), "only ORDERED")]     # ORDERED on a push
+                 (REQUEST.pack(MAGIC, Op.PUSH, ORDERED, 12, 0, 1), "only ORDERED"),     # ORDERED on a push
+                 (REQUEST.pack(MAGIC, Op.PUSH, EXPAND, 13, 0, 1), "on UNIQUE requests")]  # EXPAND on a push
         for packet, why in cases:
             status, text = _ask(s, packet)
             assert status == 1 and why in text, text
