@@ -81,6 +81,11 @@ def expand_rows(rows_ud: torch.Tensor, inverse_n: torch.Tensor) -> torch.Tensor:
     return _Expand.apply(rows_ud, inverse_n)
 
 
+#: At most this many source buffers lent at once (RemoteMemory.lend_host): a consumer that keeps
+#: its rows tensors (say, an analysis storing every layer's input) gets later fetches gathered
+#: into memory of their own instead, so a lookup agent's slots (64 per worker) never run out.
+MAX_LENT = 16
+
 #: Storage dtypes whose rows a layer can read as they are, by the torch dtype they are.
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -333,7 +338,7 @@ class RemoteMemory:
     def _prefetch(self, row_ids: list[np.ndarray], requires_grad: bool) -> list[Any]:
         """Every layer's lookup asked now, in one hand-over (expanded by the source where the
         rows will be lent, see :attr:`lends`)."""
-        if self.lends and not requires_grad:
+        if self.lends and not requires_grad and getattr(self.source, "lent", 0) < MAX_LENT:
             expanding: Any = self.source  # a source with ``expands`` takes expand=
             return list(expanding.prefetch_unique_many(row_ids, ordered=self.ordered, expand=True))
         return list(self.source.prefetch_unique_many(row_ids, ordered=self.ordered))

@@ -118,7 +118,9 @@ class AgentFetch:
         if self._lent:
             raise RuntimeError("lend(): this fetch's rows are lent already")
         s = self._arrived(timeout)
-        self._lent = True
+        with self.agent._lock:
+            self._lent = True
+            self.agent.lent += 1
         return s.rows[:self.n]
 
     def give_back(self) -> None:
@@ -194,6 +196,8 @@ class AgentClient:
         #: Lent fetches given back: their slots are freed at the next staging, under the lock
         #: (give_back may run anywhere, e.g. as a finaliser inside this client's own code).
         self._given_back: deque[AgentFetch] = deque()
+        #: Slots lent now (AgentFetch.lend) and not freed yet: a consumer may cap it.
+        self.lent = 0
         self._req = bytearray(REQUEST.size)
         self.reconnects = 0
         #: (register(address, nbytes) -> bool, unregister(address)) from pin_slots, or None.
@@ -484,8 +488,10 @@ class AgentClient:
         """Copy each id array into a free slot and pack its request into ``packet``."""
         while self._given_back:
             f = self._given_back.popleft()
-            f._lent = False
-            f.release()
+            if f._lent:  # (given back twice: once is enough)
+                f._lent = False
+                self.lent -= 1
+                f.release()
         fetches = []
         for k, r in enumerate(row_ids):
             ids = np.asarray(r)

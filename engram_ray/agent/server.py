@@ -7,7 +7,9 @@ agent only turns packets into client calls whose rows land in the worker's slot
 are there. One thread per worker connection reads its packets. A packet's ordered lookups to
 one shard are answered on that thread, each a message on the shard's LookupStream or one
 blocking call (up to 0.5 s; the worker's next packets wait meanwhile); the rest are handed
-to the client's I/O thread, which replies as they end. Replies never block (a worker that
+to the client's I/O thread, which replies as they end. A lookup flagged EXPAND has its unique
+rows expanded here, in the slot, into the ids' order (the worker's layer reads them there: the
+gather runs on the memory side, not on the model's thread). Replies never block (a worker that
 stops reading is dropped, not waited for). Every byte from a worker is checked: packet
 sizes, ops, slots, counts against the slot's capacity, and the ids by the client itself.
 """

@@ -209,6 +209,28 @@ def test_inference_rows_are_lent_from_the_slot_until_their_tensor_is_gone(served
     assert len(agent._slots) <= slots + 2 * ids.shape[0]
 
 
+def test_a_consumer_that_keeps_its_rows_gets_them_copied_past_the_cap(served, agent):
+    """Rows tensors kept (an analysis storing every input): past MAX_LENT lent slots, fetches
+    are gathered into memory of their own, so the agent's slots never run out; the values are
+    the same either way, and the lent ones come back once dropped."""
+    from engram_ray.remote_memory import MAX_LENT
+    memory = RemoteMemory(agent)
+    rng = np.random.default_rng(8)
+    kept, copies = [], []
+    for _ in range(MAX_LENT + 6):
+        ids = served.indexer.rows(rng.integers(0, 90, size=(2, 3)))
+        f = memory.fetch(ids, requires_grad=False)
+        rows = [f.rows(li) for li in range(ids.shape[0])]
+        kept += rows
+        copies += [r.clone() for r in rows]
+    assert agent.lent == MAX_LENT and len(agent._slots) <= MAX_LENT + 2 * 2
+    assert sum(_slot_of(agent, t) is None for t in kept) == len(kept) - MAX_LENT
+    assert all(torch.equal(t, c) for t, c in zip(kept, copies))  # no lent slot was written again
+    del kept, rows
+    _stage_nothing(agent)
+    assert agent.lent == 0
+
+
 def test_rows_in_another_dtype_are_gathered_from_the_slot(served, agent):
     """Inference rows in a dtype other than the storage's are gathered (and converted) out of
     the slot in one op on the host, which is given back at once."""
