@@ -82,8 +82,9 @@ def expand_rows(rows_ud: torch.Tensor, inverse_n: torch.Tensor) -> torch.Tensor:
 
 
 #: At most this many source buffers lent at once (RemoteMemory.lend_host): a consumer that keeps
-#: its rows tensors (say, an analysis storing every layer's input) gets later fetches gathered
-#: into memory of their own instead, so a lookup agent's slots (64 per worker) never run out.
+#: its rows tensors (say, an analysis storing every layer's input) gets the rows past it copied
+#: and their buffers back at once (and later fetches asked unexpanded), so a lookup agent's
+#: slots (64 per worker) never run out.
 MAX_LENT = 16
 
 #: Storage dtypes whose rows a layer can read as they are, by the torch dtype they are.
@@ -224,7 +225,11 @@ class RemoteFetch:
                 t1 = time.perf_counter()
                 self.wait_seconds += t1 - t0
                 self._seconds[li] = p.fetch_seconds
-                out = self.memory.lend_host(lent, p.give_back)
+                if getattr(self.memory.source, "lent", 0) > MAX_LENT:  # rows kept elsewhere: a copy, the slot back now
+                    out = _host_tensor(lent).clone()
+                    p.give_back()
+                else:
+                    out = self.memory.lend_host(lent, p.give_back)
                 *bt, h = self.row_ids[li].shape
                 out = out.view(*bt, h * out.shape[-1])                             # [B, T, H * D]
                 self.stage_seconds += time.perf_counter() - t1

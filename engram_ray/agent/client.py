@@ -75,6 +75,7 @@ class AgentFetch:
         self._value: int | None = None
         self._released = False
         self._lent = False  # lend() gave a view of the slot: give_back() releases it
+        self._given = False  # give_back() was called (the slot is freed at the next staging)
         #: Issue-to-arrival seconds, as seen when the reply was read (None before).
         self.fetch_seconds: float | None = None
 
@@ -119,14 +120,22 @@ class AgentFetch:
             raise RuntimeError("lend(): this fetch's rows are lent already")
         s = self._arrived(timeout)
         with self.agent._lock:
+            if self._released:  # by another thread since: its slot may hold other rows already
+                raise RuntimeError("this fetch was released: its slot holds other rows now")
+            self.agent._free_given_back()
             self._lent = True
-            self.agent.lent += 1
+            self.agent._lent_n += 1
         return s.rows[:self.n]
 
     def give_back(self) -> None:
-        """The lent rows will not be read again: the slot is freed at the next fetch. Safe from
-        any thread and inside any code (it takes no lock), e.g. from a finaliser."""
-        self.agent._given_back.append(self)  # deque.append: atomic
+        """The lent rows will not be read again: the slot is freed at the next fetch (or lend).
+        Safe from any thread and inside any code (it takes no lock), e.g. from a finaliser;
+        a second call does nothing. Raises RuntimeError on a fetch not lent."""
+        if not self._lent:
+            raise RuntimeError("give_back(): this fetch's rows were not lent")
+        if not self._given:
+            self._given = True
+            self.agent._given_back.append(self)  # deque.append: atomic
 
     def _arrived(self, timeout: float | None) -> Slot:
         """The slot, once the reply is in."""
@@ -139,10 +148,13 @@ class AgentFetch:
 
     def release(self) -> None:
         """Give the slot back (idempotent); a fetch whose reply is not in yet frees it on arrival.
-        A lent fetch's slot comes back when its view is gone, not here."""
-        if not self._released and not self._lent:
-            self._released = True
-            self.agent._release(self)
+        A lent fetch's slot comes back after :meth:`give_back`, not here."""
+        if self._released or self._lent:
+            return
+        with self.agent._lock:  # checked again: lend() on another thread may have just lent it
+            if not self._released and not self._lent:
+                self._released = True
+                self.agent._release(self)
 
     def __del__(self) -> None:
         try:
@@ -196,8 +208,7 @@ class AgentClient:
         #: Lent fetches given back: their slots are freed at the next staging, under the lock
         #: (give_back may run anywhere, e.g. as a finaliser inside this client's own code).
         self._given_back: deque[AgentFetch] = deque()
-        #: Slots lent now (AgentFetch.lend) and not freed yet: a consumer may cap it.
-        self.lent = 0
+        self._lent_n = 0  # fetches lent and not freed yet (given back or not)
         self._req = bytearray(REQUEST.size)
         self.reconnects = 0
         #: (register(address, nbytes) -> bool, unregister(address)) from pin_slots, or None.
@@ -278,6 +289,19 @@ class AgentClient:
     def close(self) -> None:
         with self._lock:
             self._drop()
+
+    @property
+    def lent(self) -> int:
+        """Slots lent now (:meth:`AgentFetch.lend`) and not given back: a consumer may cap it."""
+        return self._lent_n - len(self._given_back)
+
+    def _free_given_back(self) -> None:
+        """Free the slots of lent fetches given back since (call with the lock held)."""
+        while self._given_back:
+            f = self._given_back.popleft()
+            f._lent = False
+            self._lent_n -= 1
+            f.release()
 
     def __enter__(self) -> AgentClient:
         return self
@@ -486,25 +510,33 @@ class AgentClient:
     # Lookups and pushes ---------------------------------------------------------------------
     def _stage(self, row_ids: Sequence[Any], packet: bytearray, flags: int = 0) -> list[AgentFetch]:
         """Copy each id array into a free slot and pack its request into ``packet``."""
-        while self._given_back:
-            f = self._given_back.popleft()
-            if f._lent:  # (given back twice: once is enough)
-                f._lent = False
-                self.lent -= 1
-                f.release()
-        fetches = []
-        for k, r in enumerate(row_ids):
-            ids = np.asarray(r)
-            if ids.dtype.kind not in "iu":
-                raise AgentRefused(f"row ids must be integers, got dtype {ids.dtype}")
-            flat = ids.reshape(-1)
-            n = int(flat.size)
-            slot = self._take_slot(n)
-            self._slots[slot].ids[:n] = flat
-            rid = self._new_id()
-            self._owner[rid] = slot
-            REQUEST.pack_into(packet, k * REQUEST.size, MAGIC, Op.UNIQUE, flags, rid, slot, n)
-            fetches.append(AgentFetch(self, self._gen, rid, slot, n, ids.shape, flat, bool(flags & EXPAND)))
+        self._free_given_back()
+        fetches: list[AgentFetch] = []
+        gen, slot = self._gen, None
+        try:
+            for k, r in enumerate(row_ids):
+                ids = np.asarray(r)
+                if ids.dtype.kind not in "iu":
+                    raise AgentRefused(f"row ids must be integers, got dtype {ids.dtype}")
+                flat = ids.reshape(-1)
+                n = int(flat.size)
+                slot = self._take_slot(n)
+                self._slots[slot].ids[:n] = flat
+                rid = self._new_id()
+                self._owner[rid] = slot
+                REQUEST.pack_into(packet, k * REQUEST.size, MAGIC, Op.UNIQUE, flags, rid, slot, n)
+                fetches.append(AgentFetch(self, gen, rid, slot, n, ids.shape, flat, bool(flags & EXPAND)))
+                slot = None
+        except BaseException:
+            # nothing was sent: the slots taken so far are free again (on this connection: a
+            # dropped one took its slots with it) and their requests were never asked
+            for f in fetches:
+                f._released = True
+                self._owner.pop(f.req_id, None)
+                self._asked.discard(f.req_id)
+            if self._gen == gen:
+                self._free.extend([f.slot for f in fetches] + ([slot] if slot is not None else []))
+            raise
         return fetches
 
     def prefetch_unique_many(self, row_ids: Sequence[Any], *, ordered: bool = False,
@@ -521,7 +553,10 @@ class AgentClient:
         packet = bytearray(REQUEST.size * len(row_ids))
         flags = (ORDERED if ordered else 0) | (EXPAND if expand else 0)
         with self._lock:
-            fetches = self._stage(row_ids, packet, flags)
+            try:
+                fetches = self._stage(row_ids, packet, flags)
+            except AgentUnavailable:  # the agent died (asking for a new slot): re-attach once
+                fetches = self._stage(row_ids, packet, flags)
             try:
                 self._ensure().send(packet)
             except OSError:  # the agent is gone and nothing is in flight: re-attach once, send again

@@ -398,8 +398,15 @@ class LookupAgent:
         """A lookup's unique rows are in the slot: write its inverse and unique ids there (and,
         for EXPAND, the rows in the ids' order over the unique ones), reply."""
         s, n = job.s, r.inverse.size
-        if job.expand:  # rows [U, W] -> [n, W] in place: take() buffers its output (mode 'raise')
-            np.take(r.rows, r.inverse, axis=0, out=s.rows[:n])
+        if job.expand:
+            # rows [U, W] -> [n, W] over them, taken from a copy of the U rows: mode 'raise' would
+            # buffer all n (the inverse is this agent's own client's, always in range)
+            try:
+                np.take(r.rows.copy(), r.inverse, axis=0, out=s.rows[:n], mode="clip")
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: this request fails alone
+                s.busy = False
+                self.refused += 1
+                return conn.send(error_reply(job.op, job.req_id, job.slot, f"agent error: {type(e).__name__}: {e}"))
         # the worker reads the rows' ids (for its pushes) where its ids were
         s.inverse[:n] = r.inverse
         s.ids[:r.ids.size] = r.ids

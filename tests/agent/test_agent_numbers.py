@@ -210,25 +210,27 @@ def test_inference_rows_are_lent_from_the_slot_until_their_tensor_is_gone(served
 
 
 def test_a_consumer_that_keeps_its_rows_gets_them_copied_past_the_cap(served, agent):
-    """Rows tensors kept (an analysis storing every input): past MAX_LENT lent slots, fetches
-    are gathered into memory of their own, so the agent's slots never run out; the values are
-    the same either way, and the lent ones come back once dropped."""
+    """Rows tensors kept (an analysis storing every input), with many forwards asked in one
+    hand-over: never more than MAX_LENT slots lent -- the rows past it are copied and their
+    slots come back at once -- so the agent's slots never run out; the values are the same
+    either way, and the lent ones come back once dropped."""
     from engram_ray.remote_memory import MAX_LENT
     memory = RemoteMemory(agent)
     rng = np.random.default_rng(8)
     kept, copies = [], []
-    for _ in range(MAX_LENT + 6):
-        ids = served.indexer.rows(rng.integers(0, 90, size=(2, 3)))
-        f = memory.fetch(ids, requires_grad=False)
-        rows = [f.rows(li) for li in range(ids.shape[0])]
-        kept += rows
-        copies += [r.clone() for r in rows]
-    assert agent.lent == MAX_LENT and len(agent._slots) <= MAX_LENT + 2 * 2
+    for _ in range(3):
+        arrays = [served.indexer.rows(rng.integers(0, 90, size=(2, 3))) for _ in range(12)]
+        for f in memory.fetch_many(arrays, requires_grad=False):
+            rows = [f.rows(li) for li in range(2)]
+            kept += rows
+            copies += [r.clone() for r in rows]
+            assert agent.lent <= MAX_LENT
+    assert agent.lent == MAX_LENT and len(agent._slots) < 64
     assert sum(_slot_of(agent, t) is None for t in kept) == len(kept) - MAX_LENT
     assert all(torch.equal(t, c) for t, c in zip(kept, copies))  # no lent slot was written again
     del kept, rows
     _stage_nothing(agent)
-    assert agent.lent == 0
+    assert agent.lent == 0 and agent._lent_n == 0
 
 
 def test_rows_in_another_dtype_are_gathered_from_the_slot(served, agent):
@@ -261,15 +263,20 @@ def test_an_expanded_fetch_is_read_by_lend_only(served, agent):
     with pytest.raises(RuntimeError, match="lent already"):
         f.lend()
     f.release()  # lent: nothing happens
-    assert f.slot not in agent._free
+    assert f.slot not in agent._free and agent.lent == 1
     f.give_back()
     f.give_back()
+    assert agent.lent == 0
     _stage_nothing(agent)  # what the next fetch does first
-    assert agent._free.count(f.slot) == 1
+    assert agent._free.count(f.slot) == 1 and agent._lent_n == 0
     [u] = agent.prefetch_unique_many([ids])
     with pytest.raises(ValueError, match="expand=True"):
         u.lend()
     u.release()
+    [e] = agent.prefetch_unique_many([ids], expand=True)
+    with pytest.raises(RuntimeError, match="not lent"):  # it would lose the slot for good
+        e.give_back()
+    e.release()
 
 
 def test_a_fetch_released_after_its_reply_was_read_for_another_gives_its_slot_back(served, agent):
@@ -282,6 +289,29 @@ def test_a_fetch_released_after_its_reply_was_read_for_another_gives_its_slot_ba
     first.release()
     second.release()
     assert sorted(agent._free) == list(range(len(agent._slots))) and not agent._replies
+
+
+def test_a_refused_slot_midway_through_a_packet_gives_the_others_back(served, agent, monkeypatch):
+    """Staging a packet fails on its second array (no slot for it): nothing was sent, so the
+    first array's slot is free again and its request is not awaited."""
+    from engram_ray.agent import AgentRefused
+    agent.prefetch_unique(np.arange(5)).result()  # one slot mapped
+    free, real, calls = sorted(agent._free), agent._take_slot, []
+
+    def take(n):
+        calls.append(n)
+        if len(calls) == 2:
+            raise AgentRefused("slot refused (limits)")
+        return real(n)
+    monkeypatch.setattr(agent, "_take_slot", take)
+    with pytest.raises(AgentRefused):
+        agent.prefetch_unique_many([np.arange(5), np.arange(6)])
+    monkeypatch.undo()
+    time.sleep(0.2)
+    with agent._lock:
+        agent._poll()
+    assert sorted(agent._free) == free and not agent._asked and not agent._owner
+    assert agent.lookup(np.arange(5)).shape[0] == 5  # and the connection serves on
 
 
 def test_a_fetch_not_used_gives_its_slots_back(served, agent):

@@ -97,6 +97,35 @@ def test_a_killed_agent_is_restarted_and_the_fetch_goes_on(served):
             stop(p)
 
 
+def test_an_agent_killed_while_rows_are_lent_is_restarted_and_the_next_fetch_goes_on(served):
+    """Rows still lent (held by the caller) when the agent dies: the next fetch needs a new
+    slot, whose request meets the dead agent; it re-attaches once and goes on, and the rows
+    held keep their values."""
+    procs = [served.agent]
+
+    def restart():
+        procs.append(spawn_agent(served.socket, served.addresses, served.layout))
+
+    agent = AgentClient(served.socket, served.layout, start=restart)
+    try:
+        memory = RemoteMemory(agent)
+        ids = np.arange(2 * 2 * 3 * 8).reshape(2, 2, 3, 8) * 5
+        f = memory.fetch(ids, requires_grad=False)
+        held = [f.rows(i) for i in range(2)]                  # lent: their slots stay taken
+        want = [h.clone() for h in held]
+        served.agent.send_signal(signal.SIGKILL)
+        served.agent.wait()
+        again = memory.fetch(ids, requires_grad=False)        # asks for new slots: re-attached
+        assert all(again.rows(i).equal(w) for i, w in enumerate(want))
+        assert all(h.equal(w) for h, w in zip(held, want))
+        assert len(procs) == 2 and agent.reconnects == 1
+    finally:
+        agent.close()
+        served.agent = procs[-1]
+        for p in procs[:-1]:
+            stop(p)
+
+
 def _raw(path: str) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.settimeout(5)
