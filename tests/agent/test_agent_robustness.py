@@ -70,8 +70,10 @@ def test_a_killed_worker_leaves_no_shared_memory(served):
         assert agent.lookup(np.arange(10)).shape == (10, served.layout.row_dim)
 
 
-def test_a_killed_agent_is_restarted_and_the_fetch_goes_on(served):
-    before = dev_shm()
+@contextlib.contextmanager
+def _restartable(served):
+    """A worker's AgentClient whose ``start`` spawns a new agent (in ``procs``); the test's
+    fixture is left serving the last one."""
     procs = [served.agent]
 
     def restart():
@@ -79,6 +81,17 @@ def test_a_killed_agent_is_restarted_and_the_fetch_goes_on(served):
 
     agent = AgentClient(served.socket, served.layout, start=restart)
     try:
+        yield agent, procs
+    finally:
+        agent.close()
+        served.agent = procs[-1]
+        for p in procs[:-1]:
+            stop(p)
+
+
+def test_a_killed_agent_is_restarted_and_the_fetch_goes_on(served):
+    before = dev_shm()
+    with _restartable(served) as (agent, procs):
         memory = RemoteMemory(agent)
         ids = np.arange(2 * 2 * 3 * 8).reshape(2, 2, 3, 8) * 5
         want = [memory.fetch(ids, requires_grad=False).rows(i) for i in range(2)]
@@ -90,24 +103,13 @@ def test_a_killed_agent_is_restarted_and_the_fetch_goes_on(served):
         assert len(procs) == 2 and agent.reconnects == 1
         assert memory.fetch(ids, requires_grad=False).rows(1).equal(want[1])
         assert dev_shm() == before
-    finally:
-        agent.close()
-        served.agent = procs[-1]
-        for p in procs[:-1]:
-            stop(p)
 
 
 def test_an_agent_killed_while_rows_are_lent_is_restarted_and_the_next_fetch_goes_on(served):
     """Rows still lent (held by the caller) when the agent dies: the next fetch needs a new
     slot, whose request meets the dead agent; it re-attaches once and goes on, and the rows
     held keep their values."""
-    procs = [served.agent]
-
-    def restart():
-        procs.append(spawn_agent(served.socket, served.addresses, served.layout))
-
-    agent = AgentClient(served.socket, served.layout, start=restart)
-    try:
+    with _restartable(served) as (agent, procs):
         memory = RemoteMemory(agent)
         ids = np.arange(2 * 2 * 3 * 8).reshape(2, 2, 3, 8) * 5
         f = memory.fetch(ids, requires_grad=False)
@@ -119,11 +121,6 @@ def test_an_agent_killed_while_rows_are_lent_is_restarted_and_the_next_fetch_goe
         assert all(again.rows(i).equal(w) for i, w in enumerate(want))
         assert all(h.equal(w) for h, w in zip(held, want))
         assert len(procs) == 2 and agent.reconnects == 1
-    finally:
-        agent.close()
-        served.agent = procs[-1]
-        for p in procs[:-1]:
-            stop(p)
 
 
 def _raw(path: str) -> socket.socket:
