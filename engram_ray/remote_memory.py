@@ -226,8 +226,10 @@ class RemoteFetch:
                 self.wait_seconds += t1 - t0
                 self._seconds[li] = p.fetch_seconds
                 if getattr(self.memory.source, "lent", 0) > MAX_LENT:  # rows kept elsewhere: a copy, the slot back now
-                    out = _host_tensor(lent).clone()
-                    p.give_back()
+                    try:
+                        out = _host_tensor(lent).clone()
+                    finally:
+                        p.give_back()
                 else:
                     out = self.memory.lend_host(lent, p.give_back)
                 *bt, h = self.row_ids[li].shape

@@ -122,6 +122,8 @@ class AgentFetch:
         with self.agent._lock:
             if self._released:  # by another thread since: its slot may hold other rows already
                 raise RuntimeError("this fetch was released: its slot holds other rows now")
+            if self._lent:
+                raise RuntimeError("lend(): this fetch's rows are lent already")
             self.agent._free_given_back()
             self._lent = True
             self.agent._lent_n += 1
@@ -131,11 +133,12 @@ class AgentFetch:
         """The lent rows will not be read again: the slot is freed at the next fetch (or lend).
         Safe from any thread and inside any code (it takes no lock), e.g. from a finaliser;
         a second call does nothing. Raises RuntimeError on a fetch not lent."""
+        if self._given:
+            return
         if not self._lent:
             raise RuntimeError("give_back(): this fetch's rows were not lent")
-        if not self._given:
-            self._given = True
-            self.agent._given_back.append(self)  # deque.append: atomic
+        self._given = True
+        self.agent._given_back.append(self)  # deque.append: atomic
 
     def _arrived(self, timeout: float | None) -> Slot:
         """The slot, once the reply is in."""
@@ -299,6 +302,8 @@ class AgentClient:
         """Free the slots of lent fetches given back since (call with the lock held)."""
         while self._given_back:
             f = self._given_back.popleft()
+            if not f._lent:  # queued twice (give_back raced itself on two threads): once is enough
+                continue
             f._lent = False
             self._lent_n -= 1
             f.release()
@@ -525,8 +530,9 @@ class AgentClient:
                 rid = self._new_id()
                 self._owner[rid] = slot
                 REQUEST.pack_into(packet, k * REQUEST.size, MAGIC, Op.UNIQUE, flags, rid, slot, n)
-                fetches.append(AgentFetch(self, gen, rid, slot, n, ids.shape, flat, bool(flags & EXPAND)))
-                slot = None
+                f = AgentFetch(self, gen, rid, slot, n, ids.shape, flat, bool(flags & EXPAND))
+                slot = None  # (before the append: an interruption between them loses it, never frees it twice)
+                fetches.append(f)
         except BaseException:
             # nothing was sent: the slots taken so far are free again (on this connection: a
             # dropped one took its slots with it) and their requests were never asked
@@ -553,10 +559,13 @@ class AgentClient:
         packet = bytearray(REQUEST.size * len(row_ids))
         flags = (ORDERED if ordered else 0) | (EXPAND if expand else 0)
         with self._lock:
+            gen = self._gen
             try:
                 fetches = self._stage(row_ids, packet, flags)
-            except AgentUnavailable:  # the agent died (asking for a new slot): re-attach once
-                fetches = self._stage(row_ids, packet, flags)
+            except AgentUnavailable:
+                if self._gen == gen:  # no connection was dropped (connecting failed): nothing to re-attach to
+                    raise
+                fetches = self._stage(row_ids, packet, flags)  # the agent died asking for a slot: re-attach once
             try:
                 self._ensure().send(packet)
             except OSError:  # the agent is gone and nothing is in flight: re-attach once, send again

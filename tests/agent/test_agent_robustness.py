@@ -123,6 +123,18 @@ def test_an_agent_killed_while_rows_are_lent_is_restarted_and_the_next_fetch_goe
         assert len(procs) == 2 and agent.reconnects == 1
 
 
+def test_a_worker_whose_agent_cannot_come_back_waits_for_it_once(served):
+    """No agent to re-attach to (it is gone and start() brings none): the fetch fails after
+    one connect_timeout and one start(), not two (a retry meant for a dropped connection)."""
+    started: list[int] = []
+    agent = AgentClient(served.socket, served.layout, start=lambda: started.append(1), connect_timeout=1.0)
+    stop(served.agent)
+    agent.close()
+    with pytest.raises(AgentUnavailable):
+        agent.prefetch_unique(np.arange(4))
+    assert started == [1]
+
+
 def _raw(path: str) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.settimeout(5)
@@ -399,8 +411,18 @@ def test_spin_outside_0_to_1_s_is_refused(served, spin):
 
 @contextlib.contextmanager
 def _frozen(proc: subprocess.Popen):
-    """The agent stopped (SIGSTOP): packets queue on its socket, nothing is answered."""
+    """The agent stopped (SIGSTOP): packets queue on its socket, nothing is answered. The
+    signal is asynchronous: wait until every thread is stopped (state T in /proc), or the
+    agent, running on the other core, may still answer the next packet."""
     os.kill(proc.pid, signal.SIGSTOP)
+
+    def stopped() -> bool:
+        states = []
+        for tid in os.listdir(f"/proc/{proc.pid}/task"):
+            with contextlib.suppress(FileNotFoundError):
+                states.append(open(f"/proc/{proc.pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()[0])
+        return bool(states) and all(st in "tT" for st in states)
+    assert wait_for(stopped, 10)
     try:
         yield
     finally:
