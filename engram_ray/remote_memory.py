@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .agent.protocol import AgentRefused, AgentUnavailable
+from .config import FLOAT_DTYPES
 from .core.dtypes import FP8
 from .core.fp8 import dequantize_packed
 from .core.layout import TableLayout
@@ -36,7 +37,7 @@ from .model.memory import MemoryFetch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RemoteMemory", "RemoteFetch", "RowSource", "expand_rows"]
+__all__ = ["RemoteMemory", "RemoteFetch", "RowSource", "expand_rows", "TORCH_DTYPES"]
 
 
 class RowSource(Protocol):
@@ -83,12 +84,11 @@ def expand_rows(rows_ud: torch.Tensor, inverse_n: torch.Tensor) -> torch.Tensor:
 
 #: At most this many source buffers lent at once (RemoteMemory.lend_host): a consumer that keeps
 #: its rows tensors (say, an analysis storing every layer's input) gets the rows past it copied
-#: and their buffers back at once (and later fetches asked unexpanded), so a lookup agent's
-#: slots (64 per worker) never run out.
+#: and their buffers back at once, so a lookup agent's slots (64 per worker) never run out.
 MAX_LENT = 16
 
-#: Storage dtypes whose rows a layer can read as they are, by the torch dtype they are.
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: The float dtypes by name (storage and model alike; config.FLOAT_DTYPES) -> torch's.
+TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in FLOAT_DTYPES}
 
 
 def _is_bf16(arr: np.ndarray) -> bool:
@@ -97,10 +97,15 @@ def _is_bf16(arr: np.ndarray) -> bool:
     return arr.dtype.kind == "V"
 
 
-def _host_tensor(arr: np.ndarray) -> torch.Tensor:
-    if _is_bf16(arr):  # ml_dtypes: reinterpret the bits
-        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(arr)
+def _host_tensor(arr: np.ndarray, on_free: Callable[[], None] | None = None) -> torch.Tensor:
+    """``arr`` as a tensor, no copy. ``on_free``: called once the tensor and every view of it
+    are gone (torch holds the array it was made from until then; a finaliser on that array)."""
+    bf16 = _is_bf16(arr)
+    src = arr.view(np.int16) if bf16 else arr  # ml_dtypes' bfloat16: reinterpret the bits
+    t = torch.from_numpy(src)
+    if on_free is not None:
+        weakref.finalize(src, on_free)
+    return t.view(torch.bfloat16) if bf16 else t
 
 
 class RemoteFetch:
@@ -215,7 +220,7 @@ class RemoteFetch:
         more than LocalMemory's gather. Where the agent expanded the rows (``expand``), not
         even that gather: the layer reads them in the slot (:meth:`RemoteMemory.lend_host`)."""
         t0 = time.perf_counter()
-        p = self.pending[li]
+        p, out = self.pending[li], None
         if getattr(p, "expanded", False):
             try:
                 lent = p.lend(timeout=self.memory.source.timeout * 4)
@@ -232,19 +237,16 @@ class RemoteFetch:
                         p.give_back()
                 else:
                     out = self.memory.lend_host(lent, p.give_back)
-                *bt, h = self.row_ids[li].shape
-                out = out.view(*bt, h * out.shape[-1])                             # [B, T, H * D]
-                self.stage_seconds += time.perf_counter() - t1
-                return out
-        u = self._take(li)
-        t1 = time.perf_counter()
-        self.wait_seconds += t1 - t0
-        try:
-            out = self.memory.expand_host(u.rows, u.inverse)
-        finally:
-            release = getattr(self.pending[li], "release", None)
-            if release is not None:
-                release()
+        if out is None:
+            u = self._take(li)
+            t1 = time.perf_counter()
+            self.wait_seconds += t1 - t0
+            try:
+                out = self.memory.expand_host(u.rows, u.inverse)
+            finally:
+                release = getattr(self.pending[li], "release", None)
+                if release is not None:
+                    release()
         *bt, h = self.row_ids[li].shape
         out = out.view(*bt, h * out.shape[-1])                                     # [B, T, H * D]
         self.stage_seconds += time.perf_counter() - t1
@@ -330,7 +332,7 @@ class RemoteMemory:
         #: Inference on the host from a source that expands rows (a lookup agent) stored in the
         #: model's dtype: the layers read the rows in the agent's slots (see lend_host).
         self.lends = (self.copy_stream is None and bool(getattr(source, "expands", False))
-                      and _TORCH_DTYPES.get(getattr(source, "dtype_name", "")) == dtype)
+                      and TORCH_DTYPES.get(getattr(source, "dtype_name", "")) == dtype)
         pin_slots = getattr(source, "pin_slots", None)
         if self.copy_stream is not None and pin and pin_slots is not None:
             # a lookup agent's slots become pinned memory: rows go to the device from where the
@@ -345,7 +347,7 @@ class RemoteMemory:
     def _prefetch(self, row_ids: list[np.ndarray], requires_grad: bool) -> list[Any]:
         """Every layer's lookup asked now, in one hand-over (expanded by the source where the
         rows will be lent, see :attr:`lends`)."""
-        if self.lends and not requires_grad and getattr(self.source, "lent", 0) < MAX_LENT:
+        if self.lends and not requires_grad:
             expanding: Any = self.source  # a source with ``expands`` takes expand=
             return list(expanding.prefetch_unique_many(row_ids, ordered=self.ordered, expand=True))
         return list(self.source.prefetch_unique_many(row_ids, ordered=self.ordered))
@@ -359,15 +361,11 @@ class RemoteMemory:
         during it. Why: the gather on the model's thread cost ~60 us a layer in decode and
         ~90 us in serving's prefill chunks on this 2-core box, caches cold from the model's
         compute; the agent's expand runs on the memory side."""
-        bf16 = _is_bf16(rows_nd)
-        src = rows_nd.view(np.int16) if bf16 else rows_nd
         try:
-            t = torch.from_numpy(src)
-            weakref.finalize(src, give_back)
+            return _host_tensor(rows_nd, give_back)
         except BaseException:
             give_back()
             raise
-        return t.view(torch.bfloat16) if bf16 else t
 
     def expand_host(self, rows_ud: np.ndarray, inverse_n: np.ndarray) -> torch.Tensor:
         """Rows ``[N, D]`` in the model's dtype gathered on the host from unique rows ``[U, D]``

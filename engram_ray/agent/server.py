@@ -304,9 +304,7 @@ class LookupAgent:
             try:
                 r = self.client.lookup_unique_now(j.ids, j.s.rows)
             except Exception as e:  # noqa: BLE001 - the client refused these ids: this job fails
-                j.s.busy = False
-                self.refused += 1
-                conn.send(error_reply(j.op, j.req_id, j.slot, f"{type(e).__name__}: {e}"))
+                self._fail(conn, j, f"{type(e).__name__}: {e}")
                 continue
             if r is None:
                 return self._hand_over_ordered(conn, jobs[i:])
@@ -319,9 +317,7 @@ class LookupAgent:
             ps = self.client.prefetch_unique_many([j.ids for j in jobs], [j.s.rows for j in jobs], ordered=True)
         except Exception as e:  # noqa: BLE001 - the client refused the ids: every job fails alike
             for j in jobs:
-                j.s.busy = False
-                self.refused += 1
-                conn.send(error_reply(j.op, j.req_id, j.slot, f"{type(e).__name__}: {e}"))
+                self._fail(conn, j, f"{type(e).__name__}: {e}")
             return
         for j, p in zip(jobs, ps):
             p.add_done_callback(lambda q, j=j: self._looked_up(conn, j, q))
@@ -389,10 +385,14 @@ class LookupAgent:
         try:
             r = p.result(0)
         except Exception as e:  # noqa: BLE001 - the worker gets the client's error text
-            job.s.busy = False
-            self.refused += 1
-            return conn.send(error_reply(job.op, job.req_id, job.slot, f"{type(e).__name__}: {e}"))
+            return self._fail(conn, job, f"{type(e).__name__}: {e}")
         return self._answer(conn, job, r)
+
+    def _fail(self, conn: _Conn, job: _Job, text: str) -> None:
+        """A job that failed: its slot is free for the worker again, which gets ``text``."""
+        job.s.busy = False
+        self.refused += 1
+        conn.send(error_reply(job.op, job.req_id, job.slot, text))
 
     def _answer(self, conn: _Conn, job: _Job, r: Any) -> None:
         """A lookup's unique rows are in the slot: write its inverse and unique ids there (and,
@@ -404,9 +404,7 @@ class LookupAgent:
             try:
                 np.take(r.rows.copy(), r.inverse, axis=0, out=s.rows[:n], mode="clip")
             except Exception as e:  # noqa: BLE001 - e.g. out of memory: this request fails alone
-                s.busy = False
-                self.refused += 1
-                return conn.send(error_reply(job.op, job.req_id, job.slot, f"agent error: {type(e).__name__}: {e}"))
+                return self._fail(conn, job, f"agent error: {type(e).__name__}: {e}")
         # the worker reads the rows' ids (for its pushes) where its ids were
         s.inverse[:n] = r.inverse
         s.ids[:r.ids.size] = r.ids

@@ -34,6 +34,7 @@ from ..config import EngramConfig, ModelConfig, OptimizerConfig, ServiceConfig, 
 from ..core.indexer import RowIndexer
 from ..core.layout import TableLayout
 from ..model import EngramLM, LocalMemory
+from ..remote_memory import TORCH_DTYPES
 from .isolation import Isolation
 from .memory_source import DeployedShards, RunningShards, memory_client, remote_memory
 from .phases import MODES, PHASES, Workload, interleave, microbatch_phase, run_phase
@@ -43,7 +44,7 @@ from .trace import trace_run
 __all__ = ["MODES", "PHASES", "Options", "run", "DTYPES"]
 
 #: Backbone compute dtypes (``--dtype``), by name.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = TORCH_DTYPES
 
 
 @dataclass(frozen=True)
