@@ -7,6 +7,7 @@ thread, as a message on the shard's LookupStream or one blocking call
 from __future__ import annotations
 
 import asyncio
+import bisect
 import concurrent.futures
 import itertools
 import time
@@ -138,6 +139,7 @@ class Transfers:
         #: have (None: none seen yet), and when it last answered (time.monotonic()).
         self._versions: list[int | None] = [None] * (len(self.bounds) - 1)
         self._answered = [0.0] * (len(self.bounds) - 1)
+        self._bounds = [int(b) for b in self.bounds]  # the shards' first ids, for bisect
         #: A cached row is served only if its shard answered this client within this many
         #: seconds (with the version the row was cached at); else it is fetched again.
         self.cache_max_age_s = cache_max_age_s
@@ -238,12 +240,14 @@ class Transfers:
         A try waits at most :data:`DIRECT_TIMEOUT_S` (not the client's timeout), and a shard
         whose try failed is not tried directly for :data:`DIRECT_COOL_DOWN_S`: a hung or lost
         shard costs the caller one short wait, not a full timeout before every fallback."""
-        if self.cache is not None or flat.size == 0:
+        if self.cache is not None or flat.size == 0 or flat.size > self.sizes.lookup_rows:
             return None
-        lo, hi = self._shard_of(np.array([flat.min(), flat.max()]))
-        if lo != hi or flat.size > self.sizes.lookup_rows or time.monotonic() < self._direct_off[lo]:
+        # on a list: no arrays to build
+        lo = bisect.bisect_right(self._bounds, int(np.minimum.reduce(flat))) - 1
+        if lo != bisect.bisect_right(self._bounds, int(np.maximum.reduce(flat))) - 1 \
+                or time.monotonic() < self._direct_off[lo]:
             return None
-        f = self._plan(flat, rows_out)
+        f = self._plan(flat, rows_out, shard=lo)
         [(sh, a, b, req)] = f.requests
         t2 = time.perf_counter()
         address, streamed = self.calls.replicas.addresses[sh], False
@@ -271,8 +275,9 @@ class Transfers:
         landed = self._landed(f, t2)
         return self._unique_rows(landed, shape, landed[4] - f.t0)
 
-    def _plan(self, flat: np.ndarray, rows_out: np.ndarray | None) -> _Lookup:
-        """Dedup, take the cached rows, and the messages for the rest."""
+    def _plan(self, flat: np.ndarray, rows_out: np.ndarray | None, shard: int | None = None) -> _Lookup:
+        """Dedup, take the cached rows, and the messages for the rest (``shard``: every id is
+        that shard's and fits one message, and there is no cache: one message, unsplit)."""
         t0 = time.perf_counter()
         uniq, inverse = plan.dedup(flat)
         t1 = time.perf_counter()
@@ -288,8 +293,9 @@ class Transfers:
             miss = np.flatnonzero(~self._hits(uniq, uniq_rows))
             want = uniq[miss]
             tags = {}  # per shard: the version its answers here carried (None: they differed)
+        parts = [(shard, 0, want.size)] if shard is not None else plan.split(want, self.bounds, self.sizes.lookup_rows)
         requests = [(sh, a, b, pb.LookupRequest(fingerprint=self.layout.fingerprint, row_ids=codec.encode(want[a:b])))
-                    for sh, a, b in plan.split(want, self.bounds, self.sizes.lookup_rows)]
+                    for sh, a, b in parts]
         return _Lookup(uniq, inverse, uniq_rows, want, miss, tags, epoch, requests, t0, t1)
 
     def _landed(self, f: _Lookup, t2: float
@@ -338,13 +344,12 @@ class Transfers:
         ``uniq_rows[a:b]``, or ``uniq_rows[miss[a:b]]`` when the ids asked are the cache's
         misses); an answer of another dtype or shape is the shard's error."""
         t = time.perf_counter()
-        where = f"shard {shard} ({self.calls.replicas.addresses[shard]})"
         try:
             rows = codec.decode(resp.rows, what="rows", dtypes=(self.dtype_name,), ndim=2)
         except ValueError as e:  # the shard's answer is bad, not the caller's ids
-            raise EngramError(f"{where} answered a lookup with {e}") from None
+            raise EngramError(f"{self._where(shard)} answered a lookup with {e}") from None
         if rows.shape != (b - a, self.width):
-            raise EngramError(f"{where} answered {rows.shape} rows for {b - a} ids")
+            raise EngramError(f"{self._where(shard)} answered {rows.shape} rows for {b - a} ids")
         if f.tags is not None:
             version = int(resp.update_count)
             self._seen(shard, version)
@@ -354,6 +359,9 @@ class Transfers:
         else:
             f.uniq_rows[f.miss[a:b]] = rows
         f.decode_s[0] += time.perf_counter() - t
+
+    def _where(self, shard: int) -> str:
+        return f"shard {shard} ({self.calls.replicas.addresses[shard]})"
 
     def _seen(self, shard: int, version: int) -> None:
         """A shard's rows version, as an answer carries it: if it moved (either way: a restart

@@ -91,12 +91,12 @@ class TableLayout:
         starts.flags.writeable = False
         return starts
 
-    @property
+    @cached_property  # read per lookup (the ids' bounds check): summed once
     def layer_rows(self) -> tuple[int, ...]:
         """Rows per Engram layer."""
         return tuple(sum(h) for h in self.head_sizes)
 
-    @property
+    @cached_property
     def total_rows(self) -> int:
         return sum(self.layer_rows)
 
