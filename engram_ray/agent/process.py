@@ -60,10 +60,11 @@ def run(addresses: Sequence[str | Sequence[str]], layout: TableLayout, socket_pa
 
 def spawn(socket_path: str, addresses: Sequence[str], layout: TableLayout, *,
           token_file: str | None = None, cache_gib: float = 0.0,
-          cache_policy: str = DEFAULT_POLICY) -> subprocess.Popen:
+          cache_policy: str = DEFAULT_POLICY, preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen:
     """Start ``python -m engram_ray.agent`` serving on ``socket_path`` (returns at once; a
     worker's :class:`~.client.AgentClient` retries connecting while it comes up). The layout
-    goes to it as a JSON file beside the socket (0600)."""
+    goes to it as a JSON file beside the socket (0600). ``preexec_fn`` runs in the child before
+    it starts (e.g. a benchmark pins it)."""
     os.makedirs(os.path.dirname(socket_path), mode=0o700, exist_ok=True)
     layout_file = socket_path + ".layout.json"
     fd = os.open(layout_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -76,4 +77,4 @@ def spawn(socket_path: str, addresses: Sequence[str], layout: TableLayout, *,
     if cache_gib:
         cmd += ["--cache-gib", str(cache_gib), "--cache-policy", cache_policy]
     log.info("starting a lookup agent: %s", " ".join(cmd))
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=preexec_fn)

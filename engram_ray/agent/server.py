@@ -402,7 +402,7 @@ class LookupAgent:
             # rows [U, W] -> [n, W] over them, taken from a copy of the U rows: mode 'raise' would
             # buffer all n (the inverse is this agent's own client's, always in range)
             try:
-                np.take(r.rows.copy(), r.inverse, axis=0, out=s.rows[:n], mode="clip")
+                r.rows.copy().take(r.inverse, axis=0, out=s.rows[:n], mode="clip")
             except Exception as e:  # noqa: BLE001 - e.g. out of memory: this request fails alone
                 return self._fail(conn, job, f"agent error: {type(e).__name__}: {e}")
         # the worker reads the rows' ids (for its pushes) where its ids were

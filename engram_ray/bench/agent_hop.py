@@ -16,12 +16,8 @@ records which process had which cores.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,23 +25,6 @@ import numpy as np
 from ..core.layout import TableLayout
 
 __all__ = ["run"]
-
-
-def _start_shards(preset: str, shards: int, cores: set[int], work: Path, resident_gib: float
-                  ) -> tuple[list[subprocess.Popen], list[str]]:
-    procs, ready = [], [work / f"ready-{i}" for i in range(shards)]
-    for i in range(shards):
-        cmd = [sys.executable, "-m", "engram_ray.cli", "shard", "--preset", preset, "--shards", str(shards),
-               "--index", str(i), "--no-auth", "--optimizer", "none", "--ready-file", str(ready[i]),
-               "--max-resident-gib", str(resident_gib)]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                      preexec_fn=lambda: os.sched_setaffinity(0, cores)))
-    deadline = time.monotonic() + 120
-    while not all(r.exists() for r in ready):
-        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
-            raise RuntimeError(f"bench agent-hop: shards did not come up (exit codes {[p.poll() for p in procs]})")
-        time.sleep(0.1)
-    return procs, [r.read_text().strip() for r in ready]
 
 
 def _round_trip(source: Any, ids: np.ndarray) -> float:
@@ -59,15 +38,49 @@ def _round_trip(source: Any, ids: np.ndarray) -> float:
     return dt
 
 
+def _interleaved(layout: TableLayout, addresses: list[str], sock: str | None, sizes: Sequence[int], calls: int,
+                 progress: bool) -> list[dict[str, Any]]:
+    """Round trips through an in-process client and through the agent at ``sock``, one of
+    each per call, for each size (10 warm-ups each)."""
+    from ..agent import AgentClient
+    from ..client import EngramClient
+
+    assert sock is not None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(sizes) * calls, desc="bench agent-hop", unit="call")
+    results = []
+    # start=no-op: no agent spawned from here; connecting retries while ours comes up
+    agent = AgentClient(sock, layout, start=lambda: None, connect_timeout=120)
+    with EngramClient(addresses, layout) as client, agent:
+        rng = np.random.default_rng(0)
+        for n in sizes:
+            lat: dict[str, list[float]] = {"client": [], "agent": []}
+            for i in range(calls + 10):  # 10 warm-ups (slots, channels)
+                ids = rng.integers(0, layout.total_rows, size=n)
+                for name, src in (("client", client), ("agent", agent)):
+                    dt = _round_trip(src, ids)
+                    if i >= 10:
+                        lat[name].append(dt)
+                if bar is not None and i >= 10:
+                    bar.update(1)
+            med = {k: 1e3 * float(np.median(v)) for k, v in lat.items()}
+            results.append({"ids": n, **{f"{k}_{q}_ms": 1e3 * float(np.percentile(v, p))
+                                         for k, v in lat.items() for q, p in (("p50", 50), ("p90", 90))},
+                            "agent_extra_ms": med["agent"] - med["client"]})
+    if bar is not None:
+        bar.close()
+    return results
+
+
 def run(layout: TableLayout, preset: str, *, sizes: Sequence[int] = (128, 2048, 16384), shards: int = 2,
         calls: int = 200, agent_cores: str = "memory", max_resident_gib: float = 1.0,
         progress: bool = False) -> dict[str, Any]:
     """Interleaved round trips (client in-process, then agent, per call) for each size; p50/p90
     per path and the agent's extra milliseconds at the median. The shards keep at most
     ``max_resident_gib`` of rows in RAM (a 100B layout's rows map into them, as in bench offload)."""
-    from ..agent import AgentClient
-    from ..agent.process import spawn
-    from ..client import EngramClient
+    from .memory_side import plain_memory_side
 
     if agent_cores not in ("memory", "worker"):
         raise ValueError(f"agent_cores={agent_cores!r}: expected 'memory' or 'worker'")
@@ -75,49 +88,14 @@ def run(layout: TableLayout, preset: str, *, sizes: Sequence[int] = (128, 2048, 
     worker = {cores[0]}
     memory = set(cores[1:]) or worker
     agent_set = memory if agent_cores == "memory" else worker
-    work = Path(tempfile.mkdtemp(prefix="engram-agent-hop-"))
-    procs: list[subprocess.Popen] = []
     original = set(cores)
     try:
-        procs, addresses = _start_shards(preset, shards, memory, work, max_resident_gib)
-        sock = str(work / "agent.sock")
-        os.sched_setaffinity(0, agent_set)  # the agent inherits its cores from us, every thread of it
-        procs.append(spawn(sock, addresses, layout))
-        os.sched_setaffinity(0, worker)  # the client's I/O thread is born here, on the worker's core
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=len(sizes) * calls, desc="bench agent-hop", unit="call")
-        results = []
-        # start=no-op: no agent spawned from here; connecting retries while ours comes up
-        agent = AgentClient(sock, layout, start=lambda: None, connect_timeout=120)
-        with EngramClient(addresses, layout) as client, agent:
-            rng = np.random.default_rng(0)
-            for n in sizes:
-                lat: dict[str, list[float]] = {"client": [], "agent": []}
-                for i in range(calls + 10):  # 10 warm-ups (slots, channels)
-                    ids = rng.integers(0, layout.total_rows, size=n)
-                    for name, src in (("client", client), ("agent", agent)):
-                        dt = _round_trip(src, ids)
-                        if i >= 10:
-                            lat[name].append(dt)
-                    if bar is not None and i >= 10:
-                        bar.update(1)
-                med = {k: 1e3 * float(np.median(v)) for k, v in lat.items()}
-                results.append({"ids": n, **{f"{k}_{q}_ms": 1e3 * float(np.percentile(v, p))
-                                             for k, v in lat.items() for q, p in (("p50", 50), ("p90", 90))},
-                                "agent_extra_ms": med["agent"] - med["client"]})
-        if bar is not None:
-            bar.close()
+        with plain_memory_side(preset, shards, memory, max_resident_gib, layout=layout,
+                               agent_cores=agent_set) as side:
+            os.sched_setaffinity(0, worker)  # the client's I/O thread is born here, on the worker's core
+            results = _interleaved(layout, side.addresses, side.socket, sizes, calls, progress)
     finally:
         os.sched_setaffinity(0, original)
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
     return {"benchmark": "agent-hop", "preset": preset, "shards": shards, "calls_per_size": calls,
             "max_resident_gib": max_resident_gib,
             "cores": {"worker (and its client's I/O thread)": sorted(worker), "shards": sorted(memory),

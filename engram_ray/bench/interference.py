@@ -15,7 +15,15 @@ while one process per memory core runs flat out at one kind of work:
   bandwidth, and the last-level cache flushed);
 * ``lookup``: a memory side's whole work per lookup in one process -- a shard of the 100B
   layout (``table_gib`` resident) served over gRPC on loopback, and a client there asking it
-  for ``rows`` random rows per call (protobuf, gRPC at both ends, Python, the gather).
+  for ``rows`` random rows per call (protobuf, gRPC at both ends, Python, the gather);
+* ``decode``: the memory side as bench offload deploys it, at a decode's pace, not flat out --
+  two shards of the 100B layout (``table_gib`` resident in all) and the node's lookup agent,
+  plain processes, answering one decode step's lookups (``batch`` tokens through the table's
+  Engram layers, rows expanded and lent, as a worker's) every ``cadence`` (default: one step
+  of the timed forward). A driver process on the memory cores stands in for the worker, so
+  its own work (hashing, the socket) lands there too; each role's CPU per step is reported
+  (``cpu_us_per_step``), the driver's apart. Its slowdown is the floor under bench offload's
+  remote-vs-local figure on this machine: what the memory side's CPU alone costs the model.
 
 Each round runs every load once, in an order rotated round by round, and each load's figure is
 paired with its own round's idle run: ``time / idle time - 1``, median and quartiles over the
@@ -29,6 +37,7 @@ It starts processes with the ``spawn`` method: a script that calls :func:`run` n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing as mp
 import os
@@ -38,15 +47,16 @@ from typing import Any
 import numpy as np
 
 from .isolation import Isolation, cpus_allowed, pin_process, process_cpus
+from .memory_side import cpu_seconds
 
 __all__ = ["LOADS", "run"]
 
-LOADS = ("idle", "spin", "gather", "stream", "lookup")
+LOADS = ("idle", "spin", "gather", "stream", "lookup", "decode")
 _STREAM_FLOATS = 16 << 20  # 64 MiB of float32
 
 
 def _load(kind: str, cores: list[int], table_gib: float, row_bytes: int, rows: int, ready: Any, stop: Any,
-          count: Any) -> None:
+          count: Any, decode: tuple[str, float, int] | None = None) -> None:
     """One memory-side process: every thread pinned to ``cores``, it runs ``kind`` until ``stop``
     is set or its parent dies (a killed benchmark leaves nothing running), counting its work."""
     parent = os.getppid()
@@ -79,6 +89,9 @@ def _load(kind: str, cores: list[int], table_gib: float, row_bytes: int, rows: i
                 count.value = n
         elif kind == "lookup":
             _lookups(table_gib, rows, ready, stop, parent, count)
+        elif kind == "decode":
+            assert decode is not None
+            _decode_steps(*decode, ready, stop, parent, count)
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent reports it
         return
 
@@ -116,6 +129,38 @@ def _lookups(table_gib: float, rows: int, ready: Any, stop: Any, parent: int, co
         server.stop(0)
 
 
+def _decode_steps(socket: str, cadence_s: float, batch: int, ready: Any, stop: Any, parent: int,
+                  count: Any) -> None:
+    """The ``decode`` load's driver: every ``cadence_s``, a decode step's lookups of ``batch``
+    new tokens through the lookup agent at ``socket`` (every Engram layer in one packet, rows
+    expanded in the slot and lent, as a worker's host inference asks for them)."""
+    from ..agent import AgentClient
+    from ..config import table_100b
+    from ..core.indexer import RowIndexer
+    from ..core.layout import TableLayout
+    from ..data import default_vocab
+
+    vocab = default_vocab()
+    cfg = table_100b()
+    layout = TableLayout.build(cfg, vocab)
+    indexer = RowIndexer.build(cfg, vocab, layout=layout)
+    rng = np.random.default_rng(os.getpid())
+    with AgentClient(socket, layout, start=lambda: None, connect_timeout=120) as agent:
+        history, n = indexer.new_history(batch), 0
+        ready.set()
+        due = time.perf_counter()
+        while not stop.is_set() and os.getppid() == parent:
+            rows, history = indexer.step(history, rng.integers(0, vocab.num_tokens, size=(batch, 1)))
+            for f in agent.prefetch_unique_many([np.ascontiguousarray(r).reshape(-1) for r in rows],
+                                                ordered=True, expand=True):
+                f.lend(timeout=10.0)
+                f.give_back()
+            n += 1
+            count.value = n
+            due = max(due + cadence_s, time.perf_counter() - cadence_s)  # late: no burst to catch up
+            time.sleep(max(0.0, due - time.perf_counter()))
+
+
 def _forward(model_cfg: Any, batch: int, positions: int) -> Any:
     """A timed decode-shaped forward: ``positions`` steps of ``batch`` tokens with a KV cache."""
     import torch
@@ -148,8 +193,10 @@ def _check(model_cfg: Any, rounds: int, batch: int, positions: int, table_gib: f
         raise ValueError(f"positions={positions}: expected 1..{model_cfg.max_seq_len} (the model's max_seq_len)")
     if row_bytes < 4 or row_bytes % 4:
         raise ValueError(f"row_bytes={row_bytes}: expected a positive multiple of 4 bytes (float32 rows)")
-    if "gather" in loads or "lookup" in loads:
-        need = table_gib * 2**30 * memory_cores
+    if "gather" in loads or "lookup" in loads or "decode" in loads:
+        # each memory core's own table for gather and lookup; decode's shards share one, all along
+        need = table_gib * 2**30 * ((memory_cores if "gather" in loads or "lookup" in loads else 0)
+                                    + ("decode" in loads))
         free = _mem_available()
         if not row_bytes <= table_gib * 2**30 or (free is not None and need > 0.8 * free):
             raise ValueError(f"table_gib={table_gib}: each of the {memory_cores} memory cores holds its own table, "
@@ -169,19 +216,40 @@ def _mem_available() -> int | None:
 
 
 def run(model_cfg: Any, *, rounds: int = 5, batch: int = 8, positions: int = 64, table_gib: float = 1.0,
-        row_bytes: int = 320, rows: int = 256, loads: tuple[str, ...] = LOADS, progress: bool = False
-        ) -> dict[str, Any]:
+        row_bytes: int = 320, rows: int = 256, loads: tuple[str, ...] = LOADS, cadence_ms: float | None = None,
+        progress: bool = False) -> dict[str, Any]:
     """Time the forward under each load for ``rounds`` rounds (plus a discarded warm-up round),
     each time the best of 3 after the load is running; the report with, per load, its slowdown
-    against its round's idle run and the rate its processes worked at."""
+    against its round's idle run and the rate its processes worked at. ``cadence_ms``: the
+    ``decode`` load's step (None: one step of the timed forward)."""
+    if cadence_ms is not None and not cadence_ms > 0:
+        raise ValueError(f"cadence_ms={cadence_ms}: expected a positive step in milliseconds (or None: the "
+                         "forward's own)")
     iso = Isolation.split()
     if not iso.enabled:
         raise ValueError(f"bench interference needs at least 2 cores to split; this process may use "
                          f"{sorted(os.sched_getaffinity(0))}")
     _check(model_cfg, rounds, batch, positions, table_gib, row_bytes, rows, loads, len(iso.memory))
+    side = None
+    if "decode" in loads:
+        from ..config import table_100b
+        from ..core.layout import TableLayout
+        from ..data import default_vocab
+        from .memory_side import plain_memory_side
+        side = plain_memory_side("table_100b", 2, iso.memory, table_gib,
+                                 layout=TableLayout.build(table_100b(), default_vocab()))
+    with side if side is not None else contextlib.nullcontext() as memory_side:
+        return _run(model_cfg, iso, memory_side, rounds, batch, positions, table_gib, row_bytes, rows, loads,
+                    cadence_ms, progress)
+
+
+def _run(model_cfg: Any, iso: Isolation, memory_side: Any, rounds: int, batch: int, positions: int,
+         table_gib: float, row_bytes: int, rows: int, loads: tuple[str, ...], cadence_ms: float | None,
+         progress: bool) -> dict[str, Any]:
     times: dict[str, list[float]] = {k: [] for k in loads}
     rates: dict[str, list[float]] = {k: [] for k in loads}
     load_cpus: dict[str, set[int]] = {k: set() for k in loads}
+    step_cpu: dict[str, list[float]] = {}  # decode: each role's CPU seconds and the steps, summed
     seen: dict[str, Any] = {}
     ctx = mp.get_context("spawn")  # no torch state copied into the loads
 
@@ -189,10 +257,13 @@ def run(model_cfg: Any, *, rounds: int = 5, batch: int = 8, positions: int = 64,
         """Best of 3 forwards with ``kind`` running; (seconds, the load's units per second)."""
         procs, stop = [], ctx.Event()
         try:
-            for core in iso.memory if kind != "idle" else []:
+            decode = None
+            if kind == "decode":  # one worker's steps, its driver on every memory core
+                decode = (memory_side.socket, seen["cadence_s"], batch)
+            for cores in ([iso.memory] if kind == "decode" else [[c] for c in iso.memory] if kind != "idle" else []):
                 ready, count = ctx.Event(), ctx.Value("q", 0, lock=False)
-                p = ctx.Process(target=_load, args=(kind, [core], table_gib, row_bytes, rows, ready, stop, count),
-                                daemon=True)
+                p = ctx.Process(target=_load, args=(kind, cores, table_gib, row_bytes, rows, ready, stop, count,
+                                                    decode), daemon=True)
                 p.start()
                 procs.append((p, ready, count))
             deadline = time.monotonic() + 120
@@ -206,9 +277,16 @@ def run(model_cfg: Any, *, rounds: int = 5, batch: int = 8, positions: int = 64,
             for p, _, _ in procs:
                 load_cpus[kind] |= set(process_cpus(p.pid or 0))
             time.sleep(0.3)  # at full speed before the clock starts
+            roles = dict(memory_side.pids, driver=[p.pid for p, _, _ in procs]) if kind == "decode" else {}
+            cpu0 = {r: cpu_seconds(pids) for r, pids in roles.items()}
             c0, t0 = sum(c.value for _, _, c in procs), time.perf_counter()
             best = min(once() for _ in range(3))
-            rate = (sum(c.value for _, _, c in procs) - c0) / (time.perf_counter() - t0)
+            steps = sum(c.value for _, _, c in procs) - c0
+            rate = steps / (time.perf_counter() - t0)
+            for r, pids in roles.items():
+                acc = step_cpu.setdefault(r, [0.0, 0.0])
+                acc[0] += cpu_seconds(pids) - cpu0[r]
+                acc[1] += steps
             return best, rate
         finally:
             stop.set()
@@ -221,6 +299,7 @@ def run(model_cfg: Any, *, rounds: int = 5, batch: int = 8, positions: int = 64,
     def body() -> None:
         seen["model_cpus"] = cpus_allowed(os.getpid(), iso.model_tid)  # the kernel's word
         once = _forward(model_cfg, batch, positions)
+        seen["cadence_s"] = cadence_ms / 1e3 if cadence_ms is not None else once() / positions
         bar = None
         if progress:
             from tqdm import tqdm
@@ -252,6 +331,13 @@ def run(model_cfg: Any, *, rounds: int = 5, batch: int = 8, positions: int = 64,
         if kind in results:  # in bytes too: comparable with a memory side's row traffic
             per = 2 * 4 * _STREAM_FLOATS if kind == "stream" else rows * row_bytes
             results[kind]["gib_per_s"] = results[kind]["rate_per_s"] * per / 2**30
+    if "decode" in results:
+        d = results["decode"]
+        d["cadence_ms"] = 1e3 * seen["cadence_s"]
+        d["cpu_us_per_step"] = {r: 1e6 * s / max(n, 1.0) for r, (s, n) in step_cpu.items()}
+        # the memory side's share of its cores' time (the driver's, a worker's part, left out)
+        d["memory_side_busy"] = sum(v for r, v in d["cpu_us_per_step"].items() if r != "driver") \
+            / 1e6 * d["rate_per_s"] / len(iso.memory)
     return {"benchmark": "interference", "model": dataclasses.asdict(model_cfg), "rounds": rounds,
             "workload": {"decode_batch": batch, "positions": positions, "best_of": 3, "warmup_rounds": 1},
             "gather": {"table_gib_per_core": table_gib, "row_bytes": row_bytes, "rows_per_lookup": rows},
@@ -259,10 +345,13 @@ def run(model_cfg: Any, *, rounds: int = 5, batch: int = 8, positions: int = 64,
                           "load_processes_per_kind": len(iso.memory), "model_thread_cpus": seen.get("model_cpus")},
             "results": results,
             "note": "slowdown: each round's forward time with the load over that round's idle run, minus one; "
-                    "median and quartiles over rounds. The loads run flat out (rate_per_s), far harder than a "
-                    "memory side answering one worker's lookups: an upper bound on what such work can cost"}
+                    "median and quartiles over rounds. The loads but decode run flat out (rate_per_s), far harder "
+                    "than a memory side answering one worker's lookups: an upper bound on what such work can cost. "
+                    "decode is that memory side at a decode's pace (cadence_ms): its slowdown is what the memory "
+                    "side's work costs the model here (cpu_us_per_step: each role's CPU per step; the driver "
+                    "stands in for the worker, whose part runs on the compute cores in bench offload)"}
 
 
 _UNITS = {"idle": "-", "spin": "20k-iteration loops", "gather": "lookups", "stream": "64 MiB copies",
-          "lookup": "gRPC lookups"}
+          "lookup": "gRPC lookups", "decode": "decode steps' lookups through the agent"}
 #: gib_per_s counts bytes moved: a gather reads its rows; a copy reads 64 MiB and writes 64 MiB.

@@ -383,6 +383,10 @@ def _interference(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
         q1, q3 = x["slowdown_quartiles"]
         rate = "-" if k == "idle" else f"{x['rate_per_s']:,.0f} {x['rate_unit']}/s" + (
             f" ({x['gib_per_s']:.2f} GiB/s{' read+write' if k == 'stream' else ''})" if "gib_per_s" in x else "")
+        if k == "decode":  # paced: a step every cadence_ms, and what each role spent on it
+            rate += (f", a step every {x['cadence_ms']:.1f} ms; CPU per step: "
+                     + ", ".join(f"{role} {us:,.0f} µs" for role, us in x["cpu_us_per_step"].items())
+                     + f"; memory cores {100 * x['memory_side_busy']:.1f} % busy")
         rows.append([k, f"{1e3 * x['median_s']:.1f}", f"{100 * x['slowdown']:+.1f} %",
                      f"{100 * q1:+.1f} / {100 * q3:+.1f} %", rate])
     return _table("## Interference: the memory cores' work against the compute cores", r,
@@ -399,7 +403,13 @@ def _interference(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
                   "each load's slowdown is paired with its round's idle run (median, quartiles). The loads run flat "
                   "out (their rates are in the last column), far harder than a memory side answering one worker: "
                   "the figures bound what such work costs the model through the machine's shared cache, memory "
-                  "and power.",
+                  "and power."
+                  + (" Except decode: bench offload's memory side itself (two shards of the 100B layout and the "
+                     "lookup agent, plain processes on the memory cores) answering one decode step's lookups per "
+                     "step of the forward, asked by a driver process there that stands in for the worker (its CPU "
+                     "is counted apart: in bench offload that part runs on the compute cores). Its slowdown is what "
+                     "the memory side's work costs the model on this machine."
+                     if "decode" in r["results"] else ""),
                   ["load", "forward ms", "slowdown", "quartiles", "load's rate"], rows,
                   _img(folder, out, "interference"))
 

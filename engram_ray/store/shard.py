@@ -131,8 +131,8 @@ class TableShard:
             raise InvalidRequest(f"row ids must be 1-D, got shape {r.shape}")
         if r.dtype.kind not in "iu":
             raise InvalidRequest(f"row ids must be integers, got dtype {r.dtype}")
-        if r.size:
-            lo, hi = int(r.min()), int(r.max())
+        if r.size:  # the ufuncs' own reduce: ndarray.min() adds two Python layers, per lookup
+            lo, hi = int(np.minimum.reduce(r)), int(np.maximum.reduce(r))
             if lo < self.row_start or hi >= self.row_stop:
                 bad = lo if lo < self.row_start else hi
                 raise InvalidRequest(f"row id {bad} is outside shard {self.shard_index}'s rows "
@@ -154,7 +154,7 @@ class TableShard:
         for _ in range(3):
             v = self._version
             if v % 2 == 0:
-                res = np.take(self.values, local, axis=0, out=out)
+                res = self.values.take(local, axis=0, out=out)  # the method: np.take wraps it in Python
                 if self._version == v:
                     break
         else:

@@ -28,7 +28,7 @@ def test_every_load_runs_on_the_memory_cores_does_work_and_is_reported():
     assert list(rep["results"]) == list(interference.LOADS) and rep["workload"]["warmup_rounds"] == 1
     idle = rep["results"]["idle"]
     assert idle["slowdown_per_round"] == [0.0, 0.0] and idle["cpus"] == []
-    for kind in ("spin", "gather", "stream", "lookup"):  # lookup: a real shard and client over gRPC
+    for kind in ("spin", "gather", "stream", "lookup", "decode"):  # lookup: a real shard and client over gRPC
         r = rep["results"][kind]
         assert r["cpus"] == iso["memory_cores"]                    # every thread of every load process
         assert r["rate_per_s"] > 0                                 # it ran while the forward was timed
@@ -36,6 +36,11 @@ def test_every_load_runs_on_the_memory_cores_does_work_and_is_reported():
         assert r["slowdown_per_round"] == pytest.approx([t / i - 1 for t, i in zip(r["runs_s"], idle["runs_s"])])
     assert rep["results"]["gather"]["gib_per_s"] == pytest.approx(
         rep["results"]["gather"]["rate_per_s"] * 16 * 320 / 2**30)
+    # decode: the shards and the agent at the forward's pace, each role's CPU per step counted
+    d = rep["results"]["decode"]
+    assert d["cadence_ms"] > 0 and d["rate_per_s"] <= 1.5e3 / d["cadence_ms"]  # paced, not flat out
+    assert set(d["cpu_us_per_step"]) == {"shards", "agent", "driver"} and min(d["cpu_us_per_step"].values()) > 0
+    assert 0 < d["memory_side_busy"] <= 1
 
 
 @two_cores
@@ -79,6 +84,7 @@ def _alive(pid: int) -> bool:
     ({"row_bytes": 322}, "row_bytes=322"),
     ({"rows": 0}, "rows=0"),
     ({"table_gib": 1e6}, "table_gib=1000000.0"),
+    ({"cadence_ms": 0}, "cadence_ms=0"),
 ])
 @two_cores
 def test_bad_settings_are_refused(kwargs, message):
