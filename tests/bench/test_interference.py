@@ -4,7 +4,6 @@ with its round's idle run; loads die with a killed benchmark; bad settings are r
 
 import dataclasses
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ import pytest
 from engram_ray import config as C
 from engram_ray.bench import interference
 from engram_ray.bench.isolation import descendants
+
+from .orphans import kill_and_expect_none_left
 
 two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to split")
 
@@ -57,22 +58,9 @@ def test_a_killed_benchmark_leaves_no_load_running():
             time.sleep(0.2)
             kids = descendants(p.pid)
         assert kids, "no load process started"
-        p.send_signal(signal.SIGKILL)
-        p.wait(10)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_alive(k) for k in kids):
-            time.sleep(0.2)
-        assert not [k for k in kids if _alive(k)], "a load outlived its benchmark"
+        kill_and_expect_none_left(p, kids, "a load", within_s=10)
     finally:
         p.kill()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"     # a zombie has stopped
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -2,7 +2,6 @@
 the rows an in-process client reads, and gone when the block ends or the benchmark is killed."""
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ import pytest
 
 from engram_ray.bench.isolation import descendants, process_cpus
 from engram_ray.bench.memory_side import cpu_seconds, plain_memory_side
+
+from .orphans import alive, kill_and_expect_none_left
 
 two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to split")
 
@@ -44,7 +45,7 @@ def test_the_memory_side_serves_on_its_cores_and_leaves_nothing(layout_100b):
             assert process_cpus(pid) == memory
         assert cpu_seconds(side.pids["agent"]) > 0 and cpu_seconds([2**22 + 7]) == 0  # gone pids count 0
     time.sleep(0.2)
-    assert not [p for p in pids if _alive(p)]
+    assert not [p for p in pids if alive(p)]
     with pytest.raises(ValueError, match="needs the table's layout"):
         with plain_memory_side("table_100b", 1, memory, 0.002):
             pass
@@ -66,19 +67,6 @@ def test_a_killed_benchmark_leaves_no_shard_or_agent(tmp_path):
             time.sleep(0.2)
         kids = descendants(p.pid)
         assert len(kids) >= 3  # two shards and the agent
-        p.send_signal(signal.SIGKILL)
-        p.wait(10)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(_alive(k) for k in kids):
-            time.sleep(0.2)
-        assert not [k for k in kids if _alive(k)], "a shard or the agent outlived its benchmark"
+        kill_and_expect_none_left(p, kids, "a shard or the agent")
     finally:
         p.kill()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
