@@ -75,7 +75,8 @@ def test_flat_ids_are_checked_and_copied_on_request():
     assert np.shares_memory(plan.flat_ids(src, 6)[1], src)  # no copy unless asked
     assert plan.flat_ids(np.arange(3, dtype=np.uint8), 6)[1].dtype == np.int64
     for bad, match in [(np.array([0.0]), "must be integers"), (np.array([6]), "row id 6 is outside"),
-                       (np.array([-1, 2]), "row id -1 is outside"), (["a"], "must be integers")]:
+                       (np.array([-1, 2]), "row id -1 is outside"), (["a"], "must be integers"),
+                       (np.array([2**64 - 1], np.uint64), f"row id {2**64 - 1} is outside")]:  # not wrapped to -1
         with pytest.raises(InvalidRequest, match=match):
             plan.flat_ids(bad, 6)
 

@@ -5,7 +5,8 @@ Why: ``bench offload`` runs the shards, the lookup agent and Ray on the memory c
 same machine as the model. Pinned apart they share no core, but they may still share the
 last-level cache, the memory bus and the chip's power budget. This benchmark measures that
 effect alone: the bench's decode-shaped forward (the backbone only) runs on the compute cores
-while one process per memory core runs flat out at one kind of work:
+while the memory cores run one kind of work (one process per memory core, flat out, for all
+but ``decode``):
 
 * ``idle``: nothing (the baseline);
 * ``spin``: Python arithmetic, a working set of a few KiB: no cache or memory traffic;
@@ -16,20 +17,25 @@ while one process per memory core runs flat out at one kind of work:
 * ``lookup``: a memory side's whole work per lookup in one process -- a shard of the 100B
   layout (``table_gib`` resident) served over gRPC on loopback, and a client there asking it
   for ``rows`` random rows per call (protobuf, gRPC at both ends, Python, the gather);
-* ``decode``: the memory side as bench offload deploys it, at a decode's pace, not flat out --
-  two shards of the 100B layout (``table_gib`` resident in all) and the node's lookup agent,
-  plain processes, answering one decode step's lookups (``batch`` tokens through the table's
-  Engram layers, rows expanded and lent, as a worker's) every ``cadence`` (default: one step
-  of the timed forward). A driver process on the memory cores stands in for the worker, so
-  its own work (hashing, the socket) lands there too; each role's CPU per step is reported
-  (``cpu_us_per_step``), the driver's apart. Its slowdown is the floor under bench offload's
-  remote-vs-local figure on this machine: what the memory side's CPU alone costs the model.
+* ``decode``: the memory side as bench offload deploys it (as plain processes, without Ray),
+  at a decode's pace, not flat out -- two shards of the 100B layout (``table_gib`` resident
+  in all) and the node's lookup agent, answering one decode step's lookups (``batch`` tokens
+  through the table's Engram layers, rows expanded and lent, as a worker's) every
+  ``cadence`` (default: one step of the timed forward). A driver process on the memory cores
+  stands in for the worker, so its own work (hashing, the socket) lands there too; each
+  role's CPU per step is reported (``cpu_us_per_step``: the two shards together, the agent,
+  the driver apart), and ``pace_kept`` says whether the driver kept its pace. Its slowdown is
+  the floor under bench offload's remote-vs-local figure on this machine: what the memory
+  side's work alone costs the model.
 
 Each round runs every load once, in an order rotated round by round, and each load's figure is
 paired with its own round's idle run: ``time / idle time - 1``, median and quartiles over the
 rounds (a first, discarded round warms everything up). Each load counts its work, so its rate
-(lookups/s, GiB/s) says how hard it pushed: the loads run flat out, far harder than a memory
-side that answers one worker's lookups, so their figures bound what such work can cost.
+(lookups/s, GiB/s) says how hard it pushed: the loads but ``decode`` run flat out, far harder
+than a memory side that answers one worker's lookups, so their figures bound what such work
+can cost. With ``decode`` among the loads, its memory side (shards, agent, their resident
+table) is up, idle, while the others run too: it costs them nothing measurable (~0.2 % of a
+core).
 
 It starts processes with the ``spawn`` method: a script that calls :func:`run` needs the usual
 ``if __name__ == "__main__":`` guard.
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import multiprocessing as mp
 import os
 import time
@@ -47,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from .isolation import Isolation, cpus_allowed, pin_process, process_cpus
-from .memory_side import cpu_seconds
+from .memory_side import cpu_seconds_between, cpu_snapshot
 
 __all__ = ["LOADS", "run"]
 
@@ -145,7 +152,8 @@ def _decode_steps(socket: str, cadence_s: float, batch: int, ready: Any, stop: A
     layout = TableLayout.build(cfg, vocab)
     indexer = RowIndexer.build(cfg, vocab, layout=layout)
     rng = np.random.default_rng(os.getpid())
-    with AgentClient(socket, layout, start=lambda: None, connect_timeout=120) as agent:
+    # the agent listens already (plain_memory_side waited): a failure shows well within measure's 120 s
+    with AgentClient(socket, layout, start=lambda: None, connect_timeout=30) as agent:
         history, n = indexer.new_history(batch), 0
         ready.set()
         due = time.perf_counter()
@@ -157,7 +165,7 @@ def _decode_steps(socket: str, cadence_s: float, batch: int, ready: Any, stop: A
                 f.give_back()
             n += 1
             count.value = n
-            due = max(due + cadence_s, time.perf_counter() - cadence_s)  # late: no burst to catch up
+            due = max(due + cadence_s, time.perf_counter())  # late: the next step at once, no catching up
             time.sleep(max(0.0, due - time.perf_counter()))
 
 
@@ -199,9 +207,10 @@ def _check(model_cfg: Any, rounds: int, batch: int, positions: int, table_gib: f
                                     + ("decode" in loads))
         free = _mem_available()
         if not row_bytes <= table_gib * 2**30 or (free is not None and need > 0.8 * free):
-            raise ValueError(f"table_gib={table_gib}: each of the {memory_cores} memory cores holds its own table, "
-                             f"{need / 2**30:.2f} GiB in all; expected at least one row and at most 80 % of the "
-                             f"{(free or 0) / 2**30:.1f} GiB available")
+            raise ValueError(f"table_gib={table_gib}: the tables hold {need / 2**30:.2f} GiB in all (gather and "
+                             f"lookup: one per memory core, of {memory_cores}; decode: one over its shards); "
+                             f"expected at least one row and at most 80 % of the {(free or 0) / 2**30:.1f} GiB "
+                             "available")
 
 
 def _mem_available() -> int | None:
@@ -222,7 +231,7 @@ def run(model_cfg: Any, *, rounds: int = 5, batch: int = 8, positions: int = 64,
     each time the best of 3 after the load is running; the report with, per load, its slowdown
     against its round's idle run and the rate its processes worked at. ``cadence_ms``: the
     ``decode`` load's step (None: one step of the timed forward)."""
-    if cadence_ms is not None and not cadence_ms > 0:
+    if cadence_ms is not None and not (math.isfinite(cadence_ms) and cadence_ms > 0):
         raise ValueError(f"cadence_ms={cadence_ms}: expected a positive step in milliseconds (or None: the "
                          "forward's own)")
     iso = Isolation.split()
@@ -253,12 +262,14 @@ def _run(model_cfg: Any, iso: Isolation, memory_side: Any, rounds: int, batch: i
     seen: dict[str, Any] = {}
     ctx = mp.get_context("spawn")  # no torch state copied into the loads
 
-    def measure(kind: str, once: Any) -> tuple[float, float]:
-        """Best of 3 forwards with ``kind`` running; (seconds, the load's units per second)."""
+    def measure(kind: str, once: Any, counted: bool) -> tuple[float, float]:
+        """Best of 3 forwards with ``kind`` running; (seconds, the load's units per second).
+        ``counted``: a round that counts (its decode CPU is added up)."""
         procs, stop = [], ctx.Event()
         try:
             decode = None
-            if kind == "decode":  # one worker's steps, its driver on every memory core
+            if kind == "decode":  # one worker's steps: one driver, free to use every memory core
+                memory_side.check()
                 decode = (memory_side.socket, seen["cadence_s"], batch)
             for cores in ([iso.memory] if kind == "decode" else [[c] for c in iso.memory] if kind != "idle" else []):
                 ready, count = ctx.Event(), ctx.Value("q", 0, lock=False)
@@ -270,22 +281,30 @@ def _run(model_cfg: Any, iso: Isolation, memory_side: Any, rounds: int, batch: i
             for p, ready, _ in procs:
                 while not ready.wait(0.2):
                     if not p.is_alive():
+                        if kind == "decode":  # the cause, where it is the memory side's
+                            memory_side.check()
                         raise RuntimeError(f"the {kind!r} load on core(s) {iso.memory} exited with code "
                                            f"{p.exitcode} before it started (table {table_gib:g} GiB per core)")
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"the {kind!r} load did not start within 120 s")
-            for p, _, _ in procs:
-                load_cpus[kind] |= set(process_cpus(p.pid or 0))
-            time.sleep(0.3)  # at full speed before the clock starts
             roles = dict(memory_side.pids, driver=[p.pid for p, _, _ in procs]) if kind == "decode" else {}
-            cpu0 = {r: cpu_seconds(pids) for r, pids in roles.items()}
+            for pid in [p.pid or 0 for p, _, _ in procs] + [q for pids in roles.values() for q in pids]:
+                load_cpus[kind] |= set(process_cpus(pid))
+            time.sleep(0.3)  # at full speed before the clock starts
+            cpu0 = {r: cpu_snapshot(pids) for r, pids in roles.items()}
             c0, t0 = sum(c.value for _, _, c in procs), time.perf_counter()
             best = min(once() for _ in range(3))
             steps = sum(c.value for _, _, c in procs) - c0
             rate = steps / (time.perf_counter() - t0)
-            for r, pids in roles.items():
+            # a load (or the memory side) that died while the clock ran: its figures would be wrong
+            if kind == "decode":  # first: a dead agent takes its driver with it
+                memory_side.check()
+            for p, _, _ in procs:
+                if not p.is_alive():
+                    raise RuntimeError(f"the {kind!r} load exited with code {p.exitcode} while the forward was timed")
+            for r, pids in roles.items() if counted else ():
                 acc = step_cpu.setdefault(r, [0.0, 0.0])
-                acc[0] += cpu_seconds(pids) - cpu0[r]
+                acc[0] += cpu_seconds_between(cpu0[r], cpu_snapshot(pids))
                 acc[1] += steps
             return best, rate
         finally:
@@ -307,7 +326,7 @@ def _run(model_cfg: Any, iso: Isolation, memory_side: Any, rounds: int, batch: i
         for r in range(rounds + 1):  # round 0 warms up (allocations, caches, clocks) and is dropped
             order = loads[r % len(loads):] + loads[:r % len(loads)]
             for kind in order:
-                t, rate = measure(kind, once)
+                t, rate = measure(kind, once, counted=r > 0)
                 if r:
                     times[kind].append(t)
                     rates[kind].append(rate)
@@ -335,6 +354,8 @@ def _run(model_cfg: Any, iso: Isolation, memory_side: Any, rounds: int, batch: i
         d = results["decode"]
         d["cadence_ms"] = 1e3 * seen["cadence_s"]
         d["cpu_us_per_step"] = {r: 1e6 * s / max(n, 1.0) for r, (s, n) in step_cpu.items()}
+        # 1.0: a step every cadence, as asked; below: the driver fell behind (e.g. on a busy core)
+        d["pace_kept"] = d["rate_per_s"] * seen["cadence_s"]
         # the memory side's share of its cores' time (the driver's, a worker's part, left out)
         d["memory_side_busy"] = sum(v for r, v in d["cpu_us_per_step"].items() if r != "driver") \
             / 1e6 * d["rate_per_s"] / len(iso.memory)
@@ -342,7 +363,9 @@ def _run(model_cfg: Any, iso: Isolation, memory_side: Any, rounds: int, batch: i
             "workload": {"decode_batch": batch, "positions": positions, "best_of": 3, "warmup_rounds": 1},
             "gather": {"table_gib_per_core": table_gib, "row_bytes": row_bytes, "rows_per_lookup": rows},
             "isolation": {"compute_cores": iso.compute, "memory_cores": iso.memory,
-                          "load_processes_per_kind": len(iso.memory), "model_thread_cpus": seen.get("model_cpus")},
+                          "load_processes_per_kind": len(iso.memory), "model_thread_cpus": seen.get("model_cpus"),
+                          **({"decode_processes": {"driver": 1, **{r: len(p) for r, p in memory_side.pids.items()}}}
+                             if "decode" in loads else {})},
             "results": results,
             "note": "slowdown: each round's forward time with the load over that round's idle run, minus one; "
                     "median and quartiles over rounds. The loads but decode run flat out (rate_per_s), far harder "

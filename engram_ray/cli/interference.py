@@ -35,8 +35,8 @@ def _cmd(args: argparse.Namespace) -> int:
               f"[{100 * q1:+.1f}, {100 * q3:+.1f}]{rate}")
         if kind == "decode":
             cpu = ", ".join(f"{role} {us:,.0f} us" for role, us in r["cpu_us_per_step"].items())
-            print(f"          a step every {r['cadence_ms']:.1f} ms; CPU per step: {cpu}; the memory side kept "
-                  f"{100 * r['memory_side_busy']:.1f} % of its cores busy")
+            print(f"          a step every {r['cadence_ms']:.1f} ms ({100 * r['pace_kept']:.0f} % of that pace kept); "
+                  f"CPU per step: {cpu}; the memory side kept {100 * r['memory_side_busy']:.1f} % of its cores busy")
     _plot_beside(args.out, lambda png: plot_interference(report, png))
     return 0
 
@@ -52,17 +52,19 @@ def add(bsub: argparse._SubParsersAction) -> None:
                                     "in one process), each round paired with its own idle run. Those "
                                     "loads run far above a memory side's real traffic: the slowdowns bound what "
                                     "such work can cost the model through the machine's shared cache, memory and "
-                                    "power. The decode load is the real thing at a decode's pace: two shards and "
-                                    "the lookup agent answering one decode step's lookups per forward step, with "
-                                    "each process's CPU per step: what the memory side costs the model here.")
+                                    "power. The decode load is not flat out: bench offload's memory side (two "
+                                    "shards and the lookup agent, as plain processes) answering one decode step's "
+                                    "lookups per step of the forward, asked by a driver on the memory cores that "
+                                    "stands in for the worker, with each role's CPU per step: what the memory side "
+                                    "costs the model here.")
     b.add_argument("--model", default="demo", choices=sorted(MODEL_PRESETS), help="backbone preset (default: demo)")
     b.add_argument("--layers", type=int, default=16, help="backbone layers (default: 16, as bench offload's)")
     b.add_argument("--decode-batch", type=int, default=8, help="sequences per step (default: 8)")
     b.add_argument("--positions", type=int, default=64, help="decode steps per timed run (default: 64)")
     b.add_argument("--rounds", type=int, default=5, help="rounds over the loads (default: 5)")
     b.add_argument("--table-gib", type=float, default=1.0,
-                   help="the gather and lookup loads' table, per memory core (default: 1 GiB, as bench offload's "
-                        "resident rows)")
+                   help="the gather and lookup loads' table, per memory core, and the decode load's, over its two "
+                        "shards (default: 1 GiB, as bench offload's resident rows)")
     b.add_argument("--row-bytes", type=int, default=320,
                    help="bytes per row of the gather load (default: 320, the 100B table's fp32 rows, which "
                         "the lookup load serves)")

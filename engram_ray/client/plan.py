@@ -72,6 +72,9 @@ def flat_ids(row_ids: Any, total_rows: int, *, copy: bool = False) -> tuple[np.n
     ids = np.asarray(row_ids)
     if ids.dtype.kind not in "iu":
         raise InvalidRequest(f"row ids must be integers, got dtype {ids.dtype}")
+    if ids.dtype.kind == "u" and ids.dtype.itemsize == 8 and ids.size and int(ids.max()) >= total_rows:
+        # before int64 wraps it: 2**64 - 1 would read as -1
+        raise InvalidRequest(f"row id {int(ids.max())} is outside the table's {total_rows} rows")
     flat = np.array(ids.reshape(-1), dtype=np.int64, copy=copy or None)
     # the ufuncs' own reduce: ndarray.min() goes through two Python layers (~10 us cold, per lookup)
     if flat.size and (np.minimum.reduce(flat) < 0 or np.maximum.reduce(flat) >= total_rows):

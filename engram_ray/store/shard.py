@@ -159,7 +159,7 @@ class TableShard:
                     break
         else:
             with self._lock:
-                res = np.take(self.values, local, axis=0, out=out)
+                res = self.values.take(local, axis=0, out=out)
         self.counters["lookups"] += 1
         self.counters["rows_served"] += int(local.size)
         return res

@@ -41,7 +41,32 @@ def test_every_load_runs_on_the_memory_cores_does_work_and_is_reported():
     d = rep["results"]["decode"]
     assert d["cadence_ms"] > 0 and d["rate_per_s"] <= 1.5e3 / d["cadence_ms"]  # paced, not flat out
     assert set(d["cpu_us_per_step"]) == {"shards", "agent", "driver"} and min(d["cpu_us_per_step"].values()) > 0
-    assert 0 < d["memory_side_busy"] <= 1
+    assert 0 < d["memory_side_busy"] <= 1 and 0 < d["pace_kept"] <= 1.2
+    assert iso["decode_processes"] == {"driver": 1, "shards": 2, "agent": 1}
+
+
+@two_cores
+def test_a_memory_side_that_dies_during_the_run_fails_it_by_name():
+    """Its CPU and slowdown would be wrong, not merely slow: the run says what died."""
+    import threading
+
+    def kill_the_agent() -> None:  # as soon as it listens, before the decode load runs
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            for pid in descendants(os.getpid()):
+                try:
+                    cmd = open(f"/proc/{pid}/cmdline").read()
+                except OSError:
+                    continue
+                if "engram_ray.agent" in cmd:
+                    time.sleep(1.0)
+                    os.kill(pid, 9)
+                    return
+            time.sleep(0.1)
+    threading.Thread(target=kill_the_agent, daemon=True).start()
+    cfg = dataclasses.replace(C.model_tiny(), n_layers=1)
+    with pytest.raises(RuntimeError, match=r"memory side \(agent, pid \d+\) exited with code -9"):
+        interference.run(cfg, rounds=3, positions=2, table_gib=0.005, loads=("idle", "decode"))
 
 
 @two_cores
@@ -73,6 +98,7 @@ def test_a_killed_benchmark_leaves_no_load_running():
     ({"rows": 0}, "rows=0"),
     ({"table_gib": 1e6}, "table_gib=1000000.0"),
     ({"cadence_ms": 0}, "cadence_ms=0"),
+    ({"cadence_ms": float("inf")}, "cadence_ms=inf"),
 ])
 @two_cores
 def test_bad_settings_are_refused(kwargs, message):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from engram_ray.bench.isolation import descendants, process_cpus
-from engram_ray.bench.memory_side import cpu_seconds, plain_memory_side
+from engram_ray.bench.memory_side import cpu_seconds_between, cpu_snapshot, plain_memory_side
 
 from .orphans import alive, kill_and_expect_none_left
 
@@ -43,7 +43,13 @@ def test_the_memory_side_serves_on_its_cores_and_leaves_nothing(layout_100b):
             f.release()
         for pid in pids:  # every thread of every process, read back from the kernel
             assert process_cpus(pid) == memory
-        assert cpu_seconds(side.pids["agent"]) > 0 and cpu_seconds([2**22 + 7]) == 0  # gone pids count 0
+        t0 = cpu_snapshot(side.pids["agent"])
+        assert len(t0) > 3 and cpu_seconds_between({}, t0) > 0  # every thread of it
+        assert cpu_seconds_between(t0, {**t0, (1, 1): 5}) == pytest.approx(5e-9)  # one born since
+        assert cpu_seconds_between(t0, {}) == 0  # threads that ended are left out, never subtracted
+        side.check()  # all up
+    with pytest.raises(RuntimeError, match="is gone"):  # a figure without it would be wrong
+        cpu_snapshot(pids)
     time.sleep(0.2)
     assert not [p for p in pids if alive(p)]
     with pytest.raises(ValueError, match="needs the table's layout"):
@@ -59,7 +65,7 @@ def test_a_killed_benchmark_leaves_no_shard_or_agent(tmp_path):
             "with plain_memory_side('table_100b', 2, os.sched_getaffinity(0), 0.002, layout=layout) as side:\n"
             f"    open({str(tmp_path / 'up')!r}, 'w').close()\n"
             "    time.sleep(600)\n")
-    p = subprocess.Popen([sys.executable, "-c", code])
+    p = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, TMPDIR=str(tmp_path)))
     try:
         deadline = time.monotonic() + 120
         while not (tmp_path / "up").exists():
