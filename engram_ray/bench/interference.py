@@ -166,7 +166,7 @@ def _decode_steps(socket: str, cadence_s: float, batch: int, ready: Any, stop: A
             n += 1
             count.value = n
             due = max(due + cadence_s, time.perf_counter())  # late: the next step at once, no catching up
-            time.sleep(max(0.0, due - time.perf_counter()))
+            stop.wait(max(0.0, due - time.perf_counter()))  # a stop ends the wait
 
 
 def _forward(model_cfg: Any, batch: int, positions: int) -> Any:
@@ -231,9 +231,9 @@ def run(model_cfg: Any, *, rounds: int = 5, batch: int = 8, positions: int = 64,
     each time the best of 3 after the load is running; the report with, per load, its slowdown
     against its round's idle run and the rate its processes worked at. ``cadence_ms``: the
     ``decode`` load's step (None: one step of the timed forward)."""
-    if cadence_ms is not None and not (math.isfinite(cadence_ms) and cadence_ms > 0):
-        raise ValueError(f"cadence_ms={cadence_ms}: expected a positive step in milliseconds (or None: the "
-                         "forward's own)")
+    if cadence_ms is not None and not (math.isfinite(cadence_ms) and 0 < cadence_ms <= 10_000):
+        raise ValueError(f"cadence_ms={cadence_ms}: expected a step of more than 0 and at most 10,000 ms (or None: "
+                         "the forward's own)")
     iso = Isolation.split()
     if not iso.enabled:
         raise ValueError(f"bench interference needs at least 2 cores to split; this process may use "
@@ -284,7 +284,7 @@ def _run(model_cfg: Any, iso: Isolation, memory_side: Any, rounds: int, batch: i
                         if kind == "decode":  # the cause, where it is the memory side's
                             memory_side.check()
                         raise RuntimeError(f"the {kind!r} load on core(s) {iso.memory} exited with code "
-                                           f"{p.exitcode} before it started (table {table_gib:g} GiB per core)")
+                                           f"{p.exitcode} before it started (table {table_gib:g} GiB)")
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"the {kind!r} load did not start within 120 s")
             roles = dict(memory_side.pids, driver=[p.pid for p, _, _ in procs]) if kind == "decode" else {}
@@ -318,6 +318,7 @@ def _run(model_cfg: Any, iso: Isolation, memory_side: Any, rounds: int, batch: i
     def body() -> None:
         seen["model_cpus"] = cpus_allowed(os.getpid(), iso.model_tid)  # the kernel's word
         once = _forward(model_cfg, batch, positions)
+        once()  # cold: allocations, caches
         seen["cadence_s"] = cadence_ms / 1e3 if cadence_ms is not None else once() / positions
         bar = None
         if progress:

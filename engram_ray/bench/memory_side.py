@@ -52,9 +52,26 @@ class PlainMemorySide:
         would be wrong, not merely slow), with the end of what it wrote to stderr."""
         for role, ps in self.procs.items():
             for p in ps:
-                if p.poll() is not None:
+                if _exited(p):
                     raise RuntimeError(f"a process of the memory side ({role}, pid {p.pid}) exited with code "
                                        f"{p.returncode}: {_tail(self.logs.get(p.pid))}")
+
+
+def _exited(p: subprocess.Popen) -> bool:
+    """Whether ``p`` has died. poll() alone can miss it for a while: a killed process whose
+    threads are still exiting is a zombie that waitpid does not report yet."""
+    if p.poll() is not None:
+        return True
+    try:
+        with open(f"/proc/{p.pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    if state not in ("Z", "X"):
+        return False
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        p.wait(5)  # its exit code, once its last thread is gone
+    return True
 
 
 def _tail(path: Path | None, n: int = 400) -> str:
@@ -89,10 +106,11 @@ def _wait_until(ready: Callable[[], bool], procs: list[subprocess.Popen], what: 
     deadline = time.monotonic() + START_TIMEOUT_S
     while not ready():
         dead = [p for p in procs if p.poll() is not None]
-        if dead or time.monotonic() > deadline:
+        if dead:
             why = "; ".join(f"pid {p.pid} exited with code {p.returncode}: {_tail(logs.get(p.pid))}" for p in dead)
-            raise RuntimeError(f"{what} did not come up within {START_TIMEOUT_S:.0f} s"
-                               + (f" ({why})" if why else ""))
+            raise RuntimeError(f"{what} exited before coming up ({why})")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not come up within {START_TIMEOUT_S:.0f} s")
         time.sleep(0.1)
 
 
@@ -139,12 +157,15 @@ def plain_memory_side(preset: str, shards: int, cores: Iterable[int], resident_g
     finally:
         for p in every:
             p.terminate()
-        for p in every:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        try:
+            for p in every:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(10)  # reaped: no zombie left behind
+        finally:  # even if a second Ctrl-C cuts the waits short
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def cpu_snapshot(pids: Iterable[int]) -> dict[tuple[int, int], int]:

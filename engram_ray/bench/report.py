@@ -384,8 +384,8 @@ def _interference(r: dict[str, Any], folder: Path, out: Path) -> list[str]:
         rate = "-" if k == "idle" else f"{x['rate_per_s']:,.0f} {x['rate_unit']}/s" + (
             f" ({x['gib_per_s']:.2f} GiB/s{' read+write' if k == 'stream' else ''})" if "gib_per_s" in x else "")
         if k == "decode":  # paced: a step every cadence_ms, and what each role spent on it
-            rate += (f", a step every {x['cadence_ms']:.1f} ms ({100 * x.get('pace_kept', 1.0):.0f} % of that pace "
-                     "kept); CPU per step: "
+            kept = f" ({100 * x['pace_kept']:.0f} % of that pace kept)" if "pace_kept" in x else ""
+            rate += (f", a step every {x['cadence_ms']:.1f} ms{kept}; CPU per step: "
                      + ", ".join(f"{role} {us:,.0f} µs" for role, us in x["cpu_us_per_step"].items())
                      + f"; memory cores {100 * x['memory_side_busy']:.1f} % busy")
         rows.append([k, f"{1e3 * x['median_s']:.1f}", f"{100 * x['slowdown']:+.1f} %",

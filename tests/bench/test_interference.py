@@ -14,7 +14,7 @@ from engram_ray import config as C
 from engram_ray.bench import interference
 from engram_ray.bench.isolation import descendants
 
-from .orphans import kill_and_expect_none_left
+from .orphans import alive, kill_and_expect_none_left
 
 two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to split")
 
@@ -22,7 +22,7 @@ two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2
 @two_cores
 def test_every_load_runs_on_the_memory_cores_does_work_and_is_reported():
     cfg = dataclasses.replace(C.model_tiny(), n_layers=1)
-    rep = interference.run(cfg, rounds=2, positions=2, table_gib=0.005, rows=16)
+    rep = interference.run(cfg, rounds=2, positions=8, table_gib=0.005, rows=16)  # windows of a few copies
     iso = rep["isolation"]
     assert iso["compute_cores"] and iso["memory_cores"] and not set(iso["compute_cores"]) & set(iso["memory_cores"])
     assert iso["model_thread_cpus"] == iso["compute_cores"]        # read from /proc on the model thread
@@ -39,34 +39,37 @@ def test_every_load_runs_on_the_memory_cores_does_work_and_is_reported():
         rep["results"]["gather"]["rate_per_s"] * 16 * 320 / 2**30)
     # decode: the shards and the agent at the forward's pace, each role's CPU per step counted
     d = rep["results"]["decode"]
-    assert d["cadence_ms"] > 0 and d["rate_per_s"] <= 1.5e3 / d["cadence_ms"]  # paced, not flat out
+    # paced: a step every cadence at most (a timed window of a few steps rounds to whole steps)
+    assert d["cadence_ms"] > 0 and d["rate_per_s"] <= 2e3 / d["cadence_ms"]
     assert set(d["cpu_us_per_step"]) == {"shards", "agent", "driver"} and min(d["cpu_us_per_step"].values()) > 0
-    assert 0 < d["memory_side_busy"] <= 1 and 0 < d["pace_kept"] <= 1.2
+    assert 0 < d["memory_side_busy"] <= 1 and 0 < d["pace_kept"] <= 2
     assert iso["decode_processes"] == {"driver": 1, "shards": 2, "agent": 1}
 
 
 @two_cores
-def test_a_memory_side_that_dies_during_the_run_fails_it_by_name():
-    """Its CPU and slowdown would be wrong, not merely slow: the run says what died."""
-    import threading
+def test_a_memory_side_that_dies_while_the_forward_is_timed_fails_the_run_by_name(monkeypatch):
+    """Its CPU and slowdown would be wrong, not merely slow: the run says what died. The
+    agent is killed right before the last decode measurement's timed forwards (round 1 runs
+    decode first, then idle: no later measurement checks), so the check after them must."""
+    real, seen, killed = interference.cpu_snapshot, [], []
 
-    def kill_the_agent() -> None:  # as soon as it listens, before the decode load runs
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            for pid in descendants(os.getpid()):
-                try:
-                    cmd = open(f"/proc/{pid}/cmdline").read()
-                except OSError:
-                    continue
-                if "engram_ray.agent" in cmd:
-                    time.sleep(1.0)
+    def snapshot_then_kill_the_agent(pids):
+        snap = real(pids)
+        for pid in pids:
+            if "engram_ray.agent" in open(f"/proc/{pid}/cmdline").read():
+                seen.append(pid)
+                if len(seen) == 2:  # round 0's snapshot before its window, then round 1's
                     os.kill(pid, 9)
-                    return
-            time.sleep(0.1)
-    threading.Thread(target=kill_the_agent, daemon=True).start()
+                    killed.append(pid)
+                    deadline = time.monotonic() + 10  # dead before the (short) window ends
+                    while alive(pid) and time.monotonic() < deadline:
+                        time.sleep(0.01)
+        return snap
+    monkeypatch.setattr(interference, "cpu_snapshot", snapshot_then_kill_the_agent)
     cfg = dataclasses.replace(C.model_tiny(), n_layers=1)
     with pytest.raises(RuntimeError, match=r"memory side \(agent, pid \d+\) exited with code -9"):
-        interference.run(cfg, rounds=3, positions=2, table_gib=0.005, loads=("idle", "decode"))
+        interference.run(cfg, rounds=1, positions=2, table_gib=0.005, loads=("idle", "decode"))
+    assert killed
 
 
 @two_cores
@@ -99,6 +102,7 @@ def test_a_killed_benchmark_leaves_no_load_running():
     ({"table_gib": 1e6}, "table_gib=1000000.0"),
     ({"cadence_ms": 0}, "cadence_ms=0"),
     ({"cadence_ms": float("inf")}, "cadence_ms=inf"),
+    ({"cadence_ms": 1e6}, "at most 10,000 ms"),
 ])
 @two_cores
 def test_bad_settings_are_refused(kwargs, message):

@@ -2,8 +2,10 @@
 the rows an in-process client reads, and gone when the block ends or the benchmark is killed."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -58,6 +60,14 @@ def test_the_memory_side_serves_on_its_cores_and_leaves_nothing(layout_100b):
 
 
 def test_a_killed_benchmark_leaves_no_shard_or_agent(tmp_path):
+    short = tempfile.mkdtemp(prefix="ms-", dir="/tmp")  # its temp folder (a socket path has <= 107 bytes)
+    try:
+        _killed_benchmark(tmp_path, short)
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def _killed_benchmark(tmp_path, tmpdir: str) -> None:
     code = ("import os, time\nfrom engram_ray.bench.memory_side import plain_memory_side\n"
             "from engram_ray.config import table_100b\nfrom engram_ray.core.layout import TableLayout\n"
             "from engram_ray.data import default_vocab\n"
@@ -65,7 +75,7 @@ def test_a_killed_benchmark_leaves_no_shard_or_agent(tmp_path):
             "with plain_memory_side('table_100b', 2, os.sched_getaffinity(0), 0.002, layout=layout) as side:\n"
             f"    open({str(tmp_path / 'up')!r}, 'w').close()\n"
             "    time.sleep(600)\n")
-    p = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, TMPDIR=str(tmp_path)))
+    p = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, TMPDIR=tmpdir))
     try:
         deadline = time.monotonic() + 120
         while not (tmp_path / "up").exists():
