@@ -73,6 +73,16 @@ def cpus_allowed(pid: int, tid: int | None = None) -> list[int]:
     raise RuntimeError(f"{path}: no Cpus_allowed_list")
 
 
+def proc_stat(pid: int, tid: int | None = None) -> list[str] | None:
+    """The fields of ``/proc/<pid>[/task/<tid>]/stat`` after the name (the state first, then
+    the parent's pid, ...; the name may hold spaces and ')'), or None if it is gone."""
+    path = Path(f"/proc/{pid}") / (f"task/{tid}" if tid is not None else "") / "stat"
+    try:
+        return path.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _tids(pid: int) -> list[int]:
     try:
         return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
@@ -105,14 +115,9 @@ def descendants(pid: int) -> list[int]:
     """Every live process below ``pid`` (children, theirs, ...), from /proc/*/stat."""
     children: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{d}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name may hold spaces and ')'
-        children.setdefault(ppid, []).append(int(d))
+        fields = proc_stat(int(d)) if d.isdigit() else None
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(d))
     out, todo = [], [pid]
     while todo:
         for c in children.get(todo.pop(), []):

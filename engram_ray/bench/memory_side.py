@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .isolation import proc_stat
+
 if TYPE_CHECKING:
     from ..core.layout import TableLayout
 
@@ -62,12 +64,8 @@ def _exited(p: subprocess.Popen) -> bool:
     threads are still exiting is a zombie that waitpid does not report yet."""
     if p.poll() is not None:
         return True
-    try:
-        with open(f"/proc/{p.pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return True
-    if state not in ("Z", "X"):
+    fields = proc_stat(p.pid)
+    if fields is not None and fields[0] not in ("Z", "X"):
         return False
     with contextlib.suppress(subprocess.TimeoutExpired):
         p.wait(5)  # its exit code, once its last thread is gone

@@ -16,6 +16,7 @@ import pytest
 
 from engram_ray.agent import AgentClient, AgentRefused
 from engram_ray.agent.protocol import EXPAND, HELLO, MAGIC, ORDERED, REPLY, REQUEST, VERSION, AgentUnavailable, Op
+from engram_ray.bench.isolation import proc_stat
 from engram_ray.client import EngramClient
 from engram_ray.remote_memory import RemoteMemory
 
@@ -417,10 +418,8 @@ def _frozen(proc: subprocess.Popen):
     os.kill(proc.pid, signal.SIGSTOP)
 
     def stopped() -> bool:
-        states = []
-        for tid in os.listdir(f"/proc/{proc.pid}/task"):
-            with contextlib.suppress(FileNotFoundError):
-                states.append(open(f"/proc/{proc.pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()[0])
+        states = [f[0] for tid in os.listdir(f"/proc/{proc.pid}/task")
+                  if (f := proc_stat(proc.pid, int(tid))) is not None]  # a thread that ended: skipped
         return bool(states) and all(st in "tT" for st in states)
     assert wait_for(stopped, 10)
     try:

@@ -5,14 +5,13 @@ import signal
 import subprocess
 import time
 
+from engram_ray.bench.isolation import proc_stat
+
 
 def alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie has stopped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def kill_and_expect_none_left(p: subprocess.Popen, kids: list[int], what: str, within_s: float = 15.0) -> None:
